@@ -1,0 +1,1 @@
+"""Data preparation: MNIST (offline-capable) and, later, FFDNet image sets."""

@@ -1,0 +1,46 @@
+"""The original MNIST classifier: MLP 784-128-64-10, ReLU, LogSoftmax (109,386 parameters).
+
+Module names match the original checkpoints: ``main.0`` = fc1, ``main.2`` = fc2, ``main.4`` = fc3.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LAYER_MODULES = {"fc1": "main.0", "fc2": "main.2", "fc3": "main.4"}  # Method-1 layer -> module
+ACTIVATION_MODULES = {"fc1": "main.1", "fc2": "main.3", "fc3": "main.4"}  # post-ReLU (fc3: logits)
+
+
+class mnist_model(nn.Module):  # noqa: N801  (the original's class name)
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                                  nn.Linear(64, 10))
+        self.log_softmax = nn.LogSoftmax(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.log_softmax(self.main(x.reshape(x.shape[0], -1)))
+
+    def forward_with_layers(self, x: torch.Tensor):
+        """Log-probabilities plus, per Linear layer, its input and its output (pre-activation).
+
+        Method 1 needs both: row j of a Linear layer's per-example weight gradient is
+        delta_j * input, where delta is the loss gradient at the layer's output.
+        """
+        h = x.reshape(x.shape[0], -1)
+        layers = {}
+        for name, index in (("fc1", 0), ("fc2", 2), ("fc3", 4)):
+            z = self.main[index](h)
+            layers[name] = (h, z)
+            h = torch.relu(z) if name != "fc3" else z
+        return self.log_softmax(h), layers
+
+
+MnistModel = mnist_model
+
+
+if __name__ == "__main__":
+    net = mnist_model()
+    print(net)
+    print("parameters:", sum(p.numel() for p in net.parameters()))
+    print("output shape:", tuple(net(torch.zeros(2, 1, 28, 28)).shape))

@@ -1,0 +1,382 @@
+"""Settings, paths, seeding, device choice, logging and result files, shared by every script.
+
+Every script calls :func:`script_settings` first: it parses ``-opt PATH`` (default: the repo's
+``Implementation.json``) and ``-profile NAME``, validates the settings and returns them, so that a
+bad value stops the script with one line naming the key, not a traceback deep inside torch.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import random
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_SETTINGS = os.path.join(REPO_ROOT, "Implementation.json")
+OUTPUT_SUBDIRS = ("model_zoo", "grad_norm", "act_grad", "if", "fig", "logs", "test")
+
+
+class SettingsError(ValueError):
+    """A bad or missing setting. Its message is one line meant for the user."""
+
+
+class MissingFileError(FileNotFoundError):
+    """An input file another script should have written. The message says which script."""
+
+
+# --------------------------------------------------------------------------------------------
+# parsing
+# --------------------------------------------------------------------------------------------
+def strip_comments(text: str) -> str:
+    """Remove ``//`` comments (outside strings), as the original's parser allowed them."""
+    out_lines = []
+    for line in text.splitlines():
+        in_string, escaped, cut = False, False, len(line)
+        for i, ch in enumerate(line):
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = not in_string
+            elif not in_string and line.startswith("//", i):
+                cut = i
+                break
+        out_lines.append(line[:cut])
+    return "\n".join(out_lines)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return ``base`` updated recursively with ``override`` (neither is modified)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_settings(path: str | None = None, profile: str | None = None,
+                  overrides: dict | None = None) -> dict:
+    """Read, merge the chosen profile into, and validate a settings file.
+
+    ``profile`` (or the file's own ``"profile"`` key) picks ``profiles[profile]``, whose values
+    replace the base values. ``overrides`` (a nested dict) is applied last, for drivers and tests.
+    """
+    path = resolve_path(path or DEFAULT_SETTINGS)
+    if not os.path.isfile(path):
+        raise MissingFileError(f"settings file not found: {path} (pass -opt PATH to a valid file)")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        raw = json.loads(strip_comments(text))
+    except json.JSONDecodeError as err:
+        raise SettingsError(f"{path}: not valid JSON after removing // comments "
+                            f"(line {err.lineno}, column {err.colno}: {err.msg})") from None
+    profile = profile or raw.get("profile", "report")
+    profiles = raw.get("profiles", {})
+    if profile not in profiles and profile != "report":
+        raise SettingsError(f"profile = {profile!r} is not defined; valid choices: "
+                            f"{sorted(set(profiles) | {'report'})}")
+    settings = deep_merge(raw, profiles.get(profile, {}))
+    if overrides:
+        settings = deep_merge(settings, overrides)
+    settings["profile"] = profile
+    settings["settings_file"] = path
+    validate(settings, SCHEMA)
+    return settings
+
+
+# --------------------------------------------------------------------------------------------
+# validation: one schema entry per key, "a.b.c" -> (kind, extra)
+# --------------------------------------------------------------------------------------------
+def _choice(*options: str):
+    return ("choice", options)
+
+
+SCHEMA: dict[str, tuple] = {
+    "output_dir": ("str", None),
+    "profile": ("str", None),
+    "mnist.seed": ("int", (0, None)),
+    "mnist.use_gpu": ("bool", None),
+    "mnist.data_dir": ("str", None),
+    "mnist.epoch": ("int", (1, None)),
+    "mnist.batch_size": ("int", (1, None)),
+    "mnist.learning_rate": ("float", (0.0, None)),
+    "mnist.momentum": ("float", (0.0, 1.0)),
+    "mnist.weight_decay": ("float", (0.0, None)),
+    "mnist.train_subset": ("int", (0, 60000)),
+    "mnist.vis_num": ("int", (1, 100)),
+    "mnist.method": _choice("method1", "method2"),
+    "mnist.newData": _choice("algo", "random", "remove_algo", "remove_random"),
+    "mnist.test_ids": ("test_ids", None),
+    "mnist.test_num": ("int", (1, 10000)),
+    "mnist.test_rank_step": ("int", (1, 10000)),
+    "mnist.method1.mode": ("str", None),
+    "mnist.method1.grad_mode": _choice("batch", "per_sample"),
+    "mnist.method1.skip_first_epoch": ("bool", None),
+    "mnist.method1.layers": ("subset", ("fc1", "fc2", "fc3")),
+    "mnist.method1.top_k": ("int", (1, 60000)),
+    "mnist.method2.mode": ("str", None),
+    "mnist.method2.solver": _choice("lissa", "cg", "exact"),
+    "mnist.method2.damp": ("float", (0.0, None)),
+    "mnist.method2.scale": ("float", (1e-12, None)),
+    "mnist.method2.stochastic": ("bool", None),
+    "mnist.method2.hvp_batch_size": ("int", (1, 60000)),
+    "mnist.method2.recursion_nums": ("int", (1, None)),
+    "mnist.method2.training_points": ("int", (1, None)),
+    "mnist.method2.test_sample_num": ("int", (1, 10000)),
+    "mnist.method2.params": ("str_list", None),
+    "mnist.method2.l2_reg": ("float", (0.0, None)),
+    "mnist.method2.cg_tol": ("float", (0.0, None)),
+    "mnist.method2.cg_max_iter": ("int", (1, None)),
+    "mnist.method2.hessian_points": ("int", (0, 60000)),
+    "mnist.method2.exact_max_params": ("int", (1, None)),
+    "mnist.method2.chunk_size": ("int", (1, None)),
+    "mnist.method2.top_k": ("int", (1, 60000)),
+    "mnist.method2.if_dir": ("str", None),
+}
+
+
+def _lookup(settings: dict, dotted: str) -> Any:
+    node: Any = settings
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise SettingsError(f"missing setting {dotted!r} (add it to the settings file; "
+                                f"see the README's settings table)")
+        node = node[part]
+    return node
+
+
+def _bad(key: str, value: Any, expected: str) -> SettingsError:
+    return SettingsError(f"bad setting {key} = {json.dumps(value)}: expected {expected}")
+
+
+def validate(settings: dict, schema: dict[str, tuple]) -> None:
+    """Check every schema key; raise :class:`SettingsError` with one line on the first problem."""
+    for key, (kind, extra) in schema.items():
+        value = _lookup(settings, key)
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise _bad(key, value, "true or false")
+        elif kind in ("int", "float"):
+            ok = isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
+            if isinstance(value, bool) or not ok:
+                hint = " (damp is a number now: 0.01 is the original's value, 0 turns it off)" \
+                    if key.endswith(".damp") and isinstance(value, bool) else ""
+                raise _bad(key, value, f"a{'n integer' if kind == 'int' else ' number'}{hint}")
+            low, high = extra
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise _bad(key, value, f"a value in [{low}, {'inf' if high is None else high}]")
+        elif kind == "str":
+            if not isinstance(value, str) or not value:
+                raise _bad(key, value, "a non-empty string")
+        elif kind == "choice":
+            if value not in extra:
+                raise _bad(key, value, f"one of {list(extra)}")
+        elif kind == "subset":
+            if not isinstance(value, list) or not value or any(v not in extra for v in value):
+                raise _bad(key, value, f"a non-empty list drawn from {list(extra)}")
+        elif kind == "str_list":
+            if not isinstance(value, list) or any(not isinstance(v, str) for v in value):
+                raise _bad(key, value, "a list of parameter-name prefixes ([] = all parameters)")
+        elif kind == "test_ids":
+            if value == "loss_rank":
+                continue
+            if not isinstance(value, list) or not value or any(
+                    isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 10000 for v in value):
+                raise _bad(key, value, '"loss_rank" or a list of test indices in [0, 9999]')
+
+
+# --------------------------------------------------------------------------------------------
+# command line and paths
+# --------------------------------------------------------------------------------------------
+def script_settings(description: str, argv: list[str] | None = None) -> dict:
+    """Parse ``-opt`` / ``-profile`` and return validated settings; exit with one line on error.
+
+    Spyder's run button passes no arguments, so every flag is optional. Unknown arguments (IPython's
+    own) are ignored.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("-opt", default=DEFAULT_SETTINGS, help="settings file (JSON with // comments)")
+    parser.add_argument("-profile", default=None, help="profile to apply, e.g. quick or report")
+    args, _unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return settings_or_exit(lambda: load_settings(args.opt, args.profile))
+
+
+def settings_or_exit(make: Callable[[], dict]) -> dict:
+    """Run ``make``; turn a settings or missing-file error into one line and exit status 2."""
+    try:
+        return make()
+    except (SettingsError, MissingFileError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def resolve_path(path: str) -> str:
+    """Absolute path; a relative one is taken from the repository root, not the working dir."""
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(REPO_ROOT, path))
+
+
+def output_path(settings: dict, subdir: str, *parts: str) -> str:
+    """A path under ``output_dir/subdir`` (created); results never go into the source tree."""
+    folder = os.path.join(resolve_path(settings["output_dir"]), subdir, *parts[:-1])
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, parts[-1])
+
+
+def require_file(path: str, made_by: str) -> str:
+    """Return ``path`` if it exists, else raise a one-line error naming the script that makes it."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"missing file {path}: run {made_by} first with the same settings")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# seeding and device
+# --------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and all GPUs)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def select_device(use_gpu: bool, logger: logging.Logger | None = None) -> torch.device:
+    """CUDA when ``use_gpu`` is true and a GPU exists, else CPU; the choice is logged."""
+    has_cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if use_gpu and has_cuda else "cpu")
+    if logger is not None:
+        gpu = torch.cuda.get_device_name(0) if has_cuda else "none"
+        logger.info(f"device: {device} (use_gpu={use_gpu}, CUDA available: {has_cuda}, GPU: {gpu})")
+        if use_gpu and not has_cuda:
+            logger.warning("use_gpu is true but no CUDA GPU is visible: running on the CPU")
+    return device
+
+
+# --------------------------------------------------------------------------------------------
+# logging
+# --------------------------------------------------------------------------------------------
+def make_logger(settings: dict, name: str) -> logging.Logger:
+    """A logger to the console and to ``output_dir/logs/{name}_{time}.log``; logs the settings."""
+    logger = logging.getLogger(f"toolkit.{name}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):  # Spyder re-runs in one interpreter: no doubled lines
+        logger.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s - %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log_file = output_path(settings, "logs", f"{name}_{stamp}_{os.getpid()}.log")
+    file_handler = logging.FileHandler(log_file, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s - %(message)s"))
+    logger.addHandler(file_handler)
+    logger.info(f"{name}: settings {settings['settings_file']} (profile {settings['profile']}), "
+                f"log file {log_file}")
+    shown = {k: v for k, v in settings.items() if k not in ("profiles",)}
+    logger.info("settings: " + json.dumps(shown, sort_keys=True))
+    return logger
+
+
+# --------------------------------------------------------------------------------------------
+# result files
+# --------------------------------------------------------------------------------------------
+def _announce_replace(path: str, logger: logging.Logger | None) -> None:
+    if os.path.exists(path) and logger is not None:
+        logger.info(f"replacing the earlier result {path} (same settings)")
+
+
+def write_json(path: str, obj: Any, logger: logging.Logger | None = None) -> str:
+    """Write JSON atomically (temporary file then rename): no half-written result is ever left."""
+    _announce_replace(path, logger)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, separators=(",", ":"))
+    os.replace(tmp, path)
+    if logger is not None:
+        logger.info(f"wrote {path}")
+    return path
+
+
+def read_json(path: str, made_by: str) -> Any:
+    """Read a JSON result, with a one-line error naming the script that writes it."""
+    with open(require_file(path, made_by), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_torch(path: str, obj: Any, logger: logging.Logger | None = None) -> str:
+    """``torch.save`` atomically, announcing a replacement."""
+    _announce_replace(path, logger)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    if logger is not None:
+        logger.info(f"wrote {path}")
+    return path
+
+
+def float_matrix_json(matrix: np.ndarray, digits: int = 8) -> str:
+    """A 2-D float array as a JSON list of lists, formatted fast (``digits`` significant)."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2:
+        raise ValueError("float_matrix_json expects a 2-D array")
+    if matrix.size == 0:
+        return "[" + ",".join("[]" for _ in range(matrix.shape[0])) + "]"
+    row_fmt = "[" + ",".join([f"%.{digits}g"] * matrix.shape[1]) + "]"
+    rows = [row_fmt % tuple(row) for row in matrix.tolist()]
+    return "[" + ",".join(rows) + "]"
+
+
+def write_json_with_matrices(path: str, obj: dict, matrices: dict[str, np.ndarray],
+                             logger: logging.Logger | None = None) -> str:
+    """Write ``obj`` plus big float matrices (under key ``"arrays"``) as one JSON file, atomically.
+
+    Equivalent to ``write_json(path, {**obj, "arrays": {name: matrix.tolist()}})`` but formats the
+    numbers in bulk, so a 60,000 x 202 matrix takes seconds, not minutes.
+    """
+    _announce_replace(path, logger)
+    tmp = f"{path}.tmp{os.getpid()}"
+    head = json.dumps(obj, separators=(",", ":"))
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(head[:-1] + (',"arrays":{' if obj else '"arrays":{'))
+        for i, (name, matrix) in enumerate(matrices.items()):
+            f.write(("," if i else "") + json.dumps(name) + ":")
+            f.write(float_matrix_json(matrix))
+        f.write("}}")
+    os.replace(tmp, path)
+    if logger is not None:
+        logger.info(f"wrote {path}")
+    return path
+
+
+def progress(iterable: Iterable | None = None, **kwargs):
+    """tqdm progress bar (one place to change how bars look)."""
+    from tqdm.auto import tqdm
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("mininterval", 0.5)
+    return tqdm(iterable, **kwargs)
+
+
+class Timer:
+    """``with Timer() as t: ...; t.seconds``."""
+
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
