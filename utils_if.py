@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, vmap
 
 SIGN_CONVENTION = ("influence[t][i] = grad L(test t)^T H^-1 grad L(train i); positive = training "
                    "point i helped (removing it would raise the test loss); influence / n_train = "
@@ -249,6 +249,16 @@ class SolverSettings:
     chunk_size: int = 10000
     seed: int = 0
 
+    @classmethod
+    def from_method2(cls, m2: dict, seed: int) -> "SolverSettings":
+        """Build from a ``method2`` settings block (the original's key names)."""
+        return cls(solver=m2["solver"], damp=float(m2["damp"]), scale=float(m2["scale"]),
+                   recursion_depth=m2["training_points"], repeats=m2["recursion_nums"],
+                   hvp_batch_size=1 if m2["stochastic"] else m2["hvp_batch_size"],
+                   cg_tol=m2["cg_tol"], cg_max_iter=m2["cg_max_iter"],
+                   hessian_points=m2["hessian_points"], exact_max_params=m2["exact_max_params"],
+                   chunk_size=m2["chunk_size"], seed=seed)
+
     @property
     def effective_damping(self) -> float:
         """The lambda in (H + lambda I)^-1 that the chosen solver converges to."""
@@ -420,3 +430,25 @@ def influence_sweep(problem: InfluenceProblem, s_test: torch.Tensor, x: torch.Te
         else:
             out.append(s_test @ problem.sample_grads(xb, yb, chunk_size=min(chunk_size, 256)).T)
     return torch.cat(out, dim=1)
+
+
+def compute_influences(problem: InfluenceProblem, x_test: torch.Tensor, y_test: torch.Tensor,
+                       x_train: torch.Tensor, y_train: torch.Tensor, cfg: SolverSettings,
+                       show_progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """influence (k, n_train) of every training point on each of k test points, all at once.
+
+    One (k, p) matrix of test gradients, one inverse-HVP solve for all of them, one chunked sweep.
+    Returns the influences and an info dict with the solver details and the timings.
+    """
+    import time
+    t0 = time.perf_counter()
+    test_grads = problem.sample_grads(x_test, y_test)
+    t1 = time.perf_counter()
+    s_test, info = inverse_hvp(problem, test_grads, x_train, y_train, cfg, show_progress)
+    t2 = time.perf_counter()
+    influence = influence_sweep(problem, s_test, x_train, y_train, cfg.chunk_size, show_progress)
+    t3 = time.perf_counter()
+    info.update(num_params=problem.num_params, n_train=len(x_train),
+                seconds_test_grads=round(t1 - t0, 3), seconds_s_test=round(t2 - t1, 3),
+                seconds_sweep=round(t3 - t2, 3))
+    return influence, info

@@ -222,6 +222,13 @@ def settings_or_exit(make: Callable[[], dict]) -> dict:
         raise SystemExit(2) from None
 
 
+def run_script(main: Callable[[dict], Any], description: str) -> Any:
+    """The body of every script's ``__main__``: settings from the command line, then ``main``,
+    with bad settings and missing inputs reported in one line (exit status 2)."""
+    settings = script_settings(description)
+    return settings_or_exit(lambda: main(settings))
+
+
 def resolve_path(path: str) -> str:
     """Absolute path; a relative one is taken from the repository root, not the working dir."""
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(REPO_ROOT, path))

@@ -62,4 +62,4 @@ def main(settings: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(opt.script_settings(__doc__))
+    opt.run_script(main, __doc__)
