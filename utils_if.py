@@ -180,11 +180,13 @@ class InfluenceProblem:
                for s in range(0, len(x), chunk_size)]
         return torch.cat(out)
 
-    def hvp(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    def hvp(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
+            out: torch.Tensor | None = None) -> torch.Tensor:
         """Exact H v of the training objective on batch (x, y), for (k, p) detached vectors.
 
         Double backward: g = grad of the batch-mean loss (with its graph), then one batched
         backward of g against all k vectors (``is_grads_batched``). The L2 term adds l2_reg * v.
+        ``out`` (k, p), if given, receives the result (no fresh large allocation per call).
         """
         vectors = vectors.detach()
         names = self.param_names
@@ -197,14 +199,18 @@ class InfluenceProblem:
                                          grad_outputs=[tangents[n] for n in names],
                                          is_grads_batched=True, allow_unused=True)
         k = vectors.shape[0]
-        hv = torch.cat([torch.zeros(k, size, dtype=vectors.dtype, device=vectors.device)
-                        if part is None else part.reshape(k, -1)
-                        for part, size in zip(second, self.sizes)], dim=1)
+        parts = [torch.zeros(k, size, dtype=vectors.dtype, device=vectors.device)
+                 if part is None else part.reshape(k, -1) for part, size in zip(second, self.sizes)]
+        hv = torch.cat(parts, dim=1) if out is None else torch.cat(parts, dim=1, out=out)
         return hv.add_(vectors, alpha=self.l2_reg) if self.l2_reg else hv
 
-    def hvp_per_batch(self, xs: torch.Tensor, ys: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    def hvp_per_batch(self, xs: torch.Tensor, ys: torch.Tensor, vectors: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
         """H_r v_r for r independent batches: xs (r, B, ...), vectors (r, k, p) -> (r, k, p)."""
-        return torch.stack([self.hvp(xs[r], ys[r], vectors[r]) for r in range(len(xs))])
+        out = torch.empty_like(vectors) if out is None else out
+        for r in range(len(xs)):
+            self.hvp(xs[r], ys[r], vectors[r], out=out[r])
+        return out
 
     def hvp_full(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
                  chunk_size: int = 10000) -> torch.Tensor:
@@ -282,11 +288,12 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
     h = v.unsqueeze(0).repeat(cfg.repeats, 1, 1)                      # (r, k, p)
     v_norm = v.norm(dim=1).clamp_min(1e-30)                            # (k,)
     n = len(x)
+    hv = torch.empty_like(h)                                           # reused every step
     steps = range(1, cfg.recursion_depth + 1)
     bar = progress(steps, desc="LiSSA", unit="step", disable=not show_progress, leave=False)
     for j in bar:
         idx = torch.randint(n, (cfg.repeats, cfg.hvp_batch_size), generator=generator).to(x.device)
-        hv = problem.hvp_per_batch(x[idx], y[idx], h)
+        problem.hvp_per_batch(x[idx], y[idx], h, out=hv)
         h.mul_(1.0 - cfg.damp).add_(v).sub_(hv, alpha=1.0 / cfg.scale)  # in place: h is big
         ratio = h.norm(dim=2) / v_norm                                  # (r, k)
         bound = 100.0 * min(j + 1, 1.0 / cfg.damp if cfg.damp > 0 else math.inf)

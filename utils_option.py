@@ -369,6 +369,28 @@ def write_json_with_matrices(path: str, obj: dict, matrices: dict[str, np.ndarra
     return path
 
 
+def is_interactive() -> bool:
+    """True inside Spyder/IPython/Jupyter or a Python prompt: figures are then shown on screen."""
+    return hasattr(sys, "ps1") or "ipykernel" in sys.modules or "SPYDER_ARGS" in os.environ \
+        or any(k.startswith("SPY_") for k in os.environ)
+
+
+def save_figure(fig, path: str, logger: logging.Logger | None = None) -> str:
+    """Save a matplotlib figure as PNG (atomically); show it when interactive, never block."""
+    import matplotlib.pyplot as plt
+    _announce_replace(path, logger)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    if logger is not None:
+        logger.info(f"figure {path}")
+    if is_interactive():
+        plt.show(block=False)
+    else:
+        plt.close(fig)
+    return path
+
+
 def progress(iterable: Iterable | None = None, **kwargs):
     """tqdm progress bar (one place to change how bars look)."""
     from tqdm.auto import tqdm

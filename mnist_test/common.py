@@ -76,6 +76,15 @@ def m2_file(settings: dict, mode: str | None = None) -> str:
     return opt.output_path(settings, m2["if_dir"], name)
 
 
+def load_grad_norms(settings: dict, mode: str | None = None,
+                    device: torch.device = torch.device("cpu")) -> tuple[dict, dict]:
+    """The gradient-norm file of Train.py: ({layer: (n_train, n_out) float64 tensor}, meta)."""
+    record = opt.read_json(grad_norm_file(settings, mode), "mnist_test/Train.py")
+    arrays = {name: torch.tensor(rows, dtype=torch.float64, device=device)
+              for name, rows in record["arrays"].items()}
+    return arrays, record["meta"]
+
+
 def load_train_data(settings: dict, device: torch.device, log=print) -> MnistData:
     cfg = mnist_cfg(settings)
     data = load_mnist(opt.resolve_path(cfg["data_dir"]), train=True, log=log)

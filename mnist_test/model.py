@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 LAYER_MODULES = {"fc1": "main.0", "fc2": "main.2", "fc3": "main.4"}  # Method-1 layer -> module
-ACTIVATION_MODULES = {"fc1": "main.1", "fc2": "main.3", "fc3": "main.4"}  # post-ReLU (fc3: logits)
 
 
 class mnist_model(nn.Module):  # noqa: N801  (the original's class name)
@@ -34,6 +33,13 @@ class mnist_model(nn.Module):  # noqa: N801  (the original's class name)
             layers[name] = (h, z)
             h = torch.relu(z) if name != "fc3" else z
         return self.log_softmax(h), layers
+
+
+    @torch.no_grad()
+    def layer_activations(self, x: torch.Tensor, layers) -> dict:
+        """Method-1 activations: post-ReLU outputs of fc1 / fc2, the logits for fc3."""
+        _, io = self.forward_with_layers(x)
+        return {name: (io[name][1] if name == "fc3" else torch.relu(io[name][1])) for name in layers}
 
 
 MnistModel = mnist_model

@@ -59,7 +59,7 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
                 deltas = grads[len(params):]
                 for name, delta in zip(layers, deltas):
                     # delta is d(batch-mean loss)/dz; times the batch size = each item's own delta
-                    row = utils_if.per_sample_row_norms(delta * len(idx), layer_io[name][0])
+                    row = utils_if.per_sample_row_norms(delta * len(idx), layer_io[name][0].detach())
                     norms[name].index_add_(0, idx, row.to(torch.float64))
             else:
                 loss = F.nll_loss(model(x), y)

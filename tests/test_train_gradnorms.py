@@ -46,6 +46,7 @@ def check_mode(data, grad_mode, skip):
     model, norms = train_model(data, CFG, seed=3, device=torch.device("cpu"), grad_mode=grad_mode,
                                skip_first_epoch=skip, show_progress=False)
     reference = brute_force_norms(data, 3, grad_mode, skip)
+    assert not any(t.requires_grad for t in norms.values())  # no autograd graph accumulated
     for name, ref in zip(("fc1", "fc2", "fc3"), reference):
         rel = ((norms[name] - ref).norm() / ref.norm()).item()
         assert rel < 1e-5, (grad_mode, name, rel)

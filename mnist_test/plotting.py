@@ -1,0 +1,45 @@
+"""Digit grids in the original's look: inverted gray digits, captions under the images, red
+captions where a training image's label matches (the node, or the test image's true label)."""
+from __future__ import annotations
+
+import matplotlib
+
+if not any(k in matplotlib.get_backend().lower() for k in ("inline", "qt", "tk", "macosx", "nbagg")):
+    matplotlib.use("Agg")  # headless unless Spyder/IPython already chose an interactive backend
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def digit_grid(rows: list[list[dict]], suptitle: str, gap_after_first: bool = False):
+    """A figure of rows of cells; a cell is {"image": (784,) in [-1, 1], "caption": str,
+    "red": bool, "bold": bool} or None for an empty cell."""
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    widths = [1.0] + ([0.25] if gap_after_first else []) + [1.0] * (n_cols - 1)
+    fig, axes = plt.subplots(n_rows, len(widths), figsize=(1.45 * sum(widths) + 0.3, 1.75 * n_rows),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(len(widths)):
+            axes[r][c].axis("off")
+        for c, cell in enumerate(row):
+            if cell is None:
+                continue
+            col = c + (1 if gap_after_first and c > 0 else 0)
+            ax = axes[r][col]
+            image = torch.as_tensor(cell["image"]).detach().cpu().reshape(28, 28)
+            ax.imshow(image.numpy(), cmap="gray_r", vmin=-1, vmax=1)
+            ax.set_title(cell["caption"], y=-0.42, fontsize=8, color="red" if cell.get("red") else "black",
+                         fontweight="bold" if cell.get("bold") else "normal")
+    fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return fig
+
+
+def test_row(test_image, test_id: int, label: int, prediction: int, train_images, train_ids,
+             train_labels, values, value_fmt: str = ".2f") -> list[dict]:
+    """One row: the test image, then its training images; red = same label as the test image's
+    true label (the report's captions; the original compared with the prediction)."""
+    row = [{"image": test_image, "caption": f"test {test_id}\nlabel {label} / pred {prediction}",
+            "bold": True}]
+    for img, tid, lab, val in zip(train_images, train_ids, train_labels, values):
+        row.append({"image": img, "caption": f"{tid} / {lab} / {val:{value_fmt}}", "red": lab == label})
+    return row

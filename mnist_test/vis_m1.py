@@ -1,0 +1,54 @@
+"""Figure 4.2: for each selected test image, its top `vis_num` training images by Method 1.
+Row: the test image (id / label / prediction), then the training images (id / label / score);
+red = the training label equals the test image's true label.
+
+Reads:  act_grad/{mode}/..._scores.json (m1_Test.py), MNIST images
+Writes: fig/{scores file stem}_top{vis_num}.png
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import utils_option as opt  # noqa: E402
+from mnist_test import common, plotting  # noqa: E402
+
+
+def ranked_figure(settings: dict, record: dict, list_key: str, value_key: str, title: str,
+                  value_fmt: str):
+    """Rows of test image + its top training images, from an m1 or m2 result file."""
+    cfg = common.mnist_cfg(settings)
+    train = common.load_train_data(settings, torch.device("cpu"), lambda *_: None)
+    test = common.load_test_data(settings, torch.device("cpu"), lambda *_: None)
+    rows = []
+    for key in sorted((k for k in record if k != "meta"), key=int):
+        entry = record[key]
+        top = entry[list_key][:cfg["vis_num"]]
+        values = [entry[value_key][i] for i in top]
+        rows.append(plotting.test_row(test.images[entry["test_id_num"]], entry["test_id_num"],
+                                      entry["label"], entry["prediction"], train.images[top], top,
+                                      train.labels[top].tolist(), values, value_fmt))
+    return plotting.digit_grid(rows, title, gap_after_first=True)
+
+
+def main(settings: dict) -> dict:
+    cfg = common.mnist_cfg(settings)
+    logger = opt.make_logger(settings, "mnist_vis_m1")
+    source = common.m1_file(settings)
+    record = opt.read_json(source, "mnist_test/m1_Test.py")
+    meta = record["meta"]
+    fig = ranked_figure(settings, record, "top", "scores",
+                        f"Method 1: top {cfg['vis_num']} training images per test image "
+                        f"(layers {'+'.join(meta['layers'])}, {meta['grad_mode']} norms)\n"
+                        f"caption: train id / label / score; red: same label as the test image",
+                        ".0f")
+    stem = os.path.basename(source)[:-len(".json")]
+    path = opt.save_figure(fig, opt.output_path(settings, "fig", f"{stem}_top{cfg['vis_num']}.png"),
+                           logger)
+    return {"figure": path}
+
+
+if __name__ == "__main__":
+    opt.run_script(main, __doc__)
