@@ -15,7 +15,9 @@ def digit_grid(rows: list[list[dict]], suptitle: str, gap_after_first: bool = Fa
     "red": bool, "bold": bool} or None for an empty cell."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     widths = [1.0] + ([0.25] if gap_after_first else []) + [1.0] * (n_cols - 1)
-    fig, axes = plt.subplots(n_rows, len(widths), figsize=(1.45 * sum(widths) + 0.3, 1.75 * n_rows),
+    top_margin = 0.75  # inches for the title
+    height = 1.9 * n_rows + top_margin
+    fig, axes = plt.subplots(n_rows, len(widths), figsize=(1.5 * sum(widths) + 0.3, height),
                              gridspec_kw={"width_ratios": widths}, squeeze=False)
     for r, row in enumerate(rows):
         for c in range(len(widths)):
@@ -27,10 +29,12 @@ def digit_grid(rows: list[list[dict]], suptitle: str, gap_after_first: bool = Fa
             ax = axes[r][col]
             image = torch.as_tensor(cell["image"]).detach().cpu().reshape(28, 28)
             ax.imshow(image.numpy(), cmap="gray_r", vmin=-1, vmax=1)
-            ax.set_title(cell["caption"], y=-0.42, fontsize=8, color="red" if cell.get("red") else "black",
-                         fontweight="bold" if cell.get("bold") else "normal")
+            ax.text(0.5, -0.04, cell["caption"], transform=ax.transAxes, ha="center", va="top",
+                    fontsize=8, color="red" if cell.get("red") else "black",
+                    fontweight="bold" if cell.get("bold") else "normal")
     fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.45 / height, top=1 - top_margin / height,
+                        hspace=0.45, wspace=0.08)
     return fig
 
 

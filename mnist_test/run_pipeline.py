@@ -33,11 +33,11 @@ def main(settings: dict) -> dict:
     print(f"\nMNIST pipeline (profile {settings['profile']}) finished in {total:.0f} s. Results:")
     for title, result in outputs.items():
         for key, value in result.items():
-            if isinstance(value, str) and os.path.sep in value:
-                print(f"  {title.split(' ')[0]:<12} {key:<14} {value}")
-            elif isinstance(value, dict):
-                for sub, path in value.items():
-                    print(f"  {title.split(' ')[0]:<12} {key + '.' + sub:<14} {path}")
+            paths = value if isinstance(value, dict) else {"": value}
+            for sub, path in paths.items():
+                if isinstance(path, str) and os.path.isfile(path):
+                    label = f"{key}.{sub}" if sub else key
+                    print(f"  {title.split(' ')[0]:<12} {label:<16} {path}")
     return {"seconds": total, "outputs": outputs}
 
 

@@ -19,7 +19,7 @@ def test_comments_stripped_but_not_inside_strings():
 def test_profile_quick_overrides_report():
     report = opt.load_settings(profile="report")
     quick = opt.load_settings(profile="quick")
-    assert report["mnist"]["epoch"] == 20 and quick["mnist"]["epoch"] == 3
+    assert report["mnist"]["epoch"] == 20 and quick["mnist"]["epoch"] == 5
     assert quick["mnist"]["batch_size"] == report["mnist"]["batch_size"] == 8
 
 
