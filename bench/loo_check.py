@@ -2,7 +2,7 @@
 
 L2-regularised multinomial logistic regression (784 -> 10) on the first 1,000 MNIST training images,
 trained to convergence (L-BFGS, float64). For one test image (the highest-loss one among the first
-1,000 test images), influence of every training point by the `cg` solver; then remove each of the
+1,000 test images, or --test_rank), influence of every training point by the `cg` solver; then remove each of the
 20 most helpful and 20 most harmful points, retrain from the optimum, and compare the actual change
 of the test loss with influence / n. Prints Pearson's r (target >= 0.95) and saves a scatter plot.
 
@@ -52,6 +52,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--l2", type=float, default=0.01)
+    parser.add_argument("--test_rank", type=int, default=0,
+                        help="test image = this rank in descending loss among the first 1,000")
     parser.add_argument("--output_dir", default="results")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -62,7 +64,7 @@ def main() -> None:
     fit(model, x, y, args.l2)
     with torch.no_grad():
         test_losses = utils_if.nll_sample_loss(model(test.images[:1000].double()), test.labels[:1000])
-    test_id = int(test_losses.argmax())
+    test_id = int(torch.sort(test_losses, descending=True, stable=True).indices[args.test_rank])
     x_t, y_t = test.images[[test_id]].double(), test.labels[[test_id]]
     problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss,
                                         utils_if.select_parameters(model), l2_reg=args.l2)
@@ -101,7 +103,7 @@ def main() -> None:
     ax.set_title(f"Logistic regression, n={args.n}, test {test_id}: r = {r:.3f}", fontsize=9)
     fig.tight_layout()
     settings = {"output_dir": args.output_dir}
-    path = opt.output_path(settings, "fig", f"loo_check_n{args.n}_l2{args.l2:g}.png")
+    path = opt.output_path(settings, "fig", f"loo_check_n{args.n}_l2{args.l2:g}_rank{args.test_rank}.png")
     fig.savefig(path, dpi=120)
     print(f"scatter plot: {path}")
 

@@ -27,8 +27,9 @@ def test_method1_scores_equal_brute_force_loop(pipeline):
     test = common.load_test_data(settings, torch.device("cpu"))
     entry = record["0"]
     x = test.images[entry["test_id_num"]]
-    h1 = torch.relu(model.main[0](x))
-    h2 = torch.relu(model.main[2](h1))
+    with torch.no_grad():
+        h1 = torch.relu(model.main[0](x))
+        h2 = torch.relu(model.main[2](h1))
     expected = [float(h1.double() @ norms["fc1"][i] + h2.double() @ norms["fc2"][i])
                 for i in range(len(entry["scores"]))]
     assert np.allclose(entry["scores"], expected, rtol=1e-6)

