@@ -62,6 +62,20 @@ def conv_per_sample_channel_norms(per_sample_weight_grad: torch.Tensor) -> torch
     return per_sample_weight_grad.norm(dim=2).sum(dim=(-2, -1))
 
 
+def conv_sample_weight_grads(layer_input: torch.Tensor, output_grad: torch.Tensor,
+                             conv: nn.Conv2d) -> torch.Tensor:
+    """Each sample's share of a conv layer's weight gradient, (B, out, in, kh, kw).
+
+    grad_W = sum over samples b of delta_b (x) unfold(input_b); the b-th term is returned. With no
+    coupling between samples (no train-mode BN) it is exactly the gradient of sample b's loss
+    term; with train-mode BN it is the standard per-sample decomposition of the batch gradient.
+    """
+    cols = nn.functional.unfold(layer_input, conv.kernel_size, dilation=conv.dilation,
+                                padding=conv.padding, stride=conv.stride)         # (B, in*k*k, L)
+    grads = torch.einsum("bol,bkl->bok", output_grad.flatten(2), cols)             # (B, out, in*k*k)
+    return grads.reshape(len(layer_input), *conv.weight.shape)
+
+
 def method1_scores(activations: dict[str, torch.Tensor], grad_norms: dict[str, torch.Tensor]
                    ) -> torch.Tensor:
     """Score of every training point for every test point: sum over layers of a_l . G_l[i].

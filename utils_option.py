@@ -82,6 +82,10 @@ def load_settings(path: str | None = None, profile: str | None = None,
     except json.JSONDecodeError as err:
         raise SettingsError(f"{path}: not valid JSON after removing // comments "
                             f"(line {err.lineno}, column {err.colno}: {err.msg})") from None
+    if "extends" in raw:  # a small file that changes a few values of another settings file
+        base_path = os.path.join(os.path.dirname(path), raw.pop("extends"))
+        with open(resolve_path(base_path), encoding="utf-8") as f:
+            raw = deep_merge(json.loads(strip_comments(f.read())), raw)
     profile = profile or raw.get("profile", "report")
     profiles = raw.get("profiles", {})
     if profile not in profiles and profile != "report":
@@ -144,6 +148,34 @@ SCHEMA: dict[str, tuple] = {
     "mnist.method2.chunk_size": ("int", (1, None)),
     "mnist.method2.top_k": ("int", (1, 60000)),
     "mnist.method2.if_dir": ("str", None),
+    "ffdnet.seed": ("int", (0, None)),
+    "ffdnet.use_gpu": ("bool", None),
+    "ffdnet.is_gray": ("bool", None),
+    "ffdnet.layout": _choice("bn", "plain"),
+    "ffdnet.channel_order": _choice("rgb", "bgr"),
+    "ffdnet.train_dir": ("str", None),
+    "ffdnet.val_dir": ("str", None),
+    "ffdnet.test_dir": ("str", None),
+    "ffdnet.patch_size": ("int", (8, 1024)),
+    "ffdnet.stride": ("int", (1, 1024)),
+    "ffdnet.max_patches": ("int", (0, None)),
+    "ffdnet.sigma": ("range", (0.0, 255.0)),
+    "ffdnet.fixed_noise": ("bool", None),
+    "ffdnet.val_sigma": ("float", (0.0, 255.0)),
+    "ffdnet.epoch": ("int", (1, None)),
+    "ffdnet.batch_size": ("int", (1, None)),
+    "ffdnet.learning_rate": ("float", (0.0, None)),
+    "ffdnet.lr_decay_epochs": ("int_list", None),
+    "ffdnet.train_checkpoints": ("int", (1, None)),
+    "ffdnet.init_checkpoint": ("path_or_empty", None),
+    "ffdnet.test.model": ("path_or_empty", None),
+    "ffdnet.test.noise_level_img": ("float", (0.0, 255.0)),
+    "ffdnet.test.is_clip": ("bool", None),
+    "ffdnet.test.border": ("int", (0, None)),
+    "ffdnet.test.save_images": ("bool", None),
+    "ffdnet.method1.record": ("bool", None),
+    "ffdnet.method1.grad_mode": _choice("batch", "per_sample"),
+    "ffdnet.method1.layers": ("int_list", None),
 }
 
 
@@ -189,6 +221,18 @@ def validate(settings: dict, schema: dict[str, tuple]) -> None:
         elif kind == "str_list":
             if not isinstance(value, list) or any(not isinstance(v, str) for v in value):
                 raise _bad(key, value, "a list of parameter-name prefixes ([] = all parameters)")
+        elif kind == "range":
+            if (not isinstance(value, list) or len(value) != 2 or
+                    any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value) or
+                    not extra[0] <= value[0] <= value[1] <= extra[1]):
+                raise _bad(key, value, f"[low, high] with {extra[0]} <= low <= high <= {extra[1]}")
+        elif kind == "int_list":
+            if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
+                                                  for v in value):
+                raise _bad(key, value, "a list of non-negative integers")
+        elif kind == "path_or_empty":
+            if not isinstance(value, str):
+                raise _bad(key, value, 'a path string ("" for none)')
         elif kind == "test_ids":
             if value == "loss_rank":
                 continue

@@ -1,0 +1,75 @@
+"""Train FFDNet on image patches (MSE, Adam, orthogonal conv init), validating PSNR every epoch,
+and (method1.record) accumulate Method-1 gradient-norm vectors per patch for the chosen conv layers.
+Replaces the original's separate m1_Train.py.
+
+Reads:  ffdnet.train_dir, ffdnet.val_dir (sorted file names), optionally ffdnet.init_checkpoint
+Writes: model_zoo/{tag}.pth (+ {tag}_check{e}.pth every train_checkpoints epochs);
+        grad_norm/ffdnet/{tag}_{grad_mode}.json: per layer a (n_patches, channels) array under
+        "arrays" ("l{L}"), the patch table (file, row, col) and "meta".
+Settings: ffdnet.{is_gray, layout, patch_size, stride, sigma, fixed_noise, epoch, batch_size,
+          learning_rate, lr_decay_epochs, seed, method1.*}.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import utils_option as opt  # noqa: E402
+from ffdnet_test import common, datasets  # noqa: E402
+from ffdnet_test.model import count_parameters  # noqa: E402
+from ffdnet_test.training import train_ffdnet  # noqa: E402
+
+
+def main(settings: dict) -> dict:
+    cfg = common.ffdnet_cfg(settings)
+    m1 = cfg["method1"]
+    logger = opt.make_logger(settings, "ffdnet_Train")
+    device = opt.select_device(cfg["use_gpu"], logger)
+    opt.seed_everything(cfg["seed"])
+    try:
+        patches = common.train_patches(settings)
+        _, val_images = datasets.read_folder(common.folder(settings, "val_dir"), cfg["is_gray"])
+    except datasets.ImageFolderError as err:
+        raise opt.SettingsError(str(err)) from None
+    model = common.new_model(settings, device)
+    layers = tuple(m1["layers"]) if m1["record"] else ()
+    for layer in layers:
+        model.conv_index(layer)  # a clear error for a layer the net does not have
+    logger.info(f"{len(patches)} patches {cfg['patch_size']}x{cfg['patch_size']} (stride {cfg['stride']}) "
+                f"from {len(patches.files)} images in {cfg['train_dir']}; model {count_parameters(model)} "
+                f"parameters; noise {'fixed per patch' if cfg['fixed_noise'] else 'fresh each step'} "
+                f"sigma in {cfg['sigma']}; method-1 layers {list(layers)} ({m1['grad_mode']})")
+
+    def checkpoint(epoch, net, record):
+        logger.info(f"epoch {epoch}: train loss {record['train_loss']:.6f}, val PSNR "
+                    f"{record.get('val_psnr', float('nan')):.2f} dB (sigma {cfg['val_sigma']:g})")
+        if epoch % cfg["train_checkpoints"] == 0 and epoch != cfg["epoch"]:
+            opt.save_torch(common.model_file(settings, epoch), {"model": net.state_dict()}, logger)
+
+    to_model = lambda x: common.to_model_order(x, settings)  # noqa: E731
+    with opt.Timer() as timer:
+        model, norms, history = train_ffdnet(
+            model, patches, cfg, device, common.patch_noise(settings, patches),
+            m1["grad_mode"] if layers else None, layers, val_images, to_model, checkpoint)
+    path = opt.save_torch(common.model_file(settings), {"model": model.state_dict(), "settings": cfg,
+                                                        "history": history}, logger)
+    logger.info(f"trained in {timer.seconds:.0f} s; final val PSNR {history[-1].get('val_psnr', 0):.2f} dB")
+    result = {"model": path, "history": history, "seconds": timer.seconds}
+    if norms:
+        table = [[os.path.basename(patches.files[int(k)]), int(r), int(c)]
+                 for k, (r, c) in zip(patches.image_index, patches.position.tolist())]
+        meta = {"settings": cfg, "model_file": path, "grad_mode": m1["grad_mode"],
+                "layers": {f"l{layer}": {"module": f"main.{model.conv_index(layer)}.weight",
+                                         "shape": list(norms[layer].shape)} for layer in layers},
+                "n_train": len(patches), "files": [os.path.basename(f) for f in patches.files],
+                "patches": table, "patch_columns": ["file", "row", "col"],
+                "definition": "per patch and output channel: L2 norm of the weight gradient over input "
+                              "channels, summed over the 3x3 taps and over all epochs"}
+        result["grad_norm"] = opt.write_json_with_matrices(
+            common.grad_norm_file(settings), {"meta": meta},
+            {f"l{layer}": norms[layer].cpu().numpy() for layer in layers}, logger)
+    return result
+
+
+if __name__ == "__main__":
+    opt.run_script(main, __doc__)

@@ -1,0 +1,121 @@
+"""FFDNet-side plumbing: file names, data, models, noisy inputs."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import utils_option as opt
+from ffdnet_test import datasets
+from ffdnet_test.model import FFDNet, load_checkpoint, orthogonal_init
+
+
+def ffdnet_cfg(settings: dict) -> dict:
+    return settings["ffdnet"]
+
+
+def run_tag(settings: dict) -> str:
+    """FFDNet_{gray|rgb}_{layout}_e{E}b{B}s{seed}p{patch}st{stride} (+ nN, fn fixed noise, ft fine-tune)."""
+    cfg = ffdnet_cfg(settings)
+    tag = (f"FFDNet_{'gray' if cfg['is_gray'] else 'rgb'}_{cfg['layout']}_e{cfg['epoch']}"
+           f"b{cfg['batch_size']}s{cfg['seed']}p{cfg['patch_size']}st{cfg['stride']}"
+           f"sg{cfg['sigma'][0]:g}-{cfg['sigma'][1]:g}")
+    if cfg["max_patches"]:
+        tag += f"n{cfg['max_patches']}"
+    if cfg["fixed_noise"]:
+        tag += "fn"
+    if cfg["lr_decay_epochs"]:
+        tag += "d" + "-".join(map(str, cfg["lr_decay_epochs"]))
+    if cfg["learning_rate"] != 1e-3:
+        tag += f"lr{cfg['learning_rate']:g}"
+    if cfg["init_checkpoint"]:
+        tag += "ft"
+    if os.path.normpath(opt.resolve_path(cfg["train_dir"])) != opt.resolve_path("data/ffdnet/train"):
+        tag += "_" + os.path.basename(os.path.normpath(cfg["train_dir"]))
+    return tag
+
+
+def model_file(settings: dict, epoch: int | None = None) -> str:
+    suffix = f"_check{epoch}" if epoch is not None else ""
+    return opt.output_path(settings, "model_zoo", f"{run_tag(settings)}{suffix}.pth")
+
+
+def grad_norm_file(settings: dict) -> str:
+    m1 = ffdnet_cfg(settings)["method1"]
+    return opt.output_path(settings, "grad_norm", "ffdnet",
+                           f"{run_tag(settings)}_{m1['grad_mode']}.json")
+
+
+def folder(settings: dict, key: str) -> str:
+    """A data folder from the settings; the default ones are filled on first use."""
+    path = opt.resolve_path(ffdnet_cfg(settings)[key])
+    if path.startswith(opt.resolve_path("data/ffdnet")) and not os.path.isdir(path):
+        from data.ffdnet_data import ensure_ffdnet_images
+        ensure_ffdnet_images()
+    return path
+
+
+def train_patches(settings: dict) -> datasets.PatchSet:
+    cfg = ffdnet_cfg(settings)
+    return datasets.PatchSet.from_folder(folder(settings, "train_dir"), cfg["is_gray"],
+                                         cfg["patch_size"], cfg["stride"], cfg["max_patches"])
+
+
+def patch_noise(settings: dict, patches: datasets.PatchSet):
+    """The fixed per-patch (sigma, noise) of these settings (seeded), or None without fixed_noise."""
+    cfg = ffdnet_cfg(settings)
+    if not cfg["fixed_noise"]:
+        return None
+    return datasets.fixed_noise(len(patches), tuple(patches.clean.shape[1:]), tuple(cfg["sigma"]),
+                                cfg["seed"] + 1000003)
+
+
+def new_model(settings: dict, device: torch.device) -> FFDNet:
+    cfg = ffdnet_cfg(settings)
+    torch.manual_seed(cfg["seed"])
+    model = FFDNet(cfg["is_gray"], cfg["layout"])
+    orthogonal_init(model)
+    if cfg["init_checkpoint"]:
+        pretrained, _ = load_checkpoint(opt.resolve_path(cfg["init_checkpoint"]))
+        model.load_state_dict(pretrained.state_dict())
+    return model.to(device)
+
+
+def resolve_model_path(settings: dict) -> str:
+    """The model the test/attribution scripts use: ffdnet.test.model, or the trained one."""
+    choice = ffdnet_cfg(settings)["test"]["model"]
+    if choice == "official":
+        from data.ffdnet_data import official_color_weights
+        return official_color_weights()
+    if choice:
+        return opt.require_file(opt.resolve_path(choice), "the settings' ffdnet.test.model (a path)")
+    return opt.require_file(model_file(settings), "ffdnet_test/FFDNet_Train.py")
+
+
+def load_model(settings: dict, device: torch.device, logger: logging.Logger | None = None):
+    path = resolve_model_path(settings)
+    model, info = load_checkpoint(path)
+    cfg = ffdnet_cfg(settings)
+    if info["is_gray"] != cfg["is_gray"]:
+        raise opt.SettingsError(f"model {path} is {'gray' if info['is_gray'] else 'colour'} but "
+                                f"ffdnet.is_gray = {str(cfg['is_gray']).lower()}: change one of them")
+    if logger is not None:
+        logger.info(f"model {path}: {info}")
+    return model.to(device).eval(), path
+
+
+def to_model_order(image: torch.Tensor, settings: dict) -> torch.Tensor:
+    """RGB -> the model's channel order (BGR for the original author's checkpoint); an involution."""
+    if ffdnet_cfg(settings)["channel_order"] == "bgr" and image.shape[-3] == 3:
+        return image.flip(-3)
+    return image
+
+
+def noisy_test_image(clean: torch.Tensor, sigma255: float, seed: int, is_clip: bool) -> torch.Tensor:
+    """clean + N(0, sigma/255), seeded per image; optionally quantised to 8 bits like the original."""
+    generator = torch.Generator().manual_seed(seed)
+    noisy = clean + torch.randn(clean.shape, generator=generator) * (sigma255 / 255.0)
+    if is_clip:
+        noisy = (noisy.clamp(0, 1) * 255.0).round() / 255.0
+    return noisy
