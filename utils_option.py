@@ -285,6 +285,13 @@ def output_path(settings: dict, subdir: str, *parts: str) -> str:
     return os.path.join(folder, parts[-1])
 
 
+def output_folder(settings: dict, subdir: str, *parts: str) -> str:
+    """A folder under ``output_dir/subdir`` (created)."""
+    folder = os.path.join(resolve_path(settings["output_dir"]), subdir, *parts)
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
 def require_file(path: str, made_by: str) -> str:
     """Return ``path`` if it exists, else raise a one-line error naming the script that makes it."""
     if not os.path.isfile(path):
