@@ -120,8 +120,13 @@ SCHEMA: dict[str, tuple] = {
     "mnist.weight_decay": ("float", (0.0, None)),
     "mnist.train_subset": ("int", (0, 60000)),
     "mnist.vis_num": ("int", (1, 100)),
-    "mnist.method": _choice("method1", "method2"),
-    "mnist.newData": _choice("algo", "random", "remove_algo", "remove_random"),
+    "mnist.method": ("one_or_list", ("method1", "method2")),
+    "mnist.newData": ("one_or_list", ("algo", "random", "remove_algo", "remove_random")),
+    "mnist.explain.m2_lists": ("subset", ("helpful", "harmful")),
+    "mnist.explain.n_values": ("int_list", None),
+    "mnist.explain.group_size": ("int", (1, 10000)),
+    "mnist.stability.seeds": ("int_list", None),
+    "mnist.stability.top": ("int", (1, 60000)),
     "mnist.test_ids": ("test_ids", None),
     "mnist.test_num": ("int", (1, 10000)),
     "mnist.test_rank_step": ("int", (1, 10000)),
@@ -152,6 +157,8 @@ SCHEMA: dict[str, tuple] = {
     "ffdnet.use_gpu": ("bool", None),
     "ffdnet.is_gray": ("bool", None),
     "ffdnet.layout": _choice("bn", "plain"),
+    "ffdnet.residual": ("bool", None),
+    "ffdnet.bn_recalibrate_batches": ("int", (0, None)),
     "ffdnet.channel_order": _choice("rgb", "bgr"),
     "ffdnet.train_dir": ("str", None),
     "ffdnet.val_dir": ("str", None),
@@ -218,6 +225,10 @@ def validate(settings: dict, schema: dict[str, tuple]) -> None:
         elif kind == "subset":
             if not isinstance(value, list) or not value or any(v not in extra for v in value):
                 raise _bad(key, value, f"a non-empty list drawn from {list(extra)}")
+        elif kind == "one_or_list":
+            values = value if isinstance(value, list) else [value]
+            if not values or any(v not in extra for v in values):
+                raise _bad(key, value, f"one of {list(extra)} or a list of them")
         elif kind == "str_list":
             if not isinstance(value, list) or any(not isinstance(v, str) for v in value):
                 raise _bad(key, value, "a list of parameter-name prefixes ([] = all parameters)")
@@ -323,10 +334,47 @@ def select_device(use_gpu: bool, logger: logging.Logger | None = None) -> torch.
 
 
 # --------------------------------------------------------------------------------------------
+# several processes (torchrun)
+# --------------------------------------------------------------------------------------------
+def distributed_start(use_gpu: bool) -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE set) join the group: gloo on CPU, NCCL on GPU;
+    run alone, (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        backend = "nccl" if use_gpu and torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def distributed_barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def distributed_end() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def partition(jobs: list, rank: int, world: int) -> list:
+    """This rank's disjoint share of the jobs (round robin): every job goes to exactly one rank."""
+    return jobs[rank::world]
+
+
+# --------------------------------------------------------------------------------------------
 # logging
 # --------------------------------------------------------------------------------------------
 def make_logger(settings: dict, name: str) -> logging.Logger:
     """A logger to the console and to ``output_dir/logs/{name}_{time}.log``; logs the settings."""
+    if os.environ.get("RANK") not in (None, "0"):  # torchrun: one log per rank
+        name = f"{name}_rank{os.environ['RANK']}"
     logger = logging.getLogger(f"toolkit.{name}")
     logger.setLevel(logging.INFO)
     logger.propagate = False

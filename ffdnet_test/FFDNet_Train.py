@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils_option as opt  # noqa: E402
 from ffdnet_test import common, datasets  # noqa: E402
-from ffdnet_test.model import count_parameters  # noqa: E402
+from ffdnet_test.model import checkpoint_state, count_parameters  # noqa: E402
 from ffdnet_test.training import train_ffdnet  # noqa: E402
 
 
@@ -44,14 +44,14 @@ def main(settings: dict) -> dict:
         logger.info(f"epoch {epoch}: train loss {record['train_loss']:.6f}, val PSNR "
                     f"{record.get('val_psnr', float('nan')):.2f} dB (sigma {cfg['val_sigma']:g})")
         if epoch % cfg["train_checkpoints"] == 0 and epoch != cfg["epoch"]:
-            opt.save_torch(common.model_file(settings, epoch), {"model": net.state_dict()}, logger)
+            opt.save_torch(common.model_file(settings, epoch), {"model": checkpoint_state(net)}, logger)
 
     to_model = lambda x: common.to_model_order(x, settings)  # noqa: E731
     with opt.Timer() as timer:
         model, norms, history = train_ffdnet(
             model, patches, cfg, device, common.patch_noise(settings, patches),
             m1["grad_mode"] if layers else None, layers, val_images, to_model, checkpoint)
-    path = opt.save_torch(common.model_file(settings), {"model": model.state_dict(), "settings": cfg,
+    path = opt.save_torch(common.model_file(settings), {"model": checkpoint_state(model), "settings": cfg,
                                                         "history": history}, logger)
     logger.info(f"trained in {timer.seconds:.0f} s; final val PSNR {history[-1].get('val_psnr', 0):.2f} dB")
     result = {"model": path, "history": history, "seconds": timer.seconds}

@@ -31,6 +31,10 @@ def run_tag(settings: dict) -> str:
         tag += f"lr{cfg['learning_rate']:g}"
     if cfg["init_checkpoint"]:
         tag += "ft"
+    if cfg["residual"]:
+        tag += "res"
+    if cfg["bn_recalibrate_batches"]:
+        tag += f"bnr{cfg['bn_recalibrate_batches']}"
     if os.path.normpath(opt.resolve_path(cfg["train_dir"])) != opt.resolve_path("data/ffdnet/train"):
         tag += "_" + os.path.basename(os.path.normpath(cfg["train_dir"]))
     return tag
@@ -74,7 +78,7 @@ def patch_noise(settings: dict, patches: datasets.PatchSet):
 def new_model(settings: dict, device: torch.device) -> FFDNet:
     cfg = ffdnet_cfg(settings)
     torch.manual_seed(cfg["seed"])
-    model = FFDNet(cfg["is_gray"], cfg["layout"])
+    model = FFDNet(cfg["is_gray"], cfg["layout"], residual=cfg["residual"])
     orthogonal_init(model)
     if cfg["init_checkpoint"]:
         pretrained, _ = load_checkpoint(opt.resolve_path(cfg["init_checkpoint"]))

@@ -25,12 +25,12 @@ ARCH = {True: (15, 64), False: (12, 96)}  # is_gray -> (conv layers, channels)
 
 class FFDNet(nn.Module):
     def __init__(self, is_gray: bool, layout: str = "bn", num_layers: int | None = None,
-                 channels: int | None = None) -> None:
+                 channels: int | None = None, residual: bool = False) -> None:
         super().__init__()
         if layout not in ("bn", "plain"):
             raise ValueError(f"FFDNet layout {layout!r}: expected 'bn' or 'plain'")
         default_layers, default_channels = ARCH[is_gray]
-        self.is_gray, self.layout = is_gray, layout
+        self.is_gray, self.layout, self.residual = is_gray, layout, residual
         self.num_layers = num_layers or default_layers
         self.channels = channels or default_channels
         image_channels = 1 if is_gray else 3
@@ -80,9 +80,15 @@ class FFDNet(nn.Module):
         return torch.cat([x, noise_map], dim=1)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Denoise ``x`` (B, C, H, W) in [0, 1] at noise level ``sigma`` (B,) in [0, 1] units."""
+        """Denoise ``x`` (B, C, H, W) in [0, 1] at noise level ``sigma`` (B,) in [0, 1] units.
+
+        The network outputs the clean image (FFDNet, KAIR, the original); with ``residual`` it
+        outputs the noise and the result is x minus it (DnCNN's residual learning, which trains
+        several times faster from scratch).
+        """
         h, w = x.shape[-2:]
-        return self.shuffle(self.main(self.head(x, sigma)))[..., :h, :w]
+        out = self.shuffle(self.main(self.head(x, sigma)))[..., :h, :w]
+        return x - out if self.residual else out
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -110,6 +116,27 @@ def _read_state(path_or_bytes) -> dict:
     return dict(state)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches) -> None:
+    """Re-estimate BatchNorm running statistics as a plain average over ``batches`` of inputs
+    ((x, sigma) pairs) with the current weights ("precise BN"); the momentum-0.1 running averages
+    lag behind weights that change quickly."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not norms:
+        return
+    was_training = model.training
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for x, sigma in batches:
+        model(x, sigma)
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 def detect_layout(state: dict) -> tuple[bool, str, int, int]:
     """(is_gray, layout, num_layers, channels) of a state dict in our, the original's or KAIR's keys."""
     prefix = "model." if any(k.startswith("model.") for k in state) else "main."
@@ -124,13 +151,25 @@ def load_state(path_or_bytes) -> tuple[FFDNet, dict]:
     """Build the matching FFDNet and load a checkpoint: ours, the original author's (BN layout,
     legacy pickle) or KAIR's official layout (keys ``model.N.*`` -> ``main.N.*``)."""
     state = _read_state(path_or_bytes)
+    residual = bool(state.pop("residual_flag", torch.tensor(0)).item()) if "residual_flag" in state else False
     state = {("main." + k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
     is_gray, layout, layers, channels = detect_layout(state)
-    model = FFDNet(is_gray, layout, layers, channels)
+    model = FFDNet(is_gray, layout, layers, channels, residual)
     model.load_state_dict(state, strict=True)
     model.eval()
-    return model, {"is_gray": is_gray, "layout": layout, "num_layers": layers, "channels": channels,
-                   "parameters": count_parameters(model)}
+    info = {"is_gray": is_gray, "layout": layout, "num_layers": layers, "channels": channels,
+            "parameters": count_parameters(model)}
+    if residual:
+        info["residual"] = True
+    return model, info
+
+
+def checkpoint_state(model: FFDNet) -> dict:
+    """A state dict that records the output convention (residual) so that loaders rebuild it."""
+    state = dict(model.state_dict())
+    if model.residual:
+        state["residual_flag"] = torch.tensor(1)
+    return state
 
 
 def load_checkpoint(path: str) -> tuple[FFDNet, dict]:

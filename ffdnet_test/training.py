@@ -9,7 +9,22 @@ import utils_if
 import utils_option as opt
 from ffdnet_test import metrics
 from ffdnet_test.datasets import PatchSet
-from ffdnet_test.model import FFDNet
+from ffdnet_test.model import FFDNet, recalibrate_batchnorm
+
+
+def _noisy_batches(clean_all: torch.Tensor, fixed, cfg: dict, generator: torch.Generator,
+                   device: torch.device):
+    """``bn_recalibrate_batches`` random training batches (x + noise, sigma), as in training."""
+    low, high = cfg["sigma"]
+    for _ in range(cfg["bn_recalibrate_batches"]):
+        idx = torch.randint(len(clean_all), (cfg["batch_size"],), generator=generator)
+        clean = clean_all[idx.to(device)]
+        if fixed is not None:
+            yield clean + fixed[1][idx].to(device), fixed[0][idx].to(device)
+        else:
+            sigma = (low + (high - low) * torch.rand(len(idx), generator=generator)) / 255.0
+            noise = torch.randn(clean.shape, generator=generator) * sigma.view(-1, 1, 1, 1)
+            yield clean + noise.to(device), sigma.to(device)
 
 
 @torch.no_grad()
@@ -92,6 +107,8 @@ def train_ffdnet(model: FFDNet, patches: PatchSet, cfg: dict, device: torch.devi
                 optimizer.step()
                 total += loss.item() * len(idx)
                 bar.update(1)
+            if cfg.get("bn_recalibrate_batches"):
+                recalibrate_batchnorm(model, _noisy_batches(clean_all, fixed, cfg, generator, device))
             record = {"epoch": epoch + 1, "train_loss": total / n}
             if val_images:
                 record["val_psnr"] = validate(model, val_images, cfg["val_sigma"], cfg["seed"], device, to_model)

@@ -78,3 +78,67 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
     bar.close()
     model.eval()
     return model, norms
+
+
+def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.device,
+                show_progress: bool = True, desc: str = "train group") -> list[dict]:
+    """Train many independent MLPs at once (vmap over stacked parameters), each exactly as
+    :func:`train_model` would train it alone: its own seed (init and data order), its own labels
+    (``job["labels"]``, (n,) for all of ``data``, or None) and its own kept items
+    (``job["keep"]``, original positions, or None for all).
+
+    Models whose epoch is shorter (removals) skip the missing steps, and SGD with momentum and
+    weight decay is applied per model with a mask, so every model follows its own trajectory.
+    Returns one ``state_dict`` per job (on the CPU).
+    """
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    k_models, batch = len(jobs), cfg["batch_size"]
+    models = [new_model(job["seed"], device) for job in jobs]
+    params, _ = stack_module_state(models)
+    template = mnist_model().to("meta")
+    names = list(params)
+    momentum_buf = {n: torch.zeros_like(p) for n, p in params.items()}
+    kept = [torch.arange(len(data), device=device) if job.get("keep") is None
+            else torch.as_tensor(job["keep"], device=device) for job in jobs]
+    labels = torch.stack([data.labels if job.get("labels") is None else
+                          torch.as_tensor(job["labels"], device=device) for job in jobs])
+    sizes = [len(k) for k in kept]
+    generators = [torch.Generator(device="cpu").manual_seed(job["seed"]) for job in jobs]
+
+    def loss_fn(p, x, y, w):
+        out = functional_call(template, p, (x,))
+        nll = -out.gather(1, y[:, None]).squeeze(1)
+        return (nll * w).sum() / w.sum().clamp_min(1.0)
+
+    grads_fn = vmap(grad(loss_fn))
+    max_steps = max((n + batch - 1) // batch for n in sizes)
+    bar = opt.progress(total=cfg["epoch"] * max_steps, desc=desc, unit="step", disable=not show_progress)
+    rows = torch.arange(k_models, device=device)[:, None]
+    lr, mom, wd = cfg["learning_rate"], cfg["momentum"], cfg["weight_decay"]
+    for epoch in range(cfg["epoch"]):
+        # per model: its items in its own seeded order, padded to the longest epoch
+        order = torch.zeros(k_models, max_steps * batch, dtype=torch.long, device=device)
+        valid = torch.zeros(k_models, max_steps * batch, device=device)
+        for m in range(k_models):
+            perm = torch.randperm(sizes[m], generator=generators[m]).to(device)
+            order[m, :sizes[m]] = kept[m][perm]
+            valid[m, :sizes[m]] = 1.0
+        for step in range(max_steps):
+            cols = slice(step * batch, (step + 1) * batch)
+            idx, w = order[:, cols], valid[:, cols]
+            active = w.sum(1) > 0                                          # (K,)
+            g = grads_fn(params, data.images[idx], labels[rows, idx], w)
+            for n in names:
+                d_p = g[n] + wd * params[n]
+                buf = torch.where(_expand(active, d_p), mom * momentum_buf[n] + d_p, momentum_buf[n])
+                momentum_buf[n] = buf
+                params[n] = torch.where(_expand(active, d_p), params[n] - lr * buf, params[n])
+            if step % 200 == 0 or step == max_steps - 1:
+                bar.update(step + 1 - (bar.n - epoch * max_steps))
+    bar.close()
+    return [{n: params[n][m].detach().cpu().clone() for n in names} for m in range(k_models)]
+
+
+def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.reshape(-1, *([1] * (like.dim() - 1)))

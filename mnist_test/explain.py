@@ -1,0 +1,99 @@
+"""The explainability test's jobs: which training points each retraining manipulates, and where
+its model goes. One job = (method list, manipulation, N, test image); N = 0 is the unmanipulated
+base model, shared by all.
+
+Rules (as the original): relabelled points get label 0, or 1 when the test image's label is 0;
+random sets are exactly N distinct indices from a generator seeded by (seed, N, test id);
+explanatory sets are the top N of the method's scores (Method 1) or helpful/harmful influence
+(Method 2) for that test image under the seed's base model.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+import utils_if
+import utils_option as opt
+from mnist_test import common
+
+MANIPULATIONS = ("algo", "random", "remove_algo", "remove_random")
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def method_lists(cfg: dict) -> list[str]:
+    """e.g. ["method1", "method2_helpful"] from the settings' method and explain.m2_lists."""
+    out = []
+    for method in as_list(cfg["method"]):
+        out += ["method1"] if method == "method1" else [f"method2_{k}" for k in cfg["explain"]["m2_lists"]]
+    return out
+
+
+def relabel_target(test_label: int) -> int:
+    return 1 if test_label == 0 else 0
+
+
+def random_points(n_points: int, n_train: int, seed: int, test_id: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + n_points * 10_007 + test_id)
+    return torch.randperm(n_train, generator=generator)[:n_points].tolist()
+
+
+def ranked_points(settings: dict) -> dict[str, dict[int, tuple[int, np.ndarray]]]:
+    """{method list: {test id: (test label, training indices best first)}} from the m1/m2 files."""
+    cfg = common.mnist_cfg(settings)
+    out: dict[str, dict] = {}
+    for name in method_lists(cfg):
+        if name == "method1":
+            record = opt.read_json(common.m1_file(settings), "mnist_test/m1_Test.py")
+            key, largest = "scores", True
+        else:
+            record = opt.read_json(common.m2_file(settings), "mnist_test/m2_Test.py")
+            key, largest = "influence", name.endswith("helpful")
+        entries = [v for k, v in record.items() if k != "meta"]
+        out[name] = {e["test_id_num"]: (e["label"], np.array(utils_if.top_indices(
+            e[key], len(e[key]), largest=largest))) for e in entries}
+    return out
+
+
+def plan(settings: dict) -> list[dict]:
+    """All jobs of the study (unique model files), base model first."""
+    cfg = common.mnist_cfg(settings)
+    root = opt.output_folder(settings, "model_zoo", "expTest", common.run_tag(settings))
+    jobs = [{"name": "base", "path": os.path.join(root, "base.pth"), "method": None,
+             "manipulation": None, "n": 0, "test_id": None, "test_label": None}]
+    ranked = ranked_points(settings)
+    for method, per_test in ranked.items():
+        for manipulation in as_list(cfg["newData"]):
+            for n in cfg["explain"]["n_values"]:
+                if n == 0:
+                    continue
+                for test_id, (label, _) in per_test.items():
+                    jobs.append({"name": f"{method}/{manipulation}/n{n}/t{test_id}",
+                                 "path": os.path.join(root, method, manipulation, f"n{n}", f"t{test_id}.pth"),
+                                 "method": method, "manipulation": manipulation, "n": n,
+                                 "test_id": test_id, "test_label": label})
+    return jobs
+
+
+def chosen_points(job: dict, ranked: dict, n_train: int, seed: int) -> list[int]:
+    if job["manipulation"] in ("random", "remove_random"):
+        return random_points(job["n"], n_train, seed, job["test_id"])
+    return ranked[job["method"]][job["test_id"]][1][:job["n"]].tolist()
+
+
+def training_spec(job: dict, ranked: dict, labels: torch.Tensor, seed: int) -> dict:
+    """What train_group needs for this job: seed, labels (relabel) or kept positions (remove)."""
+    if job["n"] == 0:
+        return {"seed": seed}
+    points = chosen_points(job, ranked, len(labels), seed)
+    if job["manipulation"] in ("algo", "random"):
+        new = labels.clone()
+        new[torch.as_tensor(points, device=labels.device)] = relabel_target(job["test_label"])
+        return {"seed": seed, "labels": new}
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[torch.as_tensor(points)] = False
+    return {"seed": seed, "keep": torch.nonzero(keep).squeeze(1).tolist()}

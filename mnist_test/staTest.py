@@ -1,0 +1,144 @@
+"""Stability test: do models trained with different seeds explain a test image with the same
+training images? Six models staTest0..staTest5 (seeds from stability.seeds) are trained, Method 1
+and Method 2 are run on each for the same test images (chosen by Test.py under staTest0), and for
+each test image and model k = 1..5 the overlap of its top-100 with staTest0's top-100 is tabled
+for Method 1, Method 2 helpful and Method 2 harmful (the report's Tables 4.1-4.3), plus two
+agreement measures the report lacks: Spearman's rank correlation over all training points and the
+Jaccard index of the top-100.
+
+The driver runs the whole study; every stage skips work whose output already exists.
+Parallel: torchrun --nproc_per_node=K mnist_test/staTest.py splits the models across ranks.
+
+Writes: test/staTest_{tag}_{table}.md and .csv, test/staTest_{tag}.json (plus each model's files)
+"""
+import csv
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+import utils_option as opt  # noqa: E402
+from mnist_test import Test, Train, common, m1_Test, m2_Test  # noqa: E402
+
+TABLES = (("method1", "scores", True), ("method2_helpful", "influence", True),
+          ("method2_harmful", "influence", False))
+
+
+def model_settings(settings: dict, seed: int, test_ids=None) -> dict:
+    """The settings of model staTest{index}: its seed and its mode name (and the shared test ids)."""
+    index = settings["mnist"]["stability"]["seeds"].index(seed)
+    mode = f"staTest{index}"
+    mnist = {"seed": seed, "method1": {"mode": mode}, "method2": {"mode": mode}}
+    if test_ids is not None:
+        mnist["test_ids"] = test_ids
+    merged = opt.deep_merge(settings, {"mnist": mnist})
+    opt.validate(merged, opt.SCHEMA)
+    return merged
+
+
+def run_stage(module, path: str, settings: dict, log) -> None:
+    if os.path.isfile(path):
+        log(f"skip {module.__name__.split('.')[-1]}: {path} exists")
+    else:
+        module.main(settings)
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    out = np.empty(len(values))
+    out[order] = np.arange(len(values))
+    return out
+
+
+def agreement(record_0: dict, record_k: dict, key: str, largest: bool, top: int) -> list[dict]:
+    """Per test image: top-`top` overlap, Jaccard and Spearman between two models' results."""
+    rows = []
+    by_id = {v["test_id_num"]: v for k, v in record_k.items() if k != "meta"}
+    for k, entry in sorted(((k, v) for k, v in record_0.items() if k != "meta"), key=lambda kv: int(kv[0])):
+        a = np.asarray(entry[key], dtype=np.float64)
+        b = np.asarray(by_id[entry["test_id_num"]][key], dtype=np.float64)
+        sign = 1.0 if largest else -1.0
+        top_a = set(np.argsort(-sign * a, kind="stable")[:top].tolist())
+        top_b = set(np.argsort(-sign * b, kind="stable")[:top].tolist())
+        overlap = len(top_a & top_b)
+        rows.append({"test_id": entry["test_id_num"], "overlap": overlap,
+                     "jaccard": overlap / len(top_a | top_b),
+                     "spearman": float(np.corrcoef(ranks(a), ranks(b))[0, 1])})
+    return rows
+
+
+def tables(settings: dict, seeds: list[int], test_ids: list[int], logger) -> dict:
+    top = settings["mnist"]["stability"]["top"]
+    results = {}
+    loaded = {}
+    for seed in seeds:
+        s = model_settings(settings, seed, test_ids)
+        loaded[seed] = {"method1": opt.read_json(common.m1_file(s), "m1_Test.py"),
+                        "method2": opt.read_json(common.m2_file(s), "m2_Test.py")}
+    tag = common.run_tag(model_settings(settings, seeds[0]))
+    for name, key, largest in TABLES:
+        source = name.split("_")[0]
+        per_model = {k: agreement(loaded[seeds[0]][source], loaded[seed][source], key, largest, top)
+                     for k, seed in enumerate(seeds) if k > 0}
+        ids = [r["test_id"] for r in per_model[1]]
+        header = "| model | " + " | ".join(map(str, ids)) + " | mean |"
+        lines = [f"**{name}**: overlap of the top-{top} with staTest0's (% of {top})", "", header,
+                 "|---" * (len(ids) + 2) + "|"]
+        csv_rows = []
+        ordinal = {1: "1st", 2: "2nd", 3: "3rd"}
+        for k, rows in per_model.items():
+            cells = [100 * r["overlap"] / top for r in rows]
+            lines.append(f"| {ordinal.get(k, f'{k}th')} | " + " | ".join(f"{c:.0f}" for c in cells) +
+                         f" | {np.mean(cells):.1f} |")
+            csv_rows += [{"table": name, "model": k, **r} for r in rows]
+        avg = [np.mean([100 * per_model[k][i]["overlap"] / top for k in per_model]) for i in range(len(ids))]
+        lines.append("| Avg | " + " | ".join(f"{a:.0f}" for a in avg) + f" | {np.mean(avg):.1f} |")
+        jac = np.mean([r["jaccard"] for rows in per_model.values() for r in rows])
+        spear = np.mean([r["spearman"] for rows in per_model.values() for r in rows])
+        lines += ["", f"mean Jaccard of the top-{top}: {jac:.3f}; mean Spearman over all training points: {spear:.3f}"]
+        text = "\n".join(lines)
+        logger.info("\n" + text)
+        md = opt.output_path(settings, "test", f"staTest_{tag}_{name}.md")
+        with open(md, "w") as f:
+            f.write(text + "\n")
+        path = opt.output_path(settings, "test", f"staTest_{tag}_{name}.csv")
+        with open(path + ".tmp", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
+            writer.writeheader()
+            writer.writerows(csv_rows)
+        os.replace(path + ".tmp", path)
+        results[name] = {"markdown": md, "csv": path, "average": float(np.mean(avg)),
+                         "jaccard": float(jac), "spearman": float(spear), "per_test_avg": avg, "ids": ids}
+    opt.write_json(opt.output_path(settings, "test", f"staTest_{tag}.json"), results, logger)
+    return results
+
+
+def main(settings: dict) -> dict:
+    cfg = common.mnist_cfg(settings)
+    seeds = cfg["stability"]["seeds"]
+    rank, world = opt.distributed_start(cfg["use_gpu"])
+    logger = opt.make_logger(settings, "mnist_staTest")
+    mine = opt.partition(seeds, rank, world)
+    for seed in mine:  # stage 1: train
+        s = model_settings(settings, seed)
+        run_stage(Train, common.grad_norm_file(s), s, logger.info)
+    opt.distributed_barrier()
+    base = model_settings(settings, seeds[0])
+    if rank == 0:  # stage 2: the test images, chosen under staTest0
+        run_stage(Test, common.test_file(base, "staTest0"), base, logger.info)
+    opt.distributed_barrier()
+    test_ids = common.selected_test_ids(base, "staTest0")
+    for seed in mine:  # stage 3: both methods on every model, same test images
+        s = model_settings(settings, seed, test_ids)
+        run_stage(m1_Test, common.m1_file(s), s, logger.info)
+        run_stage(m2_Test, common.m2_file(s), s, logger.info)
+    opt.distributed_barrier()
+    results = tables(settings, seeds, test_ids, logger) if rank == 0 else None
+    opt.distributed_end()
+    return {"tables": results}
+
+
+if __name__ == "__main__":
+    opt.run_script(main, __doc__)
