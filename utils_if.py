@@ -93,6 +93,16 @@ def method1_scores(activations: dict[str, torch.Tensor], grad_norms: dict[str, t
     return scores
 
 
+def normalize_rows(grad_norms: torch.Tensor) -> torch.Tensor:
+    """Method 1 "normalized" mode: each training point's vector divided by its sum (L1)."""
+    return grad_norms / grad_norms.sum(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def outliers(grad_norms: torch.Tensor, limit: float) -> torch.Tensor:
+    """Method 1 "remove_out" mode: training points whose total gradient norm exceeds ``limit``."""
+    return grad_norms.sum(dim=1) > limit
+
+
 def top_indices(values: np.ndarray | torch.Tensor, k: int, largest: bool = True) -> list[int]:
     """Indices of the k largest (or smallest) values; ties keep ascending index order."""
     v = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
@@ -144,6 +154,7 @@ class InfluenceProblem:
     sample_loss: SampleLoss
     param_names: list[str]
     l2_reg: float = 0.0
+    batched_hvp: bool = True  # one vmapped double backward for all vectors; False = one per vector
     params: dict[str, torch.Tensor] = field(init=False)
     frozen: dict[str, torch.Tensor] = field(init=False)
 
@@ -182,17 +193,33 @@ class InfluenceProblem:
             loss = loss + 0.5 * self.l2_reg * sum((p * p).sum() for p in params.values())
         return loss
 
-    def _single_loss(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.sample_loss(self._output(params, x.unsqueeze(0)), y.unsqueeze(0)).squeeze(0)
-
     # ---- gradients -----------------------------------------------------------------------------
-    def sample_grads(self, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    def sample_grads(self, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 1024,
+                     loss: SampleLoss | None = None) -> torch.Tensor:
         """Per-sample loss gradients (n, p), without the L2 term, via vmap(grad). No Python loop
-        over samples beyond chunks of ``chunk_size``."""
-        per_sample = vmap(grad(self._single_loss), in_dims=(None, 0, 0))
+        over samples beyond chunks of ``chunk_size``. ``loss`` replaces the problem's sample loss
+        (e.g. a test loss restricted to some pixels)."""
+        loss = loss or self.sample_loss
+        owners = capturable_owners(self)
+        if owners is not None:  # closed forms per module: one ordinary backward per chunk
+            return torch.cat([self._hooked_sample_grads(owners, x[s:s + chunk_size], y[s:s + chunk_size], loss)
+                              for s in range(0, len(x), chunk_size)])
+
+        def single(params, xi, yi):
+            return loss(self._output(params, xi.unsqueeze(0)), yi.unsqueeze(0)).squeeze(0)
+        per_sample = vmap(grad(single), in_dims=(None, 0, 0))
         out = [self.flatten(per_sample(self.params, x[s:s + chunk_size], y[s:s + chunk_size]), 1)
                for s in range(0, len(x), chunk_size)]
         return torch.cat(out)
+
+    def _hooked_sample_grads(self, owners: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
+                             loss: SampleLoss) -> torch.Tensor:
+        """Per-sample gradients from each owning module's input and output gradient (no vmap)."""
+        captured, deltas = _capture(self, owners, x, y, loss)
+        per_sample: dict[str, torch.Tensor] = {}
+        for (name, module), delta in zip(owners.items(), deltas):
+            per_sample.update(module_sample_grads(name, module, captured[name][0].detach(), delta))
+        return self.flatten({n: per_sample[n] for n in self.param_names}, batch_dims=1)
 
     def hvp(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
             out: torch.Tensor | None = None) -> torch.Tensor:
@@ -209,9 +236,17 @@ class InfluenceProblem:
             loss = self.sample_loss(self._output(leaves, x), y).mean()
             first = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
             tangents = self.unflatten(vectors)
-            second = torch.autograd.grad(first, list(leaves.values()),
-                                         grad_outputs=[tangents[n] for n in names],
-                                         is_grads_batched=True, allow_unused=True)
+            if self.batched_hvp:
+                second = torch.autograd.grad(first, list(leaves.values()),
+                                             grad_outputs=[tangents[n] for n in names],
+                                             is_grads_batched=True, allow_unused=True)
+            else:  # conv nets: vmap over the double backward is slow, a loop is not
+                rows = [torch.autograd.grad(first, list(leaves.values()),
+                                            grad_outputs=[tangents[n][j] for n in names],
+                                            retain_graph=True, allow_unused=True)
+                        for j in range(len(vectors))]
+                second = [None if rows[0][i] is None else torch.stack([r[i] for r in rows])
+                          for i in range(len(names))]
         k = vectors.shape[0]
         parts = [torch.zeros(k, size, dtype=vectors.dtype, device=vectors.device)
                  if part is None else part.reshape(k, -1) for part, size in zip(second, self.sizes)]
@@ -386,6 +421,60 @@ def inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tenso
 # ============================================================================================
 # the sweep: influence of every training point on every test point
 # ============================================================================================
+def module_sample_grads(name: str, module: nn.Module, layer_input: torch.Tensor,
+                        output_grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Closed-form per-sample gradients of one module's parameters from its input and the
+    gradient of the summed per-sample losses at its output (samples must not interact)."""
+    if isinstance(module, nn.Linear):
+        grads = {f"{name}.weight": torch.einsum("bo,bi->boi", output_grad, layer_input)}
+    elif isinstance(module, nn.Conv2d):
+        grads = {f"{name}.weight": conv_sample_weight_grads(layer_input, output_grad, module)}
+        output_grad = output_grad.sum(dim=(2, 3))
+    else:  # BatchNorm2d in eval mode: an affine map of the input normalised by running stats
+        normalised = (layer_input - module.running_mean[None, :, None, None]) / torch.sqrt(
+            module.running_var[None, :, None, None] + module.eps)
+        grads = {f"{name}.weight": (output_grad * normalised).sum(dim=(2, 3))}
+        output_grad = output_grad.sum(dim=(2, 3))
+    if getattr(module, "bias", None) is not None:
+        grads[f"{name}.bias"] = output_grad
+    return grads
+
+
+def capturable_owners(problem: InfluenceProblem) -> dict[str, nn.Module] | None:
+    """Modules owning the chosen parameters if all have closed-form per-sample gradients
+    (Linear, Conv2d, eval-mode BatchNorm2d with running stats), else None."""
+    owners: dict[str, nn.Module] = {}
+    modules = dict(problem.model.named_modules())
+    for name in problem.param_names:
+        module_name, _, kind = name.rpartition(".")
+        module = modules.get(module_name)
+        ok = isinstance(module, (nn.Linear, nn.Conv2d)) and (not isinstance(module, nn.Conv2d) or module.groups == 1)
+        ok = ok or (isinstance(module, nn.BatchNorm2d) and not module.training and module.track_running_stats)
+        if not ok or kind not in ("weight", "bias"):
+            return None
+        owners[module_name] = module
+    return owners
+
+
+def _capture(problem: InfluenceProblem, owners: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
+             loss: SampleLoss):
+    """One forward/backward of the summed per-sample losses; each owner's (input, output) and
+    the loss gradients at its output."""
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [module.register_forward_hook(
+        lambda mod, inp, out, key=name: captured.__setitem__(key, (inp[0], out)))
+        for name, module in owners.items()]
+    try:
+        with torch.enable_grad():
+            params = {n: p.detach().requires_grad_(True) for n, p in problem.params.items()}
+            losses = loss(problem._output(params, x), y)
+            deltas = torch.autograd.grad(losses.sum(), [captured[name][1] for name in owners])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured, deltas
+
+
 def _linear_modules_for(problem: InfluenceProblem) -> dict[str, nn.Linear] | None:
     """The Linear modules owning the chosen parameters, or None if another module owns one."""
     owners: dict[str, nn.Linear] = {}
@@ -403,19 +492,7 @@ def _linear_sweep_chunk(problem: InfluenceProblem, owners: dict[str, nn.Linear],
                         s_dict: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
                         ) -> torch.Tensor:
     """Closed form for Linear layers: <grad_W(z), S_W> = delta^T S_W a, never materialising grads."""
-    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = [module.register_forward_hook(
-        lambda mod, inp, out, key=name: captured.__setitem__(key, (inp[0], out)))
-        for name, module in owners.items()]
-    try:
-        with torch.enable_grad():
-            params = {n: p.detach().requires_grad_(True) for n, p in problem.params.items()}
-            losses = problem.sample_loss(problem._output(params, x), y)
-            outputs = [captured[name][1] for name in owners]
-            deltas = torch.autograd.grad(losses.sum(), outputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    captured, deltas = _capture(problem, owners, x, y, problem.sample_loss)
     k = next(iter(s_dict.values())).shape[0]
     result = torch.zeros(k, len(x), dtype=x.dtype, device=x.device)
     for (name, _module), delta in zip(owners.items(), deltas):
@@ -435,7 +512,8 @@ def influence_sweep(problem: InfluenceProblem, s_test: torch.Tensor, x: torch.Te
     """influence[t, i] = s_test[t] . grad L(z_i) for every training point, in chunks: (k, n).
 
     ``s_test`` is (k, p) = H^-1 grad L(test). When every chosen parameter belongs to an nn.Linear
-    the closed form is used; otherwise per-sample gradients come from vmap(grad), chunk by chunk.
+    the closed form is used; otherwise per-sample gradients come chunk by chunk from closed forms
+    per module (Conv2d, eval BatchNorm2d) or, for other modules, vmap(grad).
     """
     from utils_option import progress
     owners = _linear_modules_for(problem) if use_closed_form else None
@@ -449,27 +527,40 @@ def influence_sweep(problem: InfluenceProblem, s_test: torch.Tensor, x: torch.Te
         if owners is not None:
             out.append(_linear_sweep_chunk(problem, owners, s_dict, xb, yb))
         else:
-            out.append(s_test @ problem.sample_grads(xb, yb, chunk_size=min(chunk_size, 256)).T)
+            out.append(s_test @ problem.sample_grads(xb, yb, chunk_size=chunk_size).T)
     return torch.cat(out, dim=1)
 
 
 def compute_influences(problem: InfluenceProblem, x_test: torch.Tensor, y_test: torch.Tensor,
                        x_train: torch.Tensor, y_train: torch.Tensor, cfg: SolverSettings,
-                       show_progress: bool = True) -> tuple[torch.Tensor, dict]:
+                       show_progress: bool = True, test_loss: SampleLoss | None = None
+                       ) -> tuple[torch.Tensor, dict]:
     """influence (k, n_train) of every training point on each of k test points, all at once.
 
     One (k, p) matrix of test gradients, one inverse-HVP solve for all of them, one chunked sweep.
-    Returns the influences and an info dict with the solver details and the timings.
+    ``test_loss`` (default: the training loss) is the loss whose change is predicted, e.g. the
+    error at one pixel. Returns the influences and an info dict with solver details and timings.
     """
     import time
     t0 = time.perf_counter()
-    test_grads = problem.sample_grads(x_test, y_test)
+    test_grads = problem.sample_grads(x_test, y_test, loss=test_loss)
+    influence, info = influences_from_test_grads(problem, test_grads, x_train, y_train, cfg, show_progress)
+    info["seconds_test_grads"] = round(time.perf_counter() - t0 - info["seconds_s_test"]
+                                       - info["seconds_sweep"], 3)
+    return influence, info
+
+
+def influences_from_test_grads(problem: InfluenceProblem, test_grads: torch.Tensor,
+                               x_train: torch.Tensor, y_train: torch.Tensor, cfg: SolverSettings,
+                               show_progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """influence (k, n_train) for k given test-loss gradients (rows may come from different test
+    losses): one inverse-HVP solve for all rows, then one chunked sweep."""
+    import time
     t1 = time.perf_counter()
     s_test, info = inverse_hvp(problem, test_grads, x_train, y_train, cfg, show_progress)
     t2 = time.perf_counter()
     influence = influence_sweep(problem, s_test, x_train, y_train, cfg.chunk_size, show_progress)
     t3 = time.perf_counter()
     info.update(num_params=problem.num_params, n_train=len(x_train),
-                seconds_test_grads=round(t1 - t0, 3), seconds_s_test=round(t2 - t1, 3),
-                seconds_sweep=round(t3 - t2, 3))
+                seconds_s_test=round(t2 - t1, 3), seconds_sweep=round(t3 - t2, 3))
     return influence, info

@@ -183,6 +183,30 @@ SCHEMA: dict[str, tuple] = {
     "ffdnet.method1.record": ("bool", None),
     "ffdnet.method1.grad_mode": _choice("batch", "per_sample"),
     "ffdnet.method1.layers": ("int_list", None),
+    "ffdnet.method1.mode": _choice("raw", "normalized", "remove_out"),
+    "ffdnet.method1.outlim": ("float", (0.0, None)),
+    "ffdnet.method1.activation": _choice("block", "conv"),
+    "ffdnet.method1.top_k": ("int", (1, None)),
+    "ffdnet.attribution.images": ("str_list", None),
+    "ffdnet.attribution.points": ("points", None),
+    "ffdnet.attribution.vis_num": ("int", (1, 100)),
+    "ffdnet.method2.solver": _choice("lissa", "cg", "exact"),
+    "ffdnet.method2.damp": ("float", (0.0, None)),
+    "ffdnet.method2.scale": ("float", (1e-12, None)),
+    "ffdnet.method2.stochastic": ("bool", None),
+    "ffdnet.method2.hvp_batch_size": ("int", (1, None)),
+    "ffdnet.method2.recursion_nums": ("int", (1, None)),
+    "ffdnet.method2.training_points": ("int", (1, None)),
+    "ffdnet.method2.params": ("str_list", None),
+    "ffdnet.method2.l2_reg": ("float", (0.0, None)),
+    "ffdnet.method2.cg_tol": ("float", (0.0, None)),
+    "ffdnet.method2.cg_max_iter": ("int", (1, None)),
+    "ffdnet.method2.hessian_points": ("int", (0, None)),
+    "ffdnet.method2.exact_max_params": ("int", (1, None)),
+    "ffdnet.method2.chunk_size": ("int", (1, None)),
+    "ffdnet.method2.max_train_points": ("int", (0, None)),
+    "ffdnet.method2.window": ("int", (0, 64)),
+    "ffdnet.method2.top_k": ("int", (1, None)),
 }
 
 
@@ -244,6 +268,11 @@ def validate(settings: dict, schema: dict[str, tuple]) -> None:
         elif kind == "path_or_empty":
             if not isinstance(value, str):
                 raise _bad(key, value, 'a path string ("" for none)')
+        elif kind == "points":
+            if not isinstance(value, list) or not value or any(
+                    not isinstance(p, list) or len(p) != 2 or any(isinstance(v, bool) or not isinstance(v, int)
+                                                                  or v < 0 for v in p) for p in value):
+                raise _bad(key, value, "a list of [row, col] pixel positions")
         elif kind == "test_ids":
             if value == "loss_rank":
                 continue
@@ -387,6 +416,7 @@ def make_logger(settings: dict, name: str) -> logging.Logger:
     logger.addHandler(console)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_file = output_path(settings, "logs", f"{name}_{stamp}_{os.getpid()}.log")
+    logger.log_file = log_file  # type: ignore[attr-defined]
     file_handler = logging.FileHandler(log_file, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s - %(message)s"))
     logger.addHandler(file_handler)

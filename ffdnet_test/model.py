@@ -91,6 +91,35 @@ class FFDNet(nn.Module):
         return x - out if self.residual else out
 
 
+def feature_position(row: int, col: int) -> tuple[int, int]:
+    """Full-image pixel (row, col) -> its position in the half-resolution feature maps.
+
+    Pixel-unshuffle by 2 puts each 2x2 block of pixels into one feature-map position, so pixel
+    (r, c) lives at (r // 2, c // 2). (The original took the point in feature-map coordinates and
+    drew it at (2r, 2c), transposed.)
+    """
+    return row // 2, col // 2
+
+
+class PackedInput(nn.Module):
+    """FFDNet with one input tensor: (B, C + 1, H, W), the last channel holding sigma (any pixel).
+
+    The influence engine calls ``model(x)``; this carries each sample's noise level with it.
+    Parameter names gain the prefix ``net.``.
+    """
+
+    def __init__(self, net: "FFDNet") -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        return self.net(packed[:, :-1], packed[:, -1, 0, 0])
+
+    @staticmethod
+    def pack(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, sigma.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[-2:])], dim=1)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

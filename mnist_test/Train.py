@@ -57,7 +57,7 @@ def main(settings: dict) -> dict:
         opt.write_json_with_matrices(grad_path, {"meta": meta},
                                      {name: norms[name].cpu().numpy() for name in layers}, logger)
     logger.info(f"gradient-norm JSON written in {write_timer.seconds:.1f} s")
-    return {"model": model_path, "grad_norm": grad_path, "test_accuracy": accuracy,
+    return {"model": model_path, "grad_norm": grad_path, "test_accuracy": accuracy, "log": logger.log_file,
             "train_seconds": timer.seconds, "write_seconds": write_timer.seconds}
 
 

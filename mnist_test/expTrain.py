@@ -4,7 +4,7 @@ training set (the original kept training one model across all runs).
 For each method list (method1, method2 helpful / harmful), each manipulation in newData
 (algo: relabel the top N; random: relabel N random; remove_algo; remove_random), each N in
 explain.n_values and each test image. Many models train at once (vmap; a model trained in a group
-equals the same model trained alone). Jobs whose model file exists are skipped, so a crashed or
+equals the same model trained alone, see training.train_group). Jobs whose model file exists are skipped, so a crashed or
 interrupted run resumes; files are written atomically.
 
 Parallel: torchrun --nproc_per_node=K mnist_test/expTrain.py gives each rank a disjoint share of
@@ -38,8 +38,18 @@ def main(settings: dict) -> dict:
         train = common.load_train_data(settings, device, logger.info)
         ranked = explain.ranked_points(settings)
         group = cfg["explain"]["group_size"]
-        for start in range(0, len(mine), group):
-            chunk = mine[start:start + group]
+        # a group trains models on equally many items (relabelled: all; removed: all but N)
+        mine = sorted(mine, key=lambda j: (j["manipulation"] or "").startswith("remove") * j["n"])
+        chunks, current = [], []
+        for job in mine:
+            size = (job["manipulation"] or "").startswith("remove") * job["n"]
+            if current and (len(current) == group or size != current[-1][0]):
+                chunks.append([j for _, j in current])
+                current = []
+            current.append((size, job))
+        chunks += [[j for _, j in current]] if current else []
+        start = 0
+        for chunk in chunks:
             specs = [explain.training_spec(job, ranked, train.labels, cfg["seed"]) for job in chunk]
             with opt.Timer() as timer:
                 states = train_group(train, specs, cfg, device,
@@ -48,6 +58,7 @@ def main(settings: dict) -> dict:
                 os.makedirs(os.path.dirname(job["path"]), exist_ok=True)
                 opt.save_torch(job["path"], {"model": state, "job": {k: v for k, v in job.items() if k != "path"}})
             logger.info(f"rank {rank}: {len(chunk)} models trained in {timer.seconds:.0f} s")
+            start += len(chunk)
     opt.distributed_barrier()
     summary = None
     if rank == 0:

@@ -82,63 +82,63 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
 
 def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.device,
                 show_progress: bool = True, desc: str = "train group") -> list[dict]:
-    """Train many independent MLPs at once (vmap over stacked parameters), each exactly as
-    :func:`train_model` would train it alone: its own seed (init and data order), its own labels
-    (``job["labels"]``, (n,) for all of ``data``, or None) and its own kept items
-    (``job["keep"]``, original positions, or None for all).
+    """Train many independent MLPs at once, each exactly as :func:`train_model` trains it alone:
+    its own seed (init and data order), its own labels (``job["labels"]``: (n,) for all of
+    ``data``, or None) and its own kept items (``job["keep"]``: original positions, or None).
+    All jobs of a group must keep the same number of items (group removals by N).
 
-    Models whose epoch is shorter (removals) skip the missing steps, and SGD with momentum and
-    weight decay is applied per model with a mask, so every model follows its own trajectory.
-    Returns one ``state_dict`` per job (on the CPU).
+    The K models run as one batched MLP: forward and backward by hand with ``bmm`` (the MLP is
+    784-128-64-10, ReLU, log-softmax, mean NLL), then SGD with momentum and weight decay in
+    place, as ``torch.optim.SGD`` does. Returns one ``state_dict`` per job (on the CPU).
     """
-    from torch.func import functional_call, grad, stack_module_state, vmap
-
     k_models, batch = len(jobs), cfg["batch_size"]
-    models = [new_model(job["seed"], device) for job in jobs]
-    params, _ = stack_module_state(models)
-    template = mnist_model().to("meta")
-    names = list(params)
-    momentum_buf = {n: torch.zeros_like(p) for n, p in params.items()}
     kept = [torch.arange(len(data), device=device) if job.get("keep") is None
             else torch.as_tensor(job["keep"], device=device) for job in jobs]
+    n = len(kept[0])
+    if any(len(k) != n for k in kept):
+        raise ValueError("train_group: every job of a group must keep the same number of items")
     labels = torch.stack([data.labels if job.get("labels") is None else
                           torch.as_tensor(job["labels"], device=device) for job in jobs])
-    sizes = [len(k) for k in kept]
+    models = [new_model(job["seed"], device) for job in jobs]
+    names = ["main.0.weight", "main.0.bias", "main.2.weight", "main.2.bias", "main.4.weight", "main.4.bias"]
+    params = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).contiguous()
+              for name in names}
+    buffers = {name: torch.zeros_like(p) for name, p in params.items()}
     generators = [torch.Generator(device="cpu").manual_seed(job["seed"]) for job in jobs]
-
-    def loss_fn(p, x, y, w):
-        out = functional_call(template, p, (x,))
-        nll = -out.gather(1, y[:, None]).squeeze(1)
-        return (nll * w).sum() / w.sum().clamp_min(1.0)
-
-    grads_fn = vmap(grad(loss_fn))
-    max_steps = max((n + batch - 1) // batch for n in sizes)
-    bar = opt.progress(total=cfg["epoch"] * max_steps, desc=desc, unit="step", disable=not show_progress)
     rows = torch.arange(k_models, device=device)[:, None]
     lr, mom, wd = cfg["learning_rate"], cfg["momentum"], cfg["weight_decay"]
+    w1, b1, w2, b2, w3, b3 = (params[name] for name in names)
+    steps = (n + batch - 1) // batch
+    bar = opt.progress(total=cfg["epoch"] * steps, desc=desc, unit="step", disable=not show_progress)
+    first_step = True
     for epoch in range(cfg["epoch"]):
-        # per model: its items in its own seeded order, padded to the longest epoch
-        order = torch.zeros(k_models, max_steps * batch, dtype=torch.long, device=device)
-        valid = torch.zeros(k_models, max_steps * batch, device=device)
-        for m in range(k_models):
-            perm = torch.randperm(sizes[m], generator=generators[m]).to(device)
-            order[m, :sizes[m]] = kept[m][perm]
-            valid[m, :sizes[m]] = 1.0
-        for step in range(max_steps):
-            cols = slice(step * batch, (step + 1) * batch)
-            idx, w = order[:, cols], valid[:, cols]
-            active = w.sum(1) > 0                                          # (K,)
-            g = grads_fn(params, data.images[idx], labels[rows, idx], w)
-            for n in names:
-                d_p = g[n] + wd * params[n]
-                buf = torch.where(_expand(active, d_p), mom * momentum_buf[n] + d_p, momentum_buf[n])
-                momentum_buf[n] = buf
-                params[n] = torch.where(_expand(active, d_p), params[n] - lr * buf, params[n])
-            if step % 200 == 0 or step == max_steps - 1:
-                bar.update(step + 1 - (bar.n - epoch * max_steps))
+        order = torch.stack([kept[m][torch.randperm(n, generator=generators[m]).to(device)]
+                             for m in range(k_models)])                          # (K, n)
+        for start in range(0, n, batch):
+            idx = order[:, start:start + batch]                                   # (K, B)
+            x, y = data.images[idx], labels[rows, idx]                            # (K, B, 784), (K, B)
+            z1 = torch.baddbmm(b1[:, None, :], x, w1.transpose(1, 2))
+            h1 = torch.relu(z1)
+            z2 = torch.baddbmm(b2[:, None, :], h1, w2.transpose(1, 2))
+            h2 = torch.relu(z2)
+            z3 = torch.baddbmm(b3[:, None, :], h2, w3.transpose(1, 2))
+            d3 = torch.softmax(z3, dim=2)                                         # d(mean NLL)/d z3
+            d3.scatter_add_(2, y[..., None], torch.full_like(y[..., None], -1.0, dtype=d3.dtype))
+            d3.div_(idx.shape[1])
+            d2 = torch.bmm(d3, w3).mul_(z2 > 0)
+            d1 = torch.bmm(d2, w2).mul_(z1 > 0)
+            grads = (torch.bmm(d1.transpose(1, 2), x), d1.sum(1), torch.bmm(d2.transpose(1, 2), h1),
+                     d2.sum(1), torch.bmm(d3.transpose(1, 2), h2), d3.sum(1))
+            for name, g in zip(names, grads):  # SGD: buf = mom*buf + (g + wd*p); p -= lr*buf
+                p, buf = params[name], buffers[name]
+                if first_step:
+                    buf.copy_(g).add_(p, alpha=wd)
+                else:
+                    buf.mul_(mom).add_(g).add_(p, alpha=wd)
+                p.sub_(buf, alpha=lr)
+            first_step = False
+            if (start // batch) % 500 == 0:
+                bar.update(start // batch + 1 - (bar.n - epoch * steps))
+        bar.update((epoch + 1) * steps - bar.n)
     bar.close()
-    return [{n: params[n][m].detach().cpu().clone() for n in names} for m in range(k_models)]
-
-
-def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return mask.reshape(-1, *([1] * (like.dim() - 1)))
+    return [{name: params[name][m].detach().cpu().clone() for name in names} for m in range(k_models)]

@@ -1,0 +1,77 @@
+"""FFDNet attribution plumbing shared by m1_Test, m2_Test, the figures and the diagnosis: the test
+image (noisy input exactly as FFDNet_Test makes it), activations at a pixel, the Method-1
+gradient-norm file in the chosen mode."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+import utils_if
+import utils_option as opt
+from ffdnet_test import common, datasets
+from ffdnet_test.model import FFDNet, feature_position
+
+
+def test_image(settings: dict, name: str) -> tuple[int, str, torch.Tensor, torch.Tensor]:
+    """(index, path, clean, noisy) of test image ``name``; noisy as FFDNet_Test makes it."""
+    cfg = common.ffdnet_cfg(settings)
+    paths = datasets.list_images(common.folder(settings, "test_dir"))
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if name not in names:
+        raise opt.SettingsError(f"bad setting ffdnet.attribution.images: no test image {name!r} in "
+                                f"{cfg['test_dir']} (names: {names})")
+    k = names.index(name)
+    clean = datasets.read_image(paths[k], cfg["is_gray"])
+    noisy = common.noisy_test_image(clean, cfg["test"]["noise_level_img"], cfg["seed"] + k, cfg["test"]["is_clip"])
+    return k, paths[k], clean, noisy
+
+
+def check_point(point: list[int], image: torch.Tensor) -> None:
+    if not (0 <= point[0] < image.shape[-2] and 0 <= point[1] < image.shape[-1]):
+        raise opt.SettingsError(f"bad setting ffdnet.attribution.points: {point} is outside the "
+                                f"{image.shape[-2]}x{image.shape[-1]} test image")
+
+
+@torch.no_grad()
+def activations_at(model: FFDNet, noisy: torch.Tensor, sigma01: float, layers: list[int],
+                   points: list[list[int]], where: str) -> dict[int, torch.Tensor]:
+    """{layer: (n_points, channels)} feature vectors at the given full-image pixels.
+
+    ``where`` = "block": after the block's ReLU; "conv": the raw conv output (the original's)."""
+    store: dict[int, torch.Tensor] = {}
+    hooks = []
+    for layer in layers:
+        index = model.block_output_index(layer) if where == "block" else model.conv_index(layer)
+        hooks.append(model.main[index].register_forward_hook(
+            lambda m, i, o, key=layer: store.__setitem__(key, o.detach())))
+    try:
+        model(noisy[None].to(next(model.parameters()).device),
+              torch.tensor([sigma01], device=next(model.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = {}
+    for layer, fmap in store.items():
+        vectors = [fmap[0, :, r, c] for r, c in (feature_position(*p) for p in points)]
+        out[layer] = torch.stack(vectors).cpu()
+    return out
+
+
+def grad_norms(settings: dict) -> tuple[dict[int, torch.Tensor], dict]:
+    """The gradient-norm file of FFDNet_Train: ({layer: (P, channels) float64}, meta)."""
+    record = opt.read_json(common.grad_norm_file(settings), "ffdnet_test/FFDNet_Train.py")
+    arrays = {int(k[1:]): torch.tensor(v, dtype=torch.float64) for k, v in record["arrays"].items()}
+    return arrays, record["meta"]
+
+
+def mode_scores(activation: torch.Tensor, norms: torch.Tensor, mode: str, outlim: float
+                ) -> torch.Tensor:
+    """Method-1 scores (n_points, P) of one layer in mode raw / normalized / remove_out
+    (outliers get -inf so that they never rank)."""
+    if mode == "normalized":
+        norms = utils_if.normalize_rows(norms)
+    scores = utils_if.method1_scores({"l": activation}, {"l": norms})
+    if mode == "remove_out":
+        scores[:, utils_if.outliers(norms, outlim)] = float("-inf")
+    return scores

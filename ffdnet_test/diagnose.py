@@ -1,0 +1,71 @@
+"""Do the FFDNet attributions explain pixels? For the chosen points of two test images: the mean
+top-100 overlap between different points of the same image, and between the same point in the
+two images, for Method 1 (each layer and mode) and Method 2 (whole image, pixel window). The
+report's failure is an overlap near 100% everywhere (the same patches whatever the pixel);
+attributions that explain pixels should overlap little between distant points.
+
+Reads:  the m1_Test.py and m2_Test.py files of ffdnet.attribution.images (the first two)
+Writes: test/ffdnet_diagnosis_{tag}.md (printed too)
+"""
+import itertools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+import utils_option as opt  # noqa: E402
+from ffdnet_test import common, m1_Test, m2_Test  # noqa: E402
+
+
+def overlap(a: list[int], b: list[int], top: int) -> float:
+    return 100.0 * len(set(a[:top]) & set(b[:top])) / top
+
+
+def summarise(lists: dict[str, dict[tuple, list[int]]], top: int) -> tuple[float, float]:
+    """lists[image][point] -> (mean overlap between points of one image, between the two images)."""
+    images = list(lists)
+    within = [overlap(lists[img][p], lists[img][q], top) for img in images
+              for p, q in itertools.combinations(sorted(lists[img]), 2)]
+    across = [overlap(lists[images[0]][p], lists[images[1]][p], top) for p in lists[images[0]]
+              if len(images) > 1 and p in lists[images[1]]]
+    return (float(np.mean(within)) if within else float("nan"),
+            float(np.mean(across)) if across else float("nan"))
+
+
+def main(settings: dict) -> dict:
+    cfg = common.ffdnet_cfg(settings)
+    images = cfg["attribution"]["images"][:2]
+    if len(images) < 2:
+        raise opt.SettingsError("ffdnet.attribution.images needs two test images for the diagnosis")
+    logger = opt.make_logger(settings, "ffdnet_diagnose")
+    top = 100
+    rows = []
+    m1 = {img: opt.read_json(m1_Test.result_file(settings, img), "ffdnet_test/m1_Test.py") for img in images}
+    for layer in sorted({e["layer"] for e in m1[images[0]]["entries"]}):
+        for mode in m1_Test.MODES:
+            lists = {img: {tuple(e["point"]): e["top"] for e in m1[img]["entries"]
+                           if e["layer"] == layer and e["mode"] == mode} for img in images}
+            rows.append((f"Method 1, layer {layer}, {mode}", *summarise(lists, top)))
+    m2 = {img: opt.read_json(m2_Test.result_file(settings, img), "ffdnet_test/m2_Test.py") for img in images}
+    for kind in ("helpful", "harmful"):
+        whole = {img: {("whole",): m2[img]["entries"]["whole"][kind]} for img in images}
+        rows.append((f"Method 2, whole image, {kind}", float("nan"), summarise(whole, top)[1]))
+        pixel = {img: {tuple(e["point"]): e[kind] for label, e in m2[img]["entries"].items() if e["point"]}
+                 for img in images}
+        rows.append((f"Method 2, pixel window, {kind}", *summarise(pixel, top)))
+    points = cfg["attribution"]["points"]
+    lines = [f"Top-{top} overlap (%), test images {images[0]} and {images[1]}, points {points}", "",
+             "| method | between points (same image) | between images (same point) |", "|---|---|---|"]
+    lines += [f"| {name} | {a:.1f} | {b:.1f} |".replace("nan", "–") for name, a, b in rows]
+    text = "\n".join(lines)
+    logger.info("\n" + text)
+    path = opt.output_path(settings, "test", f"ffdnet_diagnosis_{common.run_tag(settings)}.md")
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    return {"table": path, "rows": rows}
+
+
+if __name__ == "__main__":
+    opt.run_script(main, __doc__)

@@ -1,0 +1,122 @@
+"""Method 2 for FFDNet: influence of every training patch (a fixed (noisy, clean, sigma) triple,
+so ffdnet.fixed_noise must be true) on
+  (a) the whole-image denoising loss of a test image (the report's), and
+  (b) the loss at one pixel, or a (2*window+1)^2 window, around each chosen point (which the report
+      could not do): the squared error of the denoised output there.
+Same engine and sign convention as the MNIST side (utils_if.py): positive = the patch helped.
+All targets of all test images share one inverse-HVP solve and one sweep.
+
+Reads:  the model, ffdnet.train_dir (the same patches and noise as FFDNet_Train), ffdnet.test_dir
+Writes: if/ffdnet/{tag}_{solver details}_{image}.json: entries "whole" and "point r,c" with
+        influence (n_patches floats), helpful, harmful; "meta"
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import utils_if  # noqa: E402
+import utils_option as opt  # noqa: E402
+from ffdnet_test import attribution, common  # noqa: E402
+from ffdnet_test.model import PackedInput  # noqa: E402
+
+
+def solver_settings(settings: dict) -> utils_if.SolverSettings:
+    m2 = common.ffdnet_cfg(settings)["method2"]
+    return utils_if.SolverSettings.from_method2(m2, common.ffdnet_cfg(settings)["seed"])
+
+
+def result_file(settings: dict, image: str) -> str:
+    m2 = common.ffdnet_cfg(settings)["method2"]
+    detail = (f"{m2['solver']}_t{m2['training_points']}r{m2['recursion_nums']}b{m2['hvp_batch_size']}"
+              f"sc{m2['scale']:g}d{m2['damp']:g}_n{m2['max_train_points']}_w{m2['window']}")
+    if m2["params"]:
+        detail += "_p" + "+".join(m2["params"])
+    return opt.output_path(settings, "if", "ffdnet", f"{common.run_tag(settings)}_{detail}_{image}.json")
+
+
+def window_mask(shape: tuple[int, ...], point: list[int], window: int) -> torch.Tensor:
+    """(C, H, W) mask of the (2*window+1)^2 pixels around ``point`` (clipped at the border)."""
+    mask = torch.zeros(shape)
+    r, c = point
+    mask[:, max(r - window, 0):r + window + 1, max(c - window, 0):c + window + 1] = 1.0
+    return mask
+
+
+def training_points(settings: dict, device):
+    """Packed noisy inputs and clean targets of the (first max_train_points) training patches."""
+    cfg = common.ffdnet_cfg(settings)
+    if not cfg["fixed_noise"]:
+        raise opt.SettingsError("ffdnet.fixed_noise = false: influence needs one fixed (noisy, clean, "
+                                "sigma) triple per training patch; set it to true (and retrain)")
+    patches = common.train_patches(settings)
+    sigma, noise = common.patch_noise(settings, patches)
+    n = cfg["method2"]["max_train_points"] or len(patches)
+    clean = common.to_model_order(patches.clean[:n], settings)
+    noisy = clean + common.to_model_order(noise[:n], settings)
+    return PackedInput.pack(noisy, sigma[:n]).to(device), clean.to(device), patches
+
+
+def main(settings: dict) -> dict:
+    cfg = common.ffdnet_cfg(settings)
+    m2, att = cfg["method2"], cfg["attribution"]
+    logger = opt.make_logger(settings, "ffdnet_m2_Test")
+    device = opt.select_device(cfg["use_gpu"], logger)
+    opt.seed_everything(cfg["seed"])
+    model, model_path = common.load_model(settings, device, logger)
+    packed = PackedInput(model).eval()
+    try:
+        names = utils_if.select_parameters(packed, ["net." + p for p in m2["params"]])
+    except ValueError as err:
+        raise opt.SettingsError(str(err).replace("net.", "")) from None
+    problem = utils_if.InfluenceProblem(packed, utils_if.mse_sample_loss, names, l2_reg=m2["l2_reg"],
+                                        batched_hvp=False)
+    x_train, y_train, patches = training_points(settings, device)
+    sigma01 = cfg["test"]["noise_level_img"] / 255.0
+    rows, targets = [], []
+    with opt.Timer() as grad_timer:
+        for image in att["images"]:
+            _, path, clean, noisy = attribution.test_image(settings, image)
+            x = PackedInput.pack(common.to_model_order(noisy, settings)[None], torch.tensor([sigma01])).to(device)
+            y = common.to_model_order(clean, settings)[None].to(device)
+            rows.append(problem.sample_grads(x, y))
+            targets.append((image, path, "whole", None))
+            for point in att["points"]:
+                attribution.check_point(point, clean)
+                loss = utils_if.masked_mse_sample_loss(window_mask(tuple(clean.shape), point, m2["window"]).to(device))
+                rows.append(problem.sample_grads(x, y, loss=loss))
+                targets.append((image, path, f"point {point[0]},{point[1]}", point))
+    solver = solver_settings(settings)
+    logger.info(f"influence of {len(x_train)} training patches on {len(targets)} targets "
+                f"({problem.num_params} parameters, solver {solver.solver}, effective damping "
+                f"{solver.effective_damping:g}); test gradients in {grad_timer.seconds:.1f} s")
+    try:
+        influence, info = utils_if.influences_from_test_grads(problem, torch.cat(rows), x_train, y_train, solver)
+    except utils_if.LissaDiverged as err:
+        raise opt.SettingsError(str(err).replace("method2.", "ffdnet.method2.")) from None
+    info["seconds_test_grads"] = round(grad_timer.seconds, 3)
+    logger.info(f"s_test {info['seconds_s_test']} s, sweep {info['seconds_sweep']} s")
+    influence = influence.cpu()
+    files = {}
+    for image in att["images"]:
+        entries = {}
+        for (img, path, label, point), row in zip(targets, influence):
+            if img != image:
+                continue
+            entries[label] = {"point": point, "influence": row.tolist(),
+                              "helpful": utils_if.top_indices(row, m2["top_k"], True),
+                              "harmful": utils_if.top_indices(row, m2["top_k"], False)}
+            logger.info(f"{image} {label}: helpful {entries[label]['helpful'][:5]}, harmful {entries[label]['harmful'][:5]}")
+        files[image] = opt.write_json(result_file(settings, image), {"entries": entries, "meta": {
+            "model_file": model_path, "test_image": path, "sigma": cfg["test"]["noise_level_img"],
+            "n_train": len(x_train), "window": m2["window"], "settings": m2, "solver_info": info,
+            "sign_convention": utils_if.SIGN_CONVENTION, "patch_size": patches.patch_size,
+            "targets": "whole = MSE over the whole image; point r,c = squared error over the "
+                       "(2*window+1)^2 pixels around (row r, col c)"}}, logger)
+    return {"files": files, "info": info}
+
+
+if __name__ == "__main__":
+    opt.run_script(main, __doc__)

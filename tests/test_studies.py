@@ -1,0 +1,134 @@
+"""Stability and explainability studies: job split, manipulation rules, grouped training, resume,
+torchrun with 2 processes, and the agreement measures."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import utils_option as opt
+from mnist_test import Test, Train, common, explain, expTest, expTrain, m2_Test, staTest
+from mnist_test.training import train_group, train_model
+from tests.conftest import small_settings
+
+CFG = {"learning_rate": 0.003, "momentum": 0.9, "weight_decay": 0.001, "batch_size": 8, "epoch": 2}
+
+
+def test_partition_covers_every_job_once():
+    jobs = list(range(23))
+    for world in (1, 2, 3, 4, 7):
+        shares = [opt.partition(jobs, r, world) for r in range(world)]
+        flat = sorted(j for share in shares for j in share)
+        assert flat == jobs
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_relabel_and_random_rules():
+    assert explain.relabel_target(0) == 1 and explain.relabel_target(7) == 0
+    a = explain.random_points(500, 60000, seed=0, test_id=3520)
+    assert len(a) == len(set(a)) == 500 and a == explain.random_points(500, 60000, 0, 3520)
+    assert a != explain.random_points(500, 60000, 0, 3879)
+    labels = torch.arange(10) % 10
+    ranked = {"method2_helpful": {5: (0, np.array([4, 2, 9, 0, 1]))}}
+    job = {"method": "method2_helpful", "manipulation": "algo", "n": 3, "test_id": 5, "test_label": 0}
+    spec = explain.training_spec(job, ranked, labels, seed=1)
+    assert spec["labels"].tolist() == [0, 1, 1, 3, 1, 5, 6, 7, 8, 1]  # test label 0 -> chosen become 1
+    job.update(manipulation="remove_algo")
+    assert explain.training_spec(job, ranked, labels, 1)["keep"] == [0, 1, 3, 5, 6, 7, 8]
+    job.update(manipulation="remove_random", n=4)
+    assert len(explain.training_spec(job, ranked, labels, 1)["keep"]) == 6
+
+
+def test_group_training_equals_training_alone(mnist_train):
+    data = mnist_train.subset(120)
+    labels = data.labels.clone()
+    labels[:30] = 0
+    jobs = [{"seed": 3}, {"seed": 4, "labels": labels}]
+    states = train_group(data, jobs, CFG, torch.device("cpu"), show_progress=False)
+    states += train_group(data, [{"seed": 5, "keep": list(range(7, 120))}], CFG, torch.device("cpu"),
+                          show_progress=False)
+    with pytest.raises(ValueError, match="same number of items"):
+        train_group(data, [{"seed": 1}, {"seed": 2, "keep": [0, 1]}], CFG, torch.device("cpu"))
+    alone = [train_model(data, CFG, 3, torch.device("cpu"), show_progress=False)[0],
+             train_model(data.relabel(list(range(30)), 0), CFG, 4, torch.device("cpu"), show_progress=False)[0],
+             train_model(data.remove(list(range(7))), CFG, 5, torch.device("cpu"), show_progress=False)[0]]
+    for state, model in zip(states, alone):
+        for name, value in model.state_dict().items():
+            assert torch.allclose(state[name], value, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, mnist_raw):
+    tmp = tmp_path_factory.mktemp("study")
+    settings = small_settings(tmp, train_subset=300, test_ids=[0, 1], newData=["algo", "remove_random"],
+                              explain={"n_values": [0, 20], "group_size": 3})
+    for module in (Train, Test, m2_Test):
+        module.main(settings)
+    return settings
+
+
+def _states(settings):
+    return {job["name"]: torch.load(job["path"], weights_only=True)["model"]
+            for job in explain.plan(settings) if os.path.isfile(job["path"])}
+
+
+def test_exptrain_resumes_and_torchrun_matches_single_process(study, tmp_path):
+    first = expTrain.main(study)
+    assert first["jobs"] == 1 + 2 * 2 and first["trained"] == 5  # base + 2 manipulations x 2 tests
+    assert expTrain.main(study)["trained"] == 0  # everything already there: skipped
+    single = _states(study)
+    jobs = explain.plan(study)
+    os.remove(jobs[2]["path"])
+    assert expTrain.main(study)["trained"] == 1  # resumes the missing one only
+    for job in jobs:
+        os.remove(job["path"])
+    settings_file = tmp_path / "s.json"
+    settings_file.write_text(json.dumps({k: v for k, v in study.items() if k != "settings_file"}))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port=29533", os.path.join(opt.REPO_ROOT, "mnist_test", "expTrain.py"),
+                           "-opt", str(settings_file)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    double = _states(study)
+    assert set(double) == set(single)
+    for name in single:
+        for key in single[name]:
+            assert torch.allclose(single[name][key], double[name][key], atol=1e-6)
+    summary = opt.read_json(opt.output_path(study, "test", f"expTrain_{common.run_tag(study)}_summary.json"), "")
+    assert summary["world_size"] == 2 and not summary["missing"]
+
+
+def test_exptest_rows_and_figure(study):
+    expTrain.main(study)
+    result = expTest.main(study)
+    rows = opt.read_json(result["json"], "expTest")["rows"]
+    assert {(r["manipulation"], r["n"]) for r in rows} == {("algo", 0), ("algo", 20), ("remove_random", 0),
+                                                             ("remove_random", 20)}
+    base = [r for r in rows if r["n"] == 0]
+    assert all(r["loss"] == r["base_loss"] for r in base)
+    import matplotlib.image as mpimg
+    assert mpimg.imread(result["figures"]["method2_helpful"]).std() > 0.05
+
+
+def test_agreement_measures():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=1000)
+    record = {"0": {"test_id_num": 7, "scores": a.tolist()}}
+    same = staTest.agreement(record, record, "scores", True, 100)[0]
+    assert same == {"test_id": 7, "overlap": 100, "jaccard": 1.0, "spearman": pytest.approx(1.0)}
+    flipped = staTest.agreement(record, {"0": {"test_id_num": 7, "scores": (-a).tolist()}}, "scores", True, 100)[0]
+    assert flipped["overlap"] == 0 and flipped["spearman"] == pytest.approx(-1.0)
+
+
+def test_stability_driver_small(tmp_path, mnist_raw):
+    settings = small_settings(tmp_path, train_subset=300, test_ids="loss_rank", test_num=2, test_rank_step=50,
+                              stability={"seeds": [0, 1], "top": 20})
+    result = staTest.main(settings)["tables"]
+    assert set(result) == {"method1", "method2_helpful", "method2_harmful"}
+    for table in result.values():
+        assert 0 <= table["average"] <= 100 and -1 <= table["spearman"] <= 1
+        assert os.path.isfile(table["markdown"]) and os.path.isfile(table["csv"])
+    again = staTest.main(settings)["tables"]  # every stage skipped, same numbers
+    assert again["method1"]["average"] == result["method1"]["average"]
