@@ -447,6 +447,19 @@ def write_json(path: str, obj: Any, logger: logging.Logger | None = None) -> str
     return path
 
 
+def write_csv(path: str, rows: list[dict], logger: logging.Logger | None = None) -> str:
+    """Rows of dicts (same keys) as CSV, atomically."""
+    import csv
+    _announce_replace(path, logger)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
 def read_json(path: str, made_by: str) -> Any:
     """Read a JSON result, with a one-line error naming the script that writes it."""
     with open(require_file(path, made_by), encoding="utf-8") as f:

@@ -7,7 +7,6 @@ Writes: test/expTest_{tag}.json and .csv (one row per model: method, manipulatio
         label, loss, prediction, prediction of the base model); test/expTest_{tag}_flips.md;
         fig/expTest_{tag}_{method}.png
 """
-import csv
 import os
 import sys
 
@@ -92,12 +91,7 @@ def main(settings: dict) -> dict:
     rows = evaluate_jobs(settings, device)
     tag = common.run_tag(settings)
     json_path = opt.write_json(opt.output_path(settings, "test", f"expTest_{tag}.json"), {"rows": rows}, logger)
-    csv_path = opt.output_path(settings, "test", f"expTest_{tag}.csv")
-    with open(csv_path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(csv_path + ".tmp", csv_path)
+    csv_path = opt.write_csv(opt.output_path(settings, "test", f"expTest_{tag}.csv"), rows, logger)
     flips = [r for r in rows if r["n"] > 0 and r["prediction"] != r["base_prediction"]]
     lines = ["| method | manipulation | N | test id | label | before → after |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['manipulation']} | {r['n']} | {r['test_id']} | {r['label']} | "

@@ -11,7 +11,6 @@ Parallel: torchrun --nproc_per_node=K mnist_test/staTest.py splits the models ac
 
 Writes: test/staTest_{tag}_{table}.md and .csv, test/staTest_{tag}.json (plus each model's files)
 """
-import csv
 import os
 import sys
 
@@ -103,12 +102,7 @@ def tables(settings: dict, seeds: list[int], test_ids: list[int], logger) -> dic
         md = opt.output_path(settings, "test", f"staTest_{tag}_{name}.md")
         with open(md, "w") as f:
             f.write(text + "\n")
-        path = opt.output_path(settings, "test", f"staTest_{tag}_{name}.csv")
-        with open(path + ".tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
-            writer.writeheader()
-            writer.writerows(csv_rows)
-        os.replace(path + ".tmp", path)
+        path = opt.write_csv(opt.output_path(settings, "test", f"staTest_{tag}_{name}.csv"), csv_rows, logger)
         results[name] = {"markdown": md, "csv": path, "average": float(np.mean(avg)),
                          "jaccard": float(jac), "spearman": float(spear), "per_test_avg": avg, "ids": ids}
     opt.write_json(opt.output_path(settings, "test", f"staTest_{tag}.json"), results, logger)

@@ -22,6 +22,22 @@ def mnist_train(mnist_raw):
     return load_mnist(os.path.join(ROOT, "data"), train=True)
 
 
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+
+@pytest.fixture
+def two_test_images(tmp_path):
+    """A folder with Set12's 01.png and 02.png (from ../shared/data)."""
+    import shutil
+    if not os.path.isdir(SHARED):
+        pytest.skip("../shared/data not beside the repo")
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for name in ("01.png", "02.png"):
+        shutil.copy(os.path.join(SHARED, "ffdnet", "Set12", name), folder)
+    return folder
+
+
 def small_settings(tmp_path, **mnist_overrides) -> dict:
     """The repo's settings with a temp output_dir and a small, fast MNIST configuration."""
     base = {"epoch": 1, "train_subset": 600, "test_ids": [0, 1, 2], "test_num": 3,

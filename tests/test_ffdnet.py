@@ -1,6 +1,5 @@
 """FFDNet: architecture, checkpoint loaders, images and patches, Method-1 conv norms, scripts."""
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -183,12 +182,9 @@ def test_training_norms_equal_brute_force_loop(tmp_path):
 
 
 @needs_shared
-def test_train_and_test_scripts_small(tmp_path):
+def test_train_and_test_scripts_small(tmp_path, two_test_images):
     from ffdnet_test import FFDNet_Test, FFDNet_Train
-    test_dir = tmp_path / "two"
-    test_dir.mkdir()
-    for name in ("01.png", "02.png"):
-        shutil.copy(os.path.join(SHARED, "ffdnet", "Set12", name), test_dir)
+    test_dir = two_test_images
     settings = opt.load_settings(opt.resolve_path("settings_shared.json"), overrides={
         "output_dir": str(tmp_path / "results"), "ffdnet": {
             "max_patches": 24, "patch_size": 32, "stride": 32, "epoch": 1, "batch_size": 8,

@@ -1,6 +1,5 @@
 """FFDNet attribution: point mapping, Method-1 scores, pixel-level loss gradients, the scripts."""
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -79,12 +78,9 @@ def test_pixel_loss_gradient_matches_finite_differences():
 
 
 @needs_shared
-def test_attribution_scripts_small(tmp_path):
+def test_attribution_scripts_small(tmp_path, two_test_images):
     from ffdnet_test import FFDNet_Train, diagnose, m1_PatchImg, m1_Test, m1_vis, m2_Test, m2_vis
-    test_dir = tmp_path / "two"
-    test_dir.mkdir()
-    for name in ("01.png", "02.png"):
-        shutil.copy(os.path.join(SHARED, "ffdnet", "Set12", name), test_dir)
+    test_dir = two_test_images
     settings = opt.load_settings(opt.resolve_path("settings_shared.json"), overrides={
         "output_dir": str(tmp_path / "results"), "ffdnet": {
             "max_patches": 40, "patch_size": 32, "stride": 32, "epoch": 1, "batch_size": 8,

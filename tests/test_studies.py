@@ -132,3 +132,7 @@ def test_stability_driver_small(tmp_path, mnist_raw):
         assert os.path.isfile(table["markdown"]) and os.path.isfile(table["csv"])
     again = staTest.main(settings)["tables"]  # every stage skipped, same numbers
     assert again["method1"]["average"] == result["method1"]["average"]
+    from mnist_test import vis_staTest_m1, vis_staTest_m2
+    import matplotlib.image as mpimg
+    figures = vis_staTest_m1.main(settings)["figures"] + vis_staTest_m2.main(settings)["figures"]["harmful"]
+    assert len(figures) == 4 and all(mpimg.imread(f).std() > 0.1 for f in figures)
