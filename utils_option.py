@@ -416,6 +416,10 @@ def make_logger(settings: dict, name: str) -> logging.Logger:
     logger.addHandler(console)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_file = output_path(settings, "logs", f"{name}_{stamp}_{os.getpid()}.log")
+    counter = 1
+    while os.path.exists(log_file):  # two runs in one second in one process: never share a log
+        counter += 1
+        log_file = output_path(settings, "logs", f"{name}_{stamp}_{os.getpid()}_{counter}.log")
     logger.log_file = log_file  # type: ignore[attr-defined]
     file_handler = logging.FileHandler(log_file, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s - %(message)s"))
