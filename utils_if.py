@@ -477,14 +477,9 @@ def _capture(problem: InfluenceProblem, owners: dict[str, nn.Module], x: torch.T
 
 def _linear_modules_for(problem: InfluenceProblem) -> dict[str, nn.Linear] | None:
     """The Linear modules owning the chosen parameters, or None if another module owns one."""
-    owners: dict[str, nn.Linear] = {}
-    modules = dict(problem.model.named_modules())
-    for name in problem.param_names:
-        module_name, _, kind = name.rpartition(".")
-        module = modules.get(module_name)
-        if not isinstance(module, nn.Linear) or kind not in ("weight", "bias"):
-            return None
-        owners[module_name] = module
+    owners = capturable_owners(problem)
+    if owners is None or not all(isinstance(m, nn.Linear) for m in owners.values()):
+        return None
     return owners
 
 

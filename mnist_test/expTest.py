@@ -90,7 +90,6 @@ def main(settings: dict) -> dict:
     device = opt.select_device(cfg["use_gpu"], logger)
     rows = evaluate_jobs(settings, device)
     tag = common.run_tag(settings)
-    json_path = opt.write_json(opt.output_path(settings, "test", f"expTest_{tag}.json"), {"rows": rows}, logger)
     csv_path = opt.write_csv(opt.output_path(settings, "test", f"expTest_{tag}.csv"), rows, logger)
     flips = [r for r in rows if r["n"] > 0 and r["prediction"] != r["base_prediction"]]
     lines = ["| method | manipulation | N | test id | label | before → after |", "|---|---|---|---|---|---|"]
@@ -107,14 +106,15 @@ def main(settings: dict) -> dict:
             ns_r, loss_r = mean_curve(rows, method, random)
             for n, le, lr in zip(ns_e, loss_e, loss_r):
                 if n and ns_e == ns_r:
-                    base = mean_curve(rows, method, explanatory)[1][0]
+                    base = loss_e[0]  # N = 0: the base model, always in the rows
                     increase_e, increase_r = le - base, lr - base
                     ratios[f"{method}/{explanatory}/n{n}"] = {"explanatory_increase": increase_e,
                                                              "random_increase": increase_r}
                     logger.info(f"{method} {explanatory:<12} N={n:>6}: mean loss {le:.4f} (random {lr:.4f}); "
                                 f"increase {increase_e:+.4f} vs {increase_r:+.4f}")
     figures = {m: draw(settings, rows, m, logger) for m in sorted({r["method"] for r in rows})}
-    opt.write_json(json_path, {"rows": rows, "increases": ratios, "flips": flips}, logger)
+    json_path = opt.write_json(opt.output_path(settings, "test", f"expTest_{tag}.json"),
+                               {"rows": rows, "increases": ratios, "flips": flips}, logger)
     return {"json": json_path, "csv": csv_path, "flips": flips_path, "figures": figures}
 
 

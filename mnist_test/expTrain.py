@@ -29,14 +29,14 @@ def main(settings: dict) -> dict:
     rank, world = opt.distributed_start(cfg["use_gpu"])
     logger = opt.make_logger(settings, "mnist_expTrain")
     device = opt.select_device(cfg["use_gpu"], logger)
-    jobs = explain.plan(settings)
+    ranked = explain.ranked_points(settings)
+    jobs = explain.plan(settings, ranked)
     pending = [job for job in jobs if not os.path.isfile(job["path"])]
     mine = opt.partition(pending, rank, world)
     logger.info(f"{len(jobs)} models in the study, {len(jobs) - len(pending)} already done; "
                 f"rank {rank}/{world} trains {len(mine)}")
     if mine:
         train = common.load_train_data(settings, device, logger.info)
-        ranked = explain.ranked_points(settings)
         group = cfg["explain"]["group_size"]
         # a group trains models on equally many items (relabelled: all; removed: all but N)
         mine = sorted(mine, key=lambda j: (j["manipulation"] or "").startswith("remove") * j["n"])

@@ -59,13 +59,14 @@ def ranked_points(settings: dict) -> dict[str, dict[int, tuple[int, np.ndarray]]
     return out
 
 
-def plan(settings: dict) -> list[dict]:
-    """All jobs of the study (unique model files), base model first."""
+def plan(settings: dict, ranked: dict | None = None) -> list[dict]:
+    """All jobs of the study (unique model files), base model first. ``ranked`` (from
+    :func:`ranked_points`) saves reading the method files again."""
     cfg = common.mnist_cfg(settings)
     root = opt.output_folder(settings, "model_zoo", "expTest", common.run_tag(settings))
     jobs = [{"name": "base", "path": os.path.join(root, "base.pth"), "method": None,
              "manipulation": None, "n": 0, "test_id": None, "test_label": None}]
-    ranked = ranked_points(settings)
+    ranked = ranked if ranked is not None else ranked_points(settings)
     for method, per_test in ranked.items():
         for manipulation in as_list(cfg["newData"]):
             for n in cfg["explain"]["n_values"]:
