@@ -291,7 +291,7 @@ class LissaDiverged(RuntimeError):
 
 @dataclass
 class SolverSettings:
-    solver: str = "lissa"            # lissa | cg | exact
+    solver: str = "lissa"            # lissa | cg | exact | kfac | ekfac | identity
     damp: float = 0.01
     scale: float = 100.0
     recursion_depth: int = 1000      # LiSSA t (method2.training_points)
@@ -303,6 +303,8 @@ class SolverSettings:
     exact_max_params: int = 5000
     chunk_size: int = 10000
     seed: int = 0
+    fisher: str = "true"             # kfac/ekfac: true (labels sampled from the model) | empirical
+    kfac_damp_factor: float = 0.1    # kfac/ekfac: lambda per layer = factor * mean eigenvalue
 
     @classmethod
     def from_method2(cls, m2: dict, seed: int) -> "SolverSettings":
@@ -312,11 +314,17 @@ class SolverSettings:
                    hvp_batch_size=1 if m2["stochastic"] else m2["hvp_batch_size"],
                    cg_tol=m2["cg_tol"], cg_max_iter=m2["cg_max_iter"],
                    hessian_points=m2["hessian_points"], exact_max_params=m2["exact_max_params"],
-                   chunk_size=m2["chunk_size"], seed=seed)
+                   chunk_size=m2["chunk_size"], seed=seed, fisher=m2.get("fisher", "true"),
+                   kfac_damp_factor=float(m2.get("kfac_damp_factor", 0.1)))
 
     @property
-    def effective_damping(self) -> float:
-        """The lambda in (H + lambda I)^-1 that the chosen solver converges to."""
+    def effective_damping(self) -> float | str:
+        """The lambda in (H + lambda I)^-1 that the chosen solver converges to (kfac/ekfac: a
+        per-layer value, reported in the solver info; identity: none)."""
+        if self.solver in ("kfac", "ekfac"):
+            return f"{self.kfac_damp_factor:g} x mean eigenvalue per layer"
+        if self.solver == "identity":
+            return 0.0
         return self.damp * self.scale if self.solver == "lissa" else self.damp
 
 
@@ -392,16 +400,28 @@ def _hessian_subset(x: torch.Tensor, y: torch.Tensor, cfg: SolverSettings):
 def inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                 cfg: SolverSettings, show_progress: bool = True) -> tuple[torch.Tensor, dict]:
     """s = (H + lambda I)^-1 v for (k, p) vectors with the chosen solver; returns (s, info)."""
-    info: dict = {"solver": cfg.solver, "effective_damping": cfg.effective_damping}
+    info: dict = {"solver": cfg.solver, "effective_damping": cfg.effective_damping, "converged": True}
     if cfg.solver == "lissa":
         return lissa(problem, vectors, x, y, cfg, show_progress), info
+    if cfg.solver == "identity":  # no Hessian: influence = gradient dot product
+        return vectors.detach().clone(), info
+    if cfg.solver in ("kfac", "ekfac"):
+        curvature = KroneckerCurvature(problem, x, y, eigen_corrected=cfg.solver == "ekfac",
+                                       fisher=cfg.fisher, damp_factor=cfg.kfac_damp_factor,
+                                       chunk_size=cfg.chunk_size, seed=cfg.seed)
+        info.update(curvature.info())
+        return curvature.inverse_hvp(vectors), info
     xh, yh = _hessian_subset(x, y, cfg)
     info["hessian_points"] = len(xh)
     if cfg.solver == "cg":
         def apply_a(d: torch.Tensor) -> torch.Tensor:
             return problem.hvp_full(xh, yh, d, cfg.chunk_size) + cfg.damp * d
         s, iters, residual = conjugate_gradient(apply_a, vectors.detach(), cfg.cg_tol, cfg.cg_max_iter)
-        info.update(cg_iterations=iters, cg_relative_residual=residual)
+        info.update(cg_iterations=iters, cg_relative_residual=residual, converged=residual <= cfg.cg_tol)
+        if residual > cfg.cg_tol:
+            info["warning"] = (f"CG did not converge: relative residual {residual:.3g} > cg_tol "
+                               f"{cfg.cg_tol:g} after {iters} iterations (negative curvature of a "
+                               f"non-convex net: raise damp, or cg_max_iter)")
         return s, info
     if cfg.solver == "exact":
         p = problem.num_params
@@ -415,7 +435,8 @@ def inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tenso
         eig = torch.linalg.eigvalsh(hessian)
         info.update(hessian_eig_min=eig[0].item(), hessian_eig_max=eig[-1].item())
         return s, info
-    raise ValueError(f"method2.solver = {cfg.solver!r}: valid choices are lissa, cg, exact")
+    raise ValueError(f"method2.solver = {cfg.solver!r}: valid choices are lissa, cg, exact, kfac, "
+                     f"ekfac, identity")
 
 
 # ============================================================================================
@@ -559,3 +580,219 @@ def influences_from_test_grads(problem: InfluenceProblem, test_grads: torch.Tens
     info.update(num_params=problem.num_params, n_train=len(x_train),
                 seconds_s_test=round(t2 - t1, 3), seconds_sweep=round(t3 - t2, 3))
     return influence, info
+
+
+# ============================================================================================
+# Kronecker-factored curvature (K-FAC, EK-FAC) for Linear layers
+# ============================================================================================
+class KroneckerCurvature:
+    """K-FAC / EK-FAC approximation of the curvature of every chosen ``nn.Linear`` layer.
+
+    For a Linear layer with homogeneous input a_bar = [a, 1] and output gradient delta, a sample's
+    gradient of (weight | bias) is G = delta a_bar^T (out x in+1), whose row-major flattening is
+    delta (x) a_bar. The layer's Fisher block E[(delta (x) a_bar)(delta (x) a_bar)^T] is
+    approximated (Martens & Grosse 2015; George et al. 2018; Grosse et al. 2023) by
+
+        K-FAC:   S (x) A,  A = E[a_bar a_bar^T],  S = E[delta delta^T]
+        EK-FAC:  (Q_S (x) Q_A) diag(Lambda) (Q_S (x) Q_A)^T,  Lambda[i, j] = E[(Q_S^T G Q_A)[i, j]^2]
+
+    with S = Q_S diag(l_S) Q_S^T, A = Q_A diag(l_A) Q_A^T (K-FAC: Lambda = l_S l_A^T). EK-FAC's
+    Lambda is the best diagonal in the Kronecker eigenbasis (it equals the diagonal of the exact
+    Fisher block in that basis). For a Linear layer G is rank one, so
+    Q_S^T G Q_A = (Q_S^T delta)(Q_A^T a_bar)^T and Lambda is one matrix product over the data.
+
+    Fisher: "true" draws each sample's label from the model's predictive distribution
+    (log-probability outputs; seeded), the expectation of which equals the Gauss-Newton matrix of
+    the NLL; "empirical" uses the training labels. Damping: each layer solves with
+    (F_layer + (lambda_l + l2_reg) I), lambda_l = damp_factor * mean(Lambda_l) (kronfluence's
+    heuristic with factor 0.1); l2_reg is the training objective's own L2 term.
+    Cross-layer curvature is ignored (block diagonal).
+    """
+
+    def __init__(self, problem: "InfluenceProblem", x: torch.Tensor, y: torch.Tensor, eigen_corrected: bool = True,
+                 fisher: str = "true", damp_factor: float = 0.1, chunk_size: int = 10000,
+                 seed: int = 0) -> None:
+        owners = _linear_modules_for(problem)
+        if owners is None:
+            raise ValueError("kfac/ekfac need every chosen parameter to belong to an nn.Linear "
+                             "(choose them with params)")
+        if fisher not in ("true", "empirical"):
+            raise ValueError(f"fisher = {fisher!r}: expected 'true' or 'empirical'")
+        for name in owners:
+            if f"{name}.weight" not in problem.params:
+                raise ValueError(f"kfac/ekfac take a Linear layer's weight with its bias; {name}.weight "
+                                 f"is not chosen")
+        self.problem, self.owners = problem, owners
+        self.eigen_corrected, self.fisher, self.damp_factor = eigen_corrected, fisher, damp_factor
+        self.has_bias = {name: f"{name}.bias" in problem.params for name in owners}
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        labels = []  # the labels of the pass, reused by the EK-FAC pass (same Fisher samples)
+        a_cov: dict[str, torch.Tensor] = {}
+        s_cov: dict[str, torch.Tensor] = {}
+        n = len(x)
+        for s in range(0, n, chunk_size):
+            xb = x[s:s + chunk_size]
+            yb = self._fisher_labels(xb, y[s:s + chunk_size], generator)
+            labels.append(yb)
+            for name, a_bar, delta in self._io(xb, yb):
+                a64, d64 = a_bar.double(), delta.double()
+                a_cov[name] = a_cov.get(name, 0) + a64.T @ a64
+                s_cov[name] = s_cov.get(name, 0) + d64.T @ d64
+        self.A = {k: v / n for k, v in a_cov.items()}
+        self.S = {k: v / n for k, v in s_cov.items()}
+        self.QA, self.QS, self.eigenvalues = {}, {}, {}
+        for name in owners:
+            l_a, self.QA[name] = torch.linalg.eigh(self.A[name])
+            l_s, self.QS[name] = torch.linalg.eigh(self.S[name])
+            self.eigenvalues[name] = (l_s.clamp_min(0)[:, None] * l_a.clamp_min(0)[None, :])
+        if eigen_corrected:
+            corrected: dict[str, torch.Tensor] = {}
+            for start, yb in zip(range(0, n, chunk_size), labels):
+                for name, a_bar, delta in self._io(x[start:start + chunk_size], yb):
+                    u = (delta.double() @ self.QS[name]).square()     # (b, out)
+                    w = (a_bar.double() @ self.QA[name]).square()     # (b, in+1)
+                    corrected[name] = corrected.get(name, 0) + u.T @ w
+            self.eigenvalues = {k: v / n for k, v in corrected.items()}
+        self.damping = {name: damp_factor * lam.mean().item() + problem.l2_reg
+                        for name, lam in self.eigenvalues.items()}
+
+    def _fisher_labels(self, xb: torch.Tensor, yb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.fisher == "empirical":
+            return yb
+        with torch.no_grad():
+            logp = self.problem._output(self.problem.params, xb)
+        return torch.multinomial(logp.exp().cpu(), 1, generator=generator).squeeze(1).to(yb.device)
+
+    def _io(self, xb: torch.Tensor, yb: torch.Tensor):
+        """(layer, homogeneous input (b, in+1) or input (b, in), per-sample output gradient (b, out))."""
+        captured, deltas = _capture(self.problem, self.owners, xb, yb, self.problem.sample_loss)
+        for (name, _), delta in zip(self.owners.items(), deltas):
+            a = captured[name][0].detach()
+            if self.has_bias[name]:
+                a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype, device=a.device)], dim=1)
+            yield name, a, delta.detach()
+
+    def _layer_blocks(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(k, p) vectors -> {layer: (k, out, in+1)} (weight | bias columns)."""
+        parts = self.problem.unflatten(flat)
+        blocks = {}
+        for name in self.owners:
+            w = parts[f"{name}.weight"]
+            blocks[name] = torch.cat([w, parts[f"{name}.bias"][..., None]], dim=-1) if self.has_bias[name] else w
+        return blocks
+
+    def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(F_hat + lambda I)^-1 v for (k, p) vectors: per layer Q_S [(Q_S^T V Q_A) / (Lambda + lambda)] Q_A^T."""
+        blocks = self._layer_blocks(vectors.detach().double())
+        out: dict[str, torch.Tensor] = {}
+        for name, v in blocks.items():
+            qs, qa = self.QS[name], self.QA[name]
+            rotated = qs.T @ v @ qa
+            solved = qs @ (rotated / (self.eigenvalues[name] + self.damping[name])) @ qa.T
+            if self.has_bias[name]:
+                out[f"{name}.weight"], out[f"{name}.bias"] = solved[..., :-1], solved[..., -1]
+            else:
+                out[f"{name}.weight"] = solved
+        return self.problem.flatten({n: out[n] for n in self.problem.param_names}, 1).to(vectors.dtype)
+
+    def info(self) -> dict:
+        return {"fisher": self.fisher, "eigen_corrected": self.eigen_corrected,
+                "damp_factor": self.damp_factor,
+                "damping_per_layer": {k: float(f"{v:.6g}") for k, v in self.damping.items()},
+                "mean_eigenvalue_per_layer": {k: float(f"{v.mean().item():.6g}")
+                                              for k, v in self.eigenvalues.items()}}
+
+
+def sample_grad_sq_norms(problem: "InfluenceProblem", x: torch.Tensor, y: torch.Tensor,
+                         chunk_size: int = 10000) -> torch.Tensor:
+    """||grad L(z_i)||^2 over the chosen parameters for every sample, (n,), without the L2 term.
+
+    Linear layers in closed form (||delta a^T||^2 = ||delta||^2 ||a||^2, bias ||delta||^2); other
+    modules from per-sample gradients chunk by chunk.
+    """
+    owners = _linear_modules_for(problem)
+    out = []
+    for s in range(0, len(x), chunk_size):
+        xb, yb = x[s:s + chunk_size], y[s:s + chunk_size]
+        if owners is None:
+            out.append(problem.sample_grads(xb, yb, chunk_size=chunk_size).square().sum(1))
+            continue
+        captured, deltas = _capture(problem, owners, xb, yb, problem.sample_loss)
+        total = torch.zeros(len(xb), dtype=xb.dtype, device=xb.device)
+        for (name, _), delta in zip(owners.items(), deltas):
+            d2 = delta.detach().square().sum(1)
+            if f"{name}.weight" in problem.params:
+                total += d2 * captured[name][0].detach().square().sum(1)
+            if f"{name}.bias" in problem.params:
+                total += d2
+        out.append(total)
+    return torch.cat(out)
+
+
+# ============================================================================================
+# ground truth: the linear datamodeling score (LDS)
+# ============================================================================================
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 0..m-1 along axis 0 of an (m,) or (m, t) array; tied values share their mean rank."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 1:
+        uniques, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+        first = np.cumsum(counts) - counts
+        return (first + (counts - 1) / 2.0)[inverse]
+    return np.stack([average_ranks(values[:, j]) for j in range(values.shape[1])], axis=1)
+
+
+def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's rank correlation of each column of a with the same column of b, (m, t) -> (t,).
+    Ties get average ranks; a constant column gives NaN."""
+    ra, rb = average_ranks(a), average_ranks(b)
+    if ra.ndim == 1:
+        ra, rb = ra[:, None], rb[:, None]
+    ra = ra - ra.mean(0)
+    rb = rb - rb.mean(0)
+    denominator = np.sqrt((ra * ra).sum(0) * (rb * rb).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (ra * rb).sum(0) / np.where(denominator > 0, denominator, 1), np.nan)
+
+
+def datamodel_predictions(attribution: np.ndarray, masks: np.ndarray, n_train: int,
+                          base: np.ndarray | None = None, target: str = "loss") -> np.ndarray:
+    """Predicted test outputs (m, t) of models trained on m subsets, from attributions (t, n).
+
+    Sign convention (the project's): attribution > 0 = the training point helped its test point,
+    so its presence lowers the test loss and raises the margin. For a subset S (mask row):
+        loss:   predicted(S) = base - sum_{i in S} attribution_i / n_train
+        margin: predicted(S) = base + sum_{i in S} attribution_i / n_train
+    ``base`` only shifts each column and leaves the LDS unchanged (default 0).
+    """
+    summed = masks.astype(np.float64) @ np.asarray(attribution, dtype=np.float64).T / n_train
+    sign = -1.0 if target == "loss" else 1.0
+    return (0.0 if base is None else base[None, :]) + sign * summed
+
+
+def lds(attribution: np.ndarray, masks: np.ndarray, measured: np.ndarray, target: str = "loss") -> np.ndarray:
+    """Linear datamodeling score per test point (t,): Spearman correlation over the m subsets
+    between the predicted (:func:`datamodel_predictions`) and the measured test output (m, t)."""
+    predicted = datamodel_predictions(attribution, masks, masks.shape[1], target=target)
+    return spearman_columns(predicted, np.asarray(measured, dtype=np.float64))
+
+
+def bootstrap_mean(values: np.ndarray, draws: int = 1000, level: float = 0.95, seed: int = 0
+                   ) -> tuple[float, float, float]:
+    """Mean of the finite values and its percentile bootstrap interval (resampling the values)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(draws, len(v)))].mean(1)
+    tail = (1.0 - level) / 2.0
+    return float(v.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two vectors (NaN when one is constant)."""
+    a = np.asarray(a, dtype=np.float64) - np.mean(a)
+    b = np.asarray(b, dtype=np.float64) - np.mean(b)
+    denominator = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denominator) if denominator > 0 else math.nan

@@ -69,6 +69,10 @@ def m2_file(settings: dict, mode: str | None = None) -> str:
                   f"d{m2['damp']:g}sc{m2['scale']:g}")
     elif solver == "cg":
         detail = f"d{m2['damp']:g}tol{m2['cg_tol']:g}h{m2['hessian_points']}"
+    elif solver in ("kfac", "ekfac"):
+        detail = f"{m2['fisher']}df{m2['kfac_damp_factor']:g}"
+    elif solver == "identity":
+        detail = "nohess"
     else:
         detail = f"d{m2['damp']:g}h{m2['hessian_points']}"
     params = "_p" + "+".join(m2["params"]) if m2["params"] else ""

@@ -41,7 +41,7 @@ def main(settings: dict) -> dict:
         raise opt.SettingsError(str(err)) from None
     logger.info(f"influence of {len(train)} training images on test images {ids}: solver "
                 f"{solver.solver}, {problem.num_params} parameters, effective damping "
-                f"{solver.effective_damping:g}")
+                f"{solver.effective_damping}")
     x_test, y_test = test.images[ids], test.labels[ids]
     with opt.Timer() as total:
         try:

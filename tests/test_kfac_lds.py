@@ -1,0 +1,203 @@
+"""K-FAC / EK-FAC against brute-force covariances and dense matrices built from the factors; the
+identity (gradient dot product) solver, CG's non-convergence flag, and the LDS math by hand."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import utils_if as U
+
+
+class SmallMLP(nn.Module):
+    """7 -> 5 (ReLU) -> 4 log-softmax: two Linear layers, 64 parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(7, 5)
+        self.fc2 = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return torch.log_softmax(self.fc2(torch.relu(self.fc1(x))), dim=1)
+
+
+@pytest.fixture(scope="module")
+def problem_data():
+    torch.manual_seed(0)
+    net = SmallMLP().double()
+    x = torch.randn(90, 7, dtype=torch.float64)
+    y = torch.randint(0, 4, (90,))
+    problem = U.InfluenceProblem(net, U.nll_sample_loss, U.select_parameters(net), l2_reg=0.01)
+    return net, problem, x, y
+
+
+def per_sample_layer_io(net, x, y):
+    """Brute force, one sample at a time: (a_bar, delta, flat grad of (W|b)) per layer."""
+    out = {"fc1": [], "fc2": []}
+    for i in range(len(x)):
+        xi = x[i:i + 1]
+        h = net.fc1(xi)
+        z1 = h.detach().requires_grad_(True)
+        z2 = net.fc2(torch.relu(z1))
+        z2l = z2.detach().requires_grad_(True)
+        loss = -torch.log_softmax(z2l, 1)[0, y[i]]
+        d2, = torch.autograd.grad(loss, z2l)
+        d1, = torch.autograd.grad(z2, z1, d2)
+        for name, a, d in (("fc1", xi, d1), ("fc2", torch.relu(h), d2)):
+            a_bar = torch.cat([a.detach()[0], torch.ones(1, dtype=a.dtype)])
+            out[name].append((a_bar, d[0].detach(), torch.outer(d[0].detach(), a_bar).reshape(-1)))
+    return out
+
+
+def test_kfac_factors_equal_brute_force_covariances(problem_data):
+    net, problem, x, y = problem_data
+    curv = U.KroneckerCurvature(problem, x, y, eigen_corrected=False, fisher="empirical", chunk_size=32)
+    io = per_sample_layer_io(net, x, y)
+    for name in ("fc1", "fc2"):
+        a = torch.stack([r[0] for r in io[name]])
+        d = torch.stack([r[1] for r in io[name]])
+        assert torch.allclose(curv.A[name], a.T @ a / len(x), atol=1e-12)
+        assert torch.allclose(curv.S[name], d.T @ d / len(x), atol=1e-12)
+        # K-FAC eigenvalues are the products of the factors' eigenvalues
+        expected = torch.linalg.eigvalsh(curv.S[name])[:, None] * torch.linalg.eigvalsh(curv.A[name])[None, :]
+        assert torch.allclose(curv.eigenvalues[name], expected.clamp_min(0), atol=1e-12)
+
+
+def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_in_the_kronecker_basis(problem_data):
+    net, problem, x, y = problem_data
+    curv = U.KroneckerCurvature(problem, x, y, eigen_corrected=True, fisher="empirical", chunk_size=32)
+    io = per_sample_layer_io(net, x, y)
+    for name in ("fc1", "fc2"):
+        grads = torch.stack([r[2] for r in io[name]])                     # (n, out*(in+1))
+        fisher = grads.T @ grads / len(x)                                 # exact empirical block
+        basis = torch.kron(curv.QS[name], curv.QA[name])
+        diagonal = torch.diagonal(basis.T @ fisher @ basis)
+        assert torch.allclose(curv.eigenvalues[name].reshape(-1), diagonal, rtol=1e-9, atol=1e-14)
+
+
+def test_single_sample_kfac_block_is_the_exact_fisher_block(problem_data):
+    """With one sample, S (x) A = (delta delta^T) (x) (a a^T) = g g^T exactly."""
+    net, problem, x, y = problem_data
+    curv = U.KroneckerCurvature(problem, x[:1], y[:1], eigen_corrected=False, fisher="empirical")
+    g = per_sample_layer_io(net, x[:1], y[:1])["fc2"][0][2]
+    assert torch.allclose(torch.kron(curv.S["fc2"], curv.A["fc2"]), torch.outer(g, g), atol=1e-12)
+
+
+def dense_from_factors(curv, problem):
+    """The block-diagonal (EK-)FAC matrix + damping, built explicitly, in the problem's order."""
+    p = problem.num_params
+    dense = torch.zeros(p, p, dtype=torch.float64)
+    offsets, start = {}, 0
+    for name, size in zip(problem.param_names, problem.sizes):
+        offsets[name] = start
+        start += size
+    for layer in curv.owners:
+        basis = torch.kron(curv.QS[layer], curv.QA[layer])
+        block = basis @ torch.diag(curv.eigenvalues[layer].reshape(-1)) @ basis.T
+        block += curv.damping[layer] * torch.eye(len(block), dtype=torch.float64)
+        out, cols = curv.eigenvalues[layer].shape
+        # block index o*cols + j: weight (o, j) for j < in, bias o for j = in
+        index = []
+        for o in range(out):
+            for j in range(cols):
+                index.append(offsets[f"{layer}.weight"] + o * (cols - 1) + j if j < cols - 1
+                             else offsets[f"{layer}.bias"] + o)
+        index = torch.tensor(index)
+        dense[index[:, None], index[None, :]] = block
+    return dense
+
+
+@pytest.mark.parametrize("corrected,fisher", [(True, "true"), (False, "empirical"), (True, "empirical")])
+def test_inverse_hvp_equals_dense_solve_of_the_same_matrix(problem_data, corrected, fisher):
+    net, problem, x, y = problem_data
+    curv = U.KroneckerCurvature(problem, x, y, eigen_corrected=corrected, fisher=fisher,
+                                damp_factor=0.1, chunk_size=40, seed=3)
+    v = torch.randn(3, problem.num_params, dtype=torch.float64)
+    dense = dense_from_factors(curv, problem)
+    expected = torch.linalg.solve(dense, v.T).T
+    got = curv.inverse_hvp(v)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+    # damping: the heuristic 0.1 x mean eigenvalue, plus the objective's L2 term
+    for layer, lam in curv.eigenvalues.items():
+        assert curv.damping[layer] == pytest.approx(0.1 * lam.mean().item() + 0.01)
+
+
+def test_true_fisher_labels_are_seeded_and_differ_from_empirical(problem_data):
+    net, problem, x, y = problem_data
+    a = U.KroneckerCurvature(problem, x, y, fisher="true", seed=5)
+    b = U.KroneckerCurvature(problem, x, y, fisher="true", seed=5)
+    c = U.KroneckerCurvature(problem, x, y, fisher="empirical")
+    assert torch.equal(a.S["fc2"], b.S["fc2"])
+    assert not torch.allclose(a.S["fc2"], c.S["fc2"], atol=1e-3)
+
+
+def test_identity_solver_is_the_gradient_dot_product_and_norms_are_exact(problem_data):
+    net, problem, x, y = problem_data
+    grads = problem.sample_grads(x, y)
+    influence, info = U.compute_influences(problem, x[:4], y[:4], x, y, U.SolverSettings(solver="identity"),
+                                           show_progress=False)
+    assert torch.allclose(influence, grads[:4] @ grads.T, atol=1e-10)
+    assert torch.allclose(U.sample_grad_sq_norms(problem, x, y, chunk_size=17), grads.square().sum(1), atol=1e-12)
+    ekfac, info = U.compute_influences(problem, x[:4], y[:4], x, y, U.SolverSettings(solver="ekfac"),
+                                       show_progress=False)
+    assert info["eigen_corrected"] and set(info["damping_per_layer"]) == {"fc1", "fc2"}
+    curv = U.KroneckerCurvature(problem, x, y, seed=0, chunk_size=10000)
+    assert torch.allclose(ekfac, curv.inverse_hvp(grads[:4]) @ grads.T, atol=1e-10)
+
+
+def test_kfac_refuses_non_linear_owners():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3), nn.LogSoftmax(1))
+    problem = U.InfluenceProblem(net, U.nll_sample_loss, U.select_parameters(net))
+    with pytest.raises(ValueError, match="nn.Linear"):
+        U.KroneckerCurvature(problem, torch.randn(4, 1, 4, 4), torch.zeros(4, dtype=torch.long))
+
+
+def test_cg_that_stops_early_is_flagged(problem_data):
+    net, problem, x, y = problem_data
+    cfg = U.SolverSettings(solver="cg", damp=0.0, cg_tol=1e-12, cg_max_iter=2)
+    _, info = U.inverse_hvp(problem, torch.randn(2, problem.num_params, dtype=torch.float64), x, y, cfg)
+    assert info["converged"] is False and "did not converge" in info["warning"]
+    cfg = U.SolverSettings(solver="cg", damp=1.0, cg_tol=1e-8, cg_max_iter=500)
+    _, info = U.inverse_hvp(problem, torch.randn(2, problem.num_params, dtype=torch.float64), x, y, cfg)
+    assert info["converged"] is True and "warning" not in info
+
+
+# ---- the linear datamodeling score -------------------------------------------------------------
+def test_average_ranks_and_spearman_by_hand():
+    assert U.average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [2.5, 0.0, 2.5, 1.0]
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    b = np.array([10.0, 20.0, 20.0, 5.0])
+    # ranks a: 0 1 2 3 ; ranks b: 1 2.5 2.5 0 -> centred a: -1.5 -.5 .5 1.5, b: -.5 1 1 -1.5
+    num = (-1.5 * -0.5) + (-0.5 * 1) + (0.5 * 1) + (1.5 * -1.5)
+    den = math.sqrt(5.0 * (0.25 + 1 + 1 + 2.25))
+    assert U.spearman_columns(a, b)[0] == pytest.approx(num / den)
+    assert np.isnan(U.spearman_columns(a, np.ones(4))[0])
+
+
+def test_lds_sign_and_hand_computation():
+    # 3 training points, 2 test points, 4 subsets
+    masks = np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 0, 0]], dtype=bool)
+    attribution = np.array([[3.0, 1.0, -2.0],     # test 0: point 0 helps most, point 2 harms
+                            [0.0, 0.0, 1.0]])      # test 1: only point 2 helps
+    predicted = U.datamodel_predictions(attribution, masks, 3)
+    assert np.allclose(predicted[:, 0], -np.array([4.0, 1.0, -1.0, 3.0]) / 3)
+    # a measured loss that falls when helpful points are present scores +1 ...
+    measured = np.array([[0.1, 5.0], [0.7, 4.0], [0.9, 3.0], [0.2, 5.0]])
+    scores = U.lds(attribution, masks, measured)
+    assert scores[0] == pytest.approx(1.0)
+    # ... test 1: predicted -1/3 * [0,1,1,0] (ties), measured [5,4,3,5]: by hand
+    pr = U.average_ranks(np.array([0.0, -1.0, -1.0, 0.0]))       # [2.5, .5, .5, 2.5]
+    mr = U.average_ranks(np.array([5.0, 4.0, 3.0, 5.0]))         # [2.5, 1, 0, 2.5]
+    assert scores[1] == pytest.approx(np.corrcoef(pr, mr)[0, 1])
+    # the opposite sign scores -1; the margin rises with helpful points
+    assert U.lds(-attribution, masks, measured)[0] == pytest.approx(-1.0)
+    assert U.lds(attribution, masks, -measured, target="margin")[0] == pytest.approx(1.0)
+
+
+def test_bootstrap_interval_contains_the_mean_and_is_seeded():
+    values = np.array([0.1, 0.4, 0.3, np.nan, 0.2, 0.5])
+    mean, low, high = U.bootstrap_mean(values, draws=500, seed=1)
+    assert mean == pytest.approx(0.3) and low < mean < high
+    assert (mean, low, high) == U.bootstrap_mean(values, draws=500, seed=1)
+    assert U.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 7])[0, 1])
