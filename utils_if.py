@@ -357,8 +357,9 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
         if not torch.isfinite(ratio).all() or ratio.max() > bound:
             raise LissaDiverged(
                 f"LiSSA diverged at step {j} (||h||/||v|| = {ratio.max().item():.3g} > {bound:.3g}): "
-                f"some Hessian eigenvalue exceeds 2*scale = {2 * cfg.scale:g}; raise method2.scale "
-                f"(now {cfg.scale:g}; 100 or more is safe for the MNIST MLP) or method2.damp")
+                f"a Hessian eigenvalue lies outside (-damp*scale, (2-damp)*scale) = "
+                f"({-cfg.damp * cfg.scale:g}, {(2 - cfg.damp) * cfg.scale:g}); raise method2.scale "
+                f"(now {cfg.scale:g}) for large eigenvalues, or method2.damp for negative curvature")
     return (h / cfg.scale).mean(dim=0)
 
 

@@ -107,6 +107,11 @@ def _choice(*options: str):
     return ("choice", options)
 
 
+# every attribution ldsTest.py scores (mnist.lds.methods); if_cg runs once per lds.cg_damps value
+LDS_METHODS = ("m1_batch_raw", "m1_batch_normalized", "m1_per_sample_raw", "m1_per_sample_normalized",
+               "if_ekfac", "if_kfac", "if_exact_last", "if_lissa", "if_lissa_deep", "if_cg", "grad_dot",
+               "grad_cos", "ensemble_m1_batch_raw", "ensemble_if_ekfac", "ensemble_grad_dot")
+
 SCHEMA: dict[str, tuple] = {
     "output_dir": ("str", None),
     "profile": ("str", None),
@@ -135,10 +140,32 @@ SCHEMA: dict[str, tuple] = {
     "mnist.method1.skip_first_epoch": ("bool", None),
     "mnist.method1.layers": ("subset", ("fc1", "fc2", "fc3")),
     "mnist.method1.top_k": ("int", (1, 60000)),
+    "mnist.lds.train_subset": ("int", (10, 60000)),
+    "mnist.lds.test_ids": ("lds_test_ids", None),
+    "mnist.lds.subset_fraction": ("float", (0.01, 0.99)),
+    "mnist.lds.num_subsets": ("int", (3, None)),
+    "mnist.lds.seeds_per_subset": ("int", (1, None)),
+    "mnist.lds.epoch": ("int", (1, None)),
+    "mnist.lds.seed": ("int", (0, None)),
+    "mnist.lds.group_size": ("int", (1, 10000)),
+    "mnist.lds.keep_weights": ("bool", None),
+    "mnist.lds.methods": ("subset", LDS_METHODS),
+    "mnist.lds.ensemble_seeds": ("int_list", None),
+    "mnist.lds.solver_test_num": ("int", (1, 10000)),
+    "mnist.lds.lissa_deep.training_points": ("int", (1, None)),
+    "mnist.lds.lissa_deep.recursion_nums": ("int", (1, None)),
+    "mnist.lds.cg_damps": ("float_list", None),
+    "mnist.lds.cg_max_iter": ("int", (1, None)),
+    "mnist.lds.bootstrap": ("int", (10, None)),
+    "mnist.lds.loo.test_num": ("int", (0, 10000)),
+    "mnist.lds.loo.k": ("int", (1, 10000)),
+    "mnist.lds.loo.seeds": ("int", (1, None)),
+    "mnist.lds.loo.rank_by": _choice(*LDS_METHODS),
     "mnist.method2.mode": ("str", None),
     "mnist.method2.solver": _choice("lissa", "cg", "exact", "kfac", "ekfac", "identity"),
     "mnist.method2.fisher": _choice("true", "empirical"),
     "mnist.method2.kfac_damp_factor": ("float", (0.0, None)),
+    "mnist.method2.write_unconverged": ("bool", None),
     "mnist.method2.damp": ("float", (0.0, None)),
     "mnist.method2.scale": ("float", (1e-12, None)),
     "mnist.method2.stochastic": ("bool", None),
@@ -275,6 +302,16 @@ def validate(settings: dict, schema: dict[str, tuple]) -> None:
                     not isinstance(p, list) or len(p) != 2 or any(isinstance(v, bool) or not isinstance(v, int)
                                                                   or v < 0 for v in p) for p in value):
                 raise _bad(key, value, "a list of [row, col] pixel positions")
+        elif kind == "lds_test_ids":
+            if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 10000:
+                continue
+            if not isinstance(value, list) or len(value) < 1 or any(
+                    isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 10000 for v in value):
+                raise _bad(key, value, "n (the first n test images) or a list of test indices in [0, 9999]")
+        elif kind == "float_list":
+            if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                  or v < 0 for v in value):
+                raise _bad(key, value, "a list of non-negative numbers")
         elif kind == "test_ids":
             if value == "loss_rank":
                 continue
@@ -415,6 +452,8 @@ def make_logger(settings: dict, name: str) -> logging.Logger:
     fmt = logging.Formatter("%(asctime)s - %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
+    # the full settings (a long JSON line) go to the log file only: the console stays readable
+    console.addFilter(lambda record: not record.getMessage().startswith("settings: "))
     logger.addHandler(console)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_file = output_path(settings, "logs", f"{name}_{stamp}_{os.getpid()}.log")
@@ -463,6 +502,18 @@ def write_csv(path: str, rows: list[dict], logger: logging.Logger | None = None)
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
+    return path
+
+
+def write_text(path: str, text: str, logger: logging.Logger | None = None) -> str:
+    """Write a text file (Markdown tables) atomically, announcing a replacement."""
+    _announce_replace(path, logger)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    if logger is not None:
+        logger.info(f"wrote {path}")
     return path
 
 

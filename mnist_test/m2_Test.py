@@ -53,6 +53,11 @@ def main(settings: dict) -> dict:
         out = model(x_test)
     losses = utils_if.nll_sample_loss(out, y_test)
     info["seconds_total"] = round(total.seconds, 3)
+    if not info.get("converged", True):
+        logger.warning(f"WARNING: {info['warning']}")
+        if not m2["write_unconverged"] and info.get("cg_relative_residual", 0.0) > 1e-2:
+            raise opt.SettingsError(f"{info['warning']}; nothing written (set mnist.method2."
+                                    f"write_unconverged = true to write it anyway, marked in meta)")
     logger.info(f"test gradients {info['seconds_test_grads']} s, s_test {info['seconds_s_test']} s, "
                 f"sweep {info['seconds_sweep']} s, total {info['seconds_total']} s")
     result = {"meta": {
