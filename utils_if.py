@@ -305,6 +305,7 @@ class SolverSettings:
     seed: int = 0
     fisher: str = "true"             # kfac/ekfac: true (labels sampled from the model) | empirical
     kfac_damp_factor: float = 0.1    # kfac/ekfac: lambda per layer = factor * mean eigenvalue
+    factor_file: str = ""            # kfac/ekfac: read/write the factors here ("" = recompute)
 
     @classmethod
     def from_method2(cls, m2: dict, seed: int) -> "SolverSettings":
@@ -407,9 +408,11 @@ def inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tenso
     if cfg.solver == "identity":  # no Hessian: influence = gradient dot product
         return vectors.detach().clone(), info
     if cfg.solver in ("kfac", "ekfac"):
-        curvature = KroneckerCurvature(problem, x, y, eigen_corrected=cfg.solver == "ekfac",
-                                       fisher=cfg.fisher, damp_factor=cfg.kfac_damp_factor,
-                                       chunk_size=cfg.chunk_size, seed=cfg.seed)
+        options = dict(eigen_corrected=cfg.solver == "ekfac", fisher=cfg.fisher,
+                       damp_factor=cfg.kfac_damp_factor, chunk_size=cfg.chunk_size, seed=cfg.seed)
+        curvature = KroneckerCurvature.cached(cfg.factor_file, problem, x, y, **options, log=lambda _: None) \
+            if cfg.factor_file else KroneckerCurvature(problem, x, y, **options)
+        info["factor_file"] = cfg.factor_file
         info.update(curvature.info())
         return curvature.inverse_hvp(vectors), info
     xh, yh = _hessian_subset(x, y, cfg)
@@ -684,17 +687,97 @@ class KroneckerCurvature:
 
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         """(F_hat + lambda I)^-1 v for (k, p) vectors: per layer Q_S [(Q_S^T V Q_A) / (Lambda + lambda)] Q_A^T."""
-        blocks = self._layer_blocks(vectors.detach().double())
+        # in the vectors' precision: float32 for real runs (fast), float64 in the exactness tests
+        blocks = self._layer_blocks(vectors.detach())
         out: dict[str, torch.Tensor] = {}
         for name, v in blocks.items():
-            qs, qa = self.QS[name], self.QA[name]
-            rotated = qs.T @ v @ qa
-            solved = qs @ (rotated / (self.eigenvalues[name] + self.damping[name])) @ qa.T
+            qs, qa = self.QS[name].to(v.dtype), self.QA[name].to(v.dtype)
+            scale = (1.0 / (self.eigenvalues[name] + self.damping[name])).to(v.dtype)
+            solved = qs @ ((qs.T @ v @ qa) * scale) @ qa.T
             if self.has_bias[name]:
                 out[f"{name}.weight"], out[f"{name}.bias"] = solved[..., :-1], solved[..., -1]
             else:
                 out[f"{name}.weight"] = solved
         return self.problem.flatten({n: out[n] for n in self.problem.param_names}, 1).to(vectors.dtype)
+
+    def self_influence(self, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 10000) -> torch.Tensor:
+        """g_i^T (F_hat + lambda)^-1 g_i for every training point, (n,), with its own label.
+
+        Per Linear layer g = delta a_bar^T is rank one, so in the eigenbasis it is u w^T with
+        u = Q_S^T delta, w = Q_A^T a_bar, and the quadratic form is (u^2)^T [1 / (Lambda + lambda)] (w^2):
+        one matrix product per chunk, no per-sample gradient.
+        """
+        out = []
+        for s in range(0, len(x), chunk_size):
+            total = torch.zeros(len(x[s:s + chunk_size]), dtype=torch.float64, device=x.device)
+            for name, a_bar, delta in self._io(x[s:s + chunk_size], y[s:s + chunk_size]):
+                u2 = (delta.double() @ self.QS[name]).square()
+                w2 = (a_bar.double() @ self.QA[name]).square()
+                total += ((u2 @ (1.0 / (self.eigenvalues[name] + self.damping[name]))) * w2).sum(1)
+            out.append(total)
+        return torch.cat(out)
+
+    # ---- the factors on disk: written once, reused by later runs, never used when they do not match
+    FACTOR_FIELDS = ("A", "S", "QA", "QS", "eigenvalues")
+
+    @staticmethod
+    def fingerprint(problem: "InfluenceProblem", x: torch.Tensor, y: torch.Tensor, eigen_corrected: bool,
+                    fisher: str, seed: int) -> str:
+        """A hash of everything the factors depend on: the chosen parameters' values, the training
+        data, the Fisher kind, EK-FAC or not, and the seed of the sampled labels."""
+        import hashlib
+        digest = hashlib.sha1()
+        for name in problem.param_names:
+            digest.update(name.encode())
+            digest.update(problem.params[name].detach().cpu().double().numpy().tobytes())
+        digest.update(x.detach().cpu().float().numpy().tobytes())
+        digest.update(y.detach().cpu().numpy().tobytes())
+        digest.update(f"{eigen_corrected}|{fisher}|{seed}".encode())
+        return digest.hexdigest()
+
+    @classmethod
+    def cached(cls, path: str, problem: "InfluenceProblem", x: torch.Tensor, y: torch.Tensor,
+               eigen_corrected: bool = True, fisher: str = "true", damp_factor: float = 0.1,
+               chunk_size: int = 10000, seed: int = 0, log: Callable[[str], None] = print
+               ) -> "KroneckerCurvature":
+        """The factors from ``path`` when it holds them for this model, data and settings, else
+        computed and written there (atomically). A file that cannot be read or that was made for
+        another model or data raises ValueError naming it; the damping is applied afresh."""
+        import os
+        key = cls.fingerprint(problem, x, y, eigen_corrected, fisher, seed)
+        if os.path.isfile(path):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                ok = state.get("fingerprint") == key
+            except Exception as err:  # a truncated or foreign file
+                raise ValueError(f"factor file {path} is unreadable ({type(err).__name__}): delete it to "
+                                 f"rebuild the factors") from None
+            if not ok:
+                raise ValueError(f"factor file {path} was made for another model, data or settings: "
+                                 f"delete it to rebuild the factors")
+            curvature = cls.__new__(cls)
+            curvature._restore(problem, state, damp_factor)
+            log(f"K-FAC factors read from {path}")
+            return curvature
+        curvature = cls(problem, x, y, eigen_corrected, fisher, damp_factor, chunk_size, seed)
+        state = {"fingerprint": key, "eigen_corrected": eigen_corrected, "fisher": fisher,
+                 **{f: {k: v.cpu() for k, v in getattr(curvature, f).items()} for f in cls.FACTOR_FIELDS}}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        log(f"K-FAC factors written to {path}")
+        return curvature
+
+    def _restore(self, problem: "InfluenceProblem", state: dict, damp_factor: float) -> None:
+        device = next(iter(problem.params.values())).device
+        self.problem, self.owners = problem, _linear_modules_for(problem)
+        self.eigen_corrected, self.fisher, self.damp_factor = state["eigen_corrected"], state["fisher"], damp_factor
+        self.has_bias = {name: f"{name}.bias" in problem.params for name in self.owners}
+        for f in self.FACTOR_FIELDS:
+            setattr(self, f, {k: v.to(device) for k, v in state[f].items()})
+        self.damping = {name: damp_factor * lam.mean().item() + problem.l2_reg
+                        for name, lam in self.eigenvalues.items()}
 
     def info(self) -> dict:
         return {"fisher": self.fisher, "eigen_corrected": self.eigen_corrected,
@@ -797,3 +880,76 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     b = np.asarray(b, dtype=np.float64) - np.mean(b)
     denominator = math.sqrt(float((a * a).sum() * (b * b).sum()))
     return float((a * b).sum() / denominator) if denominator > 0 else math.nan
+
+
+def influence_chunks(problem: InfluenceProblem, x_test: torch.Tensor, y_test: torch.Tensor,
+                     x_train: torch.Tensor, y_train: torch.Tensor, cfg: SolverSettings, test_chunk: int = 1000,
+                     log: Callable[[str], None] = print):
+    """Influence of every training point on many test points, streamed: yields (start, (k, n))
+    for consecutive chunks of ``test_chunk`` test points, so that 10,000 x 60,000 never has to
+    sit in memory. The curvature (K-FAC/EK-FAC factors) is built or read once for all chunks;
+    other solvers solve chunk by chunk."""
+    if cfg.solver in ("kfac", "ekfac"):
+        options = dict(eigen_corrected=cfg.solver == "ekfac", fisher=cfg.fisher,
+                       damp_factor=cfg.kfac_damp_factor, chunk_size=cfg.chunk_size, seed=cfg.seed)
+        curvature = KroneckerCurvature.cached(cfg.factor_file, problem, x_train, y_train, **options, log=log) \
+            if cfg.factor_file else KroneckerCurvature(problem, x_train, y_train, **options)
+        solve = curvature.inverse_hvp
+    elif cfg.solver == "identity":
+        def solve(v: torch.Tensor) -> torch.Tensor:
+            return v
+    else:
+        def solve(v: torch.Tensor) -> torch.Tensor:
+            return inverse_hvp(problem, v, x_train, y_train, cfg, show_progress=False)[0]
+    for start in range(0, len(x_test), test_chunk):
+        grads = problem.sample_grads(x_test[start:start + test_chunk], y_test[start:start + test_chunk])
+        yield start, influence_sweep(problem, solve(grads), x_train, y_train, cfg.chunk_size, show_progress=False)
+
+
+# ============================================================================================
+# TracIn: influence accumulated along training (Pruthi et al. 2020, TracInCP)
+# ============================================================================================
+def tracin(checkpoints: list[tuple[InfluenceProblem, float]], x_test: torch.Tensor, y_test: torch.Tensor,
+           x_train: torch.Tensor, y_train: torch.Tensor, chunk_size: int = 10000) -> torch.Tensor:
+    """TracInCP(t, z) = sum over checkpoints c of lr_c * grad L(t; theta_c) . grad L(z; theta_c), (k, n).
+
+    Positive = z's gradient steps lowered the test loss (a proponent), the same sign as influence
+    here. Each checkpoint costs one closed-form sweep; no per-sample gradient is materialised.
+    """
+    total = None
+    for problem, lr in checkpoints:
+        grads = problem.sample_grads(x_test, y_test)
+        part = influence_sweep(problem, grads, x_train, y_train, chunk_size, show_progress=False) * lr
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("TracIn needs at least one checkpoint")
+    return total
+
+
+def tracin_self_influence(checkpoints: list[tuple[InfluenceProblem, float]], x: torch.Tensor, y: torch.Tensor,
+                          chunk_size: int = 10000) -> torch.Tensor:
+    """TracIn self-influence sum_c lr_c * ||grad L(z; theta_c)||^2 of every point, (n,)."""
+    return sum(sample_grad_sq_norms(problem, x, y, chunk_size) * lr for problem, lr in checkpoints)
+
+
+# ============================================================================================
+# finding flipped labels by ranking training points
+# ============================================================================================
+def roc_auc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` (higher = more suspicious) for the boolean
+    ``positives``: the probability that a random positive outranks a random negative (ties 1/2),
+    from average ranks (Mann-Whitney U)."""
+    positives = np.asarray(positives, dtype=bool)
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = average_ranks(np.asarray(scores, dtype=np.float64))
+    return float((ranks[positives].sum() - n_pos * (n_pos - 1) / 2.0) / (n_pos * n_neg))
+
+
+def fraction_found(scores: np.ndarray, positives: np.ndarray, inspected: Iterable[float]) -> list[float]:
+    """Fraction of the positives among the top ``f`` fraction of the ranking, for each f."""
+    positives = np.asarray(positives, dtype=bool)
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    hits = np.cumsum(positives[order])
+    return [float(hits[max(int(round(f * len(order))), 1) - 1] / max(positives.sum(), 1)) for f in inspected]

@@ -124,6 +124,7 @@ SCHEMA: dict[str, tuple] = {
     "mnist.momentum": ("float", (0.0, 1.0)),
     "mnist.weight_decay": ("float", (0.0, None)),
     "mnist.train_subset": ("int", (0, 60000)),
+    "mnist.checkpoint_every": ("int", (0, None)),
     "mnist.vis_num": ("int", (1, 100)),
     "mnist.method": ("one_or_list", ("method1", "method2")),
     "mnist.newData": ("one_or_list", ("algo", "random", "remove_algo", "remove_random")),
@@ -161,11 +162,19 @@ SCHEMA: dict[str, tuple] = {
     "mnist.lds.loo.k": ("int", (1, 10000)),
     "mnist.lds.loo.seeds": ("int", (1, None)),
     "mnist.lds.loo.rank_by": _choice(*LDS_METHODS),
+    "mnist.mislabel.train_subset": ("int", (0, 60000)),
+    "mnist.mislabel.fraction": ("float", (0.001, 0.9)),
+    "mnist.mislabel.seed": ("int", (0, None)),
+    "mnist.mislabel.epoch": ("int", (1, None)),
+    "mnist.mislabel.checkpoint_every": ("int", (0, None)),
     "mnist.method2.mode": ("str", None),
-    "mnist.method2.solver": _choice("lissa", "cg", "exact", "kfac", "ekfac", "identity"),
+    "mnist.method2.solver": _choice("lissa", "cg", "exact", "kfac", "ekfac", "identity", "tracin"),
     "mnist.method2.fisher": _choice("true", "empirical"),
     "mnist.method2.kfac_damp_factor": ("float", (0.0, None)),
     "mnist.method2.write_unconverged": ("bool", None),
+    "mnist.method2.save_matrix": _choice("none", "float16", "float32"),
+    "mnist.method2.self_influence": ("bool", None),
+    "mnist.method2.test_chunk": ("int", (1, 10000)),
     "mnist.method2.damp": ("float", (0.0, None)),
     "mnist.method2.scale": ("float", (1e-12, None)),
     "mnist.method2.stochastic": ("bool", None),
@@ -313,11 +322,11 @@ def validate(settings: dict, schema: dict[str, tuple]) -> None:
                                                   or v < 0 for v in value):
                 raise _bad(key, value, "a list of non-negative numbers")
         elif kind == "test_ids":
-            if value == "loss_rank":
+            if value in ("loss_rank", "all"):
                 continue
             if not isinstance(value, list) or not value or any(
                     isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 10000 for v in value):
-                raise _bad(key, value, '"loss_rank" or a list of test indices in [0, 9999]')
+                raise _bad(key, value, '"loss_rank", "all" or a list of test indices in [0, 9999]')
 
 
 # --------------------------------------------------------------------------------------------
@@ -608,3 +617,6 @@ class Timer:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.start
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

@@ -38,6 +38,8 @@ def main(settings: dict) -> dict:
     if cfg["test_ids"] == "loss_rank":
         ids = choose_by_loss_rank(losses, cfg["test_num"], cfg["test_rank_step"])
         rule = f"loss rank 0, {cfg['test_rank_step']}, ... (descending loss under {model_path})"
+    elif cfg["test_ids"] == "all":
+        ids, rule = list(range(len(test))), "all test images (mnist.test_ids = \"all\")"
     else:
         ids, rule = list(cfg["test_ids"]), "explicit list in the settings (mnist.test_ids)"
     rank_of = torch.empty(len(losses), dtype=torch.long)

@@ -29,9 +29,14 @@ def main(settings: dict) -> dict:
                 f"seed {cfg['seed']}, gradient norms: {m1['grad_mode']} "
                 f"(first epoch {'skipped' if m1['skip_first_epoch'] else 'included'})")
     layers = tuple(LAYER_MODULES)  # all three weight matrices are always recorded
+    def save_checkpoint(epoch: int, state: dict) -> None:  # TracIn's checkpoints
+        opt.save_torch(common.checkpoint_file(settings, m1["mode"], epoch),
+                       {"model": state, "epoch": epoch, "learning_rate": cfg["learning_rate"]})
+
     with opt.Timer() as timer:
         model, norms = train_model(train, cfg, cfg["seed"], device, m1["grad_mode"], layers,
-                                   m1["skip_first_epoch"])
+                                   m1["skip_first_epoch"], checkpoint_every=cfg["checkpoint_every"],
+                                   on_checkpoint=save_checkpoint)
     losses, preds = common.evaluate(model, test)
     accuracy = (preds == test.labels).double().mean().item()
     logger.info(f"trained in {timer.seconds:.1f} s; test accuracy {accuracy:.4f} on all "

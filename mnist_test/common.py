@@ -73,11 +73,41 @@ def m2_file(settings: dict, mode: str | None = None) -> str:
         detail = f"{m2['fisher']}df{m2['kfac_damp_factor']:g}"
     elif solver == "identity":
         detail = "nohess"
+    elif solver == "tracin":
+        detail = f"ce{mnist_cfg(settings)['checkpoint_every']}"
     else:
         detail = f"d{m2['damp']:g}h{m2['hessian_points']}"
     params = "_p" + "+".join(m2["params"]) if m2["params"] else ""
-    name = f"if_{solver}_{detail}{params}_l2{m2['l2_reg']:g}_{run_tag(settings)}_{mode}.json"
+    every = "_all" if mnist_cfg(settings)["test_ids"] == "all" else ""
+    name = f"if_{solver}_{detail}{params}_l2{m2['l2_reg']:g}_{run_tag(settings)}_{mode}{every}.json"
     return opt.output_path(settings, m2["if_dir"], name)
+
+
+def checkpoint_file(settings: dict, mode: str, epoch: int) -> str:
+    """Train.py's checkpoint after ``epoch`` epochs (mnist.checkpoint_every > 0), for TracIn."""
+    return opt.output_path(settings, "model_zoo", "checkpoints", f"mnist_{run_tag(settings)}_{mode}",
+                           f"ep{epoch}.pth")
+
+
+def checkpoint_files(settings: dict, mode: str) -> list[str]:
+    """The checkpoints Train.py wrote with the current settings, in epoch order (error if none)."""
+    every = mnist_cfg(settings)["checkpoint_every"]
+    if not every:
+        raise opt.SettingsError("method2.solver = \"tracin\" needs checkpoints: set mnist.checkpoint_every "
+                                "(e.g. 1) and run mnist_test/Train.py again")
+    epochs = range(every, mnist_cfg(settings)["epoch"] + 1, every)
+    return [opt.require_file(checkpoint_file(settings, mode, e), "mnist_test/Train.py (mnist.checkpoint_every > 0)")
+            for e in epochs]
+
+
+def factor_file(settings: dict, mode: str | None = None) -> str:
+    """K-FAC/EK-FAC factors of a model (they depend on the model, data, Fisher kind and seed only,
+    not on the damping or the test images): written once, reused by later runs."""
+    m2 = mnist_cfg(settings)["method2"]
+    mode = mode or m2["mode"]
+    params = "_p" + "+".join(m2["params"]) if m2["params"] else ""
+    name = f"mnist_{run_tag(settings)}_{mode}_{m2['solver']}_{m2['fisher']}{params}_l2{m2['l2_reg']:g}.pt"
+    return opt.output_path(settings, m2["if_dir"], "factors", name)
 
 
 def load_grad_norms(settings: dict, mode: str | None = None,
@@ -117,6 +147,8 @@ def selected_test_ids(settings: dict, mode: str | None = None) -> list[int]:
     cfg = mnist_cfg(settings)
     if isinstance(cfg["test_ids"], list):
         return list(cfg["test_ids"])
+    if cfg["test_ids"] == "all":
+        return list(range(10000))
     record = opt.read_json(test_file(settings, mode or cfg["method1"]["mode"]), "mnist_test/Test.py")
     return record["test_ids"]
 

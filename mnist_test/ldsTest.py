@@ -122,6 +122,13 @@ def attributions(settings: dict, ids: list[int], device, logger) -> tuple[dict[s
     return {name: value for name, value in out.items() if base_name(name) in wanted}, failed
 
 
+def finite_mean(values) -> float:
+    """Mean of the finite values (NaN, without a warning, when there are none)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
 def base_name(method: str) -> str:
     """The lds.methods entry of a method (the CG variants are all "if_cg")."""
     return "if_cg" if method.startswith("if_cg_d") else method
@@ -192,6 +199,7 @@ def main(settings: dict) -> dict:
     pending = [j for j in jobs if not os.path.isfile(j["path"])]
     mine = opt.partition(pending, rank, world)
     logger.info(f"subset models: {len(jobs)} in all, {len(jobs) - len(pending)} done; rank {rank} trains {len(mine)}")
+    trained = {"subsets": len(mine)}
     with opt.Timer() as subset_timer:
         lds.train_and_store(mine, train, x_test, y_test, recipe, lcfg["group_size"], lcfg["keep_weights"],
                             device, f"rank {rank}: subset models")
@@ -214,6 +222,8 @@ def main(settings: dict) -> dict:
     loo_jobs = [{"seed": lds.loo_model_seed(lcfg["seed"], r), "keep": list(range(n)),
                  "path": os.path.join(loo_dir, f"base_s{r}.json"), "record": {"removed": None, "replicate": r}}
                 for r in range(loo["seeds"])]
+    if not plan["tests"]:  # lds.loo.test_num = 0: no leave-one-out models at all
+        loo_jobs = []
     for point in loo_points(plan):
         loo_jobs += [{"seed": lds.loo_model_seed(lcfg["seed"], r), "keep": [i for i in range(n) if i != point],
                       "path": os.path.join(loo_dir, f"p{point}_s{r}.json"), "record": {"removed": point, "replicate": r}}
@@ -221,6 +231,7 @@ def main(settings: dict) -> dict:
     pending = [j for j in loo_jobs if not os.path.isfile(j["path"])]
     mine = opt.partition(pending, rank, world)
     logger.info(f"LOO models: {len(loo_jobs)} in all, {len(loo_jobs) - len(pending)} done; rank {rank} trains {len(mine)}")
+    trained["loo"] = len(mine)
     with opt.Timer() as loo_timer:
         lds.train_and_store(mine, train, x_test, y_test, recipe, lcfg["group_size"], False, device,
                             f"rank {rank}: LOO models")
@@ -230,7 +241,7 @@ def main(settings: dict) -> dict:
         result = report(settings, methods, failed, masks, jobs, plan, loo_jobs, ids, logger,
                         {"subset_models": subset_timer.seconds, "loo_models": loo_timer.seconds})
     opt.distributed_end()
-    return result
+    return {**(result or {}), "trained": trained}
 
 
 def report(settings, methods, failed, masks, jobs, plan, loo_jobs, ids, logger, seconds) -> dict:
@@ -242,12 +253,12 @@ def report(settings, methods, failed, masks, jobs, plan, loo_jobs, ids, logger, 
     noise = {}
     if replicates > 1:
         per = outputs["loss"].reshape(len(masks), replicates, -1)
-        noise["replicate_spearman"] = float(np.nanmean(utils_if.spearman_columns(per[:, 0], per[:, 1])))
+        noise["replicate_spearman"] = finite_mean(utils_if.spearman_columns(per[:, 0], per[:, 1]))
     loo = lcfg["loo"]
-    loo_out = lds.read_outputs([j["path"] for j in loo_jobs])["loss"]
     removed = [j["record"]["removed"] for j in loo_jobs]
+    loo_out = lds.read_outputs([j["path"] for j in loo_jobs])["loss"] if loo_jobs else np.zeros((0, len(ids)))
     base_rows = [i for i, r in enumerate(removed) if r is None]
-    base_mean = loo_out[base_rows].mean(0)
+    base_mean = loo_out[base_rows].mean(0) if base_rows else np.full(len(ids), np.nan)
     base_std = loo_out[base_rows].std(0, ddof=1) if len(base_rows) > 1 else np.full(len(ids), np.nan)
     rows, per_test = [], {}
     few = lcfg["solver_test_num"]
@@ -266,8 +277,8 @@ def report(settings, methods, failed, masks, jobs, plan, loo_jobs, ids, logger, 
             loo_p.append(utils_if.pearson(matrix[position, points], actual))
             loo_s.append(float(utils_if.spearman_columns(matrix[position, points], actual)[0]))
         rows.append({"method": name, "test_images": t, "lds": mean, "lds_low": low, "lds_high": high,
-                     "lds_margin": float(np.nanmean(scores["margin"])),
-                     f"lds_first{few}": float(np.nanmean(scores["loss"][:few])),
+                     "lds_margin": finite_mean(scores["margin"]),
+                     f"lds_first{few}": finite_mean(scores["loss"][:few]),
                      "loo_pearson": float(np.mean(loo_p)) if loo_p else float("nan"),
                      "loo_spearman": float(np.mean(loo_s)) if loo_s else float("nan"),
                      "seconds": round(float(entry["seconds"]), 2), "note": entry.get("note", "")})

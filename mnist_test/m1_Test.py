@@ -32,6 +32,9 @@ def main(settings: dict) -> dict:
         norms, norm_meta = common.load_grad_norms(settings, device=device)
     logger.info(f"gradient norms {common.grad_norm_file(settings)} read in {read_timer.seconds:.1f} s")
     test = common.load_test_data(settings, device, logger.info)
+    if cfg["test_ids"] == "all":
+        raise opt.SettingsError('mnist.test_ids = "all" is for m2_Test with a fast solver; Method 1 scores of '
+                                'every test x training image would be a 600-million-number JSON: give a list')
     ids = common.selected_test_ids(settings, m1["mode"])
     x, labels = test.images[ids], test.labels[ids]
     activations = model.layer_activations(x, m1["layers"])

@@ -31,22 +31,34 @@ def main(settings: dict) -> dict:
     model, model_path = common.load_model(settings, m2["mode"], device, logger)
     train = common.load_train_data(settings, device, logger.info)
     test = common.load_test_data(settings, device, logger.info)
-    ids = common.selected_test_ids(settings, m2["mode"])[:m2["test_sample_num"]]
     solver = utils_if.SolverSettings.from_method2(m2, cfg["seed"])
+    if solver.solver in ("kfac", "ekfac"):
+        solver.factor_file = common.factor_file(settings)
     try:
         problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss,
                                             utils_if.select_parameters(model, m2["params"]),
                                             l2_reg=m2["l2_reg"])
     except ValueError as err:
         raise opt.SettingsError(str(err)) from None
-    logger.info(f"influence of {len(train)} training images on test images {ids}: solver "
+    if cfg["test_ids"] == "all":
+        return all_pairs(settings, model, model_path, problem, solver, train, test, logger)
+    ids = common.selected_test_ids(settings, m2["mode"])[:m2["test_sample_num"]]
+    shown = ids if len(ids) <= 10 else f"{ids[:10]}... ({len(ids)})"
+    logger.info(f"influence of {len(train)} training images on test images {shown}: solver "
                 f"{solver.solver}, {problem.num_params} parameters, effective damping "
                 f"{solver.effective_damping}")
     x_test, y_test = test.images[ids], test.labels[ids]
     with opt.Timer() as total:
         try:
-            influence, info = utils_if.compute_influences(problem, x_test, y_test, train.images,
-                                                          train.labels, solver)
+            if solver.solver == "tracin":
+                checkpoints = tracin_checkpoints(settings, problem, device, logger)
+                influence = utils_if.tracin(checkpoints, x_test, y_test, train.images, train.labels, solver.chunk_size)
+                info = {"solver": "tracin", "checkpoints": len(checkpoints), "effective_damping": 0.0,
+                        "converged": True, "seconds_test_grads": 0.0, "seconds_s_test": 0.0,
+                        "seconds_sweep": round(total.elapsed(), 3)}
+            else:
+                influence, info = utils_if.compute_influences(problem, x_test, y_test, train.images,
+                                                              train.labels, solver)
         except (utils_if.LissaDiverged, ValueError) as err:
             raise opt.SettingsError(str(err)) from None
     with torch.no_grad():
@@ -73,11 +85,94 @@ def main(settings: dict) -> dict:
             "influence": row.tolist(),
             "helpful": utils_if.top_indices(row, m2["top_k"], largest=True),
             "harmful": utils_if.top_indices(row, m2["top_k"], largest=False)}
-        logger.info(f"test {test_id} (label {int(y_test[position])}): helpful "
-                    f"{result[str(position)]['helpful'][:5]}, harmful {result[str(position)]['harmful'][:5]}")
+        if position < 10:  # the first few on the console; all of them are in the file
+            logger.info(f"test {test_id} (label {int(y_test[position])}): helpful "
+                        f"{result[str(position)]['helpful'][:5]}, harmful {result[str(position)]['harmful'][:5]}")
     path = common.m2_file(settings)
     opt.write_json(path, result, logger)
     return {"if_file": path, "info": info}
+
+
+def tracin_checkpoints(settings, problem, device, logger) -> list:
+    """(influence problem at each of Train.py's checkpoints, its learning rate) for TracIn."""
+    from mnist_test.model import mnist_model
+    out = []
+    for path in common.checkpoint_files(settings, common.mnist_cfg(settings)["method2"]["mode"]):
+        state = torch.load(path, map_location=device, weights_only=True)
+        model = mnist_model().to(device)
+        model.load_state_dict(state["model"])
+        out.append((utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, problem.param_names),
+                    float(state["learning_rate"])))
+    logger.info(f"TracIn over {len(out)} checkpoints")
+    return out
+
+
+def all_pairs(settings, model, model_path, problem, solver, train, test, logger) -> dict:
+    """test_ids = "all": every test image x every training image, streamed in chunks of
+    method2.test_chunk test images. Per test image the JSON keeps the top-k helpful and harmful
+    lists (no influence row); the full matrix goes to a .npy beside it only when
+    method2.save_matrix asks (written chunk by chunk into a memory-mapped file, never held twice).
+    With method2.self_influence, the self-influence of every training image is written too."""
+    import numpy as np
+    m2 = common.mnist_cfg(settings)["method2"]
+    if solver.solver not in ("kfac", "ekfac", "identity"):
+        raise opt.SettingsError(f'mnist.test_ids = "all" needs a fast solver: set mnist.method2.solver to '
+                                f'ekfac, kfac or identity (now {solver.solver!r}; lissa/cg would take hours)')
+    n_test, n_train, k = len(test), len(train), m2["top_k"]
+    path = common.m2_file(settings)
+    matrix = None
+    if m2["save_matrix"] != "none":
+        matrix_path = path[:-len(".json")] + f"_{m2['save_matrix']}.npy"
+        matrix = np.lib.format.open_memmap(matrix_path + ".tmp.npy", mode="w+", dtype=m2["save_matrix"],
+                                           shape=(n_test, n_train))
+    helpful = torch.empty(n_test, k, dtype=torch.long)
+    harmful = torch.empty(n_test, k, dtype=torch.long)
+    logger.info(f"all pairs: {n_test} test x {n_train} training images, solver {solver.solver}, chunks of "
+                f"{m2['test_chunk']} test images{', matrix ' + m2['save_matrix'] if matrix is not None else ''}")
+    with opt.Timer() as timer:
+        bar = opt.progress(total=n_test, desc="all pairs", unit="test image")
+        for start, chunk in utils_if.influence_chunks(problem, test.images, test.labels, train.images, train.labels,
+                                                      solver, m2["test_chunk"], log=logger.info):
+            rows = slice(start, start + len(chunk))
+            helpful[rows] = torch.topk(chunk, k, dim=1).indices.cpu()
+            harmful[rows] = torch.topk(chunk, k, dim=1, largest=False).indices.cpu()
+            if matrix is not None:
+                matrix[rows] = chunk.cpu().numpy().astype(m2["save_matrix"])
+            bar.update(len(chunk))
+        bar.close()
+    logger.info(f"all {n_test * n_train:,} pairs in {timer.seconds:.1f} s")
+    with torch.no_grad():
+        out = model(test.images)
+    result = {"meta": {"settings": common.mnist_cfg(settings), "profile": settings["profile"],
+                       "model_file": model_path, "n_train": n_train, "test_ids": "all",
+                       "sign_convention": utils_if.SIGN_CONVENTION, "seconds_all_pairs": round(timer.seconds, 2),
+                       "solver_info": {"solver": solver.solver, "factor_file": solver.factor_file}}}
+    if matrix is not None:
+        matrix.flush()
+        del matrix
+        os.replace(matrix_path + ".tmp.npy", matrix_path)
+        result["meta"]["matrix_file"] = matrix_path
+        logger.info(f"wrote {matrix_path}")
+    if m2["self_influence"]:
+        with opt.Timer() as self_timer:
+            if solver.solver == "identity":
+                values = utils_if.sample_grad_sq_norms(problem, train.images, train.labels, solver.chunk_size)
+            else:
+                options = dict(eigen_corrected=solver.solver == "ekfac", fisher=solver.fisher,
+                               damp_factor=solver.kfac_damp_factor, chunk_size=solver.chunk_size, seed=solver.seed)
+                curvature = utils_if.KroneckerCurvature.cached(solver.factor_file, problem, train.images,
+                                                               train.labels, **options, log=logger.info)
+                values = curvature.self_influence(train.images, train.labels, solver.chunk_size)
+        result["self_influence"] = values.cpu().tolist()
+        logger.info(f"self-influence of {n_train} training images in {self_timer.seconds:.1f} s; largest: "
+                    f"{utils_if.top_indices(values, 10)}")
+    losses = utils_if.nll_sample_loss(out, test.labels)
+    predictions = out.argmax(1).tolist()
+    for t in range(n_test):
+        result[str(t)] = {"test_id_num": t, "label": int(test.labels[t]), "prediction": predictions[t],
+                          "loss": float(losses[t]), "helpful": helpful[t].tolist(), "harmful": harmful[t].tolist()}
+    opt.write_json(path, result, logger)
+    return {"if_file": path, "seconds": timer.seconds, "matrix": result["meta"].get("matrix_file")}
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ def new_model(seed: int, device: torch.device) -> torch.nn.Module:
 
 def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
                 grad_mode: str | None = None, layers: tuple[str, ...] = ("fc1", "fc2", "fc3"),
-                skip_first_epoch: bool = True, show_progress: bool = True, desc: str = "train"):
+                skip_first_epoch: bool = True, show_progress: bool = True, desc: str = "train",
+                checkpoint_every: int = 0, on_checkpoint=None):
     """Train a fresh seeded MLP on ``data`` with NLL + SGD(lr, momentum, weight_decay).
 
     With ``grad_mode`` ("batch" or "per_sample") also accumulate, per training item, the row norms
@@ -30,6 +31,8 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
     - batch: the norms of the batch-mean gradient, added to every item of the batch (the report);
     - per_sample: the exact norms of each item's own loss gradient, |delta_j| * ||input||.
     Weight decay is not part of the gradient (SGD adds it inside ``step``), as in the original.
+    Every ``checkpoint_every`` epochs (0 = never) ``on_checkpoint(epoch, state_dict)`` is called
+    (TracIn sums over these checkpoints).
     Returns (model, {layer: (n, out) float64 tensor} or None).
     """
     model = new_model(seed, device)
@@ -75,6 +78,8 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
             if (step + 1) % 500 == 0 or start + batch >= n:
                 bar.update(step + 1 - (bar.n - epoch * steps_per_epoch))
                 bar.set_postfix(epoch=epoch + 1, loss=f"{running.item() / (step + 1):.4f}")
+        if checkpoint_every and (epoch + 1) % checkpoint_every == 0 and on_checkpoint is not None:
+            on_checkpoint(epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
     bar.close()
     model.eval()
     return model, norms

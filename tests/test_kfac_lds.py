@@ -201,3 +201,71 @@ def test_bootstrap_interval_contains_the_mean_and_is_seeded():
     assert mean == pytest.approx(0.3) and low < mean < high
     assert (mean, low, high) == U.bootstrap_mean(values, draws=500, seed=1)
     assert U.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 7])[0, 1])
+
+
+def test_factor_file_is_reused_and_a_mismatch_is_refused(problem_data, tmp_path):
+    net, problem, x, y = problem_data
+    path = str(tmp_path / "factors.pt")
+    first = U.KroneckerCurvature.cached(path, problem, x, y, seed=2, log=lambda _: None)
+    again = U.KroneckerCurvature.cached(path, problem, x, y, seed=2, damp_factor=0.5, log=lambda _: None)
+    v = torch.randn(2, problem.num_params, dtype=torch.float64)
+    direct = U.KroneckerCurvature(problem, x, y, seed=2, damp_factor=0.5)
+    assert torch.allclose(again.inverse_hvp(v), direct.inverse_hvp(v), atol=1e-12)  # read, damped afresh
+    assert not torch.allclose(first.inverse_hvp(v), again.inverse_hvp(v))
+    with pytest.raises(ValueError, match="another model, data or settings"):
+        U.KroneckerCurvature.cached(path, problem, x[:50], y[:50], seed=2)   # other data
+    with pytest.raises(ValueError, match="another model, data or settings"):
+        U.KroneckerCurvature.cached(path, problem, x, y, seed=2, fisher="empirical")
+    with open(path, "wb") as f:
+        f.write(b"truncated")
+    with pytest.raises(ValueError, match="unreadable.*delete it"):
+        U.KroneckerCurvature.cached(path, problem, x, y, seed=2)
+
+
+def test_self_influence_and_streamed_chunks_match_the_dense_computation(problem_data):
+    net, problem, x, y = problem_data
+    curv = U.KroneckerCurvature(problem, x, y, seed=1)
+    grads = problem.sample_grads(x, y)
+    dense = dense_from_factors(curv, problem)
+    expected = (grads * torch.linalg.solve(dense, grads.T).T).sum(1)
+    assert torch.allclose(curv.self_influence(x, y, chunk_size=13), expected, rtol=1e-7)
+    cfg = U.SolverSettings(solver="ekfac", seed=1, chunk_size=40)
+    whole, _ = U.compute_influences(problem, x[:10], y[:10], x, y, cfg, show_progress=False)
+    parts = dict(U.influence_chunks(problem, x[:10], y[:10], x, y, cfg, test_chunk=4))
+    assert sorted(parts) == [0, 4, 8]
+    assert torch.allclose(torch.cat([parts[k] for k in (0, 4, 8)]), whole, atol=1e-10)
+
+
+def test_tracin_equals_a_brute_force_loop_over_checkpoints_and_points(problem_data):
+    net, problem, x, y = problem_data
+    checkpoints = []
+    for c, lr in enumerate((0.5, 0.25, 0.1)):
+        torch.manual_seed(10 + c)
+        other = SmallMLP().double()
+        checkpoints.append((U.InfluenceProblem(other, U.nll_sample_loss, U.select_parameters(other)), lr))
+    got = U.tracin(checkpoints, x[:3], y[:3], x[:20], y[:20], chunk_size=7)
+    expected = torch.zeros(3, 20, dtype=torch.float64)
+    self_expected = torch.zeros(20, dtype=torch.float64)
+    for cp, lr in checkpoints:
+        def grad_of(i, xs, ys):
+            cp.model.zero_grad()
+            loss = -cp.model(xs[i:i + 1])[0, ys[i]]
+            return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(cp.model.parameters()))])
+        train_grads = [grad_of(i, x, y) for i in range(20)]
+        for t in range(3):
+            g_t = grad_of(t, x, y)
+            for i in range(20):
+                expected[t, i] += lr * (g_t @ train_grads[i])
+        for i in range(20):
+            self_expected[i] += lr * (train_grads[i] @ train_grads[i])
+    assert torch.allclose(got, expected, atol=1e-12)
+    assert torch.allclose(U.tracin_self_influence(checkpoints, x[:20], y[:20], chunk_size=6), self_expected, atol=1e-12)
+
+
+def test_roc_auc_and_fraction_found_by_hand():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.5])
+    positives = np.array([True, False, True, False, False, True])
+    # pairs (pos, neg): 0.9 beats 3; 0.7 beats 0.6, 0.5 -> 2 of 3; 0.5 ties 0.5 (1/2), loses to 0.8, 0.6
+    assert U.roc_auc(scores, positives) == pytest.approx((3 + 2 + 0.5) / 9)
+    assert U.roc_auc(-np.arange(4.0), np.array([True, True, False, False])) == pytest.approx(1.0)
+    assert U.fraction_found(scores, positives, [1 / 6, 0.5, 1.0]) == pytest.approx([1 / 3, 2 / 3, 1.0])

@@ -1,0 +1,83 @@
+"""ldsTest on a tiny real-MNIST study: reproducible subset draws, resume, the torchrun split, and
+a table whose numbers come from the files."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import utils_option as opt
+from mnist_test import lds, ldsTest
+from tests.conftest import small_settings
+
+TINY = {"train_subset": 300, "test_ids": 6, "num_subsets": 6, "seeds_per_subset": 2, "epoch": 2,
+        "group_size": 4, "methods": ["m1_batch_raw", "if_ekfac", "grad_dot", "if_cg", "ensemble_if_ekfac"],
+        "ensemble_seeds": [0, 1], "solver_test_num": 3, "cg_damps": [1.0], "cg_max_iter": 30, "bootstrap": 50,
+        "loo": {"test_num": 1, "k": 2, "seeds": 2, "rank_by": "if_ekfac"}}
+
+
+def test_subset_draws_are_reproducible_and_independent_of_how_many():
+    a = lds.subset_mask(1000, 0.5, seed=3, index=7)
+    assert a.sum() == 500 and np.array_equal(a, lds.subset_mask(1000, 0.5, seed=3, index=7))
+    assert not np.array_equal(a, lds.subset_mask(1000, 0.5, seed=3, index=8))
+    assert not np.array_equal(a, lds.subset_mask(1000, 0.5, seed=4, index=7))
+    seeds = {lds.subset_model_seed(0, m, r) for m in range(50) for r in range(4)}
+    assert len(seeds) == 200  # every model of the study has its own seed
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, mnist_raw):
+    tmp = tmp_path_factory.mktemp("lds")
+    settings = small_settings(tmp, lds=TINY)
+    return settings, ldsTest.main(settings)
+
+
+def test_table_rows_and_resume(tiny_study):
+    settings, first = tiny_study
+    assert first["trained"] == {"subsets": 12, "loo": 2 + 2 * len(ldsTest.loo_points(first_plan(first)))}
+    rows = {r["method"]: r for r in first["rows"]}
+    assert set(rows) == {"m1_batch_raw", "if_ekfac", "grad_dot", "if_cg_d1", "ensemble_if_ekfac"}
+    assert rows["if_cg_d1"]["test_images"] == 3 and rows["if_ekfac"]["test_images"] == 6
+    for r in rows.values():
+        assert -1 <= r["lds"] <= 1 and r["lds_low"] <= r["lds"] <= r["lds_high"]
+    # the table's number is the mean of the per-test LDS recomputed from the stored outputs
+    record = opt.read_json(first["json"], "ldsTest")
+    assert np.nanmean(record["lds_per_test"]["if_ekfac"]) == pytest.approx(rows["if_ekfac"]["lds"])
+    # resume: nothing is retrained; a deleted model file is retrained alone, with the same outputs
+    subsets = lds.study_folder(settings, "subsets")
+    victim = os.path.join(subsets, "m2_s1.json")
+    before = json.load(open(victim))
+    os.remove(victim)
+    again = ldsTest.main(settings)
+    assert again["trained"] == {"subsets": 1, "loo": 0}
+    assert np.allclose(json.load(open(victim))["loss"], before["loss"], atol=1e-6)
+    assert ldsTest.main(settings)["trained"] == {"subsets": 0, "loo": 0}
+
+
+def first_plan(result):
+    return opt.read_json(result["json"], "ldsTest")["loo_plan"]
+
+
+def test_torchrun_split_matches_one_process(tiny_study, tmp_path):
+    settings, first = tiny_study
+    other = opt.deep_merge({k: v for k, v in settings.items() if k != "settings_file"},
+                           {"output_dir": str(tmp_path / "two")})
+    settings_file = tmp_path / "s.json"
+    settings_file.write_text(json.dumps(other))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port=29541", os.path.join(opt.REPO_ROOT, "mnist_test", "ldsTest.py"),
+                           "-opt", str(settings_file)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one = lds.study_folder(settings, "subsets")
+    two = os.path.join(str(tmp_path / "two"), "lds", lds.study_tag(settings), "subsets")
+    assert sorted(os.listdir(one)) == sorted(os.listdir(two))
+    for name in os.listdir(one):
+        a, b = json.load(open(os.path.join(one, name))), json.load(open(os.path.join(two, name)))
+        assert np.allclose(a["loss"], b["loss"], atol=1e-5) and np.allclose(a["margin"], b["margin"], atol=1e-5)
+    table_one = {r["method"]: r["lds"] for r in first["rows"]}
+    table_two = {r["method"]: r["lds"] for r in opt.read_json(
+        os.path.join(str(tmp_path / "two"), "test", os.path.basename(first["json"])), "")["rows"]}
+    for method, value in table_one.items():
+        assert table_two[method] == pytest.approx(value, abs=0.05)
