@@ -417,6 +417,28 @@ def run_script(main: Callable[[dict], Any], description: str) -> Any:
     return settings_or_exit(lambda: main(settings))
 
 
+def solver_file_part(m2: dict) -> str:
+    """The solver part of every influence file name (MNIST and FFDNet), from a method2 block:
+    the solver, its own settings, the damping it really applies (``lam``: LiSSA's fixed point is
+    (H + damp*scale*I)^-1, so its lam is damp*scale), the L2 term and the chosen parameters.
+    Two runs that differ in any of these never share a file."""
+    solver = m2["solver"]
+    if solver == "lissa":
+        batch = 1 if m2["stochastic"] else m2["hvp_batch_size"]
+        detail = (f"t{m2['training_points']}r{m2['recursion_nums']}b{batch}d{m2['damp']:g}sc{m2['scale']:g}"
+                  f"_lam{m2['damp'] * m2['scale']:g}")
+    elif solver == "cg":
+        detail = f"lam{m2['damp']:g}tol{m2['cg_tol']:g}it{m2['cg_max_iter']}h{m2['hessian_points']}"
+    elif solver == "exact":
+        detail = f"lam{m2['damp']:g}h{m2['hessian_points']}"
+    elif solver in ("kfac", "ekfac"):
+        detail = f"{m2.get('fisher', 'true')}df{m2.get('kfac_damp_factor', 0.1):g}"
+    else:  # identity, tracin: no Hessian
+        detail = "nohess"
+    params = "_p" + "+".join(m2["params"]) if m2["params"] else ""
+    return f"{solver}_{detail}{params}_l2{m2['l2_reg']:g}"
+
+
 def resolve_path(path: str) -> str:
     """Absolute path; a relative one is taken from the repository root, not the working dir."""
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(REPO_ROOT, path))

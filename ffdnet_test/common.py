@@ -51,6 +51,33 @@ def grad_norm_file(settings: dict) -> str:
                            f"{run_tag(settings)}_{m1['grad_mode']}.json")
 
 
+M1_MODES = ("raw", "normalized", "remove_out")  # every m1_Test file holds all three
+
+
+def test_noise_part(settings: dict) -> str:
+    """The test image's noise: sigma (0-255) and whether the noisy input is clipped to 8 bits."""
+    test = ffdnet_cfg(settings)["test"]
+    return f"s{test['noise_level_img']:g}{'c' if test['is_clip'] else 'u'}"
+
+
+def m1_result_file(settings: dict, image: str) -> str:
+    """m1_Test's scores for one test image (all modes; outlim decides remove_out)."""
+    m1 = ffdnet_cfg(settings)["method1"]
+    layers = "-".join(map(str, m1["layers"]))
+    return opt.output_path(settings, "act_grad", "ffdnet",
+                           f"{run_tag(settings)}_{m1['grad_mode']}_{image}_{m1['activation']}_l{layers}"
+                           f"_out{m1['outlim']:g}_{test_noise_part(settings)}.json")
+
+
+def m2_result_file(settings: dict, image: str) -> str:
+    """m2_Test's influences for one test image: the shared solver part, the training patches used,
+    the window, the test noise."""
+    m2 = ffdnet_cfg(settings)["method2"]
+    return opt.output_path(settings, "if", "ffdnet",
+                           f"{run_tag(settings)}_{opt.solver_file_part(m2)}_n{m2['max_train_points']}"
+                           f"_w{m2['window']}_{test_noise_part(settings)}_{image}.json")
+
+
 def folder(settings: dict, key: str) -> str:
     """A data folder from the settings; the default ones are filled on first use."""
     path = opt.resolve_path(ffdnet_cfg(settings)[key])

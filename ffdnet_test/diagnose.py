@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 import utils_option as opt  # noqa: E402
-from ffdnet_test import common, m1_Test, m2_Test  # noqa: E402
+from ffdnet_test import common  # noqa: E402
 
 
 def overlap(a: list[int], b: list[int], top: int) -> float:
@@ -42,13 +42,13 @@ def main(settings: dict) -> dict:
     logger = opt.make_logger(settings, "ffdnet_diagnose")
     top = 100
     rows = []
-    m1 = {img: opt.read_json(m1_Test.result_file(settings, img), "ffdnet_test/m1_Test.py") for img in images}
+    m1 = {img: opt.read_json(common.m1_result_file(settings, img), "ffdnet_test/m1_Test.py") for img in images}
     for layer in sorted({e["layer"] for e in m1[images[0]]["entries"]}):
-        for mode in m1_Test.MODES:
+        for mode in common.M1_MODES:
             lists = {img: {tuple(e["point"]): e["top"] for e in m1[img]["entries"]
                            if e["layer"] == layer and e["mode"] == mode} for img in images}
             rows.append((f"Method 1, layer {layer}, {mode}", *summarise(lists, top)))
-    m2 = {img: opt.read_json(m2_Test.result_file(settings, img), "ffdnet_test/m2_Test.py") for img in images}
+    m2 = {img: opt.read_json(common.m2_result_file(settings, img), "ffdnet_test/m2_Test.py") for img in images}
     for kind in ("helpful", "harmful"):
         whole = {img: {("whole",): m2[img]["entries"]["whole"][kind]} for img in images}
         rows.append((f"Method 2, whole image, {kind}", float("nan"), summarise(whole, top)[1]))

@@ -20,13 +20,7 @@ import utils_if  # noqa: E402
 import utils_option as opt  # noqa: E402
 from ffdnet_test import attribution, common  # noqa: E402
 
-MODES = ("raw", "normalized", "remove_out")
-
-
-def result_file(settings: dict, image: str) -> str:
-    m1 = common.ffdnet_cfg(settings)["method1"]
-    return opt.output_path(settings, "act_grad", "ffdnet",
-                           f"{common.run_tag(settings)}_{m1['grad_mode']}_{image}_{m1['activation']}.json")
+MODES = common.M1_MODES
 
 
 def main(settings: dict) -> dict:
@@ -61,7 +55,7 @@ def main(settings: dict) -> dict:
         for e in entries:
             if e["mode"] == "raw":
                 logger.info(f"  layer {e['layer']} point {e['point']}: top {e['top'][:5]}")
-        outputs[image] = opt.write_json(result_file(settings, image), {"entries": entries, "meta": {
+        outputs[image] = opt.write_json(common.m1_result_file(settings, image), {"entries": entries, "meta": {
             "model_file": model_path, "test_image": path, "grad_norm_file": common.grad_norm_file(settings),
             "grad_mode": meta["grad_mode"], "activation": m1["activation"], "outlim": m1["outlim"],
             "n_train": meta["n_train"], "sigma": cfg["test"]["noise_level_img"], "seconds": timer.seconds,

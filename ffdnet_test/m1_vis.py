@@ -14,7 +14,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils_option as opt  # noqa: E402
 from ffdnet_test import attribution, common, plotting  # noqa: E402
-from ffdnet_test.m1_Test import MODES, result_file  # noqa: E402
 
 
 def main(settings: dict) -> dict:
@@ -30,7 +29,7 @@ def main(settings: dict) -> dict:
                                  f"layer {layer}: total gradient norm per patch ({len(g)} patches)")
         figures.append(opt.save_figure(fig, opt.output_path(settings, "fig", "ffdnet_m1", f"{tag}_l{layer}_hist.png"), logger))
     for image in att["images"]:
-        record = opt.read_json(result_file(settings, image), "ffdnet_test/m1_Test.py")
+        record = opt.read_json(common.m1_result_file(settings, image), "ffdnet_test/m1_Test.py")
         _, _, clean, _ = attribution.test_image(settings, image)
         entries = record["entries"]
 
@@ -41,7 +40,7 @@ def main(settings: dict) -> dict:
                     "captions": [f"#{i} / {entry['scores'][i]:.3g}" if entry["scores"][i] is not None
                                  else f"#{i} / outlier" for i in top]}
         for layer in sorted({e["layer"] for e in entries}):
-            for mode in MODES:
+            for mode in common.M1_MODES:
                 rows = [row(e, f"{image} {e['point']}") for e in entries if e["layer"] == layer and e["mode"] == mode]
                 fig = plotting.patch_rows(rows, f"Method 1: top {att['vis_num']} training patches, {image}, "
                                                 f"layer {layer}, {mode} ({record['meta']['activation']} activation)")

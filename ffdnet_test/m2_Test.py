@@ -28,15 +28,6 @@ def solver_settings(settings: dict) -> utils_if.SolverSettings:
     return utils_if.SolverSettings.from_method2(m2, common.ffdnet_cfg(settings)["seed"])
 
 
-def result_file(settings: dict, image: str) -> str:
-    m2 = common.ffdnet_cfg(settings)["method2"]
-    detail = (f"{m2['solver']}_t{m2['training_points']}r{m2['recursion_nums']}b{m2['hvp_batch_size']}"
-              f"sc{m2['scale']:g}d{m2['damp']:g}_n{m2['max_train_points']}_w{m2['window']}")
-    if m2["params"]:
-        detail += "_p" + "+".join(m2["params"])
-    return opt.output_path(settings, "if", "ffdnet", f"{common.run_tag(settings)}_{detail}_{image}.json")
-
-
 def window_mask(shape: tuple[int, ...], point: list[int], window: int) -> torch.Tensor:
     """(C, H, W) mask of the (2*window+1)^2 pixels around ``point`` (clipped at the border)."""
     mask = torch.zeros(shape)
@@ -109,7 +100,7 @@ def main(settings: dict) -> dict:
                               "helpful": utils_if.top_indices(row, m2["top_k"], True),
                               "harmful": utils_if.top_indices(row, m2["top_k"], False)}
             logger.info(f"{image} {label}: helpful {entries[label]['helpful'][:5]}, harmful {entries[label]['harmful'][:5]}")
-        files[image] = opt.write_json(result_file(settings, image), {"entries": entries, "meta": {
+        files[image] = opt.write_json(common.m2_result_file(settings, image), {"entries": entries, "meta": {
             "model_file": model_path, "test_image": path, "sigma": cfg["test"]["noise_level_img"],
             "n_train": len(x_train), "window": m2["window"], "settings": m2, "solver_info": info,
             "sign_convention": utils_if.SIGN_CONVENTION, "patch_size": patches.patch_size,

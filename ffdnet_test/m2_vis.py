@@ -11,7 +11,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils_option as opt  # noqa: E402
 from ffdnet_test import attribution, common, plotting  # noqa: E402
-from ffdnet_test.m2_Test import result_file  # noqa: E402
 
 
 def main(settings: dict) -> dict:
@@ -21,7 +20,7 @@ def main(settings: dict) -> dict:
     patches = common.train_patches(settings)
     figures = []
     for image in att["images"]:
-        path = result_file(settings, image)
+        path = common.m2_result_file(settings, image)
         record = opt.read_json(path, "ffdnet_test/m2_Test.py")
         _, _, clean, _ = attribution.test_image(settings, image)
         for kind in ("helpful", "harmful"):

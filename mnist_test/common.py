@@ -60,26 +60,13 @@ def m1_file(settings: dict, mode: str | None = None) -> str:
 
 
 def m2_file(settings: dict, mode: str | None = None) -> str:
-    m2 = mnist_cfg(settings)["method2"]
+    """Influence file: the solver part (utils_option.solver_file_part), the run tag and mode."""
+    cfg = mnist_cfg(settings)
+    m2 = cfg["method2"]
     mode = mode or m2["mode"]
-    solver = m2["solver"]
-    if solver == "lissa":
-        batch = 1 if m2["stochastic"] else m2["hvp_batch_size"]
-        detail = (f"t{m2['training_points']}r{m2['recursion_nums']}b{batch}"
-                  f"d{m2['damp']:g}sc{m2['scale']:g}")
-    elif solver == "cg":
-        detail = f"d{m2['damp']:g}tol{m2['cg_tol']:g}h{m2['hessian_points']}"
-    elif solver in ("kfac", "ekfac"):
-        detail = f"{m2['fisher']}df{m2['kfac_damp_factor']:g}"
-    elif solver == "identity":
-        detail = "nohess"
-    elif solver == "tracin":
-        detail = f"ce{mnist_cfg(settings)['checkpoint_every']}"
-    else:
-        detail = f"d{m2['damp']:g}h{m2['hessian_points']}"
-    params = "_p" + "+".join(m2["params"]) if m2["params"] else ""
-    every = "_all" if mnist_cfg(settings)["test_ids"] == "all" else ""
-    name = f"if_{solver}_{detail}{params}_l2{m2['l2_reg']:g}_{run_tag(settings)}_{mode}{every}.json"
+    extra = f"_ce{cfg['checkpoint_every']}" if m2["solver"] == "tracin" else ""
+    every = "_all" if cfg["test_ids"] == "all" else ""
+    name = f"if_{opt.solver_file_part(m2)}{extra}_{run_tag(settings)}_{mode}{every}.json"
     return opt.output_path(settings, m2["if_dir"], name)
 
 
