@@ -62,6 +62,15 @@ def official_color_weights(log=print) -> str:
     return wheel
 
 
+# The real photographs of the scikit-image wheel (no drawings: chessboard, logo, phantom, colour
+# wheel, horse silhouette; no multi-page TIFFs, which Pillow cannot read); the three classic gray
+# test images (cameraman, coins, moon) are the test set, the others the training set.
+SKIMAGE_PHOTOS = ["astronaut", "brick", "cell", "chelsea", "clock_motion", "coffee", "grass", "gravel",
+                  "hubble_deep_field", "ihc", "motorcycle_left", "motorcycle_right", "page", "retina",
+                  "rocket", "text"]
+SKIMAGE_TEST = ["camera", "coins", "moon"]
+
+
 def _filled(folder: str) -> bool:
     return os.path.isdir(folder) and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(folder))
 
@@ -88,17 +97,18 @@ def _try_skimage(train: str, test: str, log) -> bool:
     if wheel is None:
         return False
     with zipfile.ZipFile(wheel) as z:
-        names = sorted(n for n in z.namelist() if n.startswith("skimage/data/")
-                       and n.lower().endswith(IMAGE_EXTENSIONS) and "/tests/" not in n)
-        if len(names) < 6:
-            log(f"{os.path.basename(wheel)} holds only {len(names)} images")
+        present = {os.path.splitext(os.path.basename(n))[0]: n for n in z.namelist()
+                   if n.startswith("skimage/data/") and n.lower().endswith(IMAGE_EXTENSIONS) and "/tests/" not in n}
+        names = [present[p] for p in SKIMAGE_PHOTOS + SKIMAGE_TEST if p in present]
+        if len([p for p in SKIMAGE_TEST if p in present]) < 2 or len(names) < 8:
+            log(f"{os.path.basename(wheel)} lacks the expected photographs ({sorted(present)})")
             return False
-        for i, name in enumerate(names):
-            folder = test if i >= len(names) - 3 else train
+        for name in names:
+            folder = test if os.path.splitext(os.path.basename(name))[0] in SKIMAGE_TEST else train
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, os.path.basename(name)), "wb") as f:
                 f.write(z.read(name))
-    log(f"{len(names) - 3} training and 3 test photographs from {os.path.basename(wheel)}")
+    log(f"{len(names)} real photographs from {os.path.basename(wheel)} (test: {SKIMAGE_TEST})")
     return True
 
 

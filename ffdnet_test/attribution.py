@@ -27,6 +27,27 @@ def test_image(settings: dict, name: str) -> tuple[int, str, torch.Tensor, torch
     return k, paths[k], clean, noisy
 
 
+def image_names(settings: dict, log=print) -> list[str]:
+    """The test images to explain: ffdnet.attribution.images when the test folder has them. When
+    it has none of them (e.g. the defaults "01", "02" of Set12 with the scikit-image photographs),
+    the first as many images of the folder, in name order, with a warning saying so; a list of
+    which only some exist is a typo and stops with one line."""
+    cfg = common.ffdnet_cfg(settings)
+    wanted = cfg["attribution"]["images"]
+    names = [os.path.splitext(os.path.basename(p))[0]
+             for p in datasets.list_images(common.folder(settings, "test_dir"))]
+    missing = [n for n in wanted if n not in names]
+    if not missing:
+        return list(wanted)
+    if len(missing) < len(wanted):
+        raise opt.SettingsError(f"bad setting ffdnet.attribution.images: no test image {missing[0]!r} in "
+                                f"{cfg['test_dir']} (names: {names})")
+    chosen = names[:len(wanted)]
+    log(f"WARNING: ffdnet.attribution.images {wanted} are not in {cfg['test_dir']}: using its first "
+        f"{len(chosen)} images {chosen} instead (set ffdnet.attribution.images to choose)")
+    return chosen
+
+
 def check_point(point: list[int], image: torch.Tensor) -> None:
     if not (0 <= point[0] < image.shape[-2] and 0 <= point[1] < image.shape[-1]):
         raise opt.SettingsError(f"bad setting ffdnet.attribution.points: {point} is outside the "

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 import utils_option as opt  # noqa: E402
-from ffdnet_test import common  # noqa: E402
+from ffdnet_test import attribution, common  # noqa: E402
 
 
 def overlap(a: list[int], b: list[int], top: int) -> float:
@@ -36,10 +36,10 @@ def summarise(lists: dict[str, dict[tuple, list[int]]], top: int) -> tuple[float
 
 def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
-    images = cfg["attribution"]["images"][:2]
-    if len(images) < 2:
+    if len(cfg["attribution"]["images"]) < 2:
         raise opt.SettingsError("ffdnet.attribution.images needs two test images for the diagnosis")
     logger = opt.make_logger(settings, "ffdnet_diagnose")
+    images = attribution.image_names(settings, logger.info)[:2]
     top = 100
     rows = []
     m1 = {img: opt.read_json(common.m1_result_file(settings, img), "ffdnet_test/m1_Test.py") for img in images}

@@ -27,6 +27,7 @@ def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
     m1, att = cfg["method1"], cfg["attribution"]
     logger = opt.make_logger(settings, "ffdnet_m1_Test")
+    images = attribution.image_names(settings, logger.info)
     device = opt.select_device(cfg["use_gpu"], logger)
     model, model_path = common.load_model(settings, device, logger)
     with opt.Timer() as read_timer:
@@ -34,7 +35,7 @@ def main(settings: dict) -> dict:
     layers = sorted(norms)
     logger.info(f"gradient norms of layers {layers} for {meta['n_train']} patches read in {read_timer.seconds:.1f} s")
     outputs = {}
-    for image in att["images"]:
+    for image in images:
         _, path, clean, noisy = attribution.test_image(settings, image)
         for point in att["points"]:
             attribution.check_point(point, clean)

@@ -20,6 +20,7 @@ def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
     att = cfg["attribution"]
     logger = opt.make_logger(settings, "ffdnet_m1_vis")
+    images = attribution.image_names(settings, logger.info)
     patches = common.train_patches(settings)
     norms, _ = attribution.grad_norms(settings)
     tag = common.run_tag(settings)
@@ -28,7 +29,7 @@ def main(settings: dict) -> dict:
         fig = plotting.histogram(g.sum(1).numpy(), cfg["method1"]["outlim"],
                                  f"layer {layer}: total gradient norm per patch ({len(g)} patches)")
         figures.append(opt.save_figure(fig, opt.output_path(settings, "fig", "ffdnet_m1", f"{tag}_l{layer}_hist.png"), logger))
-    for image in att["images"]:
+    for image in images:
         record = opt.read_json(common.m1_result_file(settings, image), "ffdnet_test/m1_Test.py")
         _, _, clean, _ = attribution.test_image(settings, image)
         entries = record["entries"]

@@ -54,6 +54,7 @@ def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
     m2, att = cfg["method2"], cfg["attribution"]
     logger = opt.make_logger(settings, "ffdnet_m2_Test")
+    images = attribution.image_names(settings, logger.info)
     device = opt.select_device(cfg["use_gpu"], logger)
     opt.seed_everything(cfg["seed"])
     model, model_path = common.load_model(settings, device, logger)
@@ -68,7 +69,7 @@ def main(settings: dict) -> dict:
     sigma01 = cfg["test"]["noise_level_img"] / 255.0
     rows, targets = [], []
     with opt.Timer() as grad_timer:
-        for image in att["images"]:
+        for image in images:
             _, path, clean, noisy = attribution.test_image(settings, image)
             x = PackedInput.pack(common.to_model_order(noisy, settings)[None], torch.tensor([sigma01])).to(device)
             y = common.to_model_order(clean, settings)[None].to(device)
@@ -91,7 +92,7 @@ def main(settings: dict) -> dict:
     logger.info(f"s_test {info['seconds_s_test']} s, sweep {info['seconds_sweep']} s")
     influence = influence.cpu()
     files = {}
-    for image in att["images"]:
+    for image in images:
         entries = {}
         for (img, path, label, point), row in zip(targets, influence):
             if img != image:

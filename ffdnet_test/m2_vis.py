@@ -17,9 +17,10 @@ def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
     att = cfg["attribution"]
     logger = opt.make_logger(settings, "ffdnet_m2_vis")
+    images = attribution.image_names(settings, logger.info)
     patches = common.train_patches(settings)
     figures = []
-    for image in att["images"]:
+    for image in images:
         path = common.m2_result_file(settings, image)
         record = opt.read_json(path, "ffdnet_test/m2_Test.py")
         _, _, clean, _ = attribution.test_image(settings, image)

@@ -25,17 +25,44 @@ def mnist_train(mnist_raw):
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 
-@pytest.fixture
-def two_test_images(tmp_path):
-    """A folder with Set12's 01.png and 02.png (from ../shared/data)."""
-    import shutil
-    if not os.path.isdir(SHARED):
-        pytest.skip("../shared/data not beside the repo")
-    folder = tmp_path / "two"
-    folder.mkdir()
-    for name in ("01.png", "02.png"):
-        shutil.copy(os.path.join(SHARED, "ffdnet", "Set12", name), folder)
+@pytest.fixture(scope="session")
+def skimage_wheel():
+    """The scikit-image wheel, fetched from PyPI by the project's own data script (cached in
+    data/downloads): the real photographs the FFDNet tests use, so that they stand on the
+    repository and the registry alone (never on ../shared)."""
+    from data.ffdnet_data import DATA_ROOT, _pip_download
+    wheel = _pip_download("scikit-image", os.path.join(DATA_ROOT, "downloads"), lambda *_: None)
+    if wheel is None:
+        pytest.skip("PyPI not reachable: the FFDNet tests need the scikit-image wheel's photographs")
+    return wheel
+
+
+def _photo_crops(wheel, folder, names_and_targets, size):
+    """Gray centre crops (size x size) of the wheel's photographs, saved under new names."""
+    import io
+    import zipfile
+    from PIL import Image
+    folder.mkdir(exist_ok=True)
+    with zipfile.ZipFile(wheel) as z:
+        for photo, target in names_and_targets:
+            image = Image.open(io.BytesIO(z.read(f"skimage/data/{photo}"))).convert("L")
+            w, h = image.size
+            left, top = (w - size) // 2, (h - size) // 2
+            image.crop((left, top, left + size, top + size)).save(folder / target)
     return folder
+
+
+@pytest.fixture
+def two_test_images(tmp_path, skimage_wheel):
+    """Two 256 x 256 gray test photographs named like Set12's (01.png, 02.png)."""
+    return _photo_crops(skimage_wheel, tmp_path / "two", [("camera.png", "01.png"), ("coins.png", "02.png")], 256)
+
+
+@pytest.fixture
+def two_train_images(tmp_path, skimage_wheel):
+    """Two 180 x 180 gray training photographs named like Train400's (test_001.png, test_002.png)."""
+    return _photo_crops(skimage_wheel, tmp_path / "train",
+                        [("astronaut.png", "test_001.png"), ("chelsea.png", "test_002.png")], 180)
 
 
 def small_settings(tmp_path, **mnist_overrides) -> dict:

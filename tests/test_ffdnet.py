@@ -11,8 +11,6 @@ from ffdnet_test import common, datasets, metrics
 from ffdnet_test.model import FFDNet, count_parameters, load_checkpoint
 from ffdnet_test.training import train_ffdnet
 
-SHARED = opt.resolve_path("../shared/data")
-needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data not beside the repo")
 
 
 def test_unshuffle_shuffle_round_trip_and_odd_sizes():
@@ -39,19 +37,6 @@ def test_layer_numbering_follows_the_original():
     assert net.block_output_index(11) == 31 and net.block_output_index(12) == 32
     with pytest.raises(ValueError, match="valid: 0..12"):
         net.conv_index(13)
-
-
-@needs_shared
-def test_original_checkpoint_loads_and_denoises():
-    model, info = load_checkpoint(os.path.join(SHARED, "original", "FFDNet_rgb_e20b8_1000.pth"))
-    assert info == {"is_gray": False, "layout": "bn", "num_layers": 12, "channels": 96, "parameters": 854028}
-    clean = datasets.read_image(os.path.join(SHARED, "ffdnet", "Set14", "barbara.bmp"), False)[:, :96, :96]
-    noisy = common.noisy_test_image(clean, 25, 0, True)
-    with torch.no_grad():
-        out = model(noisy.flip(0)[None], torch.tensor([25 / 255]))[0].flip(0)  # trained on BGR
-    gain = metrics.psnr(metrics.to_uint8(out), metrics.to_uint8(clean)) - \
-        metrics.psnr(metrics.to_uint8(noisy), metrics.to_uint8(clean))
-    assert gain > 5
 
 
 def test_official_kair_layout_key_mapping(tmp_path):
@@ -181,12 +166,11 @@ def test_training_norms_equal_brute_force_loop(tmp_path):
             assert rel < 1e-5, (mode, L, rel)
 
 
-@needs_shared
-def test_train_and_test_scripts_small(tmp_path, two_test_images):
+def test_train_and_test_scripts_small(tmp_path, two_test_images, two_train_images):
     from ffdnet_test import FFDNet_Test, FFDNet_Train
     test_dir = two_test_images
-    settings = opt.load_settings(opt.resolve_path("settings_shared.json"), overrides={
-        "output_dir": str(tmp_path / "results"), "ffdnet": {
+    settings = opt.load_settings(overrides={
+        "output_dir": str(tmp_path / "results"), "ffdnet": {"train_dir": str(two_train_images),
             "max_patches": 24, "patch_size": 32, "stride": 32, "epoch": 1, "batch_size": 8,
             "val_dir": str(test_dir), "test_dir": str(test_dir), "method1": {"grad_mode": "per_sample"}}})
     trained = FFDNet_Train.main(settings)
@@ -197,3 +181,25 @@ def test_train_and_test_scripts_small(tmp_path, two_test_images):
     result = FFDNet_Test.main(settings)
     assert [r["image"] for r in result["rows"]] == ["01", "02"]
     assert 10 < result["average"]["psnr_noisy"] < 25 and os.path.isfile(result["test_file"])
+
+
+def test_offline_image_route_takes_only_real_photographs_pillow_reads(tmp_path, skimage_wheel):
+    """The scikit-image route of data/ffdnet_data.py (the one a user with only the registries
+    gets): real photographs only, every one readable by Pillow, camera/coins/moon as the test set;
+    the default attribution images ("01", "02") are then replaced by the folder's first two."""
+    from data import ffdnet_data
+    from ffdnet_test import attribution
+    train, test = str(tmp_path / "train"), str(tmp_path / "test")
+    assert ffdnet_data._try_skimage(train, test, lambda *_: None)
+    names = sorted(os.listdir(train)) + sorted(os.listdir(test))
+    assert sorted(os.listdir(test)) == ["camera.png", "coins.png", "moon.png"]
+    assert not any(bad in n for n in names for bad in ("chessboard", "logo", "phantom", "multipage", "horse", "color"))
+    for name in os.listdir(train):
+        assert datasets.read_image(os.path.join(train, name), True).shape[0] == 1
+    settings = opt.load_settings(overrides={"ffdnet": {"train_dir": train, "test_dir": test}})
+    seen = []
+    assert attribution.image_names(settings, seen.append) == ["camera", "coins"]
+    assert seen and seen[0].startswith("WARNING: ffdnet.attribution.images ['01', '02'] are not in")
+    typo = opt.deep_merge(settings, {"ffdnet": {"attribution": {"images": ["camera", "coinz"]}}})
+    with pytest.raises(opt.SettingsError, match="no test image 'coinz'"):
+        attribution.image_names(typo)

@@ -11,8 +11,6 @@ from ffdnet_test import attribution
 from ffdnet_test.m2_Test import window_mask
 from ffdnet_test.model import FFDNet, PackedInput, feature_position
 
-SHARED = opt.resolve_path("../shared/data")
-needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data not beside the repo")
 
 
 def test_point_to_feature_map_mapping():
@@ -77,12 +75,11 @@ def test_pixel_loss_gradient_matches_finite_differences():
     assert torch.equal(loss(net(x), clean), loss(net(x), far))
 
 
-@needs_shared
-def test_attribution_scripts_small(tmp_path, two_test_images):
+def test_attribution_scripts_small(tmp_path, two_test_images, two_train_images):
     from ffdnet_test import FFDNet_Train, diagnose, m1_PatchImg, m1_Test, m1_vis, m2_Test, m2_vis
     test_dir = two_test_images
-    settings = opt.load_settings(opt.resolve_path("settings_shared.json"), overrides={
-        "output_dir": str(tmp_path / "results"), "ffdnet": {
+    settings = opt.load_settings(overrides={
+        "output_dir": str(tmp_path / "results"), "ffdnet": {"train_dir": str(two_train_images),
             "max_patches": 40, "patch_size": 32, "stride": 32, "epoch": 1, "batch_size": 8,
             "val_dir": str(test_dir), "test_dir": str(test_dir),
             "attribution": {"images": ["01", "02"], "points": [[20, 30], [200, 220]], "vis_num": 3},
