@@ -6,6 +6,7 @@ the optimiser values when they differ from the original recipe.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -51,12 +52,28 @@ def test_file(settings: dict, mode: str) -> str:
     return opt.output_path(settings, "test", f"mnist_{run_tag(settings)}_{mode}_test.json")
 
 
+def test_selection_part(settings: dict, count: int | None = None) -> str:
+    """Which test images a result holds: loss-rank rule (num x step), "all", or a short hash of an
+    explicit list; ``count`` (method2.test_sample_num) when only the first ones are used."""
+    import hashlib
+    cfg = mnist_cfg(settings)
+    ids = cfg["test_ids"]
+    if ids == "loss_rank":
+        part = f"lr{cfg['test_num']}x{cfg['test_rank_step']}"
+    elif ids == "all":
+        part = "all"
+    else:
+        part = "ids" + hashlib.sha1(json.dumps(list(ids)).encode()).hexdigest()[:6]
+    return part + (f"k{count}" if count is not None and ids != "all" else "")
+
+
 def m1_file(settings: dict, mode: str | None = None) -> str:
     m1 = mnist_cfg(settings)["method1"]
     mode = mode or m1["mode"]
     stem = os.path.basename(grad_norm_file(settings, mode))[:-len(".json")]
     layers = "-".join(m1["layers"])
-    return opt.output_path(settings, "act_grad", mode, f"{stem}_{layers}_scores.json")
+    return opt.output_path(settings, "act_grad", mode,
+                           f"{stem}_{layers}_{test_selection_part(settings)}_top{m1['top_k']}_scores.json")
 
 
 def m2_file(settings: dict, mode: str | None = None) -> str:
@@ -65,8 +82,8 @@ def m2_file(settings: dict, mode: str | None = None) -> str:
     m2 = cfg["method2"]
     mode = mode or m2["mode"]
     extra = f"_ce{cfg['checkpoint_every']}" if m2["solver"] == "tracin" else ""
-    every = "_all" if cfg["test_ids"] == "all" else ""
-    name = f"if_{opt.solver_file_part(m2)}{extra}_{run_tag(settings)}_{mode}{every}.json"
+    tests = test_selection_part(settings, m2["test_sample_num"])
+    name = f"if_{opt.solver_file_part(m2)}{extra}_{run_tag(settings)}_{mode}_{tests}_top{m2['top_k']}.json"
     return opt.output_path(settings, m2["if_dir"], name)
 
 
@@ -95,6 +112,25 @@ def factor_file(settings: dict, mode: str | None = None) -> str:
     params = "_p" + "+".join(m2["params"]) if m2["params"] else ""
     name = f"mnist_{run_tag(settings)}_{mode}_{m2['solver']}_{m2['fisher']}{params}_l2{m2['l2_reg']:g}.pt"
     return opt.output_path(settings, m2["if_dir"], "factors", name)
+
+
+def read_result(path: str, made_by: str, settings: dict, block: str) -> dict:
+    """Read an m1/m2 result and check that it was made with the current settings of ``block``
+    ("method1" or "method2") and the current training recipe: a stale or foreign file is refused
+    in one line, never silently used."""
+    record = opt.read_json(path, made_by)
+    made = record.get("meta", {}).get("settings", {})
+    now = mnist_cfg(settings)
+    ignored = {"mode", "chunk_size", "if_dir"}  # names and memory bounds, not content
+    for key in ("seed", "epoch", "batch_size", "learning_rate", "momentum", "weight_decay", "train_subset"):
+        if key in made and made[key] != now[key]:
+            raise opt.SettingsError(f"{path} was made with mnist.{key} = {made[key]!r}, not {now[key]!r}: "
+                                    f"run {made_by} again with the current settings")
+    for key, value in now[block].items():
+        if key not in ignored and key in made.get(block, {}) and made[block][key] != value:
+            raise opt.SettingsError(f"{path} was made with mnist.{block}.{key} = {made[block][key]!r}, not "
+                                    f"{value!r}: run {made_by} again with the current settings")
+    return record
 
 
 def load_grad_norms(settings: dict, mode: str | None = None,

@@ -48,10 +48,10 @@ def ranked_points(settings: dict) -> dict[str, dict[int, tuple[int, np.ndarray]]
     out: dict[str, dict] = {}
     for name in method_lists(cfg):
         if name == "method1":
-            record = opt.read_json(common.m1_file(settings), "mnist_test/m1_Test.py")
+            record = common.read_result(common.m1_file(settings), "mnist_test/m1_Test.py", settings, "method1")
             key, largest = "scores", True
         else:
-            record = opt.read_json(common.m2_file(settings), "mnist_test/m2_Test.py")
+            record = common.read_result(common.m2_file(settings), "mnist_test/m2_Test.py", settings, "method2")
             key, largest = "influence", name.endswith("helpful")
         entries = [v for k, v in record.items() if k != "meta"]
         out[name] = {e["test_id_num"]: (e["label"], np.array(utils_if.top_indices(

@@ -74,8 +74,8 @@ def tables(settings: dict, seeds: list[int], test_ids: list[int], logger) -> dic
     loaded = {}
     for seed in seeds:
         s = model_settings(settings, seed, test_ids)
-        loaded[seed] = {"method1": opt.read_json(common.m1_file(s), "m1_Test.py"),
-                        "method2": opt.read_json(common.m2_file(s), "m2_Test.py")}
+        loaded[seed] = {"method1": common.read_result(common.m1_file(s), "mnist_test/m1_Test.py", s, "method1"),
+                        "method2": common.read_result(common.m2_file(s), "mnist_test/m2_Test.py", s, "method2")}
     tag = common.run_tag(model_settings(settings, seeds[0]))
     for name, key, largest in TABLES:
         source = name.split("_")[0]

@@ -37,7 +37,7 @@ def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
     logger = opt.make_logger(settings, "mnist_vis_m1")
     source = common.m1_file(settings)
-    record = opt.read_json(source, "mnist_test/m1_Test.py")
+    record = common.read_result(source, "mnist_test/m1_Test.py", settings, "method1")
     meta = record["meta"]
     fig = ranked_figure(settings, record, "top", "scores",
                         f"Method 1: top {cfg['vis_num']} training images per test image "

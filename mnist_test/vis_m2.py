@@ -20,7 +20,7 @@ def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
     logger = opt.make_logger(settings, "mnist_vis_m2")
     source = common.m2_file(settings)
-    record = opt.read_json(source, "mnist_test/m2_Test.py")
+    record = common.read_result(source, "mnist_test/m2_Test.py", settings, "method2")
     solver = record["meta"]["settings"]["method2"]["solver"]
     stem = os.path.basename(source)[:-len(".json")]
     paths = {}

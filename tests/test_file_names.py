@@ -36,7 +36,13 @@ def test_solver_specific_settings_change_the_name(base, change):
 
 
 def test_mnist_names_other_settings():
-    assert mcommon.m2_file(opt.deep_merge(BASE, {"mnist": {"test_ids": "all"}})).endswith("_all.json")
+    assert "_all_" in mcommon.m2_file(opt.deep_merge(BASE, {"mnist": {"test_ids": "all"}}))
+    for change in ({"test_ids": [1, 2]}, {"test_ids": [1, 3]}, {"test_num": 5}, {"test_rank_step": 500},
+                   {"method2": {"test_sample_num": 3}}, {"method2": {"top_k": 7}}):
+        changed = opt.deep_merge(BASE, {"mnist": change})
+        assert mcommon.m2_file(changed) != mcommon.m2_file(BASE), change
+    for change in ({"test_ids": [1, 2]}, {"test_num": 5}, {"method1": {"top_k": 7}}, {"method1": {"layers": ["fc1"]}}):
+        assert mcommon.m1_file(opt.deep_merge(BASE, {"mnist": change})) != mcommon.m1_file(BASE), change
     tracin = with_m2("mnist", {"solver": "tracin"})
     assert mcommon.m2_file(opt.deep_merge(tracin, {"mnist": {"checkpoint_every": 2}})) != mcommon.m2_file(tracin)
     lissa_label = mcommon.m2_file(BASE)
@@ -60,3 +66,17 @@ def test_ffdnet_m1_name_changes_with_each_setting(change):
     assert fcommon.m1_result_file(changed, "01") != fcommon.m1_result_file(BASE, "01")
     if "test" in change:
         assert fcommon.m2_result_file(changed, "01") != fcommon.m2_result_file(BASE, "01")
+
+
+def test_a_result_made_with_other_settings_is_refused(tmp_path):
+    settings = opt.deep_merge(BASE, {"output_dir": str(tmp_path)})
+    path = tmp_path / "r.json"
+    made = opt.deep_merge(settings["mnist"], {"method2": {"damp": 0.5}})
+    opt.write_json(str(path), {"meta": {"settings": made}})
+    with pytest.raises(opt.SettingsError, match="made with mnist.method2.damp = 0.5, not 0.01"):
+        mcommon.read_result(str(path), "mnist_test/m2_Test.py", settings, "method2")
+    opt.write_json(str(path), {"meta": {"settings": opt.deep_merge(settings["mnist"], {"epoch": 3})}})
+    with pytest.raises(opt.SettingsError, match="mnist.epoch = 3, not 20"):
+        mcommon.read_result(str(path), "mnist_test/m1_Test.py", settings, "method1")
+    opt.write_json(str(path), {"meta": {"settings": settings["mnist"]}})
+    assert mcommon.read_result(str(path), "x", settings, "method2")["meta"]["settings"] == settings["mnist"]
