@@ -149,6 +149,7 @@ LDS_METHODS = ("m1_batch_raw", "m1_batch_normalized", "m1_per_sample_raw", "m1_p
 
 SCHEMA: dict[str, tuple] = {
     "output_dir": ("str", None),
+    "threads": ("int", (0, 256)),
     "profile": ("str", None),
     "mnist.seed": ("int", (0, None)),
     "mnist.use_gpu": ("bool", None),
@@ -476,6 +477,17 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
+def apply_threads(settings: dict) -> int:
+    """Set torch's CPU thread count from the ``threads`` setting and return it. The default 1
+    makes seeded CPU results independent of the machine's core count (reductions split across
+    threads sum in another order); 0 keeps torch's default (all cores: faster influence sweeps,
+    results that can differ in the last bits between machines)."""
+    wanted = settings.get("threads", 0)
+    if wanted and torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+    return torch.get_num_threads()
+
+
 def select_device(use_gpu: bool, logger: logging.Logger | None = None) -> torch.device:
     """CUDA when ``use_gpu`` is true and a GPU exists, else CPU; the choice is logged."""
     has_cuda = torch.cuda.is_available()
@@ -552,7 +564,9 @@ def make_logger(settings: dict, name: str) -> logging.Logger:
     file_handler = logging.FileHandler(log_file, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s - %(message)s"))
     logger.addHandler(file_handler)
+    threads = apply_threads(settings)
     logger.info(f"{name}: settings {settings['settings_file']} (profile {settings['profile']}), "
+                f"{threads} torch thread{'s' if threads > 1 else ''}, output {resolve_path(settings['output_dir'])}, "
                 f"log file {log_file}")
     shown = {k: v for k, v in settings.items() if k not in ("profiles",)}
     logger.info("settings: " + json.dumps(shown, sort_keys=True))

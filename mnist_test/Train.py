@@ -11,6 +11,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+
 import utils_option as opt  # noqa: E402
 from mnist_test import common  # noqa: E402
 from mnist_test.model import LAYER_MODULES, mnist_model  # noqa: E402
@@ -52,7 +54,7 @@ def main(settings: dict) -> dict:
         "layers": {name: {"module": f"{LAYER_MODULES[name]}.weight",
                           "shape": [len(train), norms[name].shape[1]]} for name in layers},
         "n_train": len(train), "train_indices": "0..n_train-1 (original MNIST order)",
-        "test_accuracy": accuracy, "train_seconds": round(timer.seconds, 2),
+        "test_accuracy": accuracy, "train_seconds": round(timer.seconds, 2), "threads": torch.get_num_threads(),
         "definition": ("row-wise L2 norm (over inputs) of each layer's weight gradient, one value per "
                        "output neuron, summed over the recorded epochs; batch = norm of the "
                        "batch-mean gradient given to every batch member; per_sample = norm of each "

@@ -75,6 +75,7 @@ def main(settings: dict) -> dict:
     result = {"meta": {
         "settings": cfg, "profile": settings["profile"], "model_file": model_path,
         "n_train": len(train), "sign_convention": utils_if.SIGN_CONVENTION, "solver_info": info,
+        "threads": torch.get_num_threads(),
         "test_ids": ids}}
     influence = influence.cpu()
     for position, test_id in enumerate(ids):

@@ -136,3 +136,18 @@ def test_atomic_write_removes_temporary_files_of_dead_processes(tmp_path):
 def test_loss_rank_beyond_the_test_set_is_refused():
     with pytest.raises(opt.SettingsError, match="test_num = 12 with mnist.test_rank_step = 1000"):
         opt.load_settings(overrides={"mnist": {"test_num": 12}})
+
+
+def test_thread_setting_is_applied_logged_and_stored(tmp_path, mnist_raw):
+    import torch
+    from mnist_test import Train
+    from tests.conftest import small_settings
+    before = torch.get_num_threads()
+    try:
+        settings = opt.deep_merge(small_settings(tmp_path, train_subset=100, epoch=1), {"threads": 1})
+        meta = opt.read_json(Train.main(settings)["grad_norm"], "Train")["meta"]
+        assert torch.get_num_threads() == 1 and meta["threads"] == 1
+        log = open(sorted((tmp_path / "results" / "logs").iterdir())[-1]).read()
+        assert "1 torch thread," in log
+    finally:
+        torch.set_num_threads(before)
