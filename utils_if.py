@@ -587,10 +587,24 @@ def influences_from_test_grads(problem: InfluenceProblem, test_grads: torch.Tens
 
 
 # ============================================================================================
-# Kronecker-factored curvature (K-FAC, EK-FAC) for Linear layers
+# Kronecker-factored curvature (K-FAC, EK-FAC) for Linear and Conv2d layers
 # ============================================================================================
+def kronecker_owners(problem: "InfluenceProblem") -> dict[str, nn.Module]:
+    """The Linear/Conv2d modules owning the chosen parameters (each with its weight chosen), or a
+    ValueError naming the parameter that another kind of module owns."""
+    owners = capturable_owners(problem) or {}
+    modules = dict(problem.model.named_modules())
+    for name in problem.param_names:
+        module_name = name.rpartition(".")[0]
+        if not isinstance(modules.get(module_name), (nn.Linear, nn.Conv2d)) or module_name not in owners:
+            raise ValueError(f"kfac/ekfac cover nn.Linear and nn.Conv2d parameters only; {name} belongs to "
+                             f"{type(modules.get(module_name)).__name__}: leave it out of params")
+    for module_name in owners:
+        if f"{module_name}.weight" not in problem.params:
+            raise ValueError(f"kfac/ekfac take a layer's weight with its bias; {module_name}.weight is not chosen")
+    return owners
 class KroneckerCurvature:
-    """K-FAC / EK-FAC approximation of the curvature of every chosen ``nn.Linear`` layer.
+    """K-FAC / EK-FAC approximation of the curvature of every chosen ``nn.Linear`` and ``nn.Conv2d``.
 
     For a Linear layer with homogeneous input a_bar = [a, 1] and output gradient delta, a sample's
     gradient of (weight | bias) is G = delta a_bar^T (out x in+1), whose row-major flattening is
@@ -605,27 +619,27 @@ class KroneckerCurvature:
     Fisher block in that basis). For a Linear layer G is rank one, so
     Q_S^T G Q_A = (Q_S^T delta)(Q_A^T a_bar)^T and Lambda is one matrix product over the data.
 
+    Conv2d (KFC, Grosse & Martens 2016): a_bar_t is the unfolded input patch at output position
+    t (in*kh*kw values, + 1 for the bias), delta_t the output gradient there, and
+    G = sum_t delta_t a_bar_t^T. A averages a_bar a_bar^T over samples and positions, S sums
+    delta delta^T over positions and averages over samples (so that S (x) A matches E[G G^T] under
+    KFC's independence assumptions); EK-FAC's Lambda is computed from the exact per-sample G.
+    Other modules (e.g. BatchNorm) are not supported: choose their parameters out.
+
     Fisher: "true" draws each sample's label from the model's predictive distribution
     (log-probability outputs; seeded), the expectation of which equals the Gauss-Newton matrix of
-    the NLL; "empirical" uses the training labels. Damping: each layer solves with
-    (F_layer + (lambda_l + l2_reg) I), lambda_l = damp_factor * mean(Lambda_l) (kronfluence's
-    heuristic with factor 0.1); l2_reg is the training objective's own L2 term.
-    Cross-layer curvature is ignored (block diagonal).
+    the NLL; "empirical" uses the training labels (the only choice for a regression loss such as
+    the denoiser's MSE). Damping: each layer solves with (F_layer + (lambda_l + l2_reg) I),
+    lambda_l = damp_factor * mean(Lambda_l) (kronfluence's heuristic with factor 0.1); l2_reg is
+    the training objective's own L2 term. Cross-layer curvature is ignored (block diagonal).
     """
 
     def __init__(self, problem: "InfluenceProblem", x: torch.Tensor, y: torch.Tensor, eigen_corrected: bool = True,
                  fisher: str = "true", damp_factor: float = 0.1, chunk_size: int = 10000,
                  seed: int = 0) -> None:
-        owners = _linear_modules_for(problem)
-        if owners is None:
-            raise ValueError("kfac/ekfac need every chosen parameter to belong to an nn.Linear "
-                             "(choose them with params)")
+        owners = kronecker_owners(problem)
         if fisher not in ("true", "empirical"):
             raise ValueError(f"fisher = {fisher!r}: expected 'true' or 'empirical'")
-        for name in owners:
-            if f"{name}.weight" not in problem.params:
-                raise ValueError(f"kfac/ekfac take a Linear layer's weight with its bias; {name}.weight "
-                                 f"is not chosen")
         self.problem, self.owners = problem, owners
         self.eigen_corrected, self.fisher, self.damp_factor = eigen_corrected, fisher, damp_factor
         self.has_bias = {name: f"{name}.bias" in problem.params for name in owners}
@@ -633,16 +647,18 @@ class KroneckerCurvature:
         labels = []  # the labels of the pass, reused by the EK-FAC pass (same Fisher samples)
         a_cov: dict[str, torch.Tensor] = {}
         s_cov: dict[str, torch.Tensor] = {}
+        positions: dict[str, int] = {}
         n = len(x)
         for s in range(0, n, chunk_size):
             xb = x[s:s + chunk_size]
             yb = self._fisher_labels(xb, y[s:s + chunk_size], generator)
             labels.append(yb)
-            for name, a_bar, delta in self._io(xb, yb):
-                a64, d64 = a_bar.double(), delta.double()
+            for name, a_bar, delta in self._io(xb, yb):              # (b, L, d), (b, L, out)
+                positions[name] = a_bar.shape[1]
+                a64, d64 = a_bar.double().flatten(0, 1), delta.double().flatten(0, 1)
                 a_cov[name] = a_cov.get(name, 0) + a64.T @ a64
                 s_cov[name] = s_cov.get(name, 0) + d64.T @ d64
-        self.A = {k: v / n for k, v in a_cov.items()}
+        self.A = {k: v / (n * positions[k]) for k, v in a_cov.items()}
         self.S = {k: v / n for k, v in s_cov.items()}
         self.QA, self.QS, self.eigenvalues = {}, {}, {}
         for name in owners:
@@ -653,12 +669,25 @@ class KroneckerCurvature:
             corrected: dict[str, torch.Tensor] = {}
             for start, yb in zip(range(0, n, chunk_size), labels):
                 for name, a_bar, delta in self._io(x[start:start + chunk_size], yb):
-                    u = (delta.double() @ self.QS[name]).square()     # (b, out)
-                    w = (a_bar.double() @ self.QA[name]).square()     # (b, in+1)
-                    corrected[name] = corrected.get(name, 0) + u.T @ w
+                    corrected[name] = corrected.get(name, 0) + self._rotated_sq_sum(name, a_bar, delta)
             self.eigenvalues = {k: v / n for k, v in corrected.items()}
         self.damping = {name: damp_factor * lam.mean().item() + problem.l2_reg
                         for name, lam in self.eigenvalues.items()}
+
+    def _rotated(self, name: str, a_bar: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Each sample's gradient in the Kronecker eigenbasis, Q_S^T G Q_A: (b, out, d)."""
+        return torch.einsum("btu,btw->buw", delta.double() @ self.QS[name], a_bar.double() @ self.QA[name])
+
+    def _rotated_sq_sum(self, name: str, a_bar: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """sum over samples of (Q_S^T G Q_A)^2, (out, d): a matrix product when G is rank one."""
+        if a_bar.shape[1] == 1:  # Linear: (Q_S^T delta)(Q_A^T a_bar)^T squared is u^2 (w^2)^T
+            u = (delta[:, 0].double() @ self.QS[name]).square()
+            w = (a_bar[:, 0].double() @ self.QA[name]).square()
+            return u.T @ w
+        total = 0
+        for s in range(0, len(a_bar), 64):  # bounded memory: 64 x out x d at a time
+            total = total + self._rotated(name, a_bar[s:s + 64], delta[s:s + 64]).square().sum(0)
+        return total
 
     def _fisher_labels(self, xb: torch.Tensor, yb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.fisher == "empirical":
@@ -668,20 +697,28 @@ class KroneckerCurvature:
         return torch.multinomial(logp.exp().cpu(), 1, generator=generator).squeeze(1).to(yb.device)
 
     def _io(self, xb: torch.Tensor, yb: torch.Tensor):
-        """(layer, homogeneous input (b, in+1) or input (b, in), per-sample output gradient (b, out))."""
+        """(layer, inputs (b, L, d) with a ones column for the bias, output gradients (b, L, out))
+        of every layer: L = 1 for Linear, the output positions for Conv2d (unfolded patches)."""
         captured, deltas = _capture(self.problem, self.owners, xb, yb, self.problem.sample_loss)
-        for (name, _), delta in zip(self.owners.items(), deltas):
+        for (name, module), delta in zip(self.owners.items(), deltas):
             a = captured[name][0].detach()
+            delta = delta.detach()
+            if isinstance(module, nn.Conv2d):
+                a = nn.functional.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                                         stride=module.stride).transpose(1, 2)      # (b, L, in*kh*kw)
+                delta = delta.flatten(2).transpose(1, 2)                            # (b, L, out)
+            else:
+                a, delta = a[:, None], delta[:, None]
             if self.has_bias[name]:
-                a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype, device=a.device)], dim=1)
-            yield name, a, delta.detach()
+                a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device)], dim=2)
+            yield name, a, delta
 
     def _layer_blocks(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(k, p) vectors -> {layer: (k, out, in+1)} (weight | bias columns)."""
+        """(k, p) vectors -> {layer: (k, out, d)} (weight, conv kernels flattened, | bias column)."""
         parts = self.problem.unflatten(flat)
         blocks = {}
         for name in self.owners:
-            w = parts[f"{name}.weight"]
+            w = parts[f"{name}.weight"].flatten(2)
             blocks[name] = torch.cat([w, parts[f"{name}.bias"][..., None]], dim=-1) if self.has_bias[name] else w
         return blocks
 
@@ -711,9 +748,15 @@ class KroneckerCurvature:
         for s in range(0, len(x), chunk_size):
             total = torch.zeros(len(x[s:s + chunk_size]), dtype=torch.float64, device=x.device)
             for name, a_bar, delta in self._io(x[s:s + chunk_size], y[s:s + chunk_size]):
-                u2 = (delta.double() @ self.QS[name]).square()
-                w2 = (a_bar.double() @ self.QA[name]).square()
-                total += ((u2 @ (1.0 / (self.eigenvalues[name] + self.damping[name]))) * w2).sum(1)
+                inverse = 1.0 / (self.eigenvalues[name] + self.damping[name])
+                if a_bar.shape[1] == 1:  # Linear, rank one
+                    u2 = (delta[:, 0].double() @ self.QS[name]).square()
+                    w2 = (a_bar[:, 0].double() @ self.QA[name]).square()
+                    total += ((u2 @ inverse) * w2).sum(1)
+                else:
+                    for b in range(0, len(a_bar), 64):
+                        rotated = self._rotated(name, a_bar[b:b + 64], delta[b:b + 64])
+                        total[b:b + 64] += (rotated.square() * inverse).sum((1, 2))
             out.append(total)
         return torch.cat(out)
 
@@ -771,7 +814,7 @@ class KroneckerCurvature:
 
     def _restore(self, problem: "InfluenceProblem", state: dict, damp_factor: float) -> None:
         device = next(iter(problem.params.values())).device
-        self.problem, self.owners = problem, _linear_modules_for(problem)
+        self.problem, self.owners = problem, kronecker_owners(problem)
         self.eigen_corrected, self.fisher, self.damp_factor = state["eigen_corrected"], state["fisher"], damp_factor
         self.has_bias = {name: f"{name}.bias" in problem.params for name in self.owners}
         for f in self.FACTOR_FIELDS:

@@ -97,7 +97,7 @@ def dense_from_factors(curv, problem):
         block = basis @ torch.diag(curv.eigenvalues[layer].reshape(-1)) @ basis.T
         block += curv.damping[layer] * torch.eye(len(block), dtype=torch.float64)
         out, cols = curv.eigenvalues[layer].shape
-        # block index o*cols + j: weight (o, j) for j < in, bias o for j = in
+        # block index o*cols + j: weight (o, j) for j < d (conv kernels flattened), bias o for j = d
         index = []
         for o in range(out):
             for j in range(cols):
@@ -146,11 +146,81 @@ def test_identity_solver_is_the_gradient_dot_product_and_norms_are_exact(problem
     assert torch.allclose(ekfac, curv.inverse_hvp(grads[:4]) @ grads.T, atol=1e-10)
 
 
-def test_kfac_refuses_non_linear_owners():
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3), nn.LogSoftmax(1))
+def test_kfac_refuses_batchnorm_parameters():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3), nn.LogSoftmax(1)).eval()
     problem = U.InfluenceProblem(net, U.nll_sample_loss, U.select_parameters(net))
-    with pytest.raises(ValueError, match="nn.Linear"):
+    with pytest.raises(ValueError, match="1.weight belongs to BatchNorm2d: leave it out of params"):
         U.KroneckerCurvature(problem, torch.randn(4, 1, 4, 4), torch.zeros(4, dtype=torch.long))
+    chosen = U.InfluenceProblem(net, U.nll_sample_loss, U.select_parameters(net, ["0.", "3."]))
+    U.KroneckerCurvature(chosen, torch.randn(4, 1, 4, 4), torch.zeros(4, dtype=torch.long))  # BN held fixed
+
+
+class TinyConvNet(nn.Module):
+    """1x5x5 -> conv 3x3 (2 ch, padding 1) -> ReLU -> conv 2x2 stride 2 (3 ch) -> linear 3*2*2 -> 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 2, 3, padding=1)
+        self.c2 = nn.Conv2d(2, 3, 2, stride=2)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.c2(torch.relu(self.c1(x)))
+        return torch.log_softmax(self.fc(torch.relu(h).flatten(1)), dim=1)
+
+
+@pytest.fixture(scope="module")
+def conv_problem():
+    torch.manual_seed(1)
+    net = TinyConvNet().double()
+    x = torch.randn(30, 1, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (30,))
+    return net, U.InfluenceProblem(net, U.nll_sample_loss, U.select_parameters(net), l2_reg=0.0), x, y
+
+
+def test_conv_factors_equal_a_loop_over_positions(conv_problem):
+    net, problem, x, y = conv_problem
+    curv = U.KroneckerCurvature(problem, x, y, eigen_corrected=False, fisher="empirical", chunk_size=7)
+    a_sum, s_sum, count = torch.zeros(3 * 3 * 1 + 1, 3 * 3 * 1 + 1, dtype=torch.float64), \
+        torch.zeros(2, 2, dtype=torch.float64), 0
+    for i in range(len(x)):  # brute force: every output position of c1 by hand
+        z1 = net.c1(x[i:i + 1])
+        z1l = z1.detach().requires_grad_(True)
+        loss = -torch.log_softmax(net.fc(torch.relu(net.c2(torch.relu(z1l))).flatten(1)), 1)[0, y[i]]
+        delta, = torch.autograd.grad(loss, z1l)
+        padded = nn.functional.pad(x[i, 0], (1, 1, 1, 1))
+        for r in range(5):
+            for c in range(5):
+                a_bar = torch.cat([padded[r:r + 3, c:c + 3].reshape(-1), torch.ones(1, dtype=torch.float64)])
+                a_sum += torch.outer(a_bar, a_bar)
+                s_sum += torch.outer(delta[0, :, r, c], delta[0, :, r, c])
+                count += 1
+    assert torch.allclose(curv.A["c1"], a_sum / count, atol=1e-12)
+    assert torch.allclose(curv.S["c1"], s_sum / len(x), atol=1e-12)
+
+
+def test_conv_ekfac_is_the_exact_fisher_diagonal_and_solves_exactly(conv_problem):
+    net, problem, x, y = conv_problem
+    curv = U.KroneckerCurvature(problem, x, y, eigen_corrected=True, fisher="empirical", chunk_size=11)
+    grads = problem.sample_grads(x, y).double()
+    dense = dense_from_factors(curv, problem)
+    start = 0
+    for name, size in zip(problem.param_names, problem.sizes):
+        if name.endswith(".weight"):
+            layer = name.rpartition(".")[0]
+            out = curv.eigenvalues[layer].shape[0]
+            w = grads[:, start:start + size].reshape(len(x), out, -1)
+            b = grads[:, start + size:start + size + out]
+            g = torch.cat([w, b[..., None]], dim=2).reshape(len(x), -1)      # (n, out*(d+1)) row-major
+            basis = torch.kron(curv.QS[layer], curv.QA[layer])
+            diagonal = torch.diagonal(basis.T @ (g.T @ g / len(x)) @ basis)
+            assert torch.allclose(curv.eigenvalues[layer].reshape(-1), diagonal, rtol=1e-8, atol=1e-14), layer
+        start += size
+    v = torch.randn(2, problem.num_params, dtype=torch.float64)
+    expected = torch.linalg.solve(dense, v.T).T
+    assert ((curv.inverse_hvp(v) - expected).norm() / expected.norm()).item() < 1e-5
+    self_expected = (grads * torch.linalg.solve(dense, grads.T).T).sum(1)
+    assert torch.allclose(curv.self_influence(x, y, chunk_size=8), self_expected, rtol=1e-7)
 
 
 def test_cg_that_stops_early_is_flagged(problem_data):
