@@ -264,7 +264,7 @@ SCHEMA: dict[str, tuple] = {
     "ffdnet.attribution.images": ("str_list", None),
     "ffdnet.attribution.points": ("points", None),
     "ffdnet.attribution.vis_num": ("int", (1, 100)),
-    "ffdnet.method2.solver": _choice("lissa", "cg", "exact"),
+    "ffdnet.method2.solver": _choice("lissa", "cg", "exact", "kfac", "ekfac", "identity"),
     "ffdnet.method2.damp": ("float", (0.0, None)),
     "ffdnet.method2.scale": ("float", (1e-12, None)),
     "ffdnet.method2.stochastic": ("bool", None),

@@ -78,6 +78,14 @@ def m2_result_file(settings: dict, image: str) -> str:
                            f"_w{m2['window']}_{test_noise_part(settings)}_{image}.json")
 
 
+def factor_file(settings: dict, solver: str) -> str:
+    """K-FAC/EK-FAC factors of the model over its (first max_train_points) training patches."""
+    m2 = ffdnet_cfg(settings)["method2"]
+    params = "_p" + "+".join(m2["params"]) if m2["params"] else ""
+    return opt.output_path(settings, "if", "ffdnet", "factors",
+                           f"{run_tag(settings)}_{solver}_empirical{params}_n{m2['max_train_points']}.pt")
+
+
 def folder(settings: dict, key: str) -> str:
     """A data folder from the settings; the default ones are filled on first use."""
     path = opt.resolve_path(ffdnet_cfg(settings)[key])

@@ -63,6 +63,17 @@ def main(settings: dict) -> dict:
         names = utils_if.select_parameters(packed, ["net." + p for p in m2["params"]])
     except ValueError as err:
         raise opt.SettingsError(str(err).replace("net.", "")) from None
+    solver = solver_settings(settings)
+    if solver.solver in ("kfac", "ekfac"):
+        # Kronecker factors cover conv layers; BatchNorm's scale and shift are held fixed. The MSE
+        # has no label to sample: the Fisher is the empirical one (the denoising residuals).
+        modules = dict(packed.named_modules())
+        convs = [n for n in names if isinstance(modules[n.rpartition(".")[0]], torch.nn.Conv2d)]
+        if len(convs) < len(names):
+            logger.info(f"{solver.solver}: {len(names) - len(convs)} BatchNorm parameters held fixed "
+                        f"(not in the Kronecker-factored set)")
+        names, solver.fisher = convs, "empirical"
+        solver.factor_file = common.factor_file(settings, solver.solver)
     problem = utils_if.InfluenceProblem(packed, utils_if.mse_sample_loss, names, l2_reg=m2["l2_reg"],
                                         batched_hvp=False)
     x_train, y_train, patches = training_points(settings, device)
@@ -80,10 +91,9 @@ def main(settings: dict) -> dict:
                 loss = utils_if.masked_mse_sample_loss(window_mask(tuple(clean.shape), point, m2["window"]).to(device))
                 rows.append(problem.sample_grads(x, y, loss=loss))
                 targets.append((image, path, f"point {point[0]},{point[1]}", point))
-    solver = solver_settings(settings)
     logger.info(f"influence of {len(x_train)} training patches on {len(targets)} targets "
                 f"({problem.num_params} parameters, solver {solver.solver}, effective damping "
-                f"{solver.effective_damping:g}); test gradients in {grad_timer.seconds:.1f} s")
+                f"{solver.effective_damping}); test gradients in {grad_timer.seconds:.1f} s")
     try:
         influence, info = utils_if.influences_from_test_grads(problem, torch.cat(rows), x_train, y_train, solver)
     except utils_if.LissaDiverged as err:
