@@ -192,6 +192,7 @@ SCHEMA: dict[str, tuple] = {
     "mnist.lds.lissa_deep.training_points": ("int", (1, None)),
     "mnist.lds.lissa_deep.recursion_nums": ("int", (1, None)),
     "mnist.lds.cg_damps": ("float_list", None),
+    "mnist.lds.ekfac_damp_factors": ("float_list", None),
     "mnist.lds.cg_max_iter": ("int", (1, None)),
     "mnist.lds.bootstrap": ("int", (10, None)),
     "mnist.lds.loo.test_num": ("int", (0, 10000)),

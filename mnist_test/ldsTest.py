@@ -61,6 +61,8 @@ def solver_variants(settings: dict) -> dict:
     variants = dict(SOLVERS)
     deep = lcfg["lissa_deep"]
     variants["if_lissa_deep"] = ({"solver": "lissa", **deep}, True)
+    for factor in lcfg["ekfac_damp_factors"]:  # the heuristic's factor: which damping predicts best
+        variants[f"if_ekfac_df{factor:g}"] = ({"solver": "ekfac", "kfac_damp_factor": factor}, False)
     for damp in lcfg["cg_damps"]:
         variants[f"if_cg_d{damp:g}"] = ({"solver": "cg", "damp": damp, "cg_max_iter": lcfg["cg_max_iter"],
                                              "write_unconverged": True}, True)
@@ -130,8 +132,11 @@ def finite_mean(values) -> float:
 
 
 def base_name(method: str) -> str:
-    """The lds.methods entry of a method (the CG variants are all "if_cg")."""
-    return "if_cg" if method.startswith("if_cg_d") else method
+    """The lds.methods entry of a method (the CG variants are all "if_cg", the EK-FAC damping
+    variants "if_ekfac")."""
+    if method.startswith("if_cg_d"):
+        return "if_cg"
+    return "if_ekfac" if method.startswith("if_ekfac_df") else method
 
 
 def cosine(settings: dict, dot: np.ndarray, ids: list[int], device) -> dict:
@@ -340,11 +345,14 @@ def draw(settings, rows, methods, masks, measured, per_test, tag, logger) -> str
     ax.set_title("Linear datamodeling score per method (test images in brackets)")
     best = rows[0]["method"]
     matrix = methods[best]["matrix"]
-    predicted = utils_if.datamodel_predictions(matrix, masks, masks.shape[1])[:, 0]
-    ax2.scatter(predicted, measured["loss"][:, 0], s=12)
-    ax2.set_xlabel(f"predicted change of the loss ({best})")
+    scores = np.nan_to_num(np.asarray(per_test[best]), nan=-2.0)
+    typical = int(np.argsort(scores, kind="stable")[len(scores) // 2])  # the median test image, not a showcase
+    predicted = utils_if.datamodel_predictions(matrix, masks, masks.shape[1])[:, typical]
+    ax2.scatter(predicted, measured["loss"][:, typical], s=12)
+    ax2.set_xlabel(f"predicted loss minus base loss ({best})")
     ax2.set_ylabel("measured loss (mean over seeds)")
-    ax2.set_title(f"test image {lds.test_ids(settings)[0]}: LDS {per_test[best][0]:.2f}")
+    ax2.set_title(f"test image {methods[best]['ids'][typical]} (median LDS of {best}): {per_test[best][typical]:.2f}",
+                  fontsize=9)
     ax2.grid(alpha=0.3)
     fig.suptitle(f"MNIST MLP, {masks.shape[1]} training images, {len(masks)} subsets ({tag})")
     fig.tight_layout()
