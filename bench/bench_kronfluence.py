@@ -7,7 +7,7 @@ made like this (its torchvision pin would pull a CUDA torch, so --no-deps):
     python -m venv /tmp/kfvenv && /tmp/kfvenv/bin/pip install torch==2.13.0 numpy
     /tmp/kfvenv/bin/pip install --no-deps kronfluence==1.0.1 accelerate
     /tmp/kfvenv/bin/pip install einops einconv opt-einsum safetensors tqdm psutil pyyaml packaging huggingface_hub
-Usage: python bench/bench_kronfluence.py [--venv /tmp/kfvenv] [--model PATH]
+Usage: python bench/bench_kronfluence.py [--venv /tmp/kfvenv] [--model PATH] [--fisher true|empirical]
 (the model defaults to Train.py's report model, trained first if missing: about 75 s).
 This script runs itself inside the venv for kronfluence's half (--kronfluence-side).
 """
@@ -35,7 +35,7 @@ def load_arrays():
     return train.images, train.labels, test.images[TEST_IDS], test.labels[TEST_IDS]
 
 
-def kronfluence_side(model_path: str, out: str) -> None:
+def kronfluence_side(model_path: str, out: str, fisher: str) -> None:
     """Runs in the venv: kronfluence EK-FAC factors (true Fisher) and pairwise scores."""
     import torch.nn.functional as F
     from kronfluence.analyzer import Analyzer, prepare_model
@@ -69,7 +69,8 @@ def kronfluence_side(model_path: str, out: str) -> None:
                         output_dir=os.path.join(os.path.dirname(out), "kronfluence_results"))
     start = time.perf_counter()
     analyzer.fit_all_factors("ekfac", dataset=TensorDataset(x, y), per_device_batch_size=2000,
-                             factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+                             factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=fisher == "empirical"),
+                             overwrite_output_dir=True)
     factors_s = time.perf_counter() - start
     start = time.perf_counter()
     analyzer.compute_pairwise_scores("scores", "ekfac", query_dataset=TensorDataset(xt, yt),
@@ -85,7 +86,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--venv", default="/tmp/kfvenv")
     parser.add_argument("--model", default="")
-    parser.add_argument("--kronfluence-side", nargs=2, metavar=("MODEL", "OUT"))
+    parser.add_argument("--fisher", default="true", choices=["true", "empirical"],
+                        help="empirical: no sampled labels on either side, which isolates the sampling noise")
+    parser.add_argument("--kronfluence-side", nargs=3, metavar=("MODEL", "OUT", "FISHER"))
     args = parser.parse_args()
     if args.kronfluence_side:
         kronfluence_side(*args.kronfluence_side)
@@ -104,7 +107,7 @@ def main() -> None:
     problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, utils_if.select_parameters(model),
                                         l2_reg=0.0)  # kronfluence has no L2 term
     start = time.perf_counter()
-    curvature = utils_if.KroneckerCurvature(problem, x, y, eigen_corrected=True, fisher="true", seed=0)
+    curvature = utils_if.KroneckerCurvature(problem, x, y, eigen_corrected=True, fisher=args.fisher, seed=0)
     ours_factors_s = time.perf_counter() - start
     start = time.perf_counter()
     s_test = curvature.inverse_hvp(problem.sample_grads(xt, yt))
@@ -112,13 +115,14 @@ def main() -> None:
     ours_scores_s = time.perf_counter() - start
     out = os.path.join(tempfile.mkdtemp(prefix="bench_kf_"), "kronfluence.npz")
     python = os.path.join(args.venv, "bin", "python")
-    proc = subprocess.run([python, os.path.abspath(__file__), "--kronfluence-side", model_path, out],
+    proc = subprocess.run([python, os.path.abspath(__file__), "--kronfluence-side", model_path, out, args.fisher],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"kronfluence side failed (is {python} the venv above?):\n{proc.stderr[-3000:]}")
     theirs = np.load(out)
     scores = theirs["scores"]
-    print(f"threads {torch.get_num_threads()}; model {model_path}; 10 test images x {len(x)} training images")
+    print(f"threads {torch.get_num_threads()}; {args.fisher} Fisher; model {model_path}; 10 test images x "
+          f"{len(x)} training images")
     print(f"{'test id':>8} {'Pearson':>8} {'Spearman':>9} {'top-100 overlap':>16}")
     pearsons = []
     for t, test_id in enumerate(TEST_IDS):
