@@ -44,6 +44,7 @@ def denoise_folder(settings: dict, model, device, logger=None, save_dir: str | N
                      "psnr_noisy": metrics.psnr(noisy8, reference, test["border"])})
         if save_dir is not None:
             from PIL import Image
+            os.makedirs(save_dir, exist_ok=True)  # made on the first image: a failed run leaves no empty folder
             for tag, array in (("L", noisy8), ("E", denoised)):
                 Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(
                     os.path.join(save_dir, f"{name}_{tag}.png"))
@@ -60,7 +61,8 @@ def main(settings: dict) -> dict:
     set_name = os.path.basename(os.path.normpath(cfg["test_dir"]))
     stem = (f"{os.path.splitext(os.path.basename(model_path))[0]}_{set_name}_s{test['noise_level_img']:g}"
             f"{'' if test['is_clip'] else '_noclip'}{'_bgr' if cfg['channel_order'] == 'bgr' else ''}")
-    save_dir = opt.output_folder(settings, "fig", "ffdnet_test", stem) if test["save_images"] else None
+    save_dir = os.path.join(opt.resolve_path(settings["output_dir"]), "fig", "ffdnet_test", stem) \
+        if test["save_images"] else None
     try:
         rows = denoise_folder(settings, model, device, logger, save_dir)
     except datasets.ImageFolderError as err:

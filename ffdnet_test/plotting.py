@@ -22,7 +22,9 @@ def patch_rows(rows: list[dict], suptitle: str):
     """rows: {"image": (C,H,W), "point": (r, c) or None, "title": str,
     "patches": [(C,h,w) tensor], "captions": [str]}."""
     n_cols = 1 + max(len(r["patches"]) for r in rows)
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(2.1 * n_cols, 2.35 * len(rows)), squeeze=False)
+    row_height, title_height = 2.1, 0.8  # inches: each row leaves room for its captions above it
+    height = row_height * len(rows) + title_height
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(2.1 * n_cols, height), squeeze=False)
     for ax_row, row in zip(axes, rows):
         for ax in ax_row:
             ax.axis("off")
@@ -35,7 +37,8 @@ def patch_rows(rows: list[dict], suptitle: str):
             _show(ax, patch)
             ax.set_title(caption, fontsize=7)
     fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.1 / height, top=1 - title_height / height,
+                        hspace=0.45, wspace=0.08)
     return fig
 
 

@@ -10,7 +10,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
-def digit_grid(rows: list[list[dict]], suptitle: str, gap_after_first: bool = False):
+def digit_grid(rows: list[list[dict]], suptitle: str, gap_after_first: bool = False,
+               row_labels: list[str] | None = None):
     """A figure of rows of cells; a cell is {"image": (784,) in [-1, 1], "caption": str,
     "red": bool, "bold": bool} or None for an empty cell."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
@@ -32,8 +33,12 @@ def digit_grid(rows: list[list[dict]], suptitle: str, gap_after_first: bool = Fa
             ax.text(0.5, -0.04, cell["caption"], transform=ax.transAxes, ha="center", va="top",
                     fontsize=8, color="red" if cell.get("red") else "black",
                     fontweight="bold" if cell.get("bold") else "normal")
+    for r, label in enumerate(row_labels or []):  # e.g. "node 3" left of each row (Fig 4.1)
+        axes[r][0].text(-0.08, 0.5, label, transform=axes[r][0].transAxes, ha="right", va="center",
+                        fontsize=10, fontweight="bold", rotation=90)
     fig.suptitle(suptitle, fontsize=10)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.45 / height, top=1 - top_margin / height,
+    fig.subplots_adjust(left=0.06 if row_labels else 0.02, right=0.98, bottom=0.45 / height,
+                        top=1 - top_margin / height,
                         hspace=0.45, wspace=0.08)
     return fig
 

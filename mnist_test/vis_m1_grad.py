@@ -33,7 +33,8 @@ def main(settings: dict) -> dict:
         logger.info(f"node {node}: top {top}")
     fig = plotting.digit_grid(rows, f"Top {cfg['vis_num']} training images per output node by fc3 "
                               f"gradient norm ({m1['grad_mode']}, e{cfg['epoch']} b{cfg['batch_size']})"
-                              f"\nrows: nodes 0-9; caption: train id / label / norm (red: label = node)")
+                              f"\nrows: nodes 0-9; caption: train id / label / norm (red: label = node)",
+                              row_labels=[f"node {node}" for node in range(10)])
     stem = os.path.basename(common.grad_norm_file(settings))[:-len(".json")]
     path = opt.save_figure(fig, opt.output_path(settings, "fig", f"{stem}_{m1['mode']}_m1_grad_nodes.png"),
                            logger)
