@@ -329,8 +329,11 @@ class SolverSettings:
         return self.damp * self.scale if self.solver == "lissa" else self.damp
 
 
+LISSA_SETTLED = 0.05  # LiSSA counts as converged when its estimate moved < 5% over the last 10% of steps
+
+
 def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-          cfg: SolverSettings, show_progress: bool = True) -> torch.Tensor:
+          cfg: SolverSettings, show_progress: bool = True, info: dict | None = None) -> torch.Tensor:
     """LiSSA estimate of H^-1 v for (k, p) vectors (Agarwal et al. 2017; Koh & Liang 2017).
 
     h_0 = v;  h_j = v + (1 - damp) h_{j-1} - H_j h_{j-1} / scale,  j = 1..t, each H_j on a fresh
@@ -338,7 +341,9 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
     averaged over ``repeats`` independent chains (run side by side). Its fixed point is
     (H + damp*scale*I)^-1 v, so the damping it applies is damp*scale. The recursion converges when
     every Hessian eigenvalue lies in (-damp*scale, (2 - damp)*scale); a blow-up stops it with
-    :class:`LissaDiverged`.
+    :class:`LissaDiverged`. Convergence: ``info`` (if given) receives the relative change of the
+    estimate's norm over the last 10% of the steps (``lissa_last_change``) and ``converged`` =
+    that change < 5%.
     """
     from utils_option import progress  # local: keep utils_if importable without tqdm at import time
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -349,7 +354,11 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
     hv = torch.empty_like(h)                                           # reused every step
     steps = range(1, cfg.recursion_depth + 1)
     bar = progress(steps, desc="LiSSA", unit="step", disable=not show_progress, leave=False)
+    checkpoint = max(int(0.9 * cfg.recursion_depth), 1)
+    earlier = None
     for j in bar:
+        if j == checkpoint:
+            earlier = h.mean(dim=0).norm(dim=1)                       # (k,) norm of the estimate
         idx = torch.randint(n, (cfg.repeats, cfg.hvp_batch_size), generator=generator).to(x.device)
         problem.hvp_per_batch(x[idx], y[idx], h, out=hv)
         h.mul_(1.0 - cfg.damp).add_(v).sub_(hv, alpha=1.0 / cfg.scale)  # in place: h is big
@@ -361,6 +370,13 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
                 f"a Hessian eigenvalue lies outside (-damp*scale, (2-damp)*scale) = "
                 f"({-cfg.damp * cfg.scale:g}, {(2 - cfg.damp) * cfg.scale:g}); raise method2.scale "
                 f"(now {cfg.scale:g}) for large eigenvalues, or method2.damp for negative curvature")
+    if info is not None and earlier is not None:
+        final = h.mean(dim=0).norm(dim=1)
+        change = ((final - earlier).abs() / final.clamp_min(1e-30)).max().item()
+        info.update(lissa_last_change=round(change, 5), converged=change < LISSA_SETTLED)
+        if change >= LISSA_SETTLED:
+            info["warning"] = (f"LiSSA did not settle: its estimate still changed by {change:.1%} over the last "
+                               f"10% of the {cfg.recursion_depth} steps (raise training_points, or damp)")
     return (h / cfg.scale).mean(dim=0)
 
 
@@ -404,7 +420,7 @@ def inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tenso
     """s = (H + lambda I)^-1 v for (k, p) vectors with the chosen solver; returns (s, info)."""
     info: dict = {"solver": cfg.solver, "effective_damping": cfg.effective_damping, "converged": True}
     if cfg.solver == "lissa":
-        return lissa(problem, vectors, x, y, cfg, show_progress), info
+        return lissa(problem, vectors, x, y, cfg, show_progress, info), info
     if cfg.solver == "identity":  # no Hessian: influence = gradient dot product
         return vectors.detach().clone(), info
     if cfg.solver in ("kfac", "ekfac"):

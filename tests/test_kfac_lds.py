@@ -339,3 +339,17 @@ def test_roc_auc_and_fraction_found_by_hand():
     assert U.roc_auc(scores, positives) == pytest.approx((3 + 2 + 0.5) / 9)
     assert U.roc_auc(-np.arange(4.0), np.array([True, True, False, False])) == pytest.approx(1.0)
     assert U.fraction_found(scores, positives, [1 / 6, 0.5, 1.0]) == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
+def test_lissa_that_has_not_settled_is_flagged():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3), nn.LogSoftmax(1)).double()
+    x, y = torch.randn(200, 5, dtype=torch.float64), torch.randint(0, 3, (200,))
+    problem = U.InfluenceProblem(net, U.nll_sample_loss, U.select_parameters(net), l2_reg=0.01)
+    v = torch.randn(2, problem.num_params, dtype=torch.float64)
+    shallow = U.SolverSettings(solver="lissa", damp=0.1, scale=10, recursion_depth=5, repeats=2, hvp_batch_size=50)
+    _, info = U.inverse_hvp(problem, v, x, y, shallow, show_progress=False)
+    assert info["converged"] is False and info["lissa_last_change"] > 0.2 and "did not settle" in info["warning"]
+    deep = U.SolverSettings(solver="lissa", damp=0.1, scale=10, recursion_depth=2000, repeats=2, hvp_batch_size=50)
+    _, info = U.inverse_hvp(problem, v, x, y, deep, show_progress=False)
+    assert info["converged"] is True and info["lissa_last_change"] < 0.05
