@@ -32,6 +32,7 @@ def main(settings: dict) -> dict:
     ranked = explain.ranked_points(settings)
     jobs = explain.plan(settings, ranked)
     pending = [job for job in jobs if not os.path.isfile(job["path"])]
+    opt.distributed_barrier()  # every rank lists the same pending jobs before any rank writes one
     mine = opt.partition(pending, rank, world)
     logger.info(f"{len(jobs)} models in the study, {len(jobs) - len(pending)} already done; "
                 f"rank {rank}/{world} trains {len(mine)}")

@@ -202,6 +202,7 @@ def main(settings: dict) -> dict:
              "path": os.path.join(subsets, f"m{m}_s{r}.json"), "record": {"subset": m, "replicate": r}}
             for m in range(lcfg["num_subsets"]) for r in range(lcfg["seeds_per_subset"])]
     pending = [j for j in jobs if not os.path.isfile(j["path"])]
+    opt.distributed_barrier()  # every rank has listed the same pending jobs before any writes one
     mine = opt.partition(pending, rank, world)
     logger.info(f"subset models: {len(jobs)} in all, {len(jobs) - len(pending)} done; rank {rank} trains {len(mine)}")
     trained = {"subsets": len(mine)}
@@ -234,6 +235,7 @@ def main(settings: dict) -> dict:
                       "path": os.path.join(loo_dir, f"p{point}_s{r}.json"), "record": {"removed": point, "replicate": r}}
                      for r in range(loo["seeds"])]
     pending = [j for j in loo_jobs if not os.path.isfile(j["path"])]
+    opt.distributed_barrier()  # as above: the same pending list on every rank
     mine = opt.partition(pending, rank, world)
     logger.info(f"LOO models: {len(loo_jobs)} in all, {len(loo_jobs) - len(pending)} done; rank {rank} trains {len(mine)}")
     trained["loo"] = len(mine)
