@@ -691,8 +691,10 @@ class KroneckerCurvature:
                         for name, lam in self.eigenvalues.items()}
 
     def _rotated(self, name: str, a_bar: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Each sample's gradient in the Kronecker eigenbasis, Q_S^T G Q_A: (b, out, d)."""
-        return torch.einsum("btu,btw->buw", delta.double() @ self.QS[name], a_bar.double() @ self.QA[name])
+        """Each sample's gradient in the Kronecker eigenbasis, Q_S^T G Q_A: (b, out, d), in the
+        inputs' precision (float32 for real runs: the conv pass is the costly one; float64 in tests)."""
+        qs, qa = self.QS[name].to(delta.dtype), self.QA[name].to(a_bar.dtype)
+        return torch.einsum("btu,btw->buw", delta @ qs, a_bar @ qa)
 
     def _rotated_sq_sum(self, name: str, a_bar: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """sum over samples of (Q_S^T G Q_A)^2, (out, d): a matrix product when G is rank one."""
@@ -702,7 +704,7 @@ class KroneckerCurvature:
             return u.T @ w
         total = 0
         for s in range(0, len(a_bar), 64):  # bounded memory: 64 x out x d at a time
-            total = total + self._rotated(name, a_bar[s:s + 64], delta[s:s + 64]).square().sum(0)
+            total = total + self._rotated(name, a_bar[s:s + 64], delta[s:s + 64]).square().sum(0).double()
         return total
 
     def _fisher_labels(self, xb: torch.Tensor, yb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -771,7 +773,7 @@ class KroneckerCurvature:
                     total += ((u2 @ inverse) * w2).sum(1)
                 else:
                     for b in range(0, len(a_bar), 64):
-                        rotated = self._rotated(name, a_bar[b:b + 64], delta[b:b + 64])
+                        rotated = self._rotated(name, a_bar[b:b + 64], delta[b:b + 64]).double()
                         total[b:b + 64] += (rotated.square() * inverse).sum((1, 2))
             out.append(total)
         return torch.cat(out)
