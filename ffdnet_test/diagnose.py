@@ -62,8 +62,7 @@ def main(settings: dict) -> dict:
     text = "\n".join(lines)
     logger.info("\n" + text)
     path = opt.output_path(settings, "test", f"ffdnet_diagnosis_{common.run_tag(settings)}.md")
-    with open(path, "w") as f:
-        f.write(text + "\n")
+    opt.write_text(path, text + "\n")
     return {"table": path, "rows": rows}
 
 

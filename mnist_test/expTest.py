@@ -96,8 +96,7 @@ def main(settings: dict) -> dict:
     lines += [f"| {r['method']} | {r['manipulation']} | {r['n']} | {r['test_id']} | {r['label']} | "
               f"{r['base_prediction']} → {r['prediction']} |" for r in flips]
     flips_path = opt.output_path(settings, "test", f"expTest_{tag}_flips.md")
-    with open(flips_path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    opt.write_text(flips_path, "\n".join(lines) + "\n")
     logger.info("decision flips:\n" + "\n".join(lines))
     ratios = {}
     for method in sorted({r["method"] for r in rows}):

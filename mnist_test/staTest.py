@@ -100,8 +100,7 @@ def tables(settings: dict, seeds: list[int], test_ids: list[int], logger) -> dic
         text = "\n".join(lines)
         logger.info("\n" + text)
         md = opt.output_path(settings, "test", f"staTest_{tag}_{name}.md")
-        with open(md, "w") as f:
-            f.write(text + "\n")
+        opt.write_text(md, text + "\n")
         path = opt.write_csv(opt.output_path(settings, "test", f"staTest_{tag}_{name}.csv"), csv_rows, logger)
         results[name] = {"markdown": md, "csv": path, "average": float(np.mean(avg)),
                          "jaccard": float(jac), "spearman": float(spear), "per_test_avg": avg, "ids": ids}
