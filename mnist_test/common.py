@@ -23,6 +23,18 @@ def mnist_cfg(settings: dict) -> dict:
     return settings["mnist"]
 
 
+def stability_settings(settings: dict, seed: int, test_ids=None) -> dict:
+    """The settings of model staTest{index}: its seed and its mode name (and the shared test ids)."""
+    index = settings["mnist"]["stability"]["seeds"].index(seed)
+    mode = f"staTest{index}"
+    mnist = {"seed": seed, "method1": {"mode": mode}, "method2": {"mode": mode}}
+    if test_ids is not None:
+        mnist["test_ids"] = test_ids
+    merged = opt.deep_merge(settings, {"mnist": mnist})
+    opt.validate(merged, opt.SCHEMA)
+    return merged
+
+
 def run_tag(settings: dict) -> str:
     """e20b8s0 (+ n1000 for a training subset, + optimiser values off the original recipe)."""
     cfg = mnist_cfg(settings)

@@ -52,3 +52,20 @@ def test_row(test_image, test_id: int, label: int, prediction: int, train_images
     for img, tid, lab, val in zip(train_images, train_ids, train_labels, values):
         row.append({"image": img, "caption": f"{tid} / {lab} / {val:{value_fmt}}", "red": lab == label})
     return row
+
+
+def ranked_figure(settings: dict, record: dict, list_key: str, value_key: str, title: str, value_fmt: str):
+    """Rows of test image + its top training images, from an m1 or m2 result file (Figs 4.2-4.4)."""
+    from mnist_test import common  # the data loaders; plotting itself stays free of file names
+    cfg = common.mnist_cfg(settings)
+    train = common.load_train_data(settings, torch.device("cpu"), lambda *_: None)
+    test = common.load_test_data(settings, torch.device("cpu"), lambda *_: None)
+    rows = []
+    for key in sorted((k for k in record if k != "meta"), key=int):
+        entry = record[key]
+        top = entry[list_key][:cfg["vis_num"]]
+        values = [entry[value_key][i] for i in top]
+        rows.append(test_row(test.images[entry["test_id_num"]], entry["test_id_num"], entry["label"],
+                             entry["prediction"], train.images[top], top, train.labels[top].tolist(), values,
+                             value_fmt))
+    return digit_grid(rows, title, gap_after_first=True)

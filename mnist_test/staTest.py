@@ -25,18 +25,6 @@ TABLES = (("method1", "scores", True), ("method2_helpful", "influence", True),
           ("method2_harmful", "influence", False))
 
 
-def model_settings(settings: dict, seed: int, test_ids=None) -> dict:
-    """The settings of model staTest{index}: its seed and its mode name (and the shared test ids)."""
-    index = settings["mnist"]["stability"]["seeds"].index(seed)
-    mode = f"staTest{index}"
-    mnist = {"seed": seed, "method1": {"mode": mode}, "method2": {"mode": mode}}
-    if test_ids is not None:
-        mnist["test_ids"] = test_ids
-    merged = opt.deep_merge(settings, {"mnist": mnist})
-    opt.validate(merged, opt.SCHEMA)
-    return merged
-
-
 def run_stage(module, path: str, settings: dict, log) -> None:
     if os.path.isfile(path):
         log(f"skip {module.__name__.split('.')[-1]}: {path} exists")
@@ -73,10 +61,10 @@ def tables(settings: dict, seeds: list[int], test_ids: list[int], logger) -> dic
     results = {}
     loaded = {}
     for seed in seeds:
-        s = model_settings(settings, seed, test_ids)
+        s = common.stability_settings(settings, seed, test_ids)
         loaded[seed] = {"method1": common.read_result(common.m1_file(s), "mnist_test/m1_Test.py", s, "method1"),
                         "method2": common.read_result(common.m2_file(s), "mnist_test/m2_Test.py", s, "method2")}
-    tag = common.run_tag(model_settings(settings, seeds[0]))
+    tag = common.run_tag(common.stability_settings(settings, seeds[0]))
     for name, key, largest in TABLES:
         source = name.split("_")[0]
         per_model = {k: agreement(loaded[seeds[0]][source], loaded[seed][source], key, largest, top)
@@ -115,16 +103,16 @@ def main(settings: dict) -> dict:
     logger = opt.make_logger(settings, "mnist_staTest")
     mine = opt.partition(seeds, rank, world)
     for seed in mine:  # stage 1: train
-        s = model_settings(settings, seed)
+        s = common.stability_settings(settings, seed)
         run_stage(Train, common.grad_norm_file(s), s, logger.info)
     opt.distributed_barrier()
-    base = model_settings(settings, seeds[0])
+    base = common.stability_settings(settings, seeds[0])
     if rank == 0:  # stage 2: the test images, chosen under staTest0
         run_stage(Test, common.test_file(base, "staTest0"), base, logger.info)
     opt.distributed_barrier()
     test_ids = common.selected_test_ids(base, "staTest0")
     for seed in mine:  # stage 3: both methods on every model, same test images
-        s = model_settings(settings, seed, test_ids)
+        s = common.stability_settings(settings, seed, test_ids)
         run_stage(m1_Test, common.m1_file(s), s, logger.info)
         run_stage(m2_Test, common.m2_file(s), s, logger.info)
     opt.distributed_barrier()

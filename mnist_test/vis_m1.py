@@ -16,30 +16,13 @@ import utils_option as opt  # noqa: E402
 from mnist_test import common, plotting  # noqa: E402
 
 
-def ranked_figure(settings: dict, record: dict, list_key: str, value_key: str, title: str,
-                  value_fmt: str):
-    """Rows of test image + its top training images, from an m1 or m2 result file."""
-    cfg = common.mnist_cfg(settings)
-    train = common.load_train_data(settings, torch.device("cpu"), lambda *_: None)
-    test = common.load_test_data(settings, torch.device("cpu"), lambda *_: None)
-    rows = []
-    for key in sorted((k for k in record if k != "meta"), key=int):
-        entry = record[key]
-        top = entry[list_key][:cfg["vis_num"]]
-        values = [entry[value_key][i] for i in top]
-        rows.append(plotting.test_row(test.images[entry["test_id_num"]], entry["test_id_num"],
-                                      entry["label"], entry["prediction"], train.images[top], top,
-                                      train.labels[top].tolist(), values, value_fmt))
-    return plotting.digit_grid(rows, title, gap_after_first=True)
-
-
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
     logger = opt.make_logger(settings, "mnist_vis_m1")
     source = common.m1_file(settings)
     record = common.read_result(source, "mnist_test/m1_Test.py", settings, "method1")
     meta = record["meta"]
-    fig = ranked_figure(settings, record, "top", "scores",
+    fig = plotting.ranked_figure(settings, record, "top", "scores",
                         f"Method 1: top {cfg['vis_num']} training images per test image "
                         f"(layers {'+'.join(meta['layers'])}, {meta['grad_mode']} norms)\n"
                         f"caption: train id / label / score; red: same label as the test image",

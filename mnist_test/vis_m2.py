@@ -12,8 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils_option as opt  # noqa: E402
-from mnist_test import common  # noqa: E402
-from mnist_test.vis_m1 import ranked_figure  # noqa: E402
+from mnist_test import common, plotting  # noqa: E402
 
 
 def main(settings: dict) -> dict:
@@ -26,7 +25,7 @@ def main(settings: dict) -> dict:
     paths = {}
     for kind, meaning in (("helpful", "most positive: removing it raises the test loss"),
                           ("harmful", "most negative: removing it lowers the test loss")):
-        fig = ranked_figure(settings, record, kind, "influence",
+        fig = plotting.ranked_figure(settings, record, kind, "influence",
                             f"Method 2 ({solver}): top {cfg['vis_num']} {kind} training images "
                             f"({meaning})\ncaption: train id / label / influence; red: same label "
                             f"as the test image", ".3g")

@@ -7,18 +7,17 @@ import torch
 
 import utils_option as opt
 from mnist_test import common, plotting
-from mnist_test.staTest import model_settings
 
 
 def draw(settings: dict, source: str, list_key: str, value_key: str, value_fmt: str, name: str) -> list[str]:
     """One figure per selected test image; ``source`` is "m1" or "m2"."""
     cfg = common.mnist_cfg(settings)
     seeds = cfg["stability"]["seeds"]
-    base = model_settings(settings, seeds[0])
+    base = common.stability_settings(settings, seeds[0])
     test_ids = common.selected_test_ids(base, "staTest0")
     records = []
     for seed in seeds:
-        s = model_settings(settings, seed, test_ids)
+        s = common.stability_settings(settings, seed, test_ids)
         path = common.m1_file(s) if source == "m1" else common.m2_file(s)
         records.append(opt.read_json(path, "mnist_test/staTest.py"))
     train = common.load_train_data(settings, torch.device("cpu"), lambda *_: None)
