@@ -671,9 +671,10 @@ class KroneckerCurvature:
             labels.append(yb)
             for name, a_bar, delta in self._io(xb, yb):              # (b, L, d), (b, L, out)
                 positions[name] = a_bar.shape[1]
-                a64, d64 = a_bar.double().flatten(0, 1), delta.double().flatten(0, 1)
-                a_cov[name] = a_cov.get(name, 0) + a64.T @ a64
-                s_cov[name] = s_cov.get(name, 0) + d64.T @ d64
+                # products in the inputs' precision (float32 in real runs), sums in float64
+                a, d = a_bar.flatten(0, 1), delta.flatten(0, 1)
+                a_cov[name] = a_cov.get(name, 0) + (a.T @ a).double()
+                s_cov[name] = s_cov.get(name, 0) + (d.T @ d).double()
         self.A = {k: v / (n * positions[k]) for k, v in a_cov.items()}
         self.S = {k: v / n for k, v in s_cov.items()}
         self.QA, self.QS, self.eigenvalues = {}, {}, {}
