@@ -306,6 +306,7 @@ class SolverSettings:
     fisher: str = "true"             # kfac/ekfac: true (labels sampled from the model) | empirical
     kfac_damp_factor: float = 0.1    # kfac/ekfac: lambda per layer = factor * mean eigenvalue
     factor_file: str = ""            # kfac/ekfac: read/write the factors here ("" = recompute)
+    progress: Callable | None = None  # a tqdm-like factory for the long passes (None = silent)
 
     @classmethod
     def from_method2(cls, m2: dict, seed: int) -> "SolverSettings":
@@ -424,8 +425,8 @@ def inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tenso
     if cfg.solver == "identity":  # no Hessian: influence = gradient dot product
         return vectors.detach().clone(), info
     if cfg.solver in ("kfac", "ekfac"):
-        options = dict(eigen_corrected=cfg.solver == "ekfac", fisher=cfg.fisher,
-                       damp_factor=cfg.kfac_damp_factor, chunk_size=cfg.chunk_size, seed=cfg.seed)
+        options = dict(eigen_corrected=cfg.solver == "ekfac", fisher=cfg.fisher, damp_factor=cfg.kfac_damp_factor,
+                       chunk_size=cfg.chunk_size, seed=cfg.seed, progress=cfg.progress)
         curvature = KroneckerCurvature.cached(cfg.factor_file, problem, x, y, **options, log=lambda _: None) \
             if cfg.factor_file else KroneckerCurvature(problem, x, y, **options)
         info["factor_file"] = cfg.factor_file
@@ -652,7 +653,7 @@ class KroneckerCurvature:
 
     def __init__(self, problem: "InfluenceProblem", x: torch.Tensor, y: torch.Tensor, eigen_corrected: bool = True,
                  fisher: str = "true", damp_factor: float = 0.1, chunk_size: int = 10000,
-                 seed: int = 0) -> None:
+                 seed: int = 0, progress: Callable | None = None) -> None:
         owners = kronecker_owners(problem)
         if fisher not in ("true", "empirical"):
             raise ValueError(f"fisher = {fisher!r}: expected 'true' or 'empirical'")
@@ -665,7 +666,11 @@ class KroneckerCurvature:
         s_cov: dict[str, torch.Tensor] = {}
         positions: dict[str, int] = {}
         n = len(x)
-        for s in range(0, n, chunk_size):
+
+        def chunks(desc: str):  # a progress bar when the caller passes a factory (tqdm-like)
+            starts = range(0, n, chunk_size)
+            return progress(starts, desc=desc, unit="chunk", leave=False) if progress else starts
+        for s in chunks("K-FAC factors"):
             xb = x[s:s + chunk_size]
             yb = self._fisher_labels(xb, y[s:s + chunk_size], generator)
             labels.append(yb)
@@ -684,7 +689,7 @@ class KroneckerCurvature:
             self.eigenvalues[name] = (l_s.clamp_min(0)[:, None] * l_a.clamp_min(0)[None, :])
         if eigen_corrected:
             corrected: dict[str, torch.Tensor] = {}
-            for start, yb in zip(range(0, n, chunk_size), labels):
+            for start, yb in zip(chunks("EK-FAC eigenvalues"), labels):
                 for name, a_bar, delta in self._io(x[start:start + chunk_size], yb):
                     corrected[name] = corrected.get(name, 0) + self._rotated_sq_sum(name, a_bar, delta)
             self.eigenvalues = {k: v / n for k, v in corrected.items()}
@@ -800,8 +805,8 @@ class KroneckerCurvature:
     @classmethod
     def cached(cls, path: str, problem: "InfluenceProblem", x: torch.Tensor, y: torch.Tensor,
                eigen_corrected: bool = True, fisher: str = "true", damp_factor: float = 0.1,
-               chunk_size: int = 10000, seed: int = 0, log: Callable[[str], None] = print
-               ) -> "KroneckerCurvature":
+               chunk_size: int = 10000, seed: int = 0, log: Callable[[str], None] = print,
+               progress: Callable | None = None) -> "KroneckerCurvature":
         """The factors from ``path`` when it holds them for this model, data and settings, else
         computed and written there (atomically). A file that cannot be read or that was made for
         another model or data raises ValueError naming it; the damping is applied afresh."""
@@ -821,7 +826,7 @@ class KroneckerCurvature:
             curvature._restore(problem, state, damp_factor)
             log(f"K-FAC factors read from {path}")
             return curvature
-        curvature = cls(problem, x, y, eigen_corrected, fisher, damp_factor, chunk_size, seed)
+        curvature = cls(problem, x, y, eigen_corrected, fisher, damp_factor, chunk_size, seed, progress)
         state = {"fingerprint": key, "eigen_corrected": eigen_corrected, "fisher": fisher,
                  **{f: {k: v.cpu() for k, v in getattr(curvature, f).items()} for f in cls.FACTOR_FIELDS}}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -952,8 +957,8 @@ def influence_chunks(problem: InfluenceProblem, x_test: torch.Tensor, y_test: to
     sit in memory. The curvature (K-FAC/EK-FAC factors) is built or read once for all chunks;
     other solvers solve chunk by chunk."""
     if cfg.solver in ("kfac", "ekfac"):
-        options = dict(eigen_corrected=cfg.solver == "ekfac", fisher=cfg.fisher,
-                       damp_factor=cfg.kfac_damp_factor, chunk_size=cfg.chunk_size, seed=cfg.seed)
+        options = dict(eigen_corrected=cfg.solver == "ekfac", fisher=cfg.fisher, damp_factor=cfg.kfac_damp_factor,
+                       chunk_size=cfg.chunk_size, seed=cfg.seed, progress=cfg.progress)
         curvature = KroneckerCurvature.cached(cfg.factor_file, problem, x_train, y_train, **options, log=log) \
             if cfg.factor_file else KroneckerCurvature(problem, x_train, y_train, **options)
         solve = curvature.inverse_hvp

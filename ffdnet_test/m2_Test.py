@@ -73,7 +73,7 @@ def main(settings: dict) -> dict:
             logger.info(f"{solver.solver}: {len(names) - len(convs)} BatchNorm parameters held fixed "
                         f"(not in the Kronecker-factored set)")
         names, solver.fisher = convs, "empirical"
-        solver.factor_file = common.factor_file(settings, solver.solver)
+        solver.factor_file, solver.progress = common.factor_file(settings, solver.solver), opt.progress
     problem = utils_if.InfluenceProblem(packed, utils_if.mse_sample_loss, names, l2_reg=m2["l2_reg"],
                                         batched_hvp=False)
     x_train, y_train, patches = training_points(settings, device)

@@ -33,7 +33,7 @@ def main(settings: dict) -> dict:
     test = common.load_test_data(settings, device, logger.info)
     solver = utils_if.SolverSettings.from_method2(m2, cfg["seed"])
     if solver.solver in ("kfac", "ekfac"):
-        solver.factor_file = common.factor_file(settings)
+        solver.factor_file, solver.progress = common.factor_file(settings), opt.progress
     try:
         problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss,
                                             utils_if.select_parameters(model, m2["params"]),
