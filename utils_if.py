@@ -425,10 +425,7 @@ def inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tenso
     if cfg.solver == "identity":  # no Hessian: influence = gradient dot product
         return vectors.detach().clone(), info
     if cfg.solver in ("kfac", "ekfac"):
-        options = dict(eigen_corrected=cfg.solver == "ekfac", fisher=cfg.fisher, damp_factor=cfg.kfac_damp_factor,
-                       chunk_size=cfg.chunk_size, seed=cfg.seed, progress=cfg.progress)
-        curvature = KroneckerCurvature.cached(cfg.factor_file, problem, x, y, **options, log=lambda _: None) \
-            if cfg.factor_file else KroneckerCurvature(problem, x, y, **options)
+        curvature = kronecker_curvature(problem, x, y, cfg)
         info["factor_file"] = cfg.factor_file
         info.update(curvature.info())
         return curvature.inverse_hvp(vectors), info
@@ -949,6 +946,17 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / denominator) if denominator > 0 else math.nan
 
 
+def kronecker_curvature(problem: InfluenceProblem, x: torch.Tensor, y: torch.Tensor, cfg: SolverSettings,
+                        log: Callable[[str], None] = lambda _: None) -> "KroneckerCurvature":
+    """The K-FAC/EK-FAC curvature a solver setting asks for: read from (or written to)
+    ``cfg.factor_file`` when one is set, else computed."""
+    options = dict(eigen_corrected=cfg.solver == "ekfac", fisher=cfg.fisher, damp_factor=cfg.kfac_damp_factor,
+                   chunk_size=cfg.chunk_size, seed=cfg.seed, progress=cfg.progress)
+    if cfg.factor_file:
+        return KroneckerCurvature.cached(cfg.factor_file, problem, x, y, **options, log=log)
+    return KroneckerCurvature(problem, x, y, **options)
+
+
 def influence_chunks(problem: InfluenceProblem, x_test: torch.Tensor, y_test: torch.Tensor,
                      x_train: torch.Tensor, y_train: torch.Tensor, cfg: SolverSettings, test_chunk: int = 1000,
                      log: Callable[[str], None] = print):
@@ -957,11 +965,7 @@ def influence_chunks(problem: InfluenceProblem, x_test: torch.Tensor, y_test: to
     sit in memory. The curvature (K-FAC/EK-FAC factors) is built or read once for all chunks;
     other solvers solve chunk by chunk."""
     if cfg.solver in ("kfac", "ekfac"):
-        options = dict(eigen_corrected=cfg.solver == "ekfac", fisher=cfg.fisher, damp_factor=cfg.kfac_damp_factor,
-                       chunk_size=cfg.chunk_size, seed=cfg.seed, progress=cfg.progress)
-        curvature = KroneckerCurvature.cached(cfg.factor_file, problem, x_train, y_train, **options, log=log) \
-            if cfg.factor_file else KroneckerCurvature(problem, x_train, y_train, **options)
-        solve = curvature.inverse_hvp
+        solve = kronecker_curvature(problem, x_train, y_train, cfg, log).inverse_hvp
     elif cfg.solver == "identity":
         def solve(v: torch.Tensor) -> torch.Tensor:
             return v

@@ -72,7 +72,7 @@ def main(settings: dict) -> dict:
         if len(convs) < len(names):
             logger.info(f"{solver.solver}: {len(names) - len(convs)} BatchNorm parameters held fixed "
                         f"(not in the Kronecker-factored set)")
-        names, solver.fisher = convs, "empirical"
+        names, solver.fisher = convs, common.FISHER
         solver.factor_file, solver.progress = common.factor_file(settings, solver.solver), opt.progress
     problem = utils_if.InfluenceProblem(packed, utils_if.mse_sample_loss, names, l2_reg=m2["l2_reg"],
                                         batched_hvp=False)

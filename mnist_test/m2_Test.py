@@ -159,10 +159,7 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
             if solver.solver == "identity":
                 values = utils_if.sample_grad_sq_norms(problem, train.images, train.labels, solver.chunk_size)
             else:
-                options = dict(eigen_corrected=solver.solver == "ekfac", fisher=solver.fisher,
-                               damp_factor=solver.kfac_damp_factor, chunk_size=solver.chunk_size, seed=solver.seed)
-                curvature = utils_if.KroneckerCurvature.cached(solver.factor_file, problem, train.images,
-                                                               train.labels, **options, log=logger.info)
+                curvature = utils_if.kronecker_curvature(problem, train.images, train.labels, solver, logger.info)
                 values = curvature.self_influence(train.images, train.labels, solver.chunk_size)
         result["self_influence"] = values.cpu().tolist()
         logger.info(f"self-influence of {n_train} training images in {self_timer.seconds:.1f} s; largest: "
