@@ -285,13 +285,16 @@ class InfluenceProblem:
 # ============================================================================================
 # inverse-HVP solvers: all take (k, p) right-hand sides and solve them in one pass
 # ============================================================================================
+KRONECKER_SOLVERS = ("kfac", "ekfac", "kfac_factored")  # the solvers KroneckerCurvature serves
+
+
 class LissaDiverged(RuntimeError):
     """LiSSA's recursion blew up: the Hessian has eigenvalues above 2*scale."""
 
 
 @dataclass
 class SolverSettings:
-    solver: str = "lissa"            # lissa | cg | exact | kfac | ekfac | identity
+    solver: str = "lissa"            # lissa | cg | exact | kfac | ekfac | kfac_factored | identity
     damp: float = 0.01
     scale: float = 100.0
     recursion_depth: int = 1000      # LiSSA t (method2.training_points)
@@ -325,6 +328,8 @@ class SolverSettings:
         per-layer value, reported in the solver info; identity: none)."""
         if self.solver in ("kfac", "ekfac"):
             return f"{self.kfac_damp_factor:g} x mean eigenvalue per layer"
+        if self.solver == "kfac_factored":
+            return f"{self.kfac_damp_factor:g} x mean eigenvalue per layer, split over the two factors"
         if self.solver == "identity":
             return 0.0
         return self.damp * self.scale if self.solver == "lissa" else self.damp
@@ -424,7 +429,7 @@ def inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tenso
         return lissa(problem, vectors, x, y, cfg, show_progress, info), info
     if cfg.solver == "identity":  # no Hessian: influence = gradient dot product
         return vectors.detach().clone(), info
-    if cfg.solver in ("kfac", "ekfac"):
+    if cfg.solver in KRONECKER_SOLVERS:
         curvature = kronecker_curvature(problem, x, y, cfg)
         info["factor_file"] = cfg.factor_file
         info.update(curvature.info())
@@ -454,7 +459,7 @@ def inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tenso
         info.update(hessian_eig_min=eig[0].item(), hessian_eig_max=eig[-1].item())
         return s, info
     raise ValueError(f"method2.solver = {cfg.solver!r}: valid choices are lissa, cg, exact, kfac, "
-                     f"ekfac, identity")
+                     f"ekfac, kfac_factored, identity")
 
 
 # ============================================================================================
@@ -646,16 +651,22 @@ class KroneckerCurvature:
     the denoiser's MSE). Damping: each layer solves with (F_layer + (lambda_l + l2_reg) I),
     lambda_l = damp_factor * mean(Lambda_l) (kronfluence's heuristic with factor 0.1); l2_reg is
     the training objective's own L2 term. Cross-layer curvature is ignored (block diagonal).
+    K-FAC with ``factored_damping`` solves with (S + gamma_S I) (x) (A + gamma_A I) instead (the
+    same lambda split over the factors): a slightly larger damping, but each Linear gradient stays
+    rank one after preconditioning, so every train x test pair costs out + d products
+    (``factored_pair_scores``).
     """
 
     def __init__(self, problem: "InfluenceProblem", x: torch.Tensor, y: torch.Tensor, eigen_corrected: bool = True,
                  fisher: str = "true", damp_factor: float = 0.1, chunk_size: int = 10000,
-                 seed: int = 0, progress: Callable | None = None) -> None:
+                 seed: int = 0, progress: Callable | None = None, factored_damping: bool = False) -> None:
         owners = kronecker_owners(problem)
         if fisher not in ("true", "empirical"):
             raise ValueError(f"fisher = {fisher!r}: expected 'true' or 'empirical'")
+        if factored_damping and eigen_corrected:
+            raise ValueError("factored damping is a K-FAC variant: EK-FAC's eigenvalues do not factor")
         self.problem, self.owners = problem, owners
-        self.eigen_corrected, self.fisher, self.damp_factor = eigen_corrected, fisher, damp_factor
+        self.eigen_corrected, self.fisher = eigen_corrected, fisher
         self.has_bias = {name: f"{name}.bias" in problem.params for name in owners}
         generator = torch.Generator(device="cpu").manual_seed(seed)
         labels = []  # the labels of the pass, reused by the EK-FAC pass (same Fisher samples)
@@ -690,8 +701,37 @@ class KroneckerCurvature:
                 for name, a_bar, delta in self._io(x[start:start + chunk_size], yb):
                     corrected[name] = corrected.get(name, 0) + self._rotated_sq_sum(name, a_bar, delta)
             self.eigenvalues = {k: v / n for k, v in corrected.items()}
-        self.damping = {name: damp_factor * lam.mean().item() + problem.l2_reg
+        self._set_damping(damp_factor, factored_damping)
+
+    def _set_damping(self, damp_factor: float, factored: bool) -> None:
+        """lambda_l = damp_factor * mean(Lambda_l) + l2_reg per layer; with factored damping it is
+        split over the two factors, gamma_S = sqrt(lambda)/pi, gamma_A = sqrt(lambda)*pi with
+        pi^2 = mean(l_A) / mean(l_S) (Martens & Grosse 2015, sec. 6.3), so that gamma_S gamma_A = lambda."""
+        self.damp_factor, self.factored_damping = damp_factor, factored
+        self.damping = {name: damp_factor * lam.mean().item() + self.problem.l2_reg
                         for name, lam in self.eigenvalues.items()}
+        self.factor_damping: dict[str, tuple[float, float]] = {}
+        if factored:
+            for name, lam in self.damping.items():
+                l_a, l_s = self._factor_eigenvalues(name)
+                pi = math.sqrt(max(l_a.mean().item(), 1e-30) / max(l_s.mean().item(), 1e-30))
+                self.factor_damping[name] = (math.sqrt(lam) / pi, math.sqrt(lam) * pi)
+
+    def _factor_eigenvalues(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eigenvalues of A, of S) from the stored factors and eigenbases (clamped at 0)."""
+        l_a = (self.QA[name] * (self.A[name] @ self.QA[name])).sum(0).clamp_min(0)
+        l_s = (self.QS[name] * (self.S[name] @ self.QS[name])).sum(0).clamp_min(0)
+        return l_a, l_s
+
+    def inverse_eigenvalues(self, name: str) -> torch.Tensor:
+        """The damped inverse in the Kronecker eigenbasis, (out, d): 1 / (Lambda + lambda), or with
+        factored damping 1 / ((l_S + gamma_S)(l_A + gamma_A)^T), the eigenvalues of
+        (S + gamma_S I)^-1 (x) (A + gamma_A I)^-1."""
+        if not self.factored_damping:
+            return 1.0 / (self.eigenvalues[name] + self.damping[name])
+        l_a, l_s = self._factor_eigenvalues(name)
+        gamma_s, gamma_a = self.factor_damping[name]
+        return 1.0 / ((l_s + gamma_s)[:, None] * (l_a + gamma_a)[None, :])
 
     def _rotated(self, name: str, a_bar: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Each sample's gradient in the Kronecker eigenbasis, Q_S^T G Q_A: (b, out, d), in the
@@ -750,7 +790,7 @@ class KroneckerCurvature:
         out: dict[str, torch.Tensor] = {}
         for name, v in blocks.items():
             qs, qa = self.QS[name].to(v.dtype), self.QA[name].to(v.dtype)
-            scale = (1.0 / (self.eigenvalues[name] + self.damping[name])).to(v.dtype)
+            scale = self.inverse_eigenvalues(name).to(v.dtype)
             solved = qs @ ((qs.T @ v @ qa) * scale) @ qa.T
             if self.has_bias[name]:
                 out[f"{name}.weight"], out[f"{name}.bias"] = solved[..., :-1], solved[..., -1]
@@ -769,7 +809,7 @@ class KroneckerCurvature:
         for s in range(0, len(x), chunk_size):
             total = torch.zeros(len(x[s:s + chunk_size]), dtype=torch.float64, device=x.device)
             for name, a_bar, delta in self._io(x[s:s + chunk_size], y[s:s + chunk_size]):
-                inverse = 1.0 / (self.eigenvalues[name] + self.damping[name])
+                inverse = self.inverse_eigenvalues(name)
                 if a_bar.shape[1] == 1:  # Linear, rank one
                     u2 = (delta[:, 0].double() @ self.QS[name]).square()
                     w2 = (a_bar[:, 0].double() @ self.QA[name]).square()
@@ -780,6 +820,42 @@ class KroneckerCurvature:
                         total[b:b + 64] += (rotated.square() * inverse).sum((1, 2))
             out.append(total)
         return torch.cat(out)
+
+    def linear_layer_io(self, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 10000
+                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """{layer: (delta (n, out), a_bar (n, d))} of every sample with its own label, or None when a
+        layer is not Linear (a conv gradient is a sum over positions, not rank one)."""
+        if not all(isinstance(m, nn.Linear) for m in self.owners.values()):
+            return None
+        parts: dict[str, list] = {name: [] for name in self.owners}
+        for s in range(0, len(x), chunk_size):
+            for name, a_bar, delta in self._io(x[s:s + chunk_size], y[s:s + chunk_size]):
+                parts[name].append((delta[:, 0], a_bar[:, 0]))
+        return {name: (torch.cat([d for d, _ in p]), torch.cat([a for _, a in p])) for name, p in parts.items()}
+
+    def factored_pair_scores(self, test_io: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                             train_io: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """g_test^T [(S + gamma_S)^-1 (x) (A + gamma_A)^-1] g_train for every pair, (k, n), K-FAC with
+        factored damping and Linear layers only.
+
+        A Linear gradient is rank one, g = delta a_bar^T, and the factored inverse keeps it so:
+        (S + gamma_S)^-1 delta a_bar^T (A + gamma_A)^-1. A pair's score per layer is therefore
+        (delta_t^T (S + gamma_S)^-1 delta_z) (a_bar_t^T (A + gamma_A)^-1 a_bar_z): out + d
+        multiply-adds per pair and layer instead of out * d (1,181 instead of 109,386 for the MNIST MLP).
+        """
+        if not self.factored_damping:
+            raise ValueError("rank-one pair scores need factored damping (solver kfac_factored)")
+        total = None
+        for name, (delta_t, a_t) in test_io.items():
+            delta_z, a_z = train_io[name]
+            gamma_s, gamma_a = self.factor_damping[name]
+            l_a, l_s = self._factor_eigenvalues(name)
+            qs, qa = self.QS[name], self.QA[name]
+            s_inv = ((qs / (l_s + gamma_s)) @ qs.T).to(delta_t.dtype)   # (S + gamma_S I)^-1
+            a_inv = ((qa / (l_a + gamma_a)) @ qa.T).to(a_t.dtype)       # (A + gamma_A I)^-1
+            part = ((delta_t @ s_inv) @ delta_z.T).mul_((a_t @ a_inv) @ a_z.T)
+            total = part if total is None else total.add_(part)
+        return total
 
     # ---- the factors on disk: written once, reused by later runs, never used when they do not match
     FACTOR_FIELDS = ("A", "S", "QA", "QS", "eigenvalues")
@@ -803,7 +879,7 @@ class KroneckerCurvature:
     def cached(cls, path: str, problem: "InfluenceProblem", x: torch.Tensor, y: torch.Tensor,
                eigen_corrected: bool = True, fisher: str = "true", damp_factor: float = 0.1,
                chunk_size: int = 10000, seed: int = 0, log: Callable[[str], None] = print,
-               progress: Callable | None = None) -> "KroneckerCurvature":
+               progress: Callable | None = None, factored_damping: bool = False) -> "KroneckerCurvature":
         """The factors from ``path`` when it holds them for this model, data and settings, else
         computed and written there (atomically). A file that cannot be read or that was made for
         another model or data raises ValueError naming it; the damping is applied afresh."""
@@ -820,10 +896,11 @@ class KroneckerCurvature:
                 raise ValueError(f"factor file {path} was made for another model, data or settings: "
                                  f"delete it to rebuild the factors")
             curvature = cls.__new__(cls)
-            curvature._restore(problem, state, damp_factor)
+            curvature._restore(problem, state, damp_factor, factored_damping)
             log(f"K-FAC factors read from {path}")
             return curvature
-        curvature = cls(problem, x, y, eigen_corrected, fisher, damp_factor, chunk_size, seed, progress)
+        curvature = cls(problem, x, y, eigen_corrected, fisher, damp_factor, chunk_size, seed, progress,
+                        factored_damping)
         state = {"fingerprint": key, "eigen_corrected": eigen_corrected, "fisher": fisher,
                  **{f: {k: v.cpu() for k, v in getattr(curvature, f).items()} for f in cls.FACTOR_FIELDS}}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -833,19 +910,22 @@ class KroneckerCurvature:
         log(f"K-FAC factors written to {path}")
         return curvature
 
-    def _restore(self, problem: "InfluenceProblem", state: dict, damp_factor: float) -> None:
+    def _restore(self, problem: "InfluenceProblem", state: dict, damp_factor: float, factored: bool) -> None:
         device = next(iter(problem.params.values())).device
         self.problem, self.owners = problem, kronecker_owners(problem)
-        self.eigen_corrected, self.fisher, self.damp_factor = state["eigen_corrected"], state["fisher"], damp_factor
+        self.eigen_corrected, self.fisher = state["eigen_corrected"], state["fisher"]
+        if factored and self.eigen_corrected:
+            raise ValueError("factored damping is a K-FAC variant: EK-FAC's eigenvalues do not factor")
         self.has_bias = {name: f"{name}.bias" in problem.params for name in self.owners}
         for f in self.FACTOR_FIELDS:
             setattr(self, f, {k: v.to(device) for k, v in state[f].items()})
-        self.damping = {name: damp_factor * lam.mean().item() + problem.l2_reg
-                        for name, lam in self.eigenvalues.items()}
+        self._set_damping(damp_factor, factored)
 
     def info(self) -> dict:
+        extra = {"factor_damping_S_A": {k: [float(f"{g:.6g}") for g in v] for k, v in self.factor_damping.items()}
+                 } if self.factored_damping else {}
         return {"fisher": self.fisher, "eigen_corrected": self.eigen_corrected,
-                "damp_factor": self.damp_factor,
+                "damp_factor": self.damp_factor, "factored_damping": self.factored_damping, **extra,
                 "damping_per_layer": {k: float(f"{v:.6g}") for k, v in self.damping.items()},
                 "mean_eigenvalue_per_layer": {k: float(f"{v.mean().item():.6g}")
                                               for k, v in self.eigenvalues.items()}}
@@ -951,7 +1031,8 @@ def kronecker_curvature(problem: InfluenceProblem, x: torch.Tensor, y: torch.Ten
     """The K-FAC/EK-FAC curvature a solver setting asks for: read from (or written to)
     ``cfg.factor_file`` when one is set, else computed."""
     options = dict(eigen_corrected=cfg.solver == "ekfac", fisher=cfg.fisher, damp_factor=cfg.kfac_damp_factor,
-                   chunk_size=cfg.chunk_size, seed=cfg.seed, progress=cfg.progress)
+                   chunk_size=cfg.chunk_size, seed=cfg.seed, progress=cfg.progress,
+                   factored_damping=cfg.solver == "kfac_factored")
     if cfg.factor_file:
         return KroneckerCurvature.cached(cfg.factor_file, problem, x, y, **options, log=log)
     return KroneckerCurvature(problem, x, y, **options)
@@ -964,8 +1045,15 @@ def influence_chunks(problem: InfluenceProblem, x_test: torch.Tensor, y_test: to
     for consecutive chunks of ``test_chunk`` test points, so that 10,000 x 60,000 never has to
     sit in memory. The curvature (K-FAC/EK-FAC factors) is built or read once for all chunks;
     other solvers solve chunk by chunk."""
-    if cfg.solver in ("kfac", "ekfac"):
-        solve = kronecker_curvature(problem, x_train, y_train, cfg, log).inverse_hvp
+    if cfg.solver in KRONECKER_SOLVERS:
+        curvature = kronecker_curvature(problem, x_train, y_train, cfg, log)
+        train_io = curvature.linear_layer_io(x_train, y_train, cfg.chunk_size) if curvature.factored_damping else None
+        if train_io is not None:  # rank one: every pair in closed form, no (k, p) vectors at all
+            for start in range(0, len(x_test), test_chunk):
+                test_io = curvature.linear_layer_io(x_test[start:start + test_chunk], y_test[start:start + test_chunk])
+                yield start, curvature.factored_pair_scores(test_io, train_io)
+            return
+        solve = curvature.inverse_hvp
     elif cfg.solver == "identity":
         def solve(v: torch.Tensor) -> torch.Tensor:
             return v

@@ -144,7 +144,7 @@ def _choice(*options: str):
 
 # every attribution ldsTest.py scores (mnist.lds.methods); if_cg runs once per lds.cg_damps value
 LDS_METHODS = ("m1_batch_raw", "m1_batch_normalized", "m1_per_sample_raw", "m1_per_sample_normalized",
-               "if_ekfac", "if_kfac", "if_exact_last", "if_lissa", "if_lissa_deep", "if_cg", "grad_dot",
+               "if_ekfac", "if_kfac", "if_kfac_factored", "if_exact_last", "if_lissa", "if_lissa_deep", "if_cg", "grad_dot",
                "grad_cos", "ensemble_m1_batch_raw", "ensemble_if_ekfac", "ensemble_grad_dot")
 
 SCHEMA: dict[str, tuple] = {
@@ -193,6 +193,7 @@ SCHEMA: dict[str, tuple] = {
     "mnist.lds.lissa_deep.recursion_nums": ("int", (1, None)),
     "mnist.lds.cg_damps": ("float_list", None),
     "mnist.lds.ekfac_damp_factors": ("float_list", None),
+    "mnist.lds.kfac_factored_damp_factors": ("float_list", None),
     "mnist.lds.cg_max_iter": ("int", (1, None)),
     "mnist.lds.bootstrap": ("int", (10, None)),
     "mnist.lds.loo.test_num": ("int", (0, 10000)),
@@ -205,7 +206,7 @@ SCHEMA: dict[str, tuple] = {
     "mnist.mislabel.epoch": ("int", (1, None)),
     "mnist.mislabel.checkpoint_every": ("int", (0, None)),
     "mnist.method2.mode": ("str", None),
-    "mnist.method2.solver": _choice("lissa", "cg", "exact", "kfac", "ekfac", "identity", "tracin"),
+    "mnist.method2.solver": _choice("lissa", "cg", "exact", "kfac", "ekfac", "kfac_factored", "identity", "tracin"),
     "mnist.method2.fisher": _choice("true", "empirical"),
     "mnist.method2.kfac_damp_factor": ("float", (0.0, None)),
     "mnist.method2.write_unconverged": ("bool", None),
@@ -265,7 +266,7 @@ SCHEMA: dict[str, tuple] = {
     "ffdnet.attribution.images": ("str_list", None),
     "ffdnet.attribution.points": ("points", None),
     "ffdnet.attribution.vis_num": ("int", (1, 100)),
-    "ffdnet.method2.solver": _choice("lissa", "cg", "exact", "kfac", "ekfac", "identity"),
+    "ffdnet.method2.solver": _choice("lissa", "cg", "exact", "kfac", "ekfac", "kfac_factored", "identity"),
     "ffdnet.method2.damp": ("float", (0.0, None)),
     "ffdnet.method2.scale": ("float", (1e-12, None)),
     "ffdnet.method2.stochastic": ("bool", None),
@@ -433,7 +434,7 @@ def solver_file_part(m2: dict) -> str:
         detail = f"lam{m2['damp']:g}tol{m2['cg_tol']:g}it{m2['cg_max_iter']}h{m2['hessian_points']}"
     elif solver == "exact":
         detail = f"lam{m2['damp']:g}h{m2['hessian_points']}"
-    elif solver in ("kfac", "ekfac"):
+    elif solver in ("kfac", "ekfac", "kfac_factored"):
         detail = f"{m2.get('fisher', 'true')}df{m2.get('kfac_damp_factor', 0.1):g}"
     else:  # identity, tracin: no Hessian
         detail = "nohess"

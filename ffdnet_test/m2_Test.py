@@ -64,7 +64,7 @@ def main(settings: dict) -> dict:
     except ValueError as err:
         raise opt.SettingsError(str(err).replace("net.", "")) from None
     solver = solver_settings(settings)
-    if solver.solver in ("kfac", "ekfac"):
+    if solver.solver in utils_if.KRONECKER_SOLVERS:
         # Kronecker factors cover conv layers; BatchNorm's scale and shift are held fixed. The MSE
         # has no label to sample: the Fisher is the empirical one (the denoising residuals).
         modules = dict(packed.named_modules())

@@ -41,6 +41,7 @@ from mnist_test.datasets import load_mnist  # noqa: E402
 SOLVERS = {
     "if_ekfac": ({"solver": "ekfac"}, False),
     "if_kfac": ({"solver": "kfac"}, False),
+    "if_kfac_factored": ({"solver": "kfac_factored"}, False),
     "if_exact_last": ({"solver": "exact", "params": ["main.4"]}, False),
     "grad_dot": ({"solver": "identity"}, False),
     "if_lissa": ({"solver": "lissa"}, True),
@@ -61,8 +62,9 @@ def solver_variants(settings: dict) -> dict:
     variants = dict(SOLVERS)
     deep = lcfg["lissa_deep"]
     variants["if_lissa_deep"] = ({"solver": "lissa", **deep}, True)
-    for factor in lcfg["ekfac_damp_factors"]:  # the heuristic's factor: which damping predicts best
-        variants[f"if_ekfac_df{factor:g}"] = ({"solver": "ekfac", "kfac_damp_factor": factor}, False)
+    for solver in ("ekfac", "kfac_factored"):  # the heuristic's factor: which damping predicts best
+        for factor in lcfg[f"{solver}_damp_factors"]:
+            variants[f"if_{solver}_df{factor:g}"] = ({"solver": solver, "kfac_damp_factor": factor}, False)
     for damp in lcfg["cg_damps"]:
         variants[f"if_cg_d{damp:g}"] = ({"solver": "cg", "damp": damp, "cg_max_iter": lcfg["cg_max_iter"],
                                              "write_unconverged": True}, True)
@@ -133,10 +135,10 @@ def finite_mean(values) -> float:
 
 def base_name(method: str) -> str:
     """The lds.methods entry of a method (the CG variants are all "if_cg", the EK-FAC damping
-    variants "if_ekfac")."""
+    variants "if_ekfac", the factored K-FAC ones "if_kfac_factored")."""
     if method.startswith("if_cg_d"):
         return "if_cg"
-    return "if_ekfac" if method.startswith("if_ekfac_df") else method
+    return method.partition("_df")[0] if method.startswith(("if_ekfac_df", "if_kfac_factored_df")) else method
 
 
 def cosine(settings: dict, dot: np.ndarray, ids: list[int], device) -> dict:

@@ -32,7 +32,7 @@ def main(settings: dict) -> dict:
     train = common.load_train_data(settings, device, logger.info)
     test = common.load_test_data(settings, device, logger.info)
     solver = utils_if.SolverSettings.from_method2(m2, cfg["seed"])
-    if solver.solver in ("kfac", "ekfac"):
+    if solver.solver in utils_if.KRONECKER_SOLVERS:
         solver.factor_file, solver.progress = common.factor_file(settings), opt.progress
     try:
         problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss,
@@ -116,9 +116,10 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
     With method2.self_influence, the self-influence of every training image is written too."""
     import numpy as np
     m2 = common.mnist_cfg(settings)["method2"]
-    if solver.solver not in ("kfac", "ekfac", "identity"):
+    if solver.solver not in (*utils_if.KRONECKER_SOLVERS, "identity"):
         raise opt.SettingsError(f'mnist.test_ids = "all" needs a fast solver: set mnist.method2.solver to '
-                                f'ekfac, kfac or identity (now {solver.solver!r}; lissa/cg would take hours)')
+                                f'kfac_factored (fastest), ekfac, kfac or identity (now {solver.solver!r}; '
+                                f'lissa/cg would take hours)')
     n_test, n_train, k = len(test), len(train), m2["top_k"]
     path = common.m2_file(settings)
     matrix = None

@@ -353,3 +353,38 @@ def test_lissa_that_has_not_settled_is_flagged():
     deep = U.SolverSettings(solver="lissa", damp=0.1, scale=10, recursion_depth=2000, repeats=2, hvp_batch_size=50)
     _, info = U.inverse_hvp(problem, v, x, y, deep, show_progress=False)
     assert info["converged"] is True and info["lissa_last_change"] < 0.05
+
+
+def test_factored_damping_solves_the_kronecker_product_of_damped_factors(problem_data):
+    """kfac_factored = [(S + gamma_S I) (x) (A + gamma_A I)]^-1 with gamma_S gamma_A = lambda, built
+    densely; its rank-one all-pairs path equals inverse HVP + sweep for every pair."""
+    net, problem, x, y = problem_data
+    curv = U.KroneckerCurvature(problem, x, y, eigen_corrected=False, fisher="true", seed=4, factored_damping=True)
+    v = torch.randn(3, problem.num_params, dtype=torch.float64)
+    dense = torch.zeros(problem.num_params, problem.num_params, dtype=torch.float64)
+    offset = 0
+    for layer in ("fc1", "fc2"):  # weight block then bias: permute the Kronecker index (o, j) into it
+        gamma_s, gamma_a = curv.factor_damping[layer]
+        assert gamma_s * gamma_a == pytest.approx(curv.damping[layer])
+        l_a, l_s = torch.linalg.eigvalsh(curv.A[layer]), torch.linalg.eigvalsh(curv.S[layer])
+        assert gamma_a / gamma_s == pytest.approx(l_a.clamp_min(0).mean().item() / l_s.clamp_min(0).mean().item())
+        block = torch.kron(curv.S[layer] + gamma_s * torch.eye(len(l_s), dtype=torch.float64),
+                           curv.A[layer] + gamma_a * torch.eye(len(l_a), dtype=torch.float64))
+        out, cols = len(l_s), len(l_a)
+        index = torch.tensor([offset + o * (cols - 1) + j if j < cols - 1 else offset + out * (cols - 1) + o
+                              for o in range(out) for j in range(cols)])
+        dense[index[:, None], index[None, :]] = block
+        offset += out * cols
+    expected = torch.linalg.solve(dense, v.T).T
+    assert ((curv.inverse_hvp(v) - expected).norm() / expected.norm()).item() < 1e-10
+    cfg = U.SolverSettings(solver="kfac_factored", seed=4, chunk_size=40)
+    through_vectors = U.influence_sweep(problem, U.inverse_hvp(problem, problem.sample_grads(x[:9], y[:9]), x, y,
+                                                               cfg, show_progress=False)[0], x, y, show_progress=False)
+    chunks = dict(U.influence_chunks(problem, x[:9], y[:9], x, y, cfg, test_chunk=4))
+    rank_one = torch.cat([chunks[k] for k in (0, 4, 8)])
+    assert torch.allclose(rank_one, through_vectors, rtol=1e-9, atol=1e-12)
+    # the self-influence is the diagonal of the same matrix
+    train_pairs = dict(U.influence_chunks(problem, x, y, x, y, cfg, test_chunk=90))[0]
+    assert torch.allclose(curv.self_influence(x, y), torch.diagonal(train_pairs), rtol=1e-9)
+    with pytest.raises(ValueError, match="EK-FAC"):
+        U.KroneckerCurvature(problem, x, y, eigen_corrected=True, factored_damping=True)

@@ -15,7 +15,7 @@ from tests.conftest import small_settings
 TINY = {"train_subset": 300, "test_ids": 6, "num_subsets": 6, "seeds_per_subset": 2, "epoch": 2,
         "group_size": 4, "methods": ["m1_batch_raw", "if_ekfac", "grad_dot", "if_cg", "ensemble_if_ekfac"],
         "ensemble_seeds": [0, 1], "solver_test_num": 3, "cg_damps": [1.0], "cg_max_iter": 30, "bootstrap": 50,
-        "ekfac_damp_factors": [],
+        "ekfac_damp_factors": [], "kfac_factored_damp_factors": [],
         "loo": {"test_num": 1, "k": 2, "seeds": 2, "rank_by": "if_ekfac"}}
 
 
