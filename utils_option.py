@@ -144,8 +144,9 @@ def _choice(*options: str):
 
 # every attribution ldsTest.py scores (mnist.lds.methods); if_cg runs once per lds.cg_damps value
 LDS_METHODS = ("m1_batch_raw", "m1_batch_normalized", "m1_per_sample_raw", "m1_per_sample_normalized",
-               "if_ekfac", "if_kfac", "if_kfac_factored", "if_exact_last", "if_lissa", "if_lissa_deep", "if_cg", "grad_dot",
-               "grad_cos", "ensemble_m1_batch_raw", "ensemble_if_ekfac", "ensemble_grad_dot")
+               "if_ekfac", "if_kfac", "if_kfac_factored", "if_exact_last", "if_lissa", "if_lissa_deep", "if_cg",
+               "grad_dot", "grad_cos", "ensemble_m1_batch_raw", "ensemble_if_ekfac", "ensemble_if_kfac_factored",
+               "ensemble_grad_dot")
 
 SCHEMA: dict[str, tuple] = {
     "output_dir": ("str", None),

@@ -47,7 +47,7 @@ SOLVERS = {
     "if_lissa": ({"solver": "lissa"}, True),
 }
 ENSEMBLE_SOURCES = {"ensemble_m1_batch_raw": "m1_batch_raw", "ensemble_if_ekfac": "if_ekfac",
-                    "ensemble_grad_dot": "grad_dot"}
+                    "ensemble_if_kfac_factored": "if_kfac_factored", "ensemble_grad_dot": "grad_dot"}
 
 
 def run_stage(module, path: str, settings: dict, log) -> None:
