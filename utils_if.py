@@ -605,6 +605,37 @@ def influences_from_test_grads(problem: InfluenceProblem, test_grads: torch.Tens
     return influence, info
 
 
+def conv_position_influence(problem: InfluenceProblem, s_test: torch.Tensor, x: torch.Tensor,
+                            y: torch.Tensor) -> torch.Tensor:
+    """Where inside each training sample its influence sits: (n, H, W) maps over the conv output
+    grid, map[i, h, w] = sum over the chosen conv layers of delta_i[:, h, w]^T (S_W a_bar_i[:, h, w]),
+    S_W = the layer's block of ``s_test`` (p,) = H^-1 grad L(test), a_bar the unfolded input patch
+    (+1 for the bias) at that output position.
+
+    A conv gradient is a sum over output positions, G = sum_t delta_t a_bar_t^T, so the maps sum
+    exactly to s_test . grad L(z_i) over the chosen parameters. Every chosen parameter must belong
+    to an nn.Conv2d, and all of them must share one output size (e.g. FFDNet's 'same' 3x3 convs).
+    """
+    owners = capturable_owners(problem)
+    if owners is None or not all(isinstance(m, nn.Conv2d) for m in owners.values()):
+        raise ValueError("per-position influence needs every chosen parameter to belong to an nn.Conv2d")
+    blocks = problem.unflatten(s_test.detach()[None])
+    captured, deltas = _capture(problem, owners, x, y, problem.sample_loss)
+    total = None
+    for (name, module), delta in zip(owners.items(), deltas):
+        a = nn.functional.unfold(captured[name][0].detach(), module.kernel_size, dilation=module.dilation,
+                                 padding=module.padding, stride=module.stride)        # (n, in*kh*kw, L)
+        projected = blocks[f"{name}.weight"][0].flatten(1) @ a                         # (n, out, L)
+        if f"{name}.bias" in blocks:
+            projected = projected + blocks[f"{name}.bias"][0][:, None]
+        part = (projected * delta.detach().flatten(2)).sum(1).reshape(len(x), *delta.shape[2:])
+        if total is not None and part.shape != total.shape:
+            raise ValueError(f"per-position influence: {name} has output size {tuple(part.shape[1:])}, "
+                             f"other layers {tuple(total.shape[1:])}")
+        total = part if total is None else total + part
+    return total
+
+
 # ============================================================================================
 # Kronecker-factored curvature (K-FAC, EK-FAC) for Linear and Conv2d layers
 # ============================================================================================

@@ -284,6 +284,17 @@ SCHEMA: dict[str, tuple] = {
     "ffdnet.method2.max_train_points": ("int", (0, None)),
     "ffdnet.method2.window": ("int", (0, 64)),
     "ffdnet.method2.top_k": ("int", (1, None)),
+    "ffdnet.explain.test_images": ("int", (1, 100)),
+    "ffdnet.explain.rankings": ("subset", ("m2_window", "m2_whole", "m1", "random")),
+    "ffdnet.explain.manipulations": ("subset", ("remove", "corrupt")),
+    "ffdnet.explain.k_values": ("int_list", None),
+    "ffdnet.explain.seeds": ("int", (1, 100)),
+    "ffdnet.explain.m1_layer": ("int", (0, 100)),
+    "ffdnet.explain.m1_mode": _choice("raw", "normalized", "remove_out"),
+    "ffdnet.explain.finetune.epochs": ("float", (1e-6, None)),
+    "ffdnet.explain.finetune.learning_rate": ("float", (0.0, None)),
+    "ffdnet.explain.finetune.batch_size": ("int", (1, None)),
+    "ffdnet.explain.maps": ("int", (0, 100)),
 }
 
 

@@ -10,7 +10,7 @@ import torch
 import utils_if
 import utils_option as opt
 from ffdnet_test import common, datasets
-from ffdnet_test.model import FFDNet, feature_position
+from ffdnet_test.model import FFDNet, PackedInput, feature_position
 
 
 def test_image(settings: dict, name: str) -> tuple[int, str, torch.Tensor, torch.Tensor]:
@@ -96,3 +96,25 @@ def mode_scores(activation: torch.Tensor, norms: torch.Tensor, mode: str, outlim
     if mode == "remove_out":
         scores[:, utils_if.outliers(norms, outlim)] = float("-inf")
     return scores
+
+
+def window_mask(shape: tuple[int, ...], point: list[int], window: int) -> torch.Tensor:
+    """(C, H, W) mask of the (2*window+1)^2 pixels around ``point`` (clipped at the border)."""
+    mask = torch.zeros(shape)
+    r, c = point
+    mask[:, max(r - window, 0):r + window + 1, max(c - window, 0):c + window + 1] = 1.0
+    return mask
+
+
+def training_points(settings: dict, device):
+    """Packed noisy inputs and clean targets of the (first max_train_points) training patches."""
+    cfg = common.ffdnet_cfg(settings)
+    if not cfg["fixed_noise"]:
+        raise opt.SettingsError("ffdnet.fixed_noise = false: influence needs one fixed (noisy, clean, "
+                                "sigma) triple per training patch; set it to true (and retrain)")
+    patches = common.train_patches(settings)
+    sigma, noise = common.patch_noise(settings, patches)
+    n = cfg["method2"]["max_train_points"] or len(patches)
+    clean = common.to_model_order(patches.clean[:n], settings)
+    noisy = clean + common.to_model_order(noise[:n], settings)
+    return PackedInput.pack(noisy, sigma[:n]).to(device), clean.to(device), patches

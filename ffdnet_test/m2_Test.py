@@ -28,28 +28,6 @@ def solver_settings(settings: dict) -> utils_if.SolverSettings:
     return utils_if.SolverSettings.from_method2(m2, common.ffdnet_cfg(settings)["seed"])
 
 
-def window_mask(shape: tuple[int, ...], point: list[int], window: int) -> torch.Tensor:
-    """(C, H, W) mask of the (2*window+1)^2 pixels around ``point`` (clipped at the border)."""
-    mask = torch.zeros(shape)
-    r, c = point
-    mask[:, max(r - window, 0):r + window + 1, max(c - window, 0):c + window + 1] = 1.0
-    return mask
-
-
-def training_points(settings: dict, device):
-    """Packed noisy inputs and clean targets of the (first max_train_points) training patches."""
-    cfg = common.ffdnet_cfg(settings)
-    if not cfg["fixed_noise"]:
-        raise opt.SettingsError("ffdnet.fixed_noise = false: influence needs one fixed (noisy, clean, "
-                                "sigma) triple per training patch; set it to true (and retrain)")
-    patches = common.train_patches(settings)
-    sigma, noise = common.patch_noise(settings, patches)
-    n = cfg["method2"]["max_train_points"] or len(patches)
-    clean = common.to_model_order(patches.clean[:n], settings)
-    noisy = clean + common.to_model_order(noise[:n], settings)
-    return PackedInput.pack(noisy, sigma[:n]).to(device), clean.to(device), patches
-
-
 def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
     m2, att = cfg["method2"], cfg["attribution"]
@@ -76,7 +54,7 @@ def main(settings: dict) -> dict:
         solver.factor_file, solver.progress = common.factor_file(settings, solver.solver), opt.progress
     problem = utils_if.InfluenceProblem(packed, utils_if.mse_sample_loss, names, l2_reg=m2["l2_reg"],
                                         batched_hvp=False)
-    x_train, y_train, patches = training_points(settings, device)
+    x_train, y_train, patches = attribution.training_points(settings, device)
     sigma01 = cfg["test"]["noise_level_img"] / 255.0
     rows, targets = [], []
     with opt.Timer() as grad_timer:
@@ -88,7 +66,7 @@ def main(settings: dict) -> dict:
             targets.append((image, path, "whole", None))
             for point in att["points"]:
                 attribution.check_point(point, clean)
-                loss = utils_if.masked_mse_sample_loss(window_mask(tuple(clean.shape), point, m2["window"]).to(device))
+                loss = utils_if.masked_mse_sample_loss(attribution.window_mask(tuple(clean.shape), point, m2["window"]).to(device))
                 rows.append(problem.sample_grads(x, y, loss=loss))
                 targets.append((image, path, f"point {point[0]},{point[1]}", point))
     logger.info(f"influence of {len(x_train)} training patches on {len(targets)} targets "

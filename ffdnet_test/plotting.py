@@ -53,3 +53,77 @@ def histogram(values, limit: float, title: str):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def effect_bars(image: torch.Tensor, points: list[list[int]], labels: list[str], table: list[dict], title: str):
+    """Left: the test image with its targets numbered. Right: one panel per (manipulation, k), bars
+    per ranking: mean change of the window loss at the ranking's own target (+- spread over seeds)
+    and, hatched, at the other targets."""
+    import numpy as np
+    groups = sorted({(r["manipulation"], r["k"]) for r in table})
+    fig, axes = plt.subplots(1, 1 + len(groups), figsize=(3.2 * (1 + len(groups)), 3.4), squeeze=False)
+    axes = axes[0]
+    _show(axes[0], image)
+    for number, point in enumerate(points, 1):
+        axes[0].scatter([point[1]], [point[0]], s=30, c="red", edgecolors="white", linewidths=0.6)
+        axes[0].annotate(str(number), (point[1], point[0]), color="yellow", fontsize=8, xytext=(4, 4),
+                         textcoords="offset points")
+    axes[0].set_title("targets: " + ", ".join(f"{i}={label}" for i, label in enumerate(labels, 1)), fontsize=6)
+    for ax, (manipulation, k) in zip(axes[1:], groups):
+        rows = [r for r in table if r["manipulation"] == manipulation and r["k"] == k]
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, [r["own"] for r in rows], 0.4, yerr=[r["own_seed_spread"] for r in rows],
+               color="tab:blue", label="at its target")
+        ax.bar(x + 0.2, [0 if r["others"] != r["others"] else r["others"] for r in rows], 0.4,
+               color="tab:gray", hatch="//", label="at the other targets")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xticks(x)
+        ax.set_xticklabels([r["ranking"] for r in rows], rotation=30, fontsize=7)
+        ax.set_title(f"{manipulation} top {k}", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    axes[1].set_ylabel("window loss change vs control", fontsize=7)
+    axes[-1].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def specificity(matrices: dict[str, "np.ndarray"], labels: list[str], title: str):
+    """One heat map per ranking: row i = the list built for target i, column j = effect at target j."""
+    import numpy as np
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices), 3.4), squeeze=False)
+    limit = max([np.nanmax(np.abs(m)) for m in matrices.values() if np.isfinite(m).any()] + [1e-12])
+    for ax, (name, matrix) in zip(axes[0], matrices.items()):
+        ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(j, i, f"{value:.1e}", ha="center", va="center", fontsize=5)
+        ax.set_xticks(range(len(labels)))
+        ax.set_yticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=45, fontsize=6)
+        ax.set_yticklabels(labels, fontsize=6)
+        ax.set_xlabel("effect measured at", fontsize=7)
+        ax.set_ylabel("top-k list built for", fontsize=7)
+        ax.set_title(name, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def influence_maps(rows: list[dict], title: str):
+    """rows: {"title", "patches": [(C,h,w)], "maps": [(h,w)], "captions"}: each training patch with
+    where its influence sits drawn over it (red helps, blue hurts)."""
+    n_cols = max(len(r["patches"]) for r in rows)
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.9 * n_cols, 2.0 * len(rows) + 0.5), squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        for ax in ax_row:
+            ax.axis("off")
+        for ax, patch, heat, caption in zip(ax_row, row["patches"], row["maps"], row["captions"]):
+            _show(ax, patch)
+            limit = float(heat.abs().max()) or 1.0
+            ax.imshow(heat.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=0.55)
+            ax.set_title(caption, fontsize=6)
+        ax_row[0].text(-0.1, 0.5, row["title"], transform=ax_row[0].transAxes, rotation=90, va="center",
+                       ha="right", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -8,7 +8,7 @@ import torch
 import utils_if
 import utils_option as opt
 from ffdnet_test import attribution
-from ffdnet_test.m2_Test import window_mask
+from ffdnet_test.attribution import window_mask
 from ffdnet_test.model import FFDNet, PackedInput, feature_position
 
 

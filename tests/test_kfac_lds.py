@@ -388,3 +388,24 @@ def test_factored_damping_solves_the_kronecker_product_of_damped_factors(problem
     assert torch.allclose(curv.self_influence(x, y), torch.diagonal(train_pairs), rtol=1e-9)
     with pytest.raises(ValueError, match="EK-FAC"):
         U.KroneckerCurvature(problem, x, y, eigen_corrected=True, factored_damping=True)
+
+
+def test_per_position_influence_maps_sum_to_the_influence_and_match_a_loop(conv_problem):
+    net, _, x, y = conv_problem
+    problem = U.InfluenceProblem(net, U.nll_sample_loss, U.select_parameters(net, ["c1"]))
+    s_test = torch.randn(problem.num_params, dtype=torch.float64)
+    maps = U.conv_position_influence(problem, s_test, x, y)
+    assert maps.shape == (30, 5, 5)
+    expected = problem.sample_grads(x, y) @ s_test
+    assert torch.allclose(maps.sum((1, 2)), expected, rtol=1e-10, atol=1e-12)
+    # one position by hand: delta there . (S_W patch + S_b)
+    i, r, c = 3, 2, 4
+    z1 = net.c1(x[i:i + 1]).detach().requires_grad_(True)
+    loss = -torch.log_softmax(net.fc(torch.relu(net.c2(torch.relu(z1))).flatten(1)), 1)[0, y[i]]
+    delta, = torch.autograd.grad(loss, z1)
+    s_w, s_b = s_test[:18].reshape(2, 9), s_test[18:]
+    patch = nn.functional.pad(x[i, 0], (1, 1, 1, 1))[r:r + 3, c:c + 3].reshape(-1)
+    assert maps[i, r, c].item() == pytest.approx((delta[0, :, r, c] @ (s_w @ patch + s_b)).item(), rel=1e-10)
+    with pytest.raises(ValueError, match="output size"):   # c1 (5x5) and c2 (2x2) cannot share a map
+        U.conv_position_influence(U.InfluenceProblem(net, U.nll_sample_loss, U.select_parameters(net, ["c1", "c2"])),
+                                  torch.randn(18 + 2 + 24 + 3, dtype=torch.float64), x, y)

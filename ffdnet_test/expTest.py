@@ -1,0 +1,232 @@
+"""FFDNet explainability test: do the training patches a ranking names for a pixel matter for that
+pixel? Counterfactual fine-tuning over every training patch (settings: ffdnet.explain).
+
+For each target (the ffdnet.attribution.points of the first explain.test_images test images) and
+each ranking (explain.rankings: Method 2 pixel-window influence, Method 2 whole-image influence,
+Method 1 at explain.m1_layer / m1_mode, random), the top k patches (explain.k_values) are removed
+or corrupted (clean target := noisy input; explain.manipulations), and the trained model is
+fine-tuned on that set with one schedule for every run (explain.finetune: epochs, learning rate,
+batch; BatchNorm statistics fixed), explain.seeds times. A control per seed is fine-tuned the same
+way on the untouched set, with the same data order (see ffdnet_test/explain.py: runs are paired).
+
+effect at target j = window loss at j after the manipulated run - the same seed's control there.
+The hypothesis under test: removing the top-k patches by pixel-window influence raises that
+window's loss >= 3x more than removing k random patches, and >= 2x more than at the other points.
+
+Resumable (one small JSON per run; finished runs are skipped) and splittable:
+torchrun --nproc_per_node=K ffdnet_test/expTest.py shares the runs across K processes.
+
+Reads:  the model, the training patches, m2_Test's and m1_Test's files for the same settings
+        (m2 over all patches: ffdnet.method2.max_train_points = 0)
+Writes: test/ffdnet_expTest/{study}/{run}.json; test/ffdnet_expTest_{study}.{md,csv,json};
+        fig/ffdnet_expTest_{study}_{effects_IMAGE,specificity,maps}.png
+"""
+import copy
+import hashlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import utils_if  # noqa: E402
+import utils_option as opt  # noqa: E402
+from ffdnet_test import attribution, common, explain, plotting  # noqa: E402
+from ffdnet_test.model import PackedInput  # noqa: E402
+
+
+def study_tag(settings: dict) -> str:
+    """The model's tag + a hash of everything a run's outcome depends on besides its own job."""
+    cfg = common.ffdnet_cfg(settings)
+    ecfg = explain.explain_cfg(settings)
+    key = {"finetune": ecfg["finetune"], "m1": [ecfg["m1_layer"], ecfg["m1_mode"], cfg["method1"]],
+           "m2": os.path.basename(common.m2_result_file(settings, "")), "points": cfg["attribution"]["points"],
+           "model": common.resolve_model_path(settings), "test_images": ecfg["test_images"]}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{common.run_tag(settings)}_{digest}"
+
+
+def training_set(settings: dict, device):
+    """(noisy, clean, sigma, patches) of every training patch, in the model's channel order."""
+    cfg = common.ffdnet_cfg(settings)
+    if not cfg["fixed_noise"]:
+        raise opt.SettingsError("ffdnet.fixed_noise = false: the explainability test needs one fixed (noisy, "
+                                "clean, sigma) triple per training patch; set it to true (and retrain)")
+    patches = common.train_patches(settings)
+    sigma, noise = common.patch_noise(settings, patches)
+    clean = common.to_model_order(patches.clean, settings)
+    return (clean + common.to_model_order(noise, settings)).to(device), clean.to(device), sigma.to(device), patches
+
+
+def run_job(job: dict, base, data, ranked, images, tests, target_list, settings, device) -> dict:
+    """Fine-tune a copy of the base model on the job's training set and measure it."""
+    cfg = common.ffdnet_cfg(settings)
+    ecfg = explain.explain_cfg(settings)
+    noisy, clean, sigma = data
+    n = len(clean)
+    chosen = explain.chosen_patches(job, ranked, n, images)
+    removed = chosen if job["manipulation"] == "remove" else np.zeros(0, dtype=np.int64)
+    targets_used = clean
+    if job["manipulation"] == "corrupt":
+        targets_used = clean.clone()
+        index = torch.as_tensor(chosen, dtype=torch.long, device=device)
+        targets_used[index] = noisy[index]
+    ft = ecfg["finetune"]
+    steps = explain.finetune_steps(n, ft["epochs"], ft["batch_size"])
+    order = explain.finetune_order(n, removed, steps, ft["batch_size"], job["seed"])
+    with opt.Timer() as timer:
+        model = explain.finetune(copy.deepcopy(base), noisy, targets_used, sigma, order, ft["learning_rate"])
+        outcome = explain.evaluate(model, tests, target_list, cfg["method2"]["window"],
+                                   cfg["test"]["noise_level_img"] / 255.0)
+    return {"job": {k: v for k, v in job.items() if k != "path"}, "outcome": outcome,
+            "chosen": [int(i) for i in chosen], "steps": steps, "seconds": round(timer.seconds, 2)}
+
+
+def influence_map_rows(settings: dict, target_list, ranked, device, logger) -> list[dict]:
+    """For each target, its top explain.maps patches by pixel-window influence, with where inside each
+    patch that influence sits (conv inner products split per position, upsampled 2x to pixels)."""
+    cfg = common.ffdnet_cfg(settings)
+    count = explain.explain_cfg(settings)["maps"]
+    solver = utils_if.SolverSettings.from_method2(cfg["method2"], cfg["seed"])
+    if not count or solver.solver not in utils_if.KRONECKER_SOLVERS or "m2_window" not in explain.explain_cfg(settings)["rankings"]:
+        logger.info("influence maps: skipped (they need ffdnet.explain.maps > 0, ranking m2_window and a "
+                    "kfac/ekfac solver, whose parameters are the conv layers only)")
+        return []
+    model, _ = common.load_model(settings, device)
+    packed = PackedInput(model).eval()
+    names = [n for n in utils_if.select_parameters(packed, ["net." + p for p in cfg["method2"]["params"]])
+             if isinstance(dict(packed.named_modules())[n.rpartition(".")[0]], torch.nn.Conv2d)]
+    solver.fisher, solver.factor_file = common.FISHER, common.factor_file(settings, solver.solver)
+    problem = utils_if.InfluenceProblem(packed, utils_if.mse_sample_loss, names, l2_reg=cfg["method2"]["l2_reg"],
+                                        batched_hvp=False)
+    x_train, y_train, patches = attribution.training_points(settings, device)
+    sigma01 = cfg["test"]["noise_level_img"] / 255.0
+    rows = []
+    for t in target_list:
+        _, _, clean, noisy = attribution.test_image(settings, t["image"])
+        x = PackedInput.pack(common.to_model_order(noisy, settings)[None], torch.tensor([sigma01])).to(device)
+        loss = utils_if.masked_mse_sample_loss(attribution.window_mask(tuple(clean.shape), t["point"],
+                                                                       cfg["method2"]["window"]).to(device))
+        grad = problem.sample_grads(x, common.to_model_order(clean, settings)[None].to(device), loss=loss)
+        s_test, _ = utils_if.inverse_hvp(problem, grad, x_train, y_train, solver, show_progress=False)
+        top = ranked[f"m2_window|{t['label']}"][:count]
+        maps = utils_if.conv_position_influence(problem, s_test[0], x_train[top], y_train[top]).cpu()
+        totals = maps.sum((1, 2))
+        logger.info(f"influence maps {t['label']}: patches {top.tolist()}, influence {[f'{v:.3g}' for v in totals]}")
+        pixels = maps.repeat_interleave(2, 1).repeat_interleave(2, 2)  # FFDNet works on 2x2 pixel blocks
+        rows.append({"title": t["label"], "target": t["label"], "top": top.tolist(), "totals": totals.tolist(),
+                     "patches": [patches.clean[i] for i in top],
+                     "maps": list(pixels), "captions": [f"#{i}: {v:.2g}" for i, v in zip(top.tolist(), totals)]})
+    return rows
+
+
+def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: dict, tag: str, ranked, device,
+           logger) -> dict:
+    ecfg = explain.explain_cfg(settings)
+    rows = explain.effects(runs, target_list)
+    table = explain.summary_table(rows, target_list)
+    k_max = max(ecfg["k_values"])
+    verdicts = []
+    for manipulation in ecfg["manipulations"]:
+        window = next((r for r in table if r["ranking"] == "m2_window" and r["manipulation"] == manipulation
+                       and r["k"] == k_max), None)
+        if window is None:
+            continue
+        verdicts.append(f"{manipulation} top {k_max}: pixel-window influence raises its own window's loss "
+                        f"{window['own']:.3g} vs random {window['own'] / window['own_over_random'] if window['own_over_random'] == window['own_over_random'] and window['own_over_random'] else float('nan'):.3g} "
+                        f"(x{window['own_over_random']:.2f}; hypothesis >= 3: "
+                        f"{'HOLDS' if window['own_over_random'] >= 3 else 'FAILS'}) and vs the other points "
+                        f"{window['others']:.3g} (x{window['own_over_others']:.2f}; hypothesis >= 2: "
+                        f"{'HOLDS' if window['own_over_others'] >= 2 else 'FAILS'})")
+    header = ["ranking", "manipulation", "k", "runs", "own", "own_seed_spread", "others", "own_over_random",
+              "own_over_others", "psnr_change"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in table:
+        lines.append("| " + " | ".join(f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in header) + " |")
+    seconds = [run["seconds"] for run in runs.values()]
+    text = "\n".join(lines) + (
+        f"\n\nown = mean change of the window loss ({2 * common.ffdnet_cfg(settings)['method2']['window'] + 1}^2 "
+        f"pixels) at the target the list was built for (m2_whole, random: at every target of the image), vs the "
+        f"control of the same seed; others = at the image's other targets; own_seed_spread = std over seeds of "
+        f"the per-seed mean; psnr_change in dB. Window losses before fine-tuning: "
+        f"{ {k: float(f'{v:.4g}') for k, v in base_outcome['window_loss'].items()} }. {len(runs)} runs, "
+        f"{np.median(seconds):.0f} s each (median).\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n")
+    md = opt.write_text(opt.output_path(settings, "test", f"ffdnet_expTest_{tag}.md"), text, logger)
+    csv = opt.write_text(opt.output_path(settings, "test", f"ffdnet_expTest_{tag}.csv"),
+                         "\n".join([",".join(header)] + [",".join(str(r[h]) for h in header) for r in table]) + "\n")
+    opt.write_json(opt.output_path(settings, "test", f"ffdnet_expTest_{tag}.json"),
+                   {"table": table, "effects": rows, "base": base_outcome, "verdicts": verdicts,
+                    "settings": common.ffdnet_cfg(settings)}, logger)
+    for v in verdicts:
+        logger.info(v)
+    figures = []
+    labels = [t["label"] for t in target_list]
+    for image in dict.fromkeys(t["image"] for t in target_list):
+        _, _, clean, _ = attribution.test_image(settings, image)
+        mine = [t for t in target_list if t["image"] == image]
+        per_image = explain.summary_table([r for r in rows if r["target"] in {image, *[t["label"] for t in mine]}], mine)
+        fig = plotting.effect_bars(clean, [t["point"] for t in mine], [t["label"] for t in mine], per_image,
+                                   f"FFDNet explainability test, {image}: effect of manipulating the top-k patches")
+        figures.append(opt.save_figure(fig, opt.output_path(settings, "fig", f"ffdnet_expTest_{tag}_effects_{image}.png"), logger))
+    matrices = {f"{ranking}, {manipulation} top {k_max}": explain.specificity_matrix(rows, target_list, ranking, manipulation, k_max)
+                for ranking in explain.POINT_RANKINGS if ranking in ecfg["rankings"] for manipulation in ecfg["manipulations"]}
+    if matrices:
+        fig = plotting.specificity(matrices, labels, "specificity: window loss change (rows: list built for, "
+                                                     "columns: measured at)")
+        figures.append(opt.save_figure(fig, opt.output_path(settings, "fig", f"ffdnet_expTest_{tag}_specificity.png"), logger))
+    map_rows = influence_map_rows(settings, target_list, ranked, device, logger)
+    if map_rows:
+        fig = plotting.influence_maps(map_rows, "where the pixel-window influence sits inside the top patches")
+        figures.append(opt.save_figure(fig, opt.output_path(settings, "fig", f"ffdnet_expTest_{tag}_maps.png"), logger))
+    return {"table": table, "verdicts": verdicts, "markdown": md, "csv": csv, "figures": figures, "effects": rows,
+            "maps": [{k: r[k] for k in ("target", "top", "totals")} for r in map_rows]}
+
+
+def main(settings: dict) -> dict:
+    cfg = common.ffdnet_cfg(settings)
+    ecfg = explain.explain_cfg(settings)
+    rank, world = opt.distributed_start(cfg["use_gpu"])
+    logger = opt.make_logger(settings, "ffdnet_expTest")
+    device = opt.select_device(cfg["use_gpu"], logger)
+    target_list = explain.targets(settings, logger.info)
+    images = list(dict.fromkeys(t["image"] for t in target_list))
+    noisy, clean, sigma, patches = training_set(settings, device)
+    ranked = explain.read_rankings(settings, target_list, len(patches))
+    base, model_path = common.load_model(settings, device, logger)
+    tests = {}
+    for image in images:
+        _, _, test_clean, test_noisy = attribution.test_image(settings, image)
+        tests[image] = (common.to_model_order(test_clean, settings), common.to_model_order(test_noisy, settings))
+    tag = study_tag(settings)
+    folder = opt.output_folder(settings, "test", "ffdnet_expTest", tag)
+    jobs = explain.plan(settings, target_list, folder)
+    pending = [job for job in jobs if not os.path.isfile(job["path"])]
+    opt.distributed_barrier()  # every rank lists the same pending runs before any rank writes one
+    mine = opt.partition(pending, rank, world)
+    steps = explain.finetune_steps(len(patches), ecfg["finetune"]["epochs"], ecfg["finetune"]["batch_size"])
+    logger.info(f"FFDNet explainability study {tag}: {len(patches)} training patches, {len(target_list)} targets, "
+                f"{len(jobs)} runs of {steps} fine-tuning steps, {len(jobs) - len(pending)} already done; "
+                f"rank {rank}/{world} runs {len(mine)}; torch threads {torch.get_num_threads()}")
+    bar = opt.progress(mine, desc=f"rank {rank}: runs", unit="run")
+    for job in bar:
+        record = run_job(job, base, (noisy, clean, sigma), ranked, images, tests, target_list, settings, device)
+        opt.write_json(job["path"], record)
+        bar.set_postfix(last=f"{record['seconds']:.0f}s")
+    opt.distributed_barrier()
+    result = {"runs": len(mine), "jobs": len(jobs), "study": tag}
+    if rank == 0:
+        runs = {job["name"]: opt.read_json(job["path"], "ffdnet_test/expTest.py") for job in jobs
+                if os.path.isfile(job["path"])}
+        base_outcome = explain.evaluate(base, tests, target_list, cfg["method2"]["window"],
+                                        cfg["test"]["noise_level_img"] / 255.0)
+        result.update(report(settings, runs, target_list, base_outcome, tag, ranked, device, logger))
+        result["model_file"] = model_path
+    opt.distributed_end()
+    return result
+
+
+if __name__ == "__main__":
+    opt.run_script(main, __doc__)

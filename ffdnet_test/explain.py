@@ -1,0 +1,256 @@
+"""The denoiser's explainability test (expTest.py): which training patches does a ranking name for a
+pixel, and does taking them away (or teaching the wrong answer on them) change that pixel?
+
+A job = (ranking, the target it was built for, manipulation, k, seed), or the control (nothing
+manipulated, one per seed). Every job fine-tunes the trained model with the same schedule: the
+same number of Adam steps, the same learning rate, a data order drawn from the seed alone; a
+removed patch is skipped in that order (its place goes to the next patch), a corrupted one keeps
+its place. So a manipulated run and the control of its seed see the same patches at the same
+steps except the manipulated ones: paired runs, whose difference is the manipulation's effect.
+
+Rankings (all training patches, best first):
+  m2_window  Method 2, influence on the squared error of the window around one point (m2_Test)
+  m2_whole   Method 2, influence on the whole-image loss (m2_Test): the same list for every point
+  m1         Method 1 at one layer and mode (m1_Test)
+  random     k distinct patches drawn from a generator seeded by (seed, image, k)
+Manipulations: remove (the patches leave the training set), corrupt (their clean target becomes
+their own noisy input: the network is taught to keep the noise there).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+import utils_if
+import utils_option as opt
+from ffdnet_test import attribution, common
+
+RANKINGS = ("m2_window", "m2_whole", "m1", "random")
+POINT_RANKINGS = ("m2_window", "m1")  # built for one point; the others for the whole image
+MANIPULATIONS = ("remove", "corrupt")
+
+
+def explain_cfg(settings: dict) -> dict:
+    return common.ffdnet_cfg(settings)["explain"]
+
+
+def point_label(point: list[int]) -> str:
+    return f"{point[0]},{point[1]}"
+
+
+def targets(settings: dict, log=print) -> list[dict]:
+    """The configured points of the first explain.test_images test images: {image, point, label}."""
+    images = attribution.image_names(settings, log)[:explain_cfg(settings)["test_images"]]
+    points = common.ffdnet_cfg(settings)["attribution"]["points"]
+    return [{"image": image, "point": list(p), "label": f"{image} {point_label(p)}"}
+            for image in images for p in points]
+
+
+def random_patches(n_train: int, k: int, seed: int, image_index: int) -> np.ndarray:
+    """k distinct patch indices from a generator seeded by (seed, image, k) alone."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + image_index * 10_007 + k)
+    return torch.randperm(n_train, generator=generator)[:k].numpy()
+
+
+def read_rankings(settings: dict, target_list: list[dict], n_train: int) -> dict[str, np.ndarray]:
+    """{f"{ranking}|{target label or image}": training patch indices, best first} from the m1/m2
+    files; a file made for another number of patches is refused (all patches must be scored)."""
+    ecfg = explain_cfg(settings)
+    wanted = set(ecfg["rankings"])
+    out: dict[str, np.ndarray] = {}
+    for image in dict.fromkeys(t["image"] for t in target_list):
+        m2_path = common.m2_result_file(settings, image)
+        if wanted & {"m2_window", "m2_whole"}:
+            record = opt.read_json(opt.require_file(m2_path, "ffdnet_test/m2_Test.py"), "ffdnet_test/m2_Test.py")
+            if record["meta"]["n_train"] != n_train:
+                raise opt.SettingsError(
+                    f"{m2_path} scores {record['meta']['n_train']} patches, the training set has {n_train}: "
+                    f"set ffdnet.method2.max_train_points = 0 and run ffdnet_test/m2_Test.py again")
+            entries = record["entries"]
+            if "m2_whole" in wanted:
+                out[f"m2_whole|{image}"] = np.argsort(-np.asarray(entries["whole"]["influence"]), kind="stable")
+            for t in (t for t in target_list if t["image"] == image and "m2_window" in wanted):
+                key = f"point {point_label(t['point'])}"
+                if key not in entries:
+                    raise opt.SettingsError(f"{m2_path} has no entry {key!r}: run ffdnet_test/m2_Test.py "
+                                            f"again with the current ffdnet.attribution.points")
+                out[f"m2_window|{t['label']}"] = np.argsort(-np.asarray(entries[key]["influence"]), kind="stable")
+        if "m1" in wanted:
+            m1_path = common.m1_result_file(settings, image)
+            record = opt.read_json(opt.require_file(m1_path, "ffdnet_test/m1_Test.py"), "ffdnet_test/m1_Test.py")
+            for t in (t for t in target_list if t["image"] == image):
+                rows = [e for e in record["entries"] if e["layer"] == ecfg["m1_layer"]
+                        and e["mode"] == ecfg["m1_mode"] and list(e["point"]) == t["point"]]
+                if not rows:
+                    raise opt.SettingsError(f"{m1_path} has no layer {ecfg['m1_layer']} / point {t['point']}: set "
+                                            f"ffdnet.explain.m1_layer to one of ffdnet.method1.layers and run "
+                                            f"ffdnet_test/m1_Test.py again")
+                scores = np.array([-np.inf if s is None else s for s in rows[0]["scores"]])
+                if len(scores) != n_train:
+                    raise opt.SettingsError(f"{m1_path} scores {len(scores)} patches, the training set has "
+                                            f"{n_train}: run ffdnet_test/FFDNet_Train.py and m1_Test.py again")
+                out[f"m1|{t['label']}"] = np.argsort(-scores, kind="stable")
+    return out
+
+
+def plan(settings: dict, target_list: list[dict], folder: str) -> list[dict]:
+    """Every job of the study: the control per seed, then ranking x target x manipulation x k x seed."""
+    ecfg = explain_cfg(settings)
+    jobs = [{"name": f"control_s{seed}", "ranking": None, "target": None, "manipulation": None, "k": 0,
+             "seed": seed} for seed in range(ecfg["seeds"])]
+    images = list(dict.fromkeys(t["image"] for t in target_list))
+    for ranking in ecfg["rankings"]:
+        owners = ([t["label"] for t in target_list] if ranking in POINT_RANKINGS else images)
+        for owner in owners:
+            for manipulation in ecfg["manipulations"]:
+                for k in ecfg["k_values"]:
+                    for seed in range(ecfg["seeds"]):
+                        name = f"{ranking}_{owner.replace(' ', '_').replace(',', '-')}_{manipulation}_k{k}_s{seed}"
+                        jobs.append({"name": name, "ranking": ranking, "target": owner,
+                                     "manipulation": manipulation, "k": k, "seed": seed})
+    for job in jobs:
+        job["path"] = os.path.join(folder, f"{job['name']}.json")
+    return jobs
+
+
+def chosen_patches(job: dict, ranked: dict[str, np.ndarray], n_train: int, images: list[str]) -> np.ndarray:
+    """The k patches a job manipulates (exactly k distinct indices)."""
+    if job["ranking"] is None:
+        return np.zeros(0, dtype=np.int64)
+    if job["ranking"] == "random":
+        return random_patches(n_train, job["k"], job["seed"], images.index(job["target"]))
+    return ranked[f"{job['ranking']}|{job['target']}"][:job["k"]]
+
+
+def finetune_order(n_train: int, removed: np.ndarray, steps: int, batch: int, seed: int) -> torch.Tensor:
+    """(steps, batch) patch indices: concatenated seeded permutations of all patches with the removed
+    ones skipped. The permutations depend on the seed only, so runs of one seed are paired."""
+    keep = torch.ones(n_train, dtype=torch.bool)
+    keep[torch.as_tensor(removed, dtype=torch.long)] = False
+    if not keep.any():
+        raise ValueError("every training patch is removed")
+    generator = torch.Generator().manual_seed(seed)
+    order, needed = [], steps * batch
+    while needed > 0:
+        perm = torch.randperm(n_train, generator=generator)
+        perm = perm[keep[perm]][:needed]
+        order.append(perm)
+        needed -= len(perm)
+    return torch.cat(order).reshape(steps, batch)
+
+
+def finetune_steps(n_train: int, epochs: float, batch: int) -> int:
+    return max(1, math.ceil(epochs * n_train / batch))
+
+
+def finetune(model: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor,
+             order: torch.Tensor, learning_rate: float, show_progress: bool = False) -> nn.Module:
+    """Adam on the MSE over the batches of ``order``, BatchNorm held in eval mode (its running
+    statistics fixed, its scale and shift trained): the network that influence describes."""
+    model.eval()
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    for idx in opt.progress(order, desc="fine-tune", unit="step", disable=not show_progress, leave=False):
+        idx = idx.to(noisy.device)
+        loss = nn.functional.mse_loss(model(noisy[idx], sigma[idx]), clean[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tests: dict[str, tuple[torch.Tensor, torch.Tensor]], target_list: list[dict],
+             window: int, sigma01: float) -> dict:
+    """Window losses at every target (the squared error m2_Test's pixel-window influence predicts)
+    and the whole-image MSE and PSNR of every test image."""
+    from ffdnet_test import metrics
+    device = next(model.parameters()).device
+    outputs = {}
+    result: dict = {"window_loss": {}, "mse": {}, "psnr": {}}
+    for image, (clean, noisy) in tests.items():
+        out = model(noisy[None].to(device), torch.tensor([sigma01], device=device))[0].cpu()
+        outputs[image] = out
+        result["mse"][image] = float(((out - clean) ** 2).mean())
+        result["psnr"][image] = metrics.psnr(metrics.to_uint8(out), metrics.to_uint8(clean))
+    for t in target_list:
+        clean = tests[t["image"]][0]
+        loss = utils_if.masked_mse_sample_loss(attribution.window_mask(tuple(clean.shape), t["point"], window))
+        result["window_loss"][t["label"]] = float(loss(outputs[t["image"]][None], clean[None]))
+    return result
+
+
+def effects(runs: dict[str, dict], target_list: list[dict]) -> list[dict]:
+    """One row per manipulated run: the change of every target's window loss and of each image's
+    PSNR against the control of the same seed."""
+    rows = []
+    for run in runs.values():
+        job = run["job"]
+        if job["ranking"] is None:
+            continue
+        control = runs.get(f"control_s{job['seed']}")
+        if control is None:
+            continue
+        rows.append({**{k: job[k] for k in ("ranking", "target", "manipulation", "k", "seed")},
+                     "window_effect": {t["label"]: run["outcome"]["window_loss"][t["label"]]
+                                       - control["outcome"]["window_loss"][t["label"]] for t in target_list},
+                     "psnr_change": {image: run["outcome"]["psnr"][image] - control["outcome"]["psnr"][image]
+                                     for image in run["outcome"]["psnr"]}})
+    return rows
+
+
+def summary_table(rows: list[dict], target_list: list[dict]) -> list[dict]:
+    """Per (ranking, manipulation, k): mean effect at the target the list was built for ("own"),
+    at the image's other targets ("others"), their spread over seeds, and the PSNR change. For
+    image-level rankings (m2_whole, random) "own" is the mean over all the image's targets."""
+    image_of = {t["label"]: t["image"] for t in target_list}
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["ranking"], row["manipulation"], row["k"]), []).append(row)
+    table = []
+    for (ranking, manipulation, k), members in groups.items():
+        own, others, per_seed, psnr = [], [], {}, []
+        for row in members:
+            image = image_of.get(row["target"], row["target"])
+            labels = [t["label"] for t in target_list if t["image"] == image]
+            if ranking in POINT_RANKINGS:
+                mine = [row["window_effect"][row["target"]]]
+                rest = [row["window_effect"][label] for label in labels if label != row["target"]]
+            else:
+                mine, rest = [row["window_effect"][label] for label in labels], []
+            own += mine
+            others += rest
+            per_seed.setdefault(row["seed"], []).extend(mine)
+            psnr.append(row["psnr_change"][image])
+        seed_means = [float(np.mean(v)) for v in per_seed.values()]
+        table.append({"ranking": ranking, "manipulation": manipulation, "k": k, "runs": len(members),
+                      "own": float(np.mean(own)), "own_seed_spread": float(np.std(seed_means)),
+                      "others": float(np.mean(others)) if others else float("nan"),
+                      "psnr_change": float(np.mean(psnr))})
+    order = {name: i for i, name in enumerate(RANKINGS)}
+    table.sort(key=lambda r: (r["manipulation"], r["k"], order.get(r["ranking"], 99)))
+    for row in table:  # ratios against random at the same manipulation and k
+        random_row = next((r for r in table if r["ranking"] == "random" and r["manipulation"] == row["manipulation"]
+                           and r["k"] == row["k"]), None)
+        row["own_over_random"] = (row["own"] / random_row["own"] if random_row and random_row["own"] != 0
+                                  else float("nan"))
+        row["own_over_others"] = (row["own"] / row["others"] if row["others"] == row["others"] and row["others"] != 0
+                                  else float("nan"))
+    return table
+
+
+def specificity_matrix(rows: list[dict], target_list: list[dict], ranking: str, manipulation: str, k: int
+                       ) -> np.ndarray:
+    """(targets x targets): entry (i, j) = mean effect at target j of the runs whose list was built
+    for target i (NaN where none ran)."""
+    labels = [t["label"] for t in target_list]
+    matrix = np.full((len(labels), len(labels)), np.nan)
+    for i, label in enumerate(labels):
+        members = [r for r in rows if r["ranking"] == ranking and r["manipulation"] == manipulation
+                   and r["k"] == k and r["target"] == label]
+        if members:
+            matrix[i] = [np.mean([r["window_effect"][other] for r in members]) for other in labels]
+    return matrix
