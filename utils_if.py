@@ -113,6 +113,11 @@ def top_indices(values: np.ndarray | torch.Tensor, k: int, largest: bool = True)
 # ============================================================================================
 # Method 2: the influence problem (model + loss + chosen parameters)
 # ============================================================================================
+def top_k_overlap(a: Iterable[int], b: Iterable[int], k: int) -> int:
+    """How many items the first k of two rankings (index lists, best first) share."""
+    return len(set(list(a)[:k]) & set(list(b)[:k]))
+
+
 def nll_sample_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample negative log-likelihood of log-probabilities (B, C) and labels (B,)."""
     return -output.gather(1, target.reshape(-1, 1).long()).squeeze(1)
@@ -139,7 +144,7 @@ def select_parameters(model: nn.Module, prefixes: Iterable[str] = ()) -> list[st
              (not prefixes or any(n.startswith(pre) for pre in prefixes))]
     if not names:
         valid = [n for n, _ in model.named_parameters()]
-        raise ValueError(f"method2.params = {prefixes} selects no parameter; names are {valid}")
+        raise ValueError(f"parameter prefixes {prefixes} select no parameter; names are {valid}")
     return names
 
 
@@ -157,6 +162,7 @@ class InfluenceProblem:
     batched_hvp: bool = True  # one vmapped double backward for all vectors; False = one per vector
     params: dict[str, torch.Tensor] = field(init=False)
     frozen: dict[str, torch.Tensor] = field(init=False)
+    _batched_hvp_fn: Callable | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -185,13 +191,6 @@ class InfluenceProblem:
     # ---- losses --------------------------------------------------------------------------------
     def _output(self, params: dict, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, {**self.frozen, **params}, (x,))
-
-    def objective(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Training objective on a batch: mean loss + l2_reg/2 * ||theta||^2 (chosen params)."""
-        loss = self.sample_loss(self._output(params, x), y).mean()
-        if self.l2_reg:
-            loss = loss + 0.5 * self.l2_reg * sum((p * p).sum() for p in params.values())
-        return loss
 
     # ---- gradients -----------------------------------------------------------------------------
     def sample_grads(self, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 1024,
@@ -255,11 +254,30 @@ class InfluenceProblem:
 
     def hvp_per_batch(self, xs: torch.Tensor, ys: torch.Tensor, vectors: torch.Tensor,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-        """H_r v_r for r independent batches: xs (r, B, ...), vectors (r, k, p) -> (r, k, p)."""
-        out = torch.empty_like(vectors) if out is None else out
-        for r in range(len(xs)):
-            self.hvp(xs[r], ys[r], vectors[r], out=out[r])
-        return out
+        """H_r v_r for r independent batches: xs (r, B, ...), vectors (r, k, p) -> (r, k, p).
+
+        With ``batched_hvp``, all r x k products are one vmapped forward-over-reverse call
+        (torch.func: jvp of grad), a few large batched operations per LiSSA step instead of r
+        double backwards; otherwise (conv nets, where vmap is slow) one ``hvp`` per batch."""
+        if not self.batched_hvp:
+            out = torch.empty_like(vectors) if out is None else out
+            for r in range(len(xs)):
+                self.hvp(xs[r], ys[r], vectors[r], out=out[r])
+            return out
+        if self._batched_hvp_fn is None:
+            def batch_loss(params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                return self.sample_loss(self._output(params, x), y).mean()
+
+            def one(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                _, hv = torch.func.jvp(lambda p: grad(batch_loss)(p, x, y), (self.params,), (self.unflatten(v),))
+                return self.flatten(hv)
+            self._batched_hvp_fn = vmap(vmap(one, in_dims=(None, None, 0)))
+        hv = self._batched_hvp_fn(xs, ys, vectors.detach())
+        if self.l2_reg:
+            hv.add_(vectors, alpha=self.l2_reg)
+        if out is None:
+            return hv
+        return out.copy_(hv)
 
     def hvp_full(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
                  chunk_size: int = 10000) -> torch.Tensor:
@@ -268,8 +286,10 @@ class InfluenceProblem:
         n = len(x)
         for s in range(0, n, chunk_size):
             xb, yb = x[s:s + chunk_size], y[s:s + chunk_size]
-            total += self.hvp(xb, yb, vectors) * (len(xb) / n)
-        return total  # hvp() adds l2_reg*v in every chunk; the weights sum to 1, so it counts once
+            part = (self.hvp_per_batch(xb[None], yb[None], vectors[None])[0] if self.batched_hvp
+                    else self.hvp(xb, yb, vectors))
+            total += part * (len(xb) / n)
+        return total  # l2_reg*v is added in every chunk; the weights sum to 1, so it counts once
 
     def dense_hessian(self, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 10000,
                       basis_chunk: int = 256) -> torch.Tensor:
@@ -311,17 +331,6 @@ class SolverSettings:
     factor_file: str = ""            # kfac/ekfac: read/write the factors here ("" = recompute)
     progress: Callable | None = None  # a tqdm-like factory for the long passes (None = silent)
 
-    @classmethod
-    def from_method2(cls, m2: dict, seed: int) -> "SolverSettings":
-        """Build from a ``method2`` settings block (the original's key names)."""
-        return cls(solver=m2["solver"], damp=float(m2["damp"]), scale=float(m2["scale"]),
-                   recursion_depth=m2["training_points"], repeats=m2["recursion_nums"],
-                   hvp_batch_size=1 if m2["stochastic"] else m2["hvp_batch_size"],
-                   cg_tol=m2["cg_tol"], cg_max_iter=m2["cg_max_iter"],
-                   hessian_points=m2["hessian_points"], exact_max_params=m2["exact_max_params"],
-                   chunk_size=m2["chunk_size"], seed=seed, fisher=m2.get("fisher", "true"),
-                   kfac_damp_factor=float(m2.get("kfac_damp_factor", 0.1)))
-
     @property
     def effective_damping(self) -> float | str:
         """The lambda in (H + lambda I)^-1 that the chosen solver converges to (kfac/ekfac: a
@@ -351,7 +360,6 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
     estimate's norm over the last 10% of the steps (``lissa_last_change``) and ``converged`` =
     that change < 5%.
     """
-    from utils_option import progress  # local: keep utils_if importable without tqdm at import time
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     v = vectors.detach()
     h = v.unsqueeze(0).repeat(cfg.repeats, 1, 1)                      # (r, k, p)
@@ -359,7 +367,7 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
     n = len(x)
     hv = torch.empty_like(h)                                           # reused every step
     steps = range(1, cfg.recursion_depth + 1)
-    bar = progress(steps, desc="LiSSA", unit="step", disable=not show_progress, leave=False)
+    bar = cfg.progress(steps, desc="LiSSA", unit="step", leave=False) if cfg.progress and show_progress else steps
     checkpoint = max(int(0.9 * cfg.recursion_depth), 1)
     earlier = None
     for j in bar:
@@ -374,8 +382,8 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
             raise LissaDiverged(
                 f"LiSSA diverged at step {j} (||h||/||v|| = {ratio.max().item():.3g} > {bound:.3g}): "
                 f"a Hessian eigenvalue lies outside (-damp*scale, (2-damp)*scale) = "
-                f"({-cfg.damp * cfg.scale:g}, {(2 - cfg.damp) * cfg.scale:g}); raise method2.scale "
-                f"(now {cfg.scale:g}) for large eigenvalues, or method2.damp for negative curvature")
+                f"({-cfg.damp * cfg.scale:g}, {(2 - cfg.damp) * cfg.scale:g}); raise the scale "
+                f"(now {cfg.scale:g}) for large eigenvalues, or damp for negative curvature")
     if info is not None and earlier is not None:
         final = h.mean(dim=0).norm(dim=1)
         change = ((final - earlier).abs() / final.clamp_min(1e-30)).max().item()
@@ -449,16 +457,16 @@ def inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tenso
     if cfg.solver == "exact":
         p = problem.num_params
         if p > cfg.exact_max_params:
-            raise ValueError(f"method2.solver = 'exact' needs a dense {p} x {p} Hessian, above "
-                             f"method2.exact_max_params = {cfg.exact_max_params}: restrict "
-                             f"method2.params (e.g. [\"main.4\"]) or use 'cg' or 'lissa'")
+            raise ValueError(f"solver 'exact' needs a dense {p} x {p} Hessian, above "
+                             f"exact_max_params = {cfg.exact_max_params}: choose fewer params "
+                             f"(e.g. [\"main.4\"]) or use 'cg', 'ekfac' or 'lissa'")
         hessian = problem.dense_hessian(xh, yh, cfg.chunk_size).double()
         system = hessian + cfg.damp * torch.eye(p, dtype=torch.float64, device=hessian.device)
         s = torch.linalg.solve(system, vectors.detach().double().T).T.to(vectors.dtype)
         eig = torch.linalg.eigvalsh(hessian)
         info.update(hessian_eig_min=eig[0].item(), hessian_eig_max=eig[-1].item())
         return s, info
-    raise ValueError(f"method2.solver = {cfg.solver!r}: valid choices are lissa, cg, exact, kfac, "
+    raise ValueError(f"solver {cfg.solver!r}: valid choices are lissa, cg, exact, kfac, "
                      f"ekfac, kfac_factored, identity")
 
 
@@ -547,21 +555,20 @@ def _linear_sweep_chunk(problem: InfluenceProblem, owners: dict[str, nn.Linear],
 
 def influence_sweep(problem: InfluenceProblem, s_test: torch.Tensor, x: torch.Tensor,
                     y: torch.Tensor, chunk_size: int = 10000, show_progress: bool = True,
-                    use_closed_form: bool = True) -> torch.Tensor:
+                    use_closed_form: bool = True, progress: Callable | None = None) -> torch.Tensor:
     """influence[t, i] = s_test[t] . grad L(z_i) for every training point, in chunks: (k, n).
 
     ``s_test`` is (k, p) = H^-1 grad L(test). When every chosen parameter belongs to an nn.Linear
     the closed form is used; otherwise per-sample gradients come chunk by chunk from closed forms
     per module (Conv2d, eval BatchNorm2d) or, for other modules, vmap(grad).
     """
-    from utils_option import progress
     owners = _linear_modules_for(problem) if use_closed_form else None
     s_test = s_test.detach()
     s_dict = problem.unflatten(s_test)
     out = []
     starts = range(0, len(x), chunk_size)
-    for s in progress(starts, desc="influence sweep", unit="chunk", disable=not show_progress,
-                      leave=False):
+    bar = progress(starts, desc="influence sweep", unit="chunk", leave=False) if progress and show_progress else starts
+    for s in bar:
         xb, yb = x[s:s + chunk_size], y[s:s + chunk_size]
         if owners is not None:
             out.append(_linear_sweep_chunk(problem, owners, s_dict, xb, yb))
@@ -598,7 +605,8 @@ def influences_from_test_grads(problem: InfluenceProblem, test_grads: torch.Tens
     t1 = time.perf_counter()
     s_test, info = inverse_hvp(problem, test_grads, x_train, y_train, cfg, show_progress)
     t2 = time.perf_counter()
-    influence = influence_sweep(problem, s_test, x_train, y_train, cfg.chunk_size, show_progress)
+    influence = influence_sweep(problem, s_test, x_train, y_train, cfg.chunk_size, show_progress,
+                                progress=cfg.progress)
     t3 = time.perf_counter()
     info.update(num_params=problem.num_params, n_train=len(x_train),
                 seconds_s_test=round(t2 - t1, 3), seconds_sweep=round(t3 - t2, 3))

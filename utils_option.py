@@ -21,7 +21,6 @@ import torch
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SETTINGS = os.path.join(REPO_ROOT, "Implementation.json")
-OUTPUT_SUBDIRS = ("model_zoo", "grad_norm", "act_grad", "if", "fig", "logs", "test")
 
 
 class SettingsError(ValueError):
@@ -452,6 +451,26 @@ def solver_file_part(m2: dict) -> str:
         detail = "nohess"
     params = "_p" + "+".join(m2["params"]) if m2["params"] else ""
     return f"{solver}_{detail}{params}_l2{m2['l2_reg']:g}"
+
+
+def solver_settings(m2: dict, seed: int):
+    """The influence engine's solver settings from a ``method2`` block (the original's key names:
+    training_points = LiSSA's depth t, recursion_nums = its repeats r), with the progress bars on."""
+    import utils_if
+    return utils_if.SolverSettings(
+        solver=m2["solver"], damp=float(m2["damp"]), scale=float(m2["scale"]),
+        recursion_depth=m2["training_points"], repeats=m2["recursion_nums"],
+        hvp_batch_size=1 if m2["stochastic"] else m2["hvp_batch_size"], cg_tol=m2["cg_tol"],
+        cg_max_iter=m2["cg_max_iter"], hessian_points=m2["hessian_points"],
+        exact_max_params=m2["exact_max_params"], chunk_size=m2["chunk_size"], seed=seed,
+        fisher=m2.get("fisher", "true"), kfac_damp_factor=float(m2.get("kfac_damp_factor", 0.1)),
+        progress=progress)
+
+
+def solver_error(block: str, err: Exception) -> "SettingsError":
+    """An influence-engine error (its words are the solver settings' names) as a one-line settings
+    error naming the block they live in, e.g. "mnist.method2: LiSSA diverged ... raise the scale"."""
+    return SettingsError(f"{block}: {err}")
 
 
 def resolve_path(path: str) -> str:

@@ -128,7 +128,7 @@ def main() -> None:
     for t, test_id in enumerate(TEST_IDS):
         p = utils_if.pearson(ours[t], scores[t])
         s = float(utils_if.spearman_columns(ours[t], scores[t])[0])
-        overlap = len(set(np.argsort(-ours[t])[:100]) & set(np.argsort(-scores[t])[:100]))
+        overlap = utils_if.top_k_overlap(np.argsort(-ours[t]), np.argsort(-scores[t]), 100)
         pearsons.append(p)
         print(f"{test_id:>8} {p:>8.4f} {s:>9.4f} {overlap:>16}")
     print(f"min Pearson {min(pearsons):.4f}, mean {np.mean(pearsons):.4f}; sign: ours = +kronfluence "

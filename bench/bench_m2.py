@@ -64,7 +64,7 @@ def main() -> None:
     s_test = torch.randn(10, 109386)
     loop_s = per_sample_loop_seconds(settings, s_test)
     loop_full = loop_s * 30
-    print(f"\nm2_Test.py, report settings (10 test images, r=5, t=1000, b=8, 60,000 points):")
+    print("\nm2_Test.py, report settings (10 test images, r=5, t=1000, b=8, 60,000 points):")
     print(f"  wall time (child process, incl. start-up and data) {wall:6.1f} s   (target <= 20 s)")
     print(f"  peak memory (max RSS)                              {peak_gb:6.2f} GB  (target <= 1.5 GB)")
     print(f"  test gradients {info['seconds_test_grads']:.2f} s, s_test (LiSSA) "

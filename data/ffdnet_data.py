@@ -19,7 +19,6 @@ import glob
 import os
 import subprocess
 import sys
-import tempfile
 import urllib.request
 import zipfile
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
-import io
 import os
 import pickle
 import struct

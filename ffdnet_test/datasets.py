@@ -101,11 +101,17 @@ class PatchSet:
                 "size": self.patch_size}
 
 
-def fixed_noise(n: int, shape: tuple[int, ...], sigma_range: tuple[float, float], seed: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One seeded draw per patch: sigma ~ U[min, max] (0-255 units) -> (sigma/255 (n,), noise)."""
-    generator = torch.Generator().manual_seed(seed)
+def draw_noise(n: int, shape: tuple[int, ...], sigma_range: tuple[float, float], generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """n noise levels sigma ~ U[min, max] (0-255 units) and Gaussian noise of those levels:
+    (sigma/255 (n,), noise (n, *shape)), drawn in that order from ``generator``."""
     low, high = sigma_range
     sigma = (low + (high - low) * torch.rand(n, generator=generator)) / 255.0
     noise = torch.randn((n, *shape), generator=generator) * sigma.view(-1, *([1] * len(shape)))
     return sigma, noise
+
+
+def fixed_noise(n: int, shape: tuple[int, ...], sigma_range: tuple[float, float], seed: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One seeded draw per patch (the fixed_noise training set): (sigma/255 (n,), noise)."""
+    return draw_noise(n, shape, sigma_range, torch.Generator().manual_seed(seed))

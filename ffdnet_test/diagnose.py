@@ -15,12 +15,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+import utils_if  # noqa: E402
 import utils_option as opt  # noqa: E402
 from ffdnet_test import attribution, common  # noqa: E402
 
 
 def overlap(a: list[int], b: list[int], top: int) -> float:
-    return 100.0 * len(set(a[:top]) & set(b[:top])) / top
+    return 100.0 * utils_if.top_k_overlap(a, b, top) / top
 
 
 def summarise(lists: dict[str, dict[tuple, list[int]]], top: int) -> tuple[float, float]:

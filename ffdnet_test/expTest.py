@@ -90,15 +90,16 @@ def influence_map_rows(settings: dict, target_list, ranked, device, logger) -> l
     patch that influence sits (conv inner products split per position, upsampled 2x to pixels)."""
     cfg = common.ffdnet_cfg(settings)
     count = explain.explain_cfg(settings)["maps"]
-    solver = utils_if.SolverSettings.from_method2(cfg["method2"], cfg["seed"])
+    solver = opt.solver_settings(cfg["method2"], cfg["seed"])
     if not count or solver.solver not in utils_if.KRONECKER_SOLVERS or "m2_window" not in explain.explain_cfg(settings)["rankings"]:
         logger.info("influence maps: skipped (they need ffdnet.explain.maps > 0, ranking m2_window and a "
                     "kfac/ekfac solver, whose parameters are the conv layers only)")
         return []
     model, _ = common.load_model(settings, device)
     packed = PackedInput(model).eval()
-    names = [n for n in utils_if.select_parameters(packed, ["net." + p for p in cfg["method2"]["params"]])
-             if isinstance(dict(packed.named_modules())[n.rpartition(".")[0]], torch.nn.Conv2d)]
+    modules = dict(model.named_modules())
+    names = ["net." + n for n in utils_if.select_parameters(model, cfg["method2"]["params"])
+             if isinstance(modules[n.rpartition(".")[0]], torch.nn.Conv2d)]
     solver.fisher, solver.factor_file = common.FISHER, common.factor_file(settings, solver.solver)
     problem = utils_if.InfluenceProblem(packed, utils_if.mse_sample_loss, names, l2_reg=cfg["method2"]["l2_reg"],
                                         batched_hvp=False)
@@ -123,10 +124,23 @@ def influence_map_rows(settings: dict, target_list, ranked, device, logger) -> l
     return rows
 
 
+def window_influence(settings: dict, target_list: list[dict]) -> dict:
+    """{target label: influence of every patch on its window loss} from m2_Test's files."""
+    out = {}
+    for t in target_list:
+        record = opt.read_json(common.m2_result_file(settings, t["image"]), "ffdnet_test/m2_Test.py")
+        entry = record["entries"].get(f"point {explain.point_label(t['point'])}")
+        if entry is not None:
+            out[t["label"]] = np.asarray(entry["influence"], dtype=np.float64)
+    return out
+
+
 def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: dict, tag: str, ranked, device,
            logger) -> dict:
     ecfg = explain.explain_cfg(settings)
-    rows = explain.effects(runs, target_list)
+    rows = explain.effects(runs, target_list, window_influence(settings, target_list))
+    agreement = explain.prediction_agreement(rows)
+    controls = {name: run["outcome"]["window_loss"] for name, run in runs.items() if run["job"]["ranking"] is None}
     table = explain.summary_table(rows, target_list)
     k_max = max(ecfg["k_values"])
     verdicts = []
@@ -153,12 +167,19 @@ def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: di
         f"control of the same seed; others = at the image's other targets; own_seed_spread = std over seeds of "
         f"the per-seed mean; psnr_change in dB. Window losses before fine-tuning: "
         f"{ {k: float(f'{v:.4g}') for k, v in base_outcome['window_loss'].items()} }. {len(runs)} runs, "
-        f"{np.median(seconds):.0f} s each (median).\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n")
+        f"{np.median(seconds):.0f} s each (median). Window losses of the controls (fine-tuning noise between "
+        f"seeds): { {name: {k: float(f'{v:.4g}') for k, v in c.items()} for name, c in controls.items()} }.\n\n"
+        f"First-order prediction (sum of the removed patches' window influence / n) against the measured change, "
+        f"over {agreement['pairs']} (removal run, target) pairs: Pearson {agreement.get('pearson', float('nan')):.3f}, "
+        f"Spearman {agreement.get('spearman', float('nan')):.3f}, median measured / predicted "
+        f"{agreement.get('median_measured_over_predicted', float('nan')):.3g}.\n\n"
+        + "\n".join(f"- {v}" for v in verdicts) + "\n")
     md = opt.write_text(opt.output_path(settings, "test", f"ffdnet_expTest_{tag}.md"), text, logger)
     csv = opt.write_text(opt.output_path(settings, "test", f"ffdnet_expTest_{tag}.csv"),
                          "\n".join([",".join(header)] + [",".join(str(r[h]) for h in header) for r in table]) + "\n")
     opt.write_json(opt.output_path(settings, "test", f"ffdnet_expTest_{tag}.json"),
                    {"table": table, "effects": rows, "base": base_outcome, "verdicts": verdicts,
+                    "prediction_agreement": agreement, "controls": controls,
                     "settings": common.ffdnet_cfg(settings)}, logger)
     for v in verdicts:
         logger.info(v)
@@ -181,7 +202,7 @@ def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: di
     if map_rows:
         fig = plotting.influence_maps(map_rows, "where the pixel-window influence sits inside the top patches")
         figures.append(opt.save_figure(fig, opt.output_path(settings, "fig", f"ffdnet_expTest_{tag}_maps.png"), logger))
-    return {"table": table, "verdicts": verdicts, "markdown": md, "csv": csv, "figures": figures, "effects": rows,
+    return {"table": table, "verdicts": verdicts, "agreement": agreement, "markdown": md, "csv": csv, "figures": figures, "effects": rows,
             "maps": [{k: r[k] for k in ("target", "top", "totals")} for r in map_rows]}
 
 

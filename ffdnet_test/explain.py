@@ -183,9 +183,13 @@ def evaluate(model: nn.Module, tests: dict[str, tuple[torch.Tensor, torch.Tensor
     return result
 
 
-def effects(runs: dict[str, dict], target_list: list[dict]) -> list[dict]:
+def effects(runs: dict[str, dict], target_list: list[dict], influence: dict[str, np.ndarray] | None = None
+            ) -> list[dict]:
     """One row per manipulated run: the change of every target's window loss and of each image's
-    PSNR against the control of the same seed."""
+    PSNR against the control of the same seed. With ``influence`` ({target label: influence of
+    every patch on its window loss}), removal runs also get the first-order prediction of that
+    change, sum of the removed patches' influence / n (positive influence = helped, so removing
+    it raises the loss)."""
     rows = []
     for run in runs.values():
         job = run["job"]
@@ -199,7 +203,25 @@ def effects(runs: dict[str, dict], target_list: list[dict]) -> list[dict]:
                                        - control["outcome"]["window_loss"][t["label"]] for t in target_list},
                      "psnr_change": {image: run["outcome"]["psnr"][image] - control["outcome"]["psnr"][image]
                                      for image in run["outcome"]["psnr"]}})
+        if influence and job["manipulation"] == "remove":
+            chosen = np.asarray(run["chosen"], dtype=np.int64)
+            rows[-1]["predicted_effect"] = {label: float(values[chosen].sum() / len(values))
+                                            for label, values in influence.items()}
     return rows
+
+
+def prediction_agreement(rows: list[dict]) -> dict:
+    """How well the first-order prediction tracks the measured window-loss changes over every
+    (removal run, target) pair: Pearson, Spearman, and the median measured / predicted ratio."""
+    pairs = [(row["predicted_effect"][label], row["window_effect"][label])
+             for row in rows if "predicted_effect" in row for label in row["predicted_effect"]]
+    if len(pairs) < 3:
+        return {"pairs": len(pairs)}
+    predicted, measured = (np.array(v) for v in zip(*pairs))
+    ratio = measured / np.where(predicted == 0, np.nan, predicted)
+    return {"pairs": len(pairs), "pearson": utils_if.pearson(predicted, measured),
+            "spearman": float(utils_if.spearman_columns(predicted[:, None], measured[:, None])[0]),
+            "median_measured_over_predicted": float(np.nanmedian(ratio))}
 
 
 def summary_table(rows: list[dict], target_list: list[dict]) -> list[dict]:

@@ -23,11 +23,6 @@ from ffdnet_test import attribution, common  # noqa: E402
 from ffdnet_test.model import PackedInput  # noqa: E402
 
 
-def solver_settings(settings: dict) -> utils_if.SolverSettings:
-    m2 = common.ffdnet_cfg(settings)["method2"]
-    return utils_if.SolverSettings.from_method2(m2, common.ffdnet_cfg(settings)["seed"])
-
-
 def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
     m2, att = cfg["method2"], cfg["attribution"]
@@ -37,11 +32,11 @@ def main(settings: dict) -> dict:
     opt.seed_everything(cfg["seed"])
     model, model_path = common.load_model(settings, device, logger)
     packed = PackedInput(model).eval()
-    try:
-        names = utils_if.select_parameters(packed, ["net." + p for p in m2["params"]])
+    try:  # chosen by the network's own names; the engine sees them under PackedInput's "net."
+        names = ["net." + n for n in utils_if.select_parameters(model, m2["params"])]
     except ValueError as err:
-        raise opt.SettingsError(str(err).replace("net.", "")) from None
-    solver = solver_settings(settings)
+        raise opt.solver_error("ffdnet.method2", err) from None
+    solver = opt.solver_settings(m2, cfg["seed"])
     if solver.solver in utils_if.KRONECKER_SOLVERS:
         # Kronecker factors cover conv layers; BatchNorm's scale and shift are held fixed. The MSE
         # has no label to sample: the Fisher is the empirical one (the denoising residuals).
@@ -51,7 +46,7 @@ def main(settings: dict) -> dict:
             logger.info(f"{solver.solver}: {len(names) - len(convs)} BatchNorm parameters held fixed "
                         f"(not in the Kronecker-factored set)")
         names, solver.fisher = convs, common.FISHER
-        solver.factor_file, solver.progress = common.factor_file(settings, solver.solver), opt.progress
+        solver.factor_file = common.factor_file(settings, solver.solver)
     problem = utils_if.InfluenceProblem(packed, utils_if.mse_sample_loss, names, l2_reg=m2["l2_reg"],
                                         batched_hvp=False)
     x_train, y_train, patches = attribution.training_points(settings, device)
@@ -74,8 +69,8 @@ def main(settings: dict) -> dict:
                 f"{solver.effective_damping}); test gradients in {grad_timer.seconds:.1f} s")
     try:
         influence, info = utils_if.influences_from_test_grads(problem, torch.cat(rows), x_train, y_train, solver)
-    except utils_if.LissaDiverged as err:
-        raise opt.SettingsError(str(err).replace("method2.", "ffdnet.method2.")) from None
+    except (utils_if.LissaDiverged, ValueError) as err:
+        raise opt.solver_error("ffdnet.method2", err) from None
     info["seconds_test_grads"] = round(grad_timer.seconds, 3)
     logger.info(f"s_test {info['seconds_s_test']} s, sweep {info['seconds_sweep']} s")
     influence = influence.cpu()

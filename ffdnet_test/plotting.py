@@ -88,7 +88,7 @@ def effect_bars(image: torch.Tensor, points: list[list[int]], labels: list[str],
     return fig
 
 
-def specificity(matrices: dict[str, "np.ndarray"], labels: list[str], title: str):
+def specificity(matrices: dict, labels: list[str], title: str):
     """One heat map per ranking: row i = the list built for target i, column j = effect at target j."""
     import numpy as np
     fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices), 3.4), squeeze=False)

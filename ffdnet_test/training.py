@@ -8,22 +8,20 @@ from torch import nn
 import utils_if
 import utils_option as opt
 from ffdnet_test import metrics
-from ffdnet_test.datasets import PatchSet
+from ffdnet_test.datasets import PatchSet, draw_noise
 from ffdnet_test.model import FFDNet, recalibrate_batchnorm
 
 
 def _noisy_batches(clean_all: torch.Tensor, fixed, cfg: dict, generator: torch.Generator,
                    device: torch.device):
     """``bn_recalibrate_batches`` random training batches (x + noise, sigma), as in training."""
-    low, high = cfg["sigma"]
     for _ in range(cfg["bn_recalibrate_batches"]):
         idx = torch.randint(len(clean_all), (cfg["batch_size"],), generator=generator)
         clean = clean_all[idx.to(device)]
         if fixed is not None:
             yield clean + fixed[1][idx].to(device), fixed[0][idx].to(device)
         else:
-            sigma = (low + (high - low) * torch.rand(len(idx), generator=generator)) / 255.0
-            noise = torch.randn(clean.shape, generator=generator) * sigma.view(-1, 1, 1, 1)
+            sigma, noise = draw_noise(len(idx), tuple(clean.shape[1:]), tuple(cfg["sigma"]), generator)
             yield clean + noise.to(device), sigma.to(device)
 
 
@@ -66,7 +64,6 @@ def train_ffdnet(model: FFDNet, patches: PatchSet, cfg: dict, device: torch.devi
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = [conv.register_forward_hook(lambda m, i, o, key=layer: captured.__setitem__(key, (i[0], o)))
              for layer, conv in convs.items()] if grad_mode == "per_sample" else []
-    low, high = cfg["sigma"]
     clean_all = patches.clean.to(device)
     history = []
     steps = (n + batch - 1) // batch
@@ -85,8 +82,7 @@ def train_ffdnet(model: FFDNet, patches: PatchSet, cfg: dict, device: torch.devi
                 if fixed is not None:
                     sigma, noise = fixed[0][idx].to(device), fixed[1][idx].to(device)
                 else:
-                    sigma = ((low + (high - low) * torch.rand(len(idx), generator=generator)) / 255.0)
-                    noise = torch.randn(clean.shape, generator=generator) * sigma.view(-1, 1, 1, 1)
+                    sigma, noise = draw_noise(len(idx), tuple(clean.shape[1:]), tuple(cfg["sigma"]), generator)
                     sigma, noise = sigma.to(device), noise.to(device)
                 loss = nn.functional.mse_loss(model(clean + noise, sigma), clean)
                 outputs = [captured[layer][1] for layer in convs] if hooks else []

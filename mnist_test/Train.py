@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 import utils_option as opt  # noqa: E402
 from mnist_test import common  # noqa: E402
-from mnist_test.model import LAYER_MODULES, mnist_model  # noqa: E402
+from mnist_test.model import LAYER_MODULES  # noqa: E402
 from mnist_test.training import train_model  # noqa: E402
 
 

@@ -24,9 +24,6 @@ class MnistData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> dict:
-        return {"name": int(self.indices[i]), "img": self.images[i], "target": int(self.labels[i])}
-
     def to(self, device: torch.device) -> "MnistData":
         return MnistData(self.images.to(device), self.labels.to(device), self.indices.to(device))
 

@@ -51,7 +51,7 @@ def main(settings: dict) -> dict:
         chunks += [[j for _, j in current]] if current else []
         start = 0
         for chunk in chunks:
-            specs = [explain.training_spec(job, ranked, train.labels, cfg["seed"]) for job in chunk]
+            specs = [explain.training_spec(job, ranked, train, cfg["seed"]) for job in chunk]
             with opt.Timer() as timer:
                 states = train_group(train, specs, cfg, device,
                                      desc=f"rank {rank}: models {start + 1}-{start + len(chunk)}/{len(mine)}")

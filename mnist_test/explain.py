@@ -17,9 +17,7 @@ import torch
 import utils_if
 import utils_option as opt
 from mnist_test import common
-
-MANIPULATIONS = ("algo", "random", "remove_algo", "remove_random")
-
+from mnist_test.datasets import MnistData
 
 def as_list(value) -> list:
     return value if isinstance(value, list) else [value]
@@ -86,15 +84,12 @@ def chosen_points(job: dict, ranked: dict, n_train: int, seed: int) -> list[int]
     return ranked[job["method"]][job["test_id"]][1][:job["n"]].tolist()
 
 
-def training_spec(job: dict, ranked: dict, labels: torch.Tensor, seed: int) -> dict:
-    """What train_group needs for this job: seed, labels (relabel) or kept positions (remove)."""
+def training_spec(job: dict, ranked: dict, data: MnistData, seed: int) -> dict:
+    """What train_group needs for this job: seed, labels (relabel) or kept positions (remove), by
+    the dataset's own relabel/remove rules (``data`` indexed by original training index)."""
     if job["n"] == 0:
         return {"seed": seed}
-    points = chosen_points(job, ranked, len(labels), seed)
+    points = data.indices[chosen_points(job, ranked, len(data), seed)]
     if job["manipulation"] in ("algo", "random"):
-        new = labels.clone()
-        new[torch.as_tensor(points, device=labels.device)] = relabel_target(job["test_label"])
-        return {"seed": seed, "labels": new}
-    keep = torch.ones(len(labels), dtype=torch.bool)
-    keep[torch.as_tensor(points)] = False
-    return {"seed": seed, "keep": torch.nonzero(keep).squeeze(1).tolist()}
+        return {"seed": seed, "labels": data.relabel(points, relabel_target(job["test_label"])).labels}
+    return {"seed": seed, "keep": data.positions_of(data.remove(points).indices).tolist()}

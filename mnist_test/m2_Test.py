@@ -31,15 +31,15 @@ def main(settings: dict) -> dict:
     model, model_path = common.load_model(settings, m2["mode"], device, logger)
     train = common.load_train_data(settings, device, logger.info)
     test = common.load_test_data(settings, device, logger.info)
-    solver = utils_if.SolverSettings.from_method2(m2, cfg["seed"])
+    solver = opt.solver_settings(m2, cfg["seed"])
     if solver.solver in utils_if.KRONECKER_SOLVERS:
-        solver.factor_file, solver.progress = common.factor_file(settings), opt.progress
+        solver.factor_file = common.factor_file(settings)
     try:
         problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss,
                                             utils_if.select_parameters(model, m2["params"]),
                                             l2_reg=m2["l2_reg"])
     except ValueError as err:
-        raise opt.SettingsError(str(err)) from None
+        raise opt.solver_error("mnist.method2", err) from None
     if cfg["test_ids"] == "all":
         return all_pairs(settings, model, model_path, problem, solver, train, test, logger)
     ids = common.selected_test_ids(settings, m2["mode"])[:m2["test_sample_num"]]
@@ -60,7 +60,7 @@ def main(settings: dict) -> dict:
                 influence, info = utils_if.compute_influences(problem, x_test, y_test, train.images,
                                                               train.labels, solver)
         except (utils_if.LissaDiverged, ValueError) as err:
-            raise opt.SettingsError(str(err)) from None
+            raise opt.solver_error("mnist.method2", err) from None
     with torch.no_grad():
         out = model(x_test)
     losses = utils_if.nll_sample_loss(out, y_test)

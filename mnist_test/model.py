@@ -42,9 +42,6 @@ class mnist_model(nn.Module):  # noqa: N801  (the original's class name)
         return {name: (io[name][1] if name == "fc3" else torch.relu(io[name][1])) for name in layers}
 
 
-MnistModel = mnist_model
-
-
 if __name__ == "__main__":
     net = mnist_model()
     print(net)

@@ -1,8 +1,8 @@
 """The main MNIST job in one command: data -> Train -> Test -> m1_Test -> m2_Test -> figures.
 
 Runs the same scripts you would run one by one, in-process, with one settings object.
-Default profile: quick (real MNIST, all 60,000 images, 3 epochs, short LiSSA); -profile report
-runs the report's settings. Prints where every result and figure is at the end.
+Default profile: quick (real MNIST, all 60,000 images, 5 epochs instead of 20, Method 2 with the
+report's LiSSA); -profile report runs the report's settings. Prints where every result and figure is at the end.
 
 Usage: python mnist_test/run_pipeline.py [-opt Implementation.json] [-profile quick|report]
 """

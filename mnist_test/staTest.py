@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+import utils_if  # noqa: E402
 import utils_option as opt  # noqa: E402
 from mnist_test import Test, Train, common, m1_Test, m2_Test  # noqa: E402
 
@@ -46,12 +47,9 @@ def agreement(record_0: dict, record_k: dict, key: str, largest: bool, top: int)
     for k, entry in sorted(((k, v) for k, v in record_0.items() if k != "meta"), key=lambda kv: int(kv[0])):
         a = np.asarray(entry[key], dtype=np.float64)
         b = np.asarray(by_id[entry["test_id_num"]][key], dtype=np.float64)
-        sign = 1.0 if largest else -1.0
-        top_a = set(np.argsort(-sign * a, kind="stable")[:top].tolist())
-        top_b = set(np.argsort(-sign * b, kind="stable")[:top].tolist())
-        overlap = len(top_a & top_b)
+        overlap = utils_if.top_k_overlap(utils_if.top_indices(a, top, largest), utils_if.top_indices(b, top, largest), top)
         rows.append({"test_id": entry["test_id_num"], "overlap": overlap,
-                     "jaccard": overlap / len(top_a | top_b),
+                     "jaccard": overlap / (2 * top - overlap),
                      "spearman": float(np.corrcoef(ranks(a), ranks(b))[0, 1])})
     return rows
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import utils_if
 import utils_option as opt
@@ -85,6 +86,18 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
     return model, norms
 
 
+def linear_stack(model: nn.Module) -> list[str]:
+    """Names of the Linear layers of ``model.main`` in order, when main is Linear (ReLU Linear)*
+    followed by the model's log-softmax: the only shape the grouped trainer computes by hand."""
+    modules = list(model.main.named_children())
+    linear = [(name, m) for name, m in modules if isinstance(m, nn.Linear)]
+    expected = [nn.Linear if i % 2 == 0 else nn.ReLU for i in range(2 * len(linear) - 1)]
+    if [type(m) for _, m in modules] != expected or not isinstance(getattr(model, "log_softmax", None), nn.LogSoftmax):
+        raise ValueError("train_group computes Linear-ReLU stacks with a log-softmax by hand; the MNIST model "
+                         "has another shape now: extend train_group or train the models one by one")
+    return [f"main.{name}" for name, _ in linear]
+
+
 def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.device,
                 show_progress: bool = True, desc: str = "train group") -> list[dict]:
     """Train many independent MLPs at once, each exactly as :func:`train_model` trains it alone:
@@ -92,9 +105,11 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
     ``data``, or None) and its own kept items (``job["keep"]``: original positions, or None).
     All jobs of a group must keep the same number of items (group removals by N).
 
-    The K models run as one batched MLP: forward and backward by hand with ``bmm`` (the MLP is
-    784-128-64-10, ReLU, log-softmax, mean NLL), then SGD with momentum and weight decay in
-    place, as ``torch.optim.SGD`` does. Returns one ``state_dict`` per job (on the CPU).
+    The K models run as one batched MLP: forward and backward by hand with ``bmm`` over the
+    Linear layers of the model's ``main`` (read from the model: Linear layers with ReLU between
+    them, log-softmax and mean NLL at the end; anything else is refused), then SGD with momentum
+    and weight decay in place, as ``torch.optim.SGD`` does. Returns one ``state_dict`` per job
+    (on the CPU).
     """
     k_models, batch = len(jobs), cfg["batch_size"]
     kept = [torch.arange(len(data), device=device) if job.get("keep") is None
@@ -105,14 +120,16 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
     labels = torch.stack([data.labels if job.get("labels") is None else
                           torch.as_tensor(job["labels"], device=device) for job in jobs])
     models = [new_model(job["seed"], device) for job in jobs]
-    names = ["main.0.weight", "main.0.bias", "main.2.weight", "main.2.bias", "main.4.weight", "main.4.bias"]
+    layers = linear_stack(models[0])
+    names = [f"{layer}.{kind}" for layer in layers for kind in ("weight", "bias")]
     params = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).contiguous()
               for name in names}
     buffers = {name: torch.zeros_like(p) for name, p in params.items()}
     generators = [torch.Generator(device="cpu").manual_seed(job["seed"]) for job in jobs]
     rows = torch.arange(k_models, device=device)[:, None]
     lr, mom, wd = cfg["learning_rate"], cfg["momentum"], cfg["weight_decay"]
-    w1, b1, w2, b2, w3, b3 = (params[name] for name in names)
+    weights = [params[f"{layer}.weight"] for layer in layers]
+    biases = [params[f"{layer}.bias"] for layer in layers]
     steps = (n + batch - 1) // batch
     bar = opt.progress(total=cfg["epoch"] * steps, desc=desc, unit="step", disable=not show_progress)
     first_step = True
@@ -121,21 +138,24 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
                              for m in range(k_models)])                          # (K, n)
         for start in range(0, n, batch):
             idx = order[:, start:start + batch]                                   # (K, B)
-            x, y = data.images[idx], labels[rows, idx]                            # (K, B, 784), (K, B)
-            z1 = torch.baddbmm(b1[:, None, :], x, w1.transpose(1, 2))
-            h1 = torch.relu(z1)
-            z2 = torch.baddbmm(b2[:, None, :], h1, w2.transpose(1, 2))
-            h2 = torch.relu(z2)
-            z3 = torch.baddbmm(b3[:, None, :], h2, w3.transpose(1, 2))
-            d3 = torch.softmax(z3, dim=2)                                         # d(mean NLL)/d z3
-            d3.scatter_add_(2, y[..., None], torch.full_like(y[..., None], -1.0, dtype=d3.dtype))
-            d3.div_(idx.shape[1])
-            d2 = torch.bmm(d3, w3).mul_(z2 > 0)
-            d1 = torch.bmm(d2, w2).mul_(z1 > 0)
-            grads = (torch.bmm(d1.transpose(1, 2), x), d1.sum(1), torch.bmm(d2.transpose(1, 2), h1),
-                     d2.sum(1), torch.bmm(d3.transpose(1, 2), h2), d3.sum(1))
-            for name, g in zip(names, grads):  # SGD: buf = mom*buf + (g + wd*p); p -= lr*buf
-                p, buf = params[name], buffers[name]
+            h, y = data.images[idx], labels[rows, idx]                            # (K, B, 784), (K, B)
+            inputs, outputs = [], []
+            for i, (w, b) in enumerate(zip(weights, biases)):
+                inputs.append(h)
+                z = torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
+                outputs.append(z)
+                h = torch.relu(z) if i < len(weights) - 1 else z
+            delta = torch.softmax(h, dim=2)                                       # d(mean NLL)/d logits
+            delta.scatter_add_(2, y[..., None], torch.full_like(y[..., None], -1.0, dtype=delta.dtype))
+            delta.div_(idx.shape[1])
+            grads = {}
+            for i in reversed(range(len(weights))):
+                grads[names[2 * i]] = torch.bmm(delta.transpose(1, 2), inputs[i])
+                grads[names[2 * i + 1]] = delta.sum(1)
+                if i:
+                    delta = torch.bmm(delta, weights[i]).mul_(outputs[i - 1] > 0)
+            for name in names:  # SGD: buf = mom*buf + (g + wd*p); p -= lr*buf
+                p, buf, g = params[name], buffers[name], grads[name]
                 if first_step:
                     buf.copy_(g).add_(p, alpha=wd)
                 else:

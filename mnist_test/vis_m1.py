@@ -10,7 +10,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
 
 import utils_option as opt  # noqa: E402
 from mnist_test import common, plotting  # noqa: E402

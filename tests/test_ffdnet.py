@@ -7,7 +7,7 @@ import torch
 
 import utils_if
 import utils_option as opt
-from ffdnet_test import common, datasets, metrics
+from ffdnet_test import datasets
 from ffdnet_test.model import FFDNet, count_parameters, load_checkpoint
 from ffdnet_test.training import train_ffdnet
 

@@ -44,13 +44,22 @@ def test_effects_summary_and_specificity_by_hand():
     def run(name, ranking, target, loss_a, loss_b, seed=0, psnr=30.0):
         return {"job": {"name": name, "ranking": ranking, "target": target, "manipulation": "remove", "k": 5,
                         "seed": seed},
-                "outcome": {"window_loss": {"01 1,1": loss_a, "01 5,5": loss_b}, "psnr": {"01": psnr}}}
+                "outcome": {"window_loss": {"01 1,1": loss_a, "01 5,5": loss_b}, "psnr": {"01": psnr}},
+                "chosen": [0, 1] if ranking == "m2_window" else [2, 3]}
     runs = {"control_s0": run("control_s0", None, None, 1.0, 2.0),
             "a": run("a", "m2_window", "01 1,1", 1.6, 2.1, psnr=29.5),
             "b": run("b", "m2_window", "01 5,5", 1.1, 2.4, psnr=29.0),
             "r": run("r", "random", "01", 1.1, 2.1, psnr=29.9)}
-    rows = explain.effects(runs, TARGETS)
+    influence = {"01 1,1": np.array([1.0, 2.0, 3.0, 4.0]), "01 5,5": np.array([0.0, 4.0, -4.0, 0.0])}
+    rows = explain.effects(runs, TARGETS, influence)
     assert len(rows) == 3
+    a = next(r for r in rows if r["target"] == "01 1,1")
+    assert a["predicted_effect"] == {"01 1,1": (1 + 2) / 4, "01 5,5": (0 + 4) / 4}  # removed 0, 1: sum / n
+    agreement = explain.prediction_agreement(rows)
+    assert agreement["pairs"] == 6
+    predicted = [0.75, 1.0, 0.75, 1.0, 1.75, -1.0]
+    measured = [0.6, 0.1, 0.1, 0.4, 0.1, 0.1]
+    assert agreement["pearson"] == pytest.approx(np.corrcoef(predicted, measured)[0, 1])
     table = {r["ranking"]: r for r in explain.summary_table(rows, TARGETS)}
     window, rand = table["m2_window"], table["random"]
     assert window["own"] == pytest.approx((0.6 + 0.4) / 2)        # each list at its own target

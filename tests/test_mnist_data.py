@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from data import mnist_data
-from mnist_test.datasets import MnistData, normalise
+from mnist_test.datasets import normalise
 
 
 def test_raw_files_have_canonical_md5(mnist_raw):
@@ -74,5 +74,5 @@ def test_relabel_and_remove_keep_original_indices(mnist_train):
     assert 0 not in removed.indices.tolist() and 5 not in removed.indices.tolist()
     assert removed.indices[:4].tolist() == [1, 2, 3, 4]
     pos = removed.positions_of([7])
-    assert removed.labels[pos].item() == 0 and removed[int(pos)]["name"] == 7
+    assert removed.labels[pos].item() == 0 and removed.indices[pos].item() == 7
     assert torch.equal(removed.images[pos], data.images[[7]])

@@ -12,6 +12,7 @@ import torch
 import utils_option as opt
 from mnist_test import Test, Train, common, explain, expTest, expTrain, m2_Test, staTest
 from mnist_test.training import train_group, train_model
+from mnist_test.datasets import MnistData
 from tests.conftest import small_settings
 
 CFG = {"learning_rate": 0.003, "momentum": 0.9, "weight_decay": 0.001, "batch_size": 8, "epoch": 2}
@@ -32,14 +33,15 @@ def test_relabel_and_random_rules():
     assert len(a) == len(set(a)) == 500 and a == explain.random_points(500, 60000, 0, 3520)
     assert a != explain.random_points(500, 60000, 0, 3879)
     labels = torch.arange(10) % 10
+    data = MnistData(torch.zeros(10, 784), labels, torch.arange(10))
     ranked = {"method2_helpful": {5: (0, np.array([4, 2, 9, 0, 1]))}}
     job = {"method": "method2_helpful", "manipulation": "algo", "n": 3, "test_id": 5, "test_label": 0}
-    spec = explain.training_spec(job, ranked, labels, seed=1)
+    spec = explain.training_spec(job, ranked, data, seed=1)
     assert spec["labels"].tolist() == [0, 1, 1, 3, 1, 5, 6, 7, 8, 1]  # test label 0 -> chosen become 1
     job.update(manipulation="remove_algo")
-    assert explain.training_spec(job, ranked, labels, 1)["keep"] == [0, 1, 3, 5, 6, 7, 8]
+    assert explain.training_spec(job, ranked, data, 1)["keep"] == [0, 1, 3, 5, 6, 7, 8]
     job.update(manipulation="remove_random", n=4)
-    assert len(explain.training_spec(job, ranked, labels, 1)["keep"]) == 6
+    assert len(explain.training_spec(job, ranked, data, 1)["keep"]) == 6
 
 
 def test_group_training_equals_training_alone(mnist_train):
@@ -136,3 +138,13 @@ def test_stability_driver_small(tmp_path, mnist_raw):
     import matplotlib.image as mpimg
     figures = vis_staTest_m1.main(settings)["figures"] + vis_staTest_m2.main(settings)["figures"]["harmful"]
     assert len(figures) == 4 and all(mpimg.imread(f).std() > 0.1 for f in figures)
+
+
+def test_grouped_trainer_reads_the_layers_from_the_model():
+    from mnist_test.model import mnist_model
+    from mnist_test.training import linear_stack
+    model = mnist_model()
+    assert linear_stack(model) == ["main.0", "main.2", "main.4"]
+    model.main = torch.nn.Sequential(torch.nn.Linear(784, 10), torch.nn.Tanh(), torch.nn.Linear(10, 10))
+    with pytest.raises(ValueError, match="Linear-ReLU stacks"):
+        linear_stack(model)

@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 
 import utils_option as opt
-from mnist_test import common
 from mnist_test.model import mnist_model
 from mnist_test.training import train_model
 from tests.conftest import small_settings
