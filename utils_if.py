@@ -11,9 +11,8 @@ and ``influence / n_train`` is the predicted change of the test loss when z is r
 ``-I_up,loss`` in Koh & Liang's notation.) "helpful" lists the most positive, "harmful" the most
 negative.
 
-The original code computed neither H nor H^-1 (its HVP was the *test* loss Hessian times a training
-gradient, and its "average" kept one snapshot / 5). Here every HVP is an exact Hessian-vector product
-of the *training* objective (forward-over-reverse with ``torch.func``), with the vectors detached.
+Every HVP is an exact Hessian-vector product of the *training* objective (double backward, or
+forward-over-reverse with ``torch.func``), with the vectors detached.
 """
 from __future__ import annotations
 

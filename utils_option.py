@@ -568,6 +568,15 @@ def partition(jobs: list, rank: int, world: int) -> list:
     return jobs[rank::world]
 
 
+def pending_share(jobs: list[dict], rank: int, world: int) -> tuple[list[dict], list[dict]]:
+    """(the jobs whose output file ``job["path"]`` does not exist yet, this rank's share of them).
+    Every rank lists the pending jobs before any rank writes one (a barrier under torchrun), so all
+    ranks partition the same list: a resumed study redoes exactly the missing jobs, once."""
+    pending = [job for job in jobs if not os.path.isfile(job["path"])]
+    distributed_barrier()
+    return pending, partition(pending, rank, world)
+
+
 # --------------------------------------------------------------------------------------------
 # logging
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Denoise a test set at one noise level and measure PSNR / SSIM per image and on average.
 
-Noise: clean + N(0, sigma/255) with sigma = ffdnet.test.noise_level_img (one setting; the original
-had two that disagreed), seeded per image (seed + image number); with is_clip the noisy input is
+Noise: clean + N(0, sigma/255) with sigma = ffdnet.test.noise_level_img (one setting),
+seeded per image (seed + image number); with is_clip the noisy input is
 quantised to 8 bits as in the original. The model gets the images in its channel order
 (ffdnet.channel_order: bgr for the original author's checkpoint).
 

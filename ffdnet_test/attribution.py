@@ -106,15 +106,22 @@ def window_mask(shape: tuple[int, ...], point: list[int], window: int) -> torch.
     return mask
 
 
-def training_points(settings: dict, device):
-    """Packed noisy inputs and clean targets of the (first max_train_points) training patches."""
-    cfg = common.ffdnet_cfg(settings)
-    if not cfg["fixed_noise"]:
-        raise opt.SettingsError("ffdnet.fixed_noise = false: influence needs one fixed (noisy, clean, "
+def training_triples(settings: dict, device, n: int = 0):
+    """(noisy, clean, sigma, patches) of the first n training patches (0 = all), in the model's
+    channel order: the fixed (noisy, clean, sigma) triples that influence and retraining share."""
+    if not common.ffdnet_cfg(settings)["fixed_noise"]:
+        raise opt.SettingsError("ffdnet.fixed_noise = false: attribution needs one fixed (noisy, clean, "
                                 "sigma) triple per training patch; set it to true (and retrain)")
     patches = common.train_patches(settings)
     sigma, noise = common.patch_noise(settings, patches)
-    n = cfg["method2"]["max_train_points"] or len(patches)
+    n = n or len(patches)
     clean = common.to_model_order(patches.clean[:n], settings)
     noisy = clean + common.to_model_order(noise[:n], settings)
-    return PackedInput.pack(noisy, sigma[:n]).to(device), clean.to(device), patches
+    return noisy.to(device), clean.to(device), sigma[:n].to(device), patches
+
+
+def training_points(settings: dict, device):
+    """Packed noisy inputs and clean targets of the (first max_train_points) training patches."""
+    noisy, clean, sigma, patches = training_triples(settings, device,
+                                                    common.ffdnet_cfg(settings)["method2"]["max_train_points"])
+    return PackedInput.pack(noisy, sigma), clean, patches

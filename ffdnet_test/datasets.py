@@ -1,6 +1,6 @@
 """FFDNet images and training patches.
 
-Files are read in sorted name order (the original's indices depended on the file system's order),
+Files are read in sorted name order (so that patch indices do not depend on the file system),
 with PIL, as gray or RGB float32 in [0, 1], shape (C, H, W). Patches are cut on a grid of
 ``patch_size`` with ``stride`` (the original: 64 and 64), row-major within an image, images in
 order; every patch has a stable index and knows its source file and position.

@@ -5,7 +5,7 @@ report's failure is an overlap near 100% everywhere (the same patches whatever t
 attributions that explain pixels should overlap little between distant points.
 
 Reads:  the m1_Test.py and m2_Test.py files of ffdnet.attribution.images (the first two)
-Writes: test/ffdnet_diagnosis_{tag}.md (printed too)
+Writes: test/ffdnet_diagnosis_{m2 file name without the image}_{m1 grad_mode, activation}.md (printed too)
 """
 import itertools
 import os
@@ -62,7 +62,9 @@ def main(settings: dict) -> dict:
     lines += [f"| {name} | {a:.1f} | {b:.1f} |".replace("nan", "–") for name, a, b in rows]
     text = "\n".join(lines)
     logger.info("\n" + text)
-    path = opt.output_path(settings, "test", f"ffdnet_diagnosis_{common.run_tag(settings)}.md")
+    m1 = common.ffdnet_cfg(settings)["method1"]
+    inputs = os.path.basename(common.m2_result_file(settings, "")).removesuffix("_.json")
+    path = opt.output_path(settings, "test", f"ffdnet_diagnosis_{inputs}_{m1['grad_mode']}_{m1['activation']}.md")
     opt.write_text(path, text + "\n")
     return {"table": path, "rows": rows}
 

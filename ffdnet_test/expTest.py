@@ -49,18 +49,6 @@ def study_tag(settings: dict) -> str:
     return f"{common.run_tag(settings)}_{digest}"
 
 
-def training_set(settings: dict, device):
-    """(noisy, clean, sigma, patches) of every training patch, in the model's channel order."""
-    cfg = common.ffdnet_cfg(settings)
-    if not cfg["fixed_noise"]:
-        raise opt.SettingsError("ffdnet.fixed_noise = false: the explainability test needs one fixed (noisy, "
-                                "clean, sigma) triple per training patch; set it to true (and retrain)")
-    patches = common.train_patches(settings)
-    sigma, noise = common.patch_noise(settings, patches)
-    clean = common.to_model_order(patches.clean, settings)
-    return (clean + common.to_model_order(noise, settings)).to(device), clean.to(device), sigma.to(device), patches
-
-
 def run_job(job: dict, base, data, ranked, images, tests, target_list, settings, device) -> dict:
     """Fine-tune a copy of the base model on the job's training set and measure it."""
     cfg = common.ffdnet_cfg(settings)
@@ -155,7 +143,14 @@ def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: di
                         f"{'HOLDS' if window['own_over_random'] >= 3 else 'FAILS'}) and vs the other points "
                         f"{window['others']:.3g} (x{window['own_over_others']:.2f}; hypothesis >= 2: "
                         f"{'HOLDS' if window['own_over_others'] >= 2 else 'FAILS'})")
-    header = ["ranking", "manipulation", "k", "runs", "own", "own_seed_spread", "others", "own_over_random",
+    for ranking in (r for r in explain.POINT_RANKINGS if r in ecfg["rankings"]):
+        for manipulation in ecfg["manipulations"]:
+            matrix = explain.specificity_matrix(rows, target_list, ranking, manipulation, k_max)
+            done = [i for i in range(len(matrix)) if np.isfinite(matrix[i]).all()]
+            specific = [target_list[i]["label"] for i in done if matrix[i, i] == matrix[i].max()]
+            verdicts.append(f"{ranking}, {manipulation} top {k_max}: the list built for a target moves that target "
+                            f"more than any other for {len(specific)} of {len(done)} targets ({', '.join(specific)})")
+    header = ["ranking", "manipulation", "k", "runs", "own", "own_seed_spread", "own_positive", "others", "own_over_random",
               "own_over_others", "psnr_change"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table:
@@ -165,7 +160,7 @@ def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: di
         f"\n\nown = mean change of the window loss ({2 * common.ffdnet_cfg(settings)['method2']['window'] + 1}^2 "
         f"pixels) at the target the list was built for (m2_whole, random: at every target of the image), vs the "
         f"control of the same seed; others = at the image's other targets; own_seed_spread = std over seeds of "
-        f"the per-seed mean; psnr_change in dB. Window losses before fine-tuning: "
+        f"the per-seed mean; own_positive = the fraction of those changes above 0; psnr_change in dB. Window losses before fine-tuning: "
         f"{ {k: float(f'{v:.4g}') for k, v in base_outcome['window_loss'].items()} }. {len(runs)} runs, "
         f"{np.median(seconds):.0f} s each (median). Window losses of the controls (fine-tuning noise between "
         f"seeds): { {name: {k: float(f'{v:.4g}') for k, v in c.items()} for name, c in controls.items()} }.\n\n"
@@ -214,7 +209,7 @@ def main(settings: dict) -> dict:
     device = opt.select_device(cfg["use_gpu"], logger)
     target_list = explain.targets(settings, logger.info)
     images = list(dict.fromkeys(t["image"] for t in target_list))
-    noisy, clean, sigma, patches = training_set(settings, device)
+    noisy, clean, sigma, patches = attribution.training_triples(settings, device)
     ranked = explain.read_rankings(settings, target_list, len(patches))
     base, model_path = common.load_model(settings, device, logger)
     tests = {}
@@ -224,9 +219,7 @@ def main(settings: dict) -> dict:
     tag = study_tag(settings)
     folder = opt.output_folder(settings, "test", "ffdnet_expTest", tag)
     jobs = explain.plan(settings, target_list, folder)
-    pending = [job for job in jobs if not os.path.isfile(job["path"])]
-    opt.distributed_barrier()  # every rank lists the same pending runs before any rank writes one
-    mine = opt.partition(pending, rank, world)
+    pending, mine = opt.pending_share(jobs, rank, world)
     steps = explain.finetune_steps(len(patches), ecfg["finetune"]["epochs"], ecfg["finetune"]["batch_size"])
     logger.info(f"FFDNet explainability study {tag}: {len(patches)} training patches, {len(target_list)} targets, "
                 f"{len(jobs)} runs of {steps} fine-tuning steps, {len(jobs) - len(pending)} already done; "

@@ -250,6 +250,7 @@ def summary_table(rows: list[dict], target_list: list[dict]) -> list[dict]:
         seed_means = [float(np.mean(v)) for v in per_seed.values()]
         table.append({"ranking": ranking, "manipulation": manipulation, "k": k, "runs": len(members),
                       "own": float(np.mean(own)), "own_seed_spread": float(np.std(seed_means)),
+                      "own_positive": float(np.mean(np.asarray(own) > 0)),
                       "others": float(np.mean(others)) if others else float("nan"),
                       "psnr_change": float(np.mean(psnr))})
     order = {name: i for i, name in enumerate(RANKINGS)}

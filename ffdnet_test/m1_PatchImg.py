@@ -1,5 +1,4 @@
-"""A training patch index -> its source image, position and crop (the original was off by one at
-image boundaries: the first patch of an image was given to the previous one).
+"""A training patch index -> its source image, position and crop.
 
 Usage: python ffdnet_test/m1_PatchImg.py [-opt FILE] [-patch 123 456 ...]
 Writes: fig/ffdnet_patches/{tag}_patch{index}.png (the clean crop) and prints where it comes from.

@@ -95,8 +95,7 @@ def feature_position(row: int, col: int) -> tuple[int, int]:
     """Full-image pixel (row, col) -> its position in the half-resolution feature maps.
 
     Pixel-unshuffle by 2 puts each 2x2 block of pixels into one feature-map position, so pixel
-    (r, c) lives at (r // 2, c // 2). (The original took the point in feature-map coordinates and
-    drew it at (2r, 2c), transposed.)
+    (r, c) lives at (r // 2, c // 2).
     """
     return row // 2, col // 2
 

@@ -29,7 +29,7 @@ def patch_rows(rows: list[dict], suptitle: str):
         for ax in ax_row:
             ax.axis("off")
         _show(ax_row[0], row["image"])
-        if row.get("point") is not None:  # x = column, y = row (the original swapped them)
+        if row.get("point") is not None:  # x = column, y = row
             ax_row[0].scatter([row["point"][1]], [row["point"][0]], s=40, c="red", marker="o",
                               edgecolors="white", linewidths=0.8)
         ax_row[0].set_title(row["title"], fontsize=8)

@@ -1,5 +1,5 @@
 """Explainability test, step 1: retrain a fresh, seeded model from scratch on each manipulated
-training set (the original kept training one model across all runs).
+training set.
 
 For each method list (method1, method2 helpful / harmful), each manipulation in newData
 (algo: relabel the top N; random: relabel N random; remove_algo; remove_random), each N in
@@ -31,9 +31,7 @@ def main(settings: dict) -> dict:
     device = opt.select_device(cfg["use_gpu"], logger)
     ranked = explain.ranked_points(settings)
     jobs = explain.plan(settings, ranked)
-    pending = [job for job in jobs if not os.path.isfile(job["path"])]
-    opt.distributed_barrier()  # every rank lists the same pending jobs before any rank writes one
-    mine = opt.partition(pending, rank, world)
+    pending, mine = opt.pending_share(jobs, rank, world)
     logger.info(f"{len(jobs)} models in the study, {len(jobs) - len(pending)} already done; "
                 f"rank {rank}/{world} trains {len(mine)}")
     if mine:

@@ -203,9 +203,7 @@ def main(settings: dict) -> dict:
     jobs = [{"seed": lds.subset_model_seed(lcfg["seed"], m, r), "keep": np.flatnonzero(masks[m]).tolist(),
              "path": os.path.join(subsets, f"m{m}_s{r}.json"), "record": {"subset": m, "replicate": r}}
             for m in range(lcfg["num_subsets"]) for r in range(lcfg["seeds_per_subset"])]
-    pending = [j for j in jobs if not os.path.isfile(j["path"])]
-    opt.distributed_barrier()  # every rank has listed the same pending jobs before any writes one
-    mine = opt.partition(pending, rank, world)
+    pending, mine = opt.pending_share(jobs, rank, world)
     logger.info(f"subset models: {len(jobs)} in all, {len(jobs) - len(pending)} done; rank {rank} trains {len(mine)}")
     trained = {"subsets": len(mine)}
     with opt.Timer() as subset_timer:
@@ -236,9 +234,7 @@ def main(settings: dict) -> dict:
         loo_jobs += [{"seed": lds.loo_model_seed(lcfg["seed"], r), "keep": [i for i in range(n) if i != point],
                       "path": os.path.join(loo_dir, f"p{point}_s{r}.json"), "record": {"removed": point, "replicate": r}}
                      for r in range(loo["seeds"])]
-    pending = [j for j in loo_jobs if not os.path.isfile(j["path"])]
-    opt.distributed_barrier()  # as above: the same pending list on every rank
-    mine = opt.partition(pending, rank, world)
+    pending, mine = opt.pending_share(loo_jobs, rank, world)
     logger.info(f"LOO models: {len(loo_jobs)} in all, {len(loo_jobs) - len(pending)} done; rank {rank} trains {len(mine)}")
     trained["loo"] = len(mine)
     with opt.Timer() as loo_timer:

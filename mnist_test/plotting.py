@@ -46,7 +46,7 @@ def digit_grid(rows: list[list[dict]], suptitle: str, gap_after_first: bool = Fa
 def test_row(test_image, test_id: int, label: int, prediction: int, train_images, train_ids,
              train_labels, values, value_fmt: str = ".2f") -> list[dict]:
     """One row: the test image, then its training images; red = same label as the test image's
-    true label (the report's captions; the original compared with the prediction)."""
+    true label (the report's captions)."""
     row = [{"image": test_image, "caption": f"test {test_id}\nlabel {label} / pred {prediction}",
             "bold": True}]
     for img, tid, lab, val in zip(train_images, train_ids, train_labels, values):

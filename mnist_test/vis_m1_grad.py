@@ -1,5 +1,5 @@
 """Figure 4.1: the training images with the largest output-layer (fc3) gradient norm, for every
-output node 0-9 (the original drew nodes 5-9 only). Caption: train id / label / value; red where
+output node 0-9. Caption: train id / label / value; red where
 the label equals the node.
 
 Reads:  grad_norm/{mode}/mnist_{tag}_{grad_mode}.json (Train.py), MNIST training images

@@ -90,7 +90,8 @@ def test_explain_script_small_resumes_and_maps_sum_to_the_influence(tmp_path, tw
     assert {r["ranking"] for r in result["table"]} == {"m2_window", "m2_whole", "m1", "random"}
     effects = [r["window_effect"]["01 40,40"] for r in result["effects"]]
     assert any(abs(e) > 0 for e in effects)  # manipulations change the fine-tuned model
-    assert len(result["verdicts"]) == 2 and all("hypothesis" in v for v in result["verdicts"])
+    assert sum("hypothesis" in v for v in result["verdicts"]) == 2           # one per manipulation
+    assert sum("more than any other" in v for v in result["verdicts"]) == 4  # m2_window, m1 x 2 manipulations
     import matplotlib.image as mpimg
     assert len(result["figures"]) == 3 and all(mpimg.imread(p).std() > 0.02 for p in result["figures"])
     # the per-position maps sum to the influence m2_Test wrote for those patches
