@@ -161,7 +161,6 @@ class InfluenceProblem:
     batched_hvp: bool = True  # one vmapped double backward for all vectors; False = one per vector
     params: dict[str, torch.Tensor] = field(init=False)
     frozen: dict[str, torch.Tensor] = field(init=False)
-    _batched_hvp_fn: Callable | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -220,11 +219,12 @@ class InfluenceProblem:
         return self.flatten({n: per_sample[n] for n in self.param_names}, batch_dims=1)
 
     def hvp(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, batched: bool | None = None) -> torch.Tensor:
         """Exact H v of the training objective on batch (x, y), for (k, p) detached vectors.
 
         Double backward: g = grad of the batch-mean loss (with its graph), then one batched
-        backward of g against all k vectors (``is_grads_batched``). The L2 term adds l2_reg * v.
+        backward of g against all k vectors (``is_grads_batched``), or one backward per vector
+        when ``batched`` (default: the problem's ``batched_hvp``) is False. The L2 term adds l2_reg * v.
         ``out`` (k, p), if given, receives the result (no fresh large allocation per call).
         """
         vectors = vectors.detach()
@@ -234,7 +234,7 @@ class InfluenceProblem:
             loss = self.sample_loss(self._output(leaves, x), y).mean()
             first = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
             tangents = self.unflatten(vectors)
-            if self.batched_hvp:
+            if self.batched_hvp if batched is None else batched:
                 second = torch.autograd.grad(first, list(leaves.values()),
                                              grad_outputs=[tangents[n] for n in names],
                                              is_grads_batched=True, allow_unused=True)
@@ -255,39 +255,21 @@ class InfluenceProblem:
                       out: torch.Tensor | None = None) -> torch.Tensor:
         """H_r v_r for r independent batches: xs (r, B, ...), vectors (r, k, p) -> (r, k, p).
 
-        With ``batched_hvp``, all r x k products are one vmapped forward-over-reverse call
-        (torch.func: jvp of grad), a few large batched operations per LiSSA step instead of r
-        double backwards; otherwise (conv nets, where vmap is slow) one ``hvp`` per batch."""
-        if not self.batched_hvp:
-            out = torch.empty_like(vectors) if out is None else out
-            for r in range(len(xs)):
-                self.hvp(xs[r], ys[r], vectors[r], out=out[r])
-            return out
-        if self._batched_hvp_fn is None:
-            def batch_loss(params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-                return self.sample_loss(self._output(params, x), y).mean()
-
-            def one(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                _, hv = torch.func.jvp(lambda p: grad(batch_loss)(p, x, y), (self.params,), (self.unflatten(v),))
-                return self.flatten(hv)
-            self._batched_hvp_fn = vmap(vmap(one, in_dims=(None, None, 0)))
-        hv = self._batched_hvp_fn(xs, ys, vectors.detach())
-        if self.l2_reg:
-            hv.add_(vectors, alpha=self.l2_reg)
-        if out is None:
-            return hv
-        return out.copy_(hv)
+        One ``hvp`` per batch. (Measured on the MLP at LiSSA's report settings, 1 thread: 12.6 ms
+        per step this way, 27 ms as one vmapped forward-over-reverse call over all r x k products.)"""
+        out = torch.empty_like(vectors) if out is None else out
+        for r in range(len(xs)):
+            self.hvp(xs[r], ys[r], vectors[r], out=out[r])
+        return out
 
     def hvp_full(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
-                 chunk_size: int = 10000) -> torch.Tensor:
+                 chunk_size: int = 10000, batched: bool | None = None) -> torch.Tensor:
         """H v of the objective over all of (x, y), in chunks (bounded memory), exact."""
         total = torch.zeros_like(vectors)
         n = len(x)
         for s in range(0, n, chunk_size):
             xb, yb = x[s:s + chunk_size], y[s:s + chunk_size]
-            part = (self.hvp_per_batch(xb[None], yb[None], vectors[None])[0] if self.batched_hvp
-                    else self.hvp(xb, yb, vectors))
-            total += part * (len(xb) / n)
+            total += self.hvp(xb, yb, vectors, batched=batched) * (len(xb) / n)
         return total  # l2_reg*v is added in every chunk; the weights sum to 1, so it counts once
 
     def dense_hessian(self, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 10000,
@@ -296,7 +278,11 @@ class InfluenceProblem:
         p = self.num_params
         eye = torch.eye(p, dtype=next(iter(self.params.values())).dtype,
                         device=next(iter(self.params.values())).device)
-        cols = [self.hvp_full(x, y, eye[s:s + basis_chunk], chunk_size) for s in range(0, p, basis_chunk)]
+        # one double backward per basis vector: for hundreds of vectors over 10,000-point chunks the
+        # vmapped (is_grads_batched) backward is many times slower (measured: 5.3 s against 67 s or
+        # more for the MLP's last layer over 60,000 images; 10.6 s as vmapped forward-over-reverse)
+        cols = [self.hvp_full(x, y, eye[s:s + basis_chunk], chunk_size, batched=False)
+                for s in range(0, p, basis_chunk)]
         hessian = torch.cat(cols)
         return 0.5 * (hessian + hessian.T)
 
