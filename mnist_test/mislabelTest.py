@@ -96,6 +96,12 @@ def main(settings: dict) -> dict:
         scores["EK-FAC self-influence"] = curvature.self_influence(data.images, data.labels)
     seconds["EK-FAC self-influence"] = t.seconds
     with opt.Timer() as t:
+        curvature = utils_if.KroneckerCurvature(problem, data.images, data.labels, eigen_corrected=False,
+                                                fisher="true", damp_factor=cfg["method2"]["kfac_damp_factor"],
+                                                seed=mis["seed"], factored_damping=True)
+        scores["K-FAC (factored damping) self-influence"] = curvature.self_influence(data.images, data.labels)
+    seconds["K-FAC (factored damping) self-influence"] = t.seconds
+    with opt.Timer() as t:
         checkpoints = []
         for state in record["checkpoints"]:
             m = mnist_model().to(device)
