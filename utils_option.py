@@ -64,6 +64,28 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def _read_extended(path: str, chain: tuple[str, ...]) -> dict:
+    """A settings file merged over the file it ``extends`` (which may extend another, and so on)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        raw = json.loads(strip_comments(text))
+    except json.JSONDecodeError as err:
+        raise SettingsError(f"{path}: not valid JSON after removing // comments "
+                            f"(line {err.lineno}, column {err.colno}: {err.msg})") from None
+    if "extends" not in raw:
+        return raw
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), raw.pop("extends")))
+    if not os.path.isfile(base_path):
+        raise MissingFileError(f"{path}: \"extends\" names {base_path}, which does not exist "
+                               f"(give a path relative to {os.path.dirname(path)})")
+    if base_path in chain + (os.path.normpath(path),):
+        raise SettingsError(f"{path}: \"extends\" makes a loop through {base_path}")
+    base = _read_extended(base_path, chain + (os.path.normpath(path),))
+    check_known_keys(base, base_path)
+    return deep_merge(base, raw)
+
+
 def load_settings(path: str | None = None, profile: str | None = None,
                   overrides: dict | None = None) -> dict:
     """Read, merge the chosen profile into, and validate a settings file.
@@ -74,26 +96,7 @@ def load_settings(path: str | None = None, profile: str | None = None,
     path = resolve_path(path or DEFAULT_SETTINGS)
     if not os.path.isfile(path):
         raise MissingFileError(f"settings file not found: {path} (pass -opt PATH to a valid file)")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        raw = json.loads(strip_comments(text))
-    except json.JSONDecodeError as err:
-        raise SettingsError(f"{path}: not valid JSON after removing // comments "
-                            f"(line {err.lineno}, column {err.colno}: {err.msg})") from None
-    if "extends" in raw:  # a small file that changes a few values of another settings file
-        base_path = os.path.join(os.path.dirname(path), raw.pop("extends"))
-        if not os.path.isfile(base_path):
-            raise MissingFileError(f"{path}: \"extends\" names {base_path}, which does not exist "
-                                   f"(give a path relative to {os.path.dirname(path)})")
-        with open(base_path, encoding="utf-8") as f:
-            try:
-                base = json.loads(strip_comments(f.read()))
-            except json.JSONDecodeError as err:
-                raise SettingsError(f"{base_path}: not valid JSON after removing // comments "
-                                    f"(line {err.lineno}, column {err.colno}: {err.msg})") from None
-        check_known_keys(base, base_path)
-        raw = deep_merge(base, raw)
+    raw = _read_extended(path, ())
     check_known_keys(raw, path)
     profile = profile or raw.get("profile", "report")
     profiles = raw.get("profiles", {})

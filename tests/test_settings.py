@@ -92,6 +92,20 @@ def test_unknown_keys_are_refused_with_the_closest_valid_one(tmp_path):
         opt.load_settings(str(missing))
 
 
+def test_extends_chains_keep_the_profiles_of_the_first_file_and_refuse_loops(tmp_path):
+    middle = tmp_path / "middle.json"
+    middle.write_text(json.dumps({"extends": opt.DEFAULT_SETTINGS, "mnist": {"epoch": 7}}))
+    top = tmp_path / "top.json"
+    top.write_text(json.dumps({"extends": "middle.json", "profile": "quick", "mnist": {"seed": 3}}))
+    settings = opt.load_settings(str(top))
+    assert settings["profile"] == "quick" and settings["mnist"]["seed"] == 3
+    assert settings["mnist"]["epoch"] == 5  # the quick profile of Implementation.json, two files up
+    assert opt.load_settings(str(top), profile="report")["mnist"]["epoch"] == 7
+    middle.write_text(json.dumps({"extends": "top.json"}))
+    with pytest.raises(opt.SettingsError, match="loop"):
+        opt.load_settings(str(top))
+
+
 def test_unknown_argument_exits_2_and_opt_is_relative_to_the_working_directory(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "mnist_test", "Test.py"), "-pofile", "quick"],
                           cwd=str(tmp_path), capture_output=True, text=True)
