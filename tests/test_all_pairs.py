@@ -82,10 +82,11 @@ def test_mislabel_study_small(tmp_path, mnist_raw):
     settings = small_settings(tmp_path, mislabel={"train_subset": 1000, "epoch": 3, "fraction": 0.1})
     result = mislabelTest.main(settings)
     rows = {r["ranking"]: r for r in result["rows"]}
-    assert set(rows) == {"EK-FAC self-influence", "TracIn self-influence", "Method 1 total gradient norm",
-                         "training loss", "random"}
+    assert set(rows) == {"EK-FAC self-influence", "K-FAC (factored damping) self-influence", "TracIn self-influence",
+                         "Method 1 total gradient norm", "training loss", "random"}
     # real signal: every informed ranking beats chance clearly on 100 flipped labels; random does not
-    for name in ("EK-FAC self-influence", "TracIn self-influence", "training loss"):
+    for name in ("EK-FAC self-influence", "K-FAC (factored damping) self-influence", "TracIn self-influence",
+                 "training loss"):
         assert rows[name]["roc_auc"] > 0.8 and rows[name]["found_top20%"] > 0.5
     assert 0.3 < rows["random"]["roc_auc"] < 0.7
     assert mislabelTest.main(settings)["rows"][0]["roc_auc"] == pytest.approx(rows["EK-FAC self-influence"]["roc_auc"])
