@@ -735,27 +735,26 @@ class KroneckerCurvature:
         self.damping = {name: damp_factor * lam.mean().item() + self.problem.l2_reg
                         for name, lam in self.eigenvalues.items()}
         self.factor_damping: dict[str, tuple[float, float]] = {}
-        if factored:
-            for name, lam in self.damping.items():
-                l_a, l_s = self._factor_eigenvalues(name)
-                pi = math.sqrt(max(l_a.mean().item(), 1e-30) / max(l_s.mean().item(), 1e-30))
-                self.factor_damping[name] = (math.sqrt(lam) / pi, math.sqrt(lam) * pi)
-
-    def _factor_eigenvalues(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eigenvalues of A, of S) from the stored factors and eigenbases (clamped at 0)."""
-        l_a = (self.QA[name] * (self.A[name] @ self.QA[name])).sum(0).clamp_min(0)
-        l_s = (self.QS[name] * (self.S[name] @ self.QS[name])).sum(0).clamp_min(0)
-        return l_a, l_s
+        self._inverse: dict[str, torch.Tensor] = {}  # the damped inverse in the eigenbasis, per layer
+        self.factor_inverses: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # factored: (S+gS)^-1, (A+gA)^-1
+        for name, lam in self.damping.items():
+            if not factored:
+                self._inverse[name] = 1.0 / (self.eigenvalues[name] + lam)
+                continue
+            qa, qs = self.QA[name], self.QS[name]  # eigenvalues of A and S from the stored factors
+            l_a = (qa * (self.A[name] @ qa)).sum(0).clamp_min(0)
+            l_s = (qs * (self.S[name] @ qs)).sum(0).clamp_min(0)
+            pi = math.sqrt(max(l_a.mean().item(), 1e-30) / max(l_s.mean().item(), 1e-30))
+            gamma_s, gamma_a = math.sqrt(lam) / pi, math.sqrt(lam) * pi
+            self.factor_damping[name] = (gamma_s, gamma_a)
+            self._inverse[name] = 1.0 / ((l_s + gamma_s)[:, None] * (l_a + gamma_a)[None, :])
+            self.factor_inverses[name] = ((qs / (l_s + gamma_s)) @ qs.T, (qa / (l_a + gamma_a)) @ qa.T)
 
     def inverse_eigenvalues(self, name: str) -> torch.Tensor:
         """The damped inverse in the Kronecker eigenbasis, (out, d): 1 / (Lambda + lambda), or with
         factored damping 1 / ((l_S + gamma_S)(l_A + gamma_A)^T), the eigenvalues of
         (S + gamma_S I)^-1 (x) (A + gamma_A I)^-1."""
-        if not self.factored_damping:
-            return 1.0 / (self.eigenvalues[name] + self.damping[name])
-        l_a, l_s = self._factor_eigenvalues(name)
-        gamma_s, gamma_a = self.factor_damping[name]
-        return 1.0 / ((l_s + gamma_s)[:, None] * (l_a + gamma_a)[None, :])
+        return self._inverse[name]
 
     def _rotated(self, name: str, a_bar: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Each sample's gradient in the Kronecker eigenbasis, Q_S^T G Q_A: (b, out, d), in the
@@ -872,12 +871,8 @@ class KroneckerCurvature:
         total = None
         for name, (delta_t, a_t) in test_io.items():
             delta_z, a_z = train_io[name]
-            gamma_s, gamma_a = self.factor_damping[name]
-            l_a, l_s = self._factor_eigenvalues(name)
-            qs, qa = self.QS[name], self.QA[name]
-            s_inv = ((qs / (l_s + gamma_s)) @ qs.T).to(delta_t.dtype)   # (S + gamma_S I)^-1
-            a_inv = ((qa / (l_a + gamma_a)) @ qa.T).to(a_t.dtype)       # (A + gamma_A I)^-1
-            part = ((delta_t @ s_inv) @ delta_z.T).mul_((a_t @ a_inv) @ a_z.T)
+            s_inv, a_inv = self.factor_inverses[name]
+            part = ((delta_t @ s_inv.to(delta_t.dtype)) @ delta_z.T).mul_((a_t @ a_inv.to(a_t.dtype)) @ a_z.T)
             total = part if total is None else total.add_(part)
         return total
 

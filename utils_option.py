@@ -439,6 +439,7 @@ def solver_file_part(m2: dict) -> str:
     the solver, its own settings, the damping it really applies (``lam``: LiSSA's fixed point is
     (H + damp*scale*I)^-1, so its lam is damp*scale), the L2 term and the chosen parameters.
     Two runs that differ in any of these never share a file."""
+    from utils_if import KRONECKER_SOLVERS
     solver = m2["solver"]
     if solver == "lissa":
         batch = 1 if m2["stochastic"] else m2["hvp_batch_size"]
@@ -448,7 +449,7 @@ def solver_file_part(m2: dict) -> str:
         detail = f"lam{m2['damp']:g}tol{m2['cg_tol']:g}it{m2['cg_max_iter']}h{m2['hessian_points']}"
     elif solver == "exact":
         detail = f"lam{m2['damp']:g}h{m2['hessian_points']}"
-    elif solver in ("kfac", "ekfac", "kfac_factored"):
+    elif solver in KRONECKER_SOLVERS:
         detail = f"{m2.get('fisher', 'true')}df{m2.get('kfac_damp_factor', 0.1):g}"
     else:  # identity, tracin: no Hessian
         detail = "nohess"
