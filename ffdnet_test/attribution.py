@@ -125,3 +125,35 @@ def training_points(settings: dict, device):
     noisy, clean, sigma, patches = training_triples(settings, device,
                                                     common.ffdnet_cfg(settings)["method2"]["max_train_points"])
     return PackedInput.pack(noisy, sigma), clean, patches
+
+
+def influence_problem(settings: dict, model: FFDNet, solver: "utils_if.SolverSettings",
+                      log=lambda _: None) -> "utils_if.InfluenceProblem":
+    """The influence problem of ffdnet.method2 over the model's chosen parameters (seen by the engine
+    under PackedInput's "net."). Kronecker solvers cover the conv layers only: BatchNorm's scale and
+    shift are held fixed (logged), and since the MSE has no label to sample, ``solver`` gets the
+    empirical Fisher and the factor file of these settings."""
+    m2 = common.ffdnet_cfg(settings)["method2"]
+    try:
+        names = utils_if.select_parameters(model, m2["params"])
+    except ValueError as err:
+        raise opt.solver_error("ffdnet.method2", err) from None
+    if solver.solver in utils_if.KRONECKER_SOLVERS:
+        modules = dict(model.named_modules())
+        convs = [n for n in names if isinstance(modules[n.rpartition(".")[0]], torch.nn.Conv2d)]
+        if len(convs) < len(names):
+            log(f"{solver.solver}: {len(names) - len(convs)} BatchNorm parameters held fixed "
+                f"(not in the Kronecker-factored set)")
+        names, solver.fisher = convs, common.FISHER
+        solver.factor_file = common.factor_file(settings, solver.solver)
+    return utils_if.InfluenceProblem(PackedInput(model).eval(), utils_if.mse_sample_loss, ["net." + n for n in names],
+                                     l2_reg=m2["l2_reg"], batched_hvp=False)
+
+
+def packed_test_image(settings: dict, image: str, device) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(packed noisy input (1, C+1, H, W), clean target (1, C, H, W), path) of a test image, in the
+    model's channel order, at the test noise level."""
+    _, path, clean, noisy = test_image(settings, image)
+    sigma01 = common.ffdnet_cfg(settings)["test"]["noise_level_img"] / 255.0
+    x = PackedInput.pack(common.to_model_order(noisy, settings)[None], torch.tensor([sigma01]))
+    return x.to(device), common.to_model_order(clean, settings)[None].to(device), path

@@ -35,7 +35,6 @@ import torch  # noqa: E402
 import utils_if  # noqa: E402
 import utils_option as opt  # noqa: E402
 from ffdnet_test import attribution, common, explain, plotting  # noqa: E402
-from ffdnet_test.model import PackedInput  # noqa: E402
 
 
 def study_tag(settings: dict) -> str:
@@ -84,25 +83,19 @@ def influence_map_rows(settings: dict, target_list, ranked, device, logger) -> l
                     "kfac/ekfac solver, whose parameters are the conv layers only)")
         return []
     model, _ = common.load_model(settings, device)
-    packed = PackedInput(model).eval()
-    modules = dict(model.named_modules())
-    names = ["net." + n for n in utils_if.select_parameters(model, cfg["method2"]["params"])
-             if isinstance(modules[n.rpartition(".")[0]], torch.nn.Conv2d)]
-    solver.fisher, solver.factor_file = common.FISHER, common.factor_file(settings, solver.solver)
-    problem = utils_if.InfluenceProblem(packed, utils_if.mse_sample_loss, names, l2_reg=cfg["method2"]["l2_reg"],
-                                        batched_hvp=False)
+    problem = attribution.influence_problem(settings, model, solver)
     x_train, y_train, patches = attribution.training_points(settings, device)
-    sigma01 = cfg["test"]["noise_level_img"] / 255.0
-    rows = []
+    grads = []
     for t in target_list:
-        _, _, clean, noisy = attribution.test_image(settings, t["image"])
-        x = PackedInput.pack(common.to_model_order(noisy, settings)[None], torch.tensor([sigma01])).to(device)
-        loss = utils_if.masked_mse_sample_loss(attribution.window_mask(tuple(clean.shape), t["point"],
+        x, y, _ = attribution.packed_test_image(settings, t["image"], device)
+        loss = utils_if.masked_mse_sample_loss(attribution.window_mask(tuple(y.shape[1:]), t["point"],
                                                                        cfg["method2"]["window"]).to(device))
-        grad = problem.sample_grads(x, common.to_model_order(clean, settings)[None].to(device), loss=loss)
-        s_test, _ = utils_if.inverse_hvp(problem, grad, x_train, y_train, solver, show_progress=False)
+        grads.append(problem.sample_grads(x, y, loss=loss))
+    s_test, _ = utils_if.inverse_hvp(problem, torch.cat(grads), x_train, y_train, solver, show_progress=False)
+    rows = []
+    for t, s_row in zip(target_list, s_test):
         top = ranked[f"m2_window|{t['label']}"][:count]
-        maps = utils_if.conv_position_influence(problem, s_test[0], x_train[top], y_train[top]).cpu()
+        maps = utils_if.conv_position_influence(problem, s_row, x_train[top], y_train[top]).cpu()
         totals = maps.sum((1, 2))
         logger.info(f"influence maps {t['label']}: patches {top.tolist()}, influence {[f'{v:.3g}' for v in totals]}")
         pixels = maps.repeat_interleave(2, 1).repeat_interleave(2, 2)  # FFDNet works on 2x2 pixel blocks
@@ -138,7 +131,7 @@ def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: di
         if window is None:
             continue
         verdicts.append(f"{manipulation} top {k_max}: pixel-window influence raises its own window's loss "
-                        f"{window['own']:.3g} vs random {window['own'] / window['own_over_random'] if window['own_over_random'] == window['own_over_random'] and window['own_over_random'] else float('nan'):.3g} "
+                        f"{window['own']:.3g} vs random {window['random_own']:.3g} "
                         f"(x{window['own_over_random']:.2f}; hypothesis >= 3: "
                         f"{'HOLDS' if window['own_over_random'] >= 3 else 'FAILS'}) and vs the other points "
                         f"{window['others']:.3g} (x{window['own_over_others']:.2f}; hypothesis >= 2: "

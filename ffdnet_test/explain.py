@@ -258,7 +258,8 @@ def summary_table(rows: list[dict], target_list: list[dict]) -> list[dict]:
     for row in table:  # ratios against random at the same manipulation and k
         random_row = next((r for r in table if r["ranking"] == "random" and r["manipulation"] == row["manipulation"]
                            and r["k"] == row["k"]), None)
-        row["own_over_random"] = (row["own"] / random_row["own"] if random_row and random_row["own"] != 0
+        row["random_own"] = random_row["own"] if random_row else float("nan")
+        row["own_over_random"] = (row["own"] / row["random_own"] if random_row and row["random_own"] != 0
                                   else float("nan"))
         row["own_over_others"] = (row["own"] / row["others"] if row["others"] == row["others"] and row["others"] != 0
                                   else float("nan"))

@@ -20,7 +20,6 @@ import torch  # noqa: E402
 import utils_if  # noqa: E402
 import utils_option as opt  # noqa: E402
 from ffdnet_test import attribution, common  # noqa: E402
-from ffdnet_test.model import PackedInput  # noqa: E402
 
 
 def main(settings: dict) -> dict:
@@ -31,37 +30,18 @@ def main(settings: dict) -> dict:
     device = opt.select_device(cfg["use_gpu"], logger)
     opt.seed_everything(cfg["seed"])
     model, model_path = common.load_model(settings, device, logger)
-    packed = PackedInput(model).eval()
-    try:  # chosen by the network's own names; the engine sees them under PackedInput's "net."
-        names = ["net." + n for n in utils_if.select_parameters(model, m2["params"])]
-    except ValueError as err:
-        raise opt.solver_error("ffdnet.method2", err) from None
     solver = opt.solver_settings(m2, cfg["seed"])
-    if solver.solver in utils_if.KRONECKER_SOLVERS:
-        # Kronecker factors cover conv layers; BatchNorm's scale and shift are held fixed. The MSE
-        # has no label to sample: the Fisher is the empirical one (the denoising residuals).
-        modules = dict(packed.named_modules())
-        convs = [n for n in names if isinstance(modules[n.rpartition(".")[0]], torch.nn.Conv2d)]
-        if len(convs) < len(names):
-            logger.info(f"{solver.solver}: {len(names) - len(convs)} BatchNorm parameters held fixed "
-                        f"(not in the Kronecker-factored set)")
-        names, solver.fisher = convs, common.FISHER
-        solver.factor_file = common.factor_file(settings, solver.solver)
-    problem = utils_if.InfluenceProblem(packed, utils_if.mse_sample_loss, names, l2_reg=m2["l2_reg"],
-                                        batched_hvp=False)
+    problem = attribution.influence_problem(settings, model, solver, logger.info)
     x_train, y_train, patches = attribution.training_points(settings, device)
-    sigma01 = cfg["test"]["noise_level_img"] / 255.0
     rows, targets = [], []
     with opt.Timer() as grad_timer:
         for image in images:
-            _, path, clean, noisy = attribution.test_image(settings, image)
-            x = PackedInput.pack(common.to_model_order(noisy, settings)[None], torch.tensor([sigma01])).to(device)
-            y = common.to_model_order(clean, settings)[None].to(device)
+            x, y, path = attribution.packed_test_image(settings, image, device)
             rows.append(problem.sample_grads(x, y))
             targets.append((image, path, "whole", None))
             for point in att["points"]:
-                attribution.check_point(point, clean)
-                loss = utils_if.masked_mse_sample_loss(attribution.window_mask(tuple(clean.shape), point, m2["window"]).to(device))
+                attribution.check_point(point, y[0])
+                loss = utils_if.masked_mse_sample_loss(attribution.window_mask(tuple(y.shape[1:]), point, m2["window"]).to(device))
                 rows.append(problem.sample_grads(x, y, loss=loss))
                 targets.append((image, path, f"point {point[0]},{point[1]}", point))
     logger.info(f"influence of {len(x_train)} training patches on {len(targets)} targets "
