@@ -12,6 +12,7 @@ import argparse
 import shutil
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,7 +42,6 @@ def main() -> None:
     test = common.load_test_data(settings, device, lambda *_: None)
     problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, utils_if.select_parameters(model),
                                         l2_reg=settings["mnist"]["weight_decay"])
-    import tempfile
     workdir = tempfile.mkdtemp()
     cfg = utils_if.SolverSettings(solver=args.solver, seed=0, factor_file=os.path.join(workdir, "factors.pt"))
     start = time.perf_counter()
