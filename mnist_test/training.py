@@ -87,15 +87,13 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
 
 
 def linear_stack(model: nn.Module) -> list[str]:
-    """Names of the Linear layers of ``model.main`` in order, when main is Linear (ReLU Linear)*
-    followed by the model's log-softmax: the only shape the grouped trainer computes by hand."""
-    modules = list(model.main.named_children())
-    linear = [(name, m) for name, m in modules if isinstance(m, nn.Linear)]
-    expected = [nn.Linear if i % 2 == 0 else nn.ReLU for i in range(2 * len(linear) - 1)]
-    if [type(m) for _, m in modules] != expected or not isinstance(getattr(model, "log_softmax", None), nn.LogSoftmax):
+    """Names of the model's Linear layers in order when it is Linear (ReLU Linear)* then log-softmax
+    (:func:`utils_if.relu_mlp_layers`): the only shape the grouped trainer computes by hand."""
+    layers = utils_if.relu_mlp_layers(model)
+    if layers is None:
         raise ValueError("train_group computes Linear-ReLU stacks with a log-softmax by hand; the MNIST model "
                          "has another shape now: extend train_group or train the models one by one")
-    return [f"main.{name}" for name, _ in linear]
+    return layers
 
 
 def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.device,

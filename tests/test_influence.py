@@ -135,6 +135,82 @@ def test_lissa_matches_exact(trained):
     assert r > 0.95, r
 
 
+class ReluMlp(nn.Module):
+    def __init__(self, hidden=(12, 7), activation=nn.ReLU):
+        super().__init__()
+        sizes = (20, *hidden, 4)
+        layers = []
+        for i in range(len(sizes) - 1):
+            layers += [nn.Linear(sizes[i], sizes[i + 1]), activation()]
+        self.main = nn.Sequential(*layers[:-1])
+        self.log_softmax = nn.LogSoftmax(dim=1)
+
+    def forward(self, x):
+        return self.log_softmax(self.main(x))
+
+
+class ReluModulesTanhForward(ReluMlp):
+    """Registers Linear ReLU Linear ReLU Linear LogSoftmax but computes tanh: the shape check alone
+    would accept it, the HVP check must not."""
+
+    def forward(self, x):
+        h = x
+        for i, module in enumerate(self.main):
+            h = torch.tanh(h) if isinstance(module, nn.ReLU) else module(h)
+        return self.log_softmax(h)
+
+
+@pytest.mark.parametrize("prefixes", [[], ["main.2."], ["main.0.bias", "main.4."], ["main.0.weight"]])
+@pytest.mark.parametrize("batch", [1, 8, 50])
+def test_folded_lissa_equals_the_step_by_step_loop(prefixes, batch):
+    """Hand-written MLP HVPs with the first weight folded over blocks of steps: the same recursion on
+    the same batches as the autograd loop, for any choice of parameters and batch size."""
+    torch.manual_seed(0)
+    net = ReluMlp().double()
+    x, y = torch.randn(300, 20, dtype=torch.float64), torch.randint(0, 4, (300,))
+    problem = U.InfluenceProblem(net, U.nll_sample_loss, U.select_parameters(net, prefixes), l2_reg=0.01)
+    v = torch.randn(3, problem.num_params, dtype=torch.float64)
+    cfg = U.SolverSettings(solver="lissa", damp=0.01, scale=10, recursion_depth=137, repeats=2, hvp_batch_size=batch)
+    folded_info, loop_info = {}, {}
+    folded = U.lissa(problem, v, x, y, cfg, False, folded_info)
+    loop = U.lissa(problem, v, x, y, cfg, False, loop_info, fold=False)
+    assert folded_info["lissa_path"] == "relu_mlp" and loop_info["lissa_path"] == "autograd"
+    assert ((folded - loop).norm() / loop.norm()).item() < 1e-12
+    assert folded_info["lissa_last_change"] == loop_info["lissa_last_change"]
+
+
+def test_relu_mlp_hvp_equals_the_dense_hessian():
+    torch.manual_seed(1)
+    net = ReluMlp(hidden=(5,)).double()
+    x, y = torch.randn(9, 20, dtype=torch.float64), torch.randint(0, 4, (9,))
+    problem = U.InfluenceProblem(net, U.nll_sample_loss, U.select_parameters(net))
+    mlp = U.ReluMlpHvp(problem, U.relu_mlp_layers(net))
+    hessian = problem.dense_hessian(x, y)
+    v = torch.randn(2, problem.num_params, dtype=torch.float64)
+    tangents = problem.unflatten(v)
+    first = tangents.pop("main.0.weight")
+    rg, out = mlp.apply(mlp.batch_state(x[None], y[None]), (x[None, None] @ first[None].transpose(-1, -2)),
+                        {n: t[None] for n, t in tangents.items()})
+    out["main.0.weight"] = rg.transpose(-1, -2) @ x[None, None]
+    by_hand = problem.flatten({n: t[0] for n, t in out.items()}, batch_dims=1)
+    assert torch.allclose(by_hand, v @ hessian, rtol=0, atol=1e-12)
+
+
+def test_lissa_checks_the_mlp_shape_against_autograd():
+    torch.manual_seed(0)
+    x, y = torch.randn(100, 20, dtype=torch.float64), torch.randint(0, 4, (100,))
+    cfg = U.SolverSettings(solver="lissa", damp=0.01, scale=10, recursion_depth=20, repeats=1, hvp_batch_size=8)
+    impostor = ReluModulesTanhForward().double()
+    assert U.relu_mlp_layers(impostor) == ["main.0", "main.2", "main.4"]
+    problem = U.InfluenceProblem(impostor, U.nll_sample_loss, U.select_parameters(impostor))
+    v = torch.randn(2, problem.num_params, dtype=torch.float64)
+    info = {}
+    result = U.lissa(problem, v, x, y, cfg, False, info)
+    assert info["lissa_path"] == "autograd" and "differs from autograd" in info["lissa_mlp_check"]
+    assert torch.equal(result, U.lissa(problem, v, x, y, cfg, False, fold=False))
+    assert U.relu_mlp_layers(ReluMlp(activation=nn.Tanh)) is None
+
+
 def test_lissa_divergence_names_scale(trained):
     net, x, y, x_test, y_test = trained
     cfg = U.SolverSettings(solver="lissa", damp=0.01, scale=2.0, recursion_depth=200, repeats=1,
