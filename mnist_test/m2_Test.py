@@ -65,6 +65,8 @@ def main(settings: dict) -> dict:
         out = model(x_test)
     losses = utils_if.nll_sample_loss(out, y_test)
     info["seconds_total"] = round(total.seconds, 3)
+    if "lissa_mlp_check" in info:  # correct but slower: the model changed shape under the fast LiSSA
+        logger.warning(f"WARNING: {info['lissa_mlp_check']}")
     if not info.get("converged", True):
         logger.warning(f"WARNING: {info['warning']}")
         if not m2["write_unconverged"] and info.get("cg_relative_residual", 0.0) > 1e-2:
