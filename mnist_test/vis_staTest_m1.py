@@ -9,11 +9,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils_option as opt  # noqa: E402
-from mnist_test.vis_staTest import draw  # noqa: E402
+from mnist_test.plotting import stability_figures  # noqa: E402
 
 
 def main(settings: dict) -> dict:
-    return {"figures": draw(settings, "m1", "top", "scores", ".0f", "m1")}
+    return {"figures": stability_figures(settings, "m1", "top", "scores", ".0f", "m1")}
 
 
 if __name__ == "__main__":

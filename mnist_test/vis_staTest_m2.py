@@ -10,11 +10,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils_option as opt  # noqa: E402
-from mnist_test.vis_staTest import draw  # noqa: E402
+from mnist_test.plotting import stability_figures  # noqa: E402
 
 
 def main(settings: dict) -> dict:
-    return {"figures": {kind: draw(settings, "m2", kind, "influence", ".3g", f"m2_{kind}")
+    return {"figures": {kind: stability_figures(settings, "m2", kind, "influence", ".3g", f"m2_{kind}")
                         for kind in ("helpful", "harmful")}}
 
 
