@@ -315,6 +315,7 @@ class SolverSettings:
     kfac_damp_factor: float = 0.1    # kfac/ekfac: lambda per layer = factor * mean eigenvalue
     factor_file: str = ""            # kfac/ekfac: read/write the factors here ("" = recompute)
     progress: Callable | None = None  # a tqdm-like factory for the long passes (None = silent)
+    save: Callable[[str, object], object] | None = None  # writes the factor file (path, state); None = torch.save
 
     @property
     def effective_damping(self) -> float | str:
@@ -1135,10 +1136,12 @@ class KroneckerCurvature:
     def cached(cls, path: str, problem: "InfluenceProblem", x: torch.Tensor, y: torch.Tensor,
                eigen_corrected: bool = True, fisher: str = "true", damp_factor: float = 0.1,
                chunk_size: int = 10000, seed: int = 0, log: Callable[[str], None] = print,
-               progress: Callable | None = None, factored_damping: bool = False) -> "KroneckerCurvature":
+               progress: Callable | None = None, factored_damping: bool = False,
+               save: Callable[[str, object], object] | None = None) -> "KroneckerCurvature":
         """The factors from ``path`` when it holds them for this model, data and settings, else
-        computed and written there (atomically). A file that cannot be read or that was made for
-        another model or data raises ValueError naming it; the damping is applied afresh."""
+        computed and written there by ``save`` (the caller's atomic writer; None = torch.save). A
+        file that cannot be read or that was made for another model or data raises ValueError
+        naming it; the damping is applied afresh."""
         import os
         key = cls.fingerprint(problem, x, y, eigen_corrected, fisher, seed)
         if os.path.isfile(path):
@@ -1160,9 +1163,10 @@ class KroneckerCurvature:
         state = {"fingerprint": key, "eigen_corrected": eigen_corrected, "fisher": fisher,
                  **{f: {k: v.cpu() for k, v in getattr(curvature, f).items()} for f in cls.FACTOR_FIELDS}}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        if save is not None:  # the caller's (atomic) writer
+            save(path, state)
+        else:
+            torch.save(state, path)
         log(f"K-FAC factors written to {path}")
         return curvature
 
@@ -1290,7 +1294,7 @@ def kronecker_curvature(problem: InfluenceProblem, x: torch.Tensor, y: torch.Ten
                    chunk_size=cfg.chunk_size, seed=cfg.seed, progress=cfg.progress,
                    factored_damping=cfg.solver == "kfac_factored")
     if cfg.factor_file:
-        return KroneckerCurvature.cached(cfg.factor_file, problem, x, y, **options, log=log)
+        return KroneckerCurvature.cached(cfg.factor_file, problem, x, y, **options, log=log, save=cfg.save)
     return KroneckerCurvature(problem, x, y, **options)
 
 

@@ -459,7 +459,8 @@ def solver_file_part(m2: dict) -> str:
 
 def solver_settings(m2: dict, seed: int):
     """The influence engine's solver settings from a ``method2`` block (the original's key names:
-    training_points = LiSSA's depth t, recursion_nums = its repeats r), with the progress bars on."""
+    training_points = LiSSA's depth t, recursion_nums = its repeats r), with the progress bars on
+    and the atomic writer for K-FAC factor files."""
     import utils_if
     return utils_if.SolverSettings(
         solver=m2["solver"], damp=float(m2["damp"]), scale=float(m2["scale"]),
@@ -468,7 +469,7 @@ def solver_settings(m2: dict, seed: int):
         cg_max_iter=m2["cg_max_iter"], hessian_points=m2["hessian_points"],
         exact_max_params=m2["exact_max_params"], chunk_size=m2["chunk_size"], seed=seed,
         fisher=m2.get("fisher", "true"), kfac_damp_factor=float(m2.get("kfac_damp_factor", 0.1)),
-        progress=progress)
+        progress=progress, save=lambda path, state: save_torch(path, state))
 
 
 def solver_error(block: str, err: Exception) -> "SettingsError":

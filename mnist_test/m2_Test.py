@@ -124,16 +124,16 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
                                 f'lissa/cg would take hours)')
     n_test, n_train, k = len(test), len(train), m2["top_k"]
     path = common.m2_file(settings)
-    matrix = None
-    if m2["save_matrix"] != "none":
-        matrix_path = path[:-len(".json")] + f"_{m2['save_matrix']}.npy"
-        matrix = np.lib.format.open_memmap(matrix_path + ".tmp.npy", mode="w+", dtype=m2["save_matrix"],
-                                           shape=(n_test, n_train))
+    save = m2["save_matrix"] != "none"
+    matrix_path = path[:-len(".json")] + f"_{m2['save_matrix']}.npy"
     helpful = torch.empty(n_test, k, dtype=torch.long)
     harmful = torch.empty(n_test, k, dtype=torch.long)
     logger.info(f"all pairs: {n_test} test x {n_train} training images, solver {solver.solver}, chunks of "
-                f"{m2['test_chunk']} test images{', matrix ' + m2['save_matrix'] if matrix is not None else ''}")
-    with opt.Timer() as timer:
+                f"{m2['test_chunk']} test images{', matrix ' + m2['save_matrix'] if save else ''}")
+
+    def sweep(tmp: str | None) -> None:  # tmp: the matrix's temporary file (atomic_write renames it)
+        matrix = None if tmp is None else np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=m2["save_matrix"], shape=(n_test, n_train))
         bar = opt.progress(total=n_test, desc="all pairs", unit="test image")
         for start, chunk in utils_if.influence_chunks(problem, test.images, test.labels, train.images, train.labels,
                                                       solver, m2["test_chunk"], log=logger.info):
@@ -144,6 +144,14 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
                 matrix[rows] = chunk.cpu().numpy().astype(m2["save_matrix"])
             bar.update(len(chunk))
         bar.close()
+        if matrix is not None:
+            matrix.flush()
+
+    with opt.Timer() as timer:
+        if save:
+            opt.atomic_write(matrix_path, sweep, logger, suffix=".npy")
+        else:
+            sweep(None)
     logger.info(f"all {n_test * n_train:,} pairs in {timer.seconds:.1f} s")
     with torch.no_grad():
         out = model(test.images)
@@ -151,10 +159,7 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
                        "model_file": model_path, "n_train": n_train, "test_ids": "all",
                        "sign_convention": utils_if.SIGN_CONVENTION, "seconds_all_pairs": round(timer.seconds, 2),
                        "solver_info": {"solver": solver.solver, "factor_file": solver.factor_file}}}
-    if matrix is not None:
-        matrix.flush()
-        del matrix
-        os.replace(matrix_path + ".tmp.npy", matrix_path)
+    if save:
         result["meta"]["matrix_file"] = matrix_path
         logger.info(f"wrote {matrix_path}")
     if m2["self_influence"]:
