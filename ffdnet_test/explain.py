@@ -31,7 +31,6 @@ from ffdnet_test import attribution, common
 
 RANKINGS = ("m2_window", "m2_whole", "m1", "random")
 POINT_RANKINGS = ("m2_window", "m1")  # built for one point; the others for the whole image
-MANIPULATIONS = ("remove", "corrupt")
 
 
 def explain_cfg(settings: dict) -> dict:
