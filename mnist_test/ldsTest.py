@@ -104,7 +104,9 @@ def attributions(settings: dict, ids: list[int], device, logger) -> tuple[dict[s
             record = opt.read_json(path, "mnist_test/m2_Test.py")
             matrix = lds.influence_matrix(record, method_ids, path)
             info = record["meta"]["solver_info"]
-            note = "" if info.get("converged", True) else f"NOT CONVERGED (residual {info.get('cg_relative_residual', 0):.2g})"
+            note = "" if info.get("converged", True) else "NOT CONVERGED (" + (
+                f"residual {info['cg_relative_residual']:.2g}" if "cg_relative_residual" in info else
+                f"moved {info.get('lissa_last_change', float('nan')):.1%} over the last 10% of its steps") + ")"
             if k == 0:
                 out[name] = {"matrix": matrix, "ids": method_ids, "seconds": info["seconds_total"], "note": note}
             for ens, source in ENSEMBLE_SOURCES.items():
