@@ -7,7 +7,7 @@ made like this (its torchvision pin would pull a CUDA torch, so --no-deps):
     python -m venv /tmp/kfvenv && /tmp/kfvenv/bin/pip install torch==2.13.0 numpy
     /tmp/kfvenv/bin/pip install --no-deps kronfluence==1.0.1 accelerate
     /tmp/kfvenv/bin/pip install einops einconv opt-einsum safetensors tqdm psutil pyyaml packaging huggingface_hub
-Usage: python bench/bench_kronfluence.py [--venv /tmp/kfvenv] [--model PATH] [--fisher true|empirical]
+Usage: python bench/bench_kronfluence.py [--venv /tmp/kfvenv] [--model PATH] [--fisher true|empirical] [--threads 1]
 (the model defaults to Train.py's report model, trained first if missing: about 75 s).
 This script runs itself inside the venv for kronfluence's half (--kronfluence-side).
 """
@@ -42,6 +42,7 @@ def kronfluence_side(model_path: str, out: str, fisher: str) -> None:
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
     from torch.utils.data import TensorDataset
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
 
     from mnist_test.model import mnist_model
 
@@ -88,8 +89,10 @@ def main() -> None:
     parser.add_argument("--model", default="")
     parser.add_argument("--fisher", default="true", choices=["true", "empirical"],
                         help="empirical: no sampled labels on either side, which isolates the sampling noise")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     parser.add_argument("--kronfluence-side", nargs=3, metavar=("MODEL", "OUT", "FISHER"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.kronfluence_side:
         kronfluence_side(*args.kronfluence_side)
         return
@@ -116,7 +119,7 @@ def main() -> None:
     out = os.path.join(tempfile.mkdtemp(prefix="bench_kf_"), "kronfluence.npz")
     python = os.path.join(args.venv, "bin", "python")
     proc = subprocess.run([python, os.path.abspath(__file__), "--kronfluence-side", model_path, out, args.fisher],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, "BENCH_THREADS": str(args.threads)})
     if proc.returncode != 0:
         sys.exit(f"kronfluence side failed (is {python} the venv above?):\n{proc.stderr[-3000:]}")
     theirs = np.load(out)
