@@ -356,7 +356,6 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
     on the first batch; ``fold=False`` (or a failed check, reported in ``info``) uses the
     step-by-step autograd loop. ``info["lissa_path"]`` says which ran.
     """
-    steps = range(1, cfg.recursion_depth + 1)
     bar = cfg.progress(total=cfg.recursion_depth, desc="LiSSA", unit="step", leave=False) \
         if cfg.progress and show_progress else None
     try:
@@ -373,16 +372,13 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
         hv = torch.empty_like(h)                                           # reused every step
         checkpoint = max(int(0.9 * cfg.recursion_depth), 1)
         earlier = None
-        for j in steps:
+        for j in range(1, cfg.recursion_depth + 1):
             if j == checkpoint:
                 earlier = h.mean(dim=0).norm(dim=1)                       # (k,) norm of the estimate
             idx = torch.randint(n, (cfg.repeats, cfg.hvp_batch_size), generator=generator).to(x.device)
             problem.hvp_per_batch(x[idx], y[idx], h, out=hv)
             h.mul_(1.0 - cfg.damp).add_(v).sub_(hv, alpha=1.0 / cfg.scale)  # in place: h is big
-            ratio = h.norm(dim=2) / v_norm                                  # (r, k)
-            bound = 100.0 * min(j + 1, 1.0 / cfg.damp if cfg.damp > 0 else math.inf)
-            if not torch.isfinite(ratio).all() or ratio.max() > bound:
-                raise LissaDiverged(_diverged_message(j, ratio.max().item(), bound, cfg))
+            _check_diverged(h.norm(dim=2) / v_norm, j, cfg)                 # ||h|| / ||v||, (r, k)
             if bar is not None:
                 bar.update(1)
         _settled(info, earlier, h.mean(dim=0).norm(dim=1), cfg)
@@ -392,11 +388,17 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
             bar.close()
 
 
-def _diverged_message(step: int, ratio: float, bound: float, cfg: SolverSettings) -> str:
-    return (f"LiSSA diverged at step {step} (||h||/||v|| = {ratio:.3g} > {bound:.3g}): "
-            f"a Hessian eigenvalue lies outside (-damp*scale, (2-damp)*scale) = "
-            f"({-cfg.damp * cfg.scale:g}, {(2 - cfg.damp) * cfg.scale:g}); raise the scale "
-            f"(now {cfg.scale:g}) for large eigenvalues, or damp for negative curvature")
+def _check_diverged(ratio: torch.Tensor, step: int, cfg: SolverSettings) -> None:
+    """Raise :class:`LissaDiverged` when ||h|| / ||v|| after ``step`` steps is not finite or above
+    100 x min(step + 1, 1/damp) (a converging recursion stays below min(step + 1, 1/damp))."""
+    bound = 100.0 * min(step + 1, 1.0 / cfg.damp if cfg.damp > 0 else math.inf)
+    if torch.isfinite(ratio).all() and ratio.max() <= bound:
+        return
+    raise LissaDiverged(
+        f"LiSSA diverged at step {step} (||h||/||v|| = {ratio.max().item():.3g} > {bound:.3g}): "
+        f"a Hessian eigenvalue lies outside (-damp*scale, (2-damp)*scale) = "
+        f"({-cfg.damp * cfg.scale:g}, {(2 - cfg.damp) * cfg.scale:g}); raise the scale "
+        f"(now {cfg.scale:g}) for large eigenvalues, or damp for negative curvature")
 
 
 def _settled(info: dict | None, earlier: torch.Tensor | None, final: torch.Tensor, cfg: SolverSettings) -> None:
@@ -418,19 +420,9 @@ def _checked_relu_mlp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch
     if layers is None:
         return None
     mlp = ReluMlpHvp(problem, layers)
-    n_check = min(len(vectors), 2)
-    xb, yb = x[:cfg.hvp_batch_size], y[:cfg.hvp_batch_size]
-    v = problem.unflatten(vectors[:n_check].detach())
-    tangents = {n: t[None] for n, t in v.items() if n != mlp.weight_names[0]}
-    flat = xb.reshape(1, len(xb), -1)
-    first_pre = (flat[:, None] @ v[mlp.weight_names[0]][None].transpose(-1, -2)
-                 if mlp.weight_names[0] in v else None)
-    rg, out = mlp.apply(mlp.batch_state(flat, yb[None]), first_pre, tangents)
-    if mlp.weight_names[0] in v:
-        out[mlp.weight_names[0]] = rg.transpose(-1, -2) @ flat[:, None]
-    by_hand = problem.flatten({n: t[0] for n, t in out.items()}, batch_dims=1)
-    by_hand = by_hand + problem.l2_reg * vectors[:n_check].detach()
-    reference = problem.hvp(xb, yb, vectors[:n_check])
+    xb, yb, vb = x[:cfg.hvp_batch_size], y[:cfg.hvp_batch_size], vectors[:2].detach()
+    by_hand = mlp.hvp(problem, xb, yb, vb) + problem.l2_reg * vb
+    reference = problem.hvp(xb, yb, vb)
     error = ((by_hand - reference).norm() / reference.norm().clamp_min(1e-30)).item()
     if error > 1e-3:
         if info is not None:
@@ -475,8 +467,6 @@ class ReluMlpHvp:
     """
 
     def __init__(self, problem: InfluenceProblem, layer_names: list[str]) -> None:
-        modules = dict(problem.model.named_modules())
-        self.layers = [modules[n] for n in layer_names]
         self.weight_names = [f"{n}.weight" for n in layer_names]
         self.bias_names = [f"{n}.bias" for n in layer_names]
         every = {**problem.params, **problem.frozen}
@@ -534,6 +524,19 @@ class ReluMlpHvp:
                 rg = back * masks[i - 1][:, None]
         return rg, out
 
+    def hvp(self, problem: InfluenceProblem, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """H v of one batch (x, y) for (k, p) flat vectors of ``problem``, unfolded (the first
+        weight's block as x V_1^T in and R g_1^T x out); without the L2 term."""
+        v = problem.unflatten(vectors.detach())
+        first = self.weight_names[0]
+        flat = x.reshape(1, len(x), -1)
+        first_pre = flat[:, None] @ v[first][None].transpose(-1, -2) if first in v else None
+        rg, out = self.apply(self.batch_state(flat, y[None]), first_pre,
+                             {n: t[None] for n, t in v.items() if n != first})
+        if first in v:
+            out[first] = rg.transpose(-1, -2) @ flat[:, None]
+        return problem.flatten({n: t[0] for n, t in out.items()}, batch_dims=1)
+
 
 def _block_lengths(depth: int, block: int, boundary: int) -> list[int]:
     """Split steps 1..depth into blocks of at most ``block`` steps, one ending at ``boundary``."""
@@ -581,6 +584,9 @@ def _lissa_relu_mlp(problem: InfluenceProblem, mlp: ReluMlpHvp, vectors: torch.T
             from_v = (xb @ v[first].reshape(k * n1, d).T).reshape(r, length, batch, k, n1)
             gram = xb @ xb.transpose(1, 2)                                       # (r, KB, KB)
             updates = xb.new_zeros(r, k, length * batch, n1)                     # R_i side by side
+            # beta^(K-1-i) per column of batch i; its last m batches are the weights step m needs
+            weights = (beta ** torch.arange(length - 1, -1, -1, dtype=xb.dtype, device=xb.device)
+                       ).repeat_interleave(batch)
         coef_v, decay = 0.0, 1.0                                                 # c_m, beta^m
         for m in range(length):
             cols = slice(m * batch, (m + 1) * batch)
@@ -589,9 +595,7 @@ def _lissa_relu_mlp(problem: InfluenceProblem, mlp: ReluMlpHvp, vectors: torch.T
             if first is not None:                                                # X_m h^T: (r, k, B, n1)
                 first_pre = (decay * from_start[:, m] + coef_v * from_v[:, m]).transpose(1, 2)
                 if m:
-                    weights = (beta ** torch.arange(m - 1, -1, -1, dtype=xb.dtype, device=xb.device)
-                               ).repeat_interleave(batch)
-                    first_pre = first_pre - ((gram[:, cols, :m * batch] * weights)[:, None]
+                    first_pre = first_pre - ((gram[:, cols, :m * batch] * weights[(length - m) * batch:])[:, None]
                                              @ updates[:, :, :m * batch]) / cfg.scale
             rg, hv = mlp.apply(state, first_pre, {n: h[n] for n in rest})
             if first is not None:
@@ -600,18 +604,13 @@ def _lissa_relu_mlp(problem: InfluenceProblem, mlp: ReluMlpHvp, vectors: torch.T
                 h[name] = v[name] + beta * h[name] - hv[name] / cfg.scale
             coef_v, decay = coef_v + decay, decay * beta
         if first is not None:
-            weights = (beta ** torch.arange(length - 1, -1, -1, dtype=xb.dtype, device=xb.device)
-                       ).repeat_interleave(batch)
             scaled = (updates * weights[:, None]).transpose(2, 3).reshape(r, k * n1, -1)
             h[first].reshape(r, k * n1, d).baddbmm_(scaled, xb, beta=decay, alpha=-1.0 / cfg.scale)
             h[first].add_(v[first], alpha=coef_v)
         done += length
         if bar is not None:
             bar.update(length)
-        ratio = torch.sqrt(sum(t.reshape(r, k, -1).pow(2).sum(2) for t in h.values())) / v_norm
-        bound = 100.0 * min(done + 1, 1.0 / cfg.damp if cfg.damp > 0 else math.inf)
-        if not torch.isfinite(ratio).all() or ratio.max() > bound:
-            raise LissaDiverged(_diverged_message(done, ratio.max().item(), bound, cfg))
+        _check_diverged(torch.sqrt(sum(t.reshape(r, k, -1).pow(2).sum(2) for t in h.values())) / v_norm, done, cfg)
         if done == checkpoint - 1:
             earlier = estimate_norms()
     _settled(info, earlier, estimate_norms(), cfg)
