@@ -469,30 +469,43 @@ class ReluMlpHvp:
     def __init__(self, problem: InfluenceProblem, layer_names: list[str]) -> None:
         self.weight_names = [f"{n}.weight" for n in layer_names]
         self.bias_names = [f"{n}.bias" for n in layer_names]
-        every = {**problem.params, **problem.frozen}
-        self.weights = [every[n] for n in self.weight_names]
-        self.biases = [every[n] for n in self.bias_names]
+        self.set_parameters({**problem.params, **problem.frozen})
         self.selected = set(problem.param_names)
 
-    def batch_state(self, x: torch.Tensor, y: torch.Tensor) -> dict:
-        """Forward and backward of r batches at once: x (r, B, d), y (r, B)."""
+    def set_parameters(self, params: dict[str, torch.Tensor]) -> None:
+        """Take the weights and biases from ``params`` (Method 3 moves them along a training run)."""
+        self.weights = [params[n] for n in self.weight_names]
+        self.biases = [params[n] for n in self.bias_names]
+
+    def batch_state(self, x: torch.Tensor, y: torch.Tensor, sample_weights: torch.Tensor | None = None) -> dict:
+        """Forward and backward of r batches at once: x (r, B, d), y (r, B). With ``sample_weights``
+        (r, B) the loss is the data-weighted sum / B (Method 3's training loss), else the mean."""
         a, z = [x], []
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             z.append(nn.functional.linear(a[-1], w, b))
             if i < len(self.weights) - 1:
                 a.append(torch.relu(z[-1]))
         probs = torch.softmax(z[-1], dim=-1)
-        g = [probs - nn.functional.one_hot(y.long(), probs.shape[-1]).to(probs.dtype)]
-        g[0].div_(x.shape[1])
+        residual = probs - nn.functional.one_hot(y.long(), probs.shape[-1]).to(probs.dtype)  # d loss_i / d z_L
+        scale = (x.new_full(y.shape, 1.0) if sample_weights is None else sample_weights.to(x.dtype))[..., None] / x.shape[1]
+        g = [residual * scale]
         for i in reversed(range(1, len(self.weights))):
             g.insert(0, (g[0] @ self.weights[i]) * (z[i - 1] > 0))
-        return {"a": a, "masks": [(zi > 0).to(x.dtype) for zi in z[:-1]], "probs": probs, "g": g}
+        return {"a": a, "masks": [(zi > 0).to(x.dtype) for zi in z[:-1]], "probs": probs, "g": g,
+                "residual": residual, "scale": scale}
 
     def apply(self, state: dict, first_pre: torch.Tensor | None, tangents: dict[str, torch.Tensor]
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Tangents (r, k, *shape) for the chosen parameters except the first weight, and its
         contribution ``first_pre`` = x V_1^T (r, k, B, n_1) -> (R g_1 (r, k, B, n_1), the other
         chosen parameters' blocks of H v, each (r, k, *shape))."""
+        rg, out, _ = self.apply_with_logits(state, first_pre, tangents)
+        return rg, out
+
+    def apply_with_logits(self, state: dict, first_pre: torch.Tensor | None, tangents: dict[str, torch.Tensor]
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`apply`, plus R z_L (r, k, B, C): the tangent of the logits, whose product with
+        each sample's residual p - onehot is that sample's directional derivative v . grad loss_i."""
         a, masks, g = state["a"], state["masks"], state["g"]
         bias0 = tangents.get(self.bias_names[0])
         rz = first_pre if first_pre is not None else torch.zeros(
@@ -509,7 +522,8 @@ class ReluMlpHvp:
             if self.bias_names[i] in tangents:
                 rz = rz + tangents[self.bias_names[i]][:, :, None, :]
         p = state["probs"][:, None]
-        rg = (p * rz - p * (p * rz).sum(-1, keepdim=True)) / a[0].shape[1]
+        logit_tangent = rz
+        rg = (p * rz - p * (p * rz).sum(-1, keepdim=True)) * state["scale"][:, None]
         out: dict[str, torch.Tensor] = {}
         for i in reversed(range(len(self.weights))):
             if i and self.weight_names[i] in self.selected:
@@ -522,7 +536,7 @@ class ReluMlpHvp:
                 if self.weight_names[i] in tangents:
                     back = back + g[i][:, None] @ tangents[self.weight_names[i]]
                 rg = back * masks[i - 1][:, None]
-        return rg, out
+        return rg, out, logit_tangent
 
     def hvp(self, problem: InfluenceProblem, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """H v of one batch (x, y) for (k, p) flat vectors of ``problem``, unfolded (the first
@@ -1372,3 +1386,263 @@ def fraction_found(scores: np.ndarray, positives: np.ndarray, inspected: Iterabl
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     hits = np.cumsum(positives[order])
     return [float(hits[max(int(round(f * len(order))), 1) - 1] / max(positives.sum(), 1)) for f in inspected]
+
+
+# ============================================================================================
+# Method 3: the exact metagradient of one SGD run (replay; MAGIC, Ilyas & Engstrom 2025)
+# ============================================================================================
+METHOD3_SIGN_CONVENTION = (
+    "influence[t][i] = -n_train * dF_t/dw_i, F_t the test target (loss, or minus the margin) after the "
+    "last step of the replayed run, w_i training point i's data weight (1 = as trained); positive = "
+    "point i helped; influence / n_train = the first-order change of F_t when point i is removed "
+    "(w_i = 0, same seed, same order: the single-model counterfactual)")
+
+
+def weighted_batch_loss(sample_losses: torch.Tensor, sample_weights: torch.Tensor) -> torch.Tensor:
+    """The training loss of one batch with data weights: sum_i w_i loss_i / |B|.
+
+    |B| counts every member of the batch, weighted 0 or not, so that w = 1 everywhere is the plain
+    mean (the same gradients, bit for bit) and a point weighted 0 keeps its place in the order."""
+    return (sample_losses * sample_weights).sum() / len(sample_losses)
+
+
+def negative_margin_sample_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Minus the margin: the best other class's output minus the correct class's (a loss-like target:
+    lower is better, so that Method 3's sign convention is the loss's)."""
+    correct = output.gather(1, target.reshape(-1, 1).long()).squeeze(1)
+    others = output.scatter(1, target.reshape(-1, 1).long(), -torch.inf)
+    return others.max(1).values - correct
+
+
+@dataclass
+class SgdRun:
+    """One SGD run as replay needs it (torch.optim.SGD: momentum, weight decay, no dampening).
+
+    ``orders`` (epochs, n) holds each epoch's permutation of the training points; step s reads the
+    s-th slice of ``batch_size`` of its epoch (the last one may be shorter). ``data_weights`` (n,)
+    weight each point's loss (None = 1 for all)."""
+    learning_rate: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    orders: torch.Tensor
+    data_weights: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.orders.shape[1]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    @property
+    def num_steps(self) -> int:
+        return self.orders.shape[0] * self.steps_per_epoch
+
+    def batch(self, step: int) -> torch.Tensor:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        return self.orders[epoch, position * self.batch_size:(position + 1) * self.batch_size]
+
+
+class SgdReplay:
+    """Method 3: d F(theta_T) / d w for every training point's data weight w_i, exactly, by reverse
+    mode through every step of one SGD run (Ilyas & Engstrom 2025, "MAGIC"; Maclaurin et al. 2015).
+
+    The run (torch.optim.SGD, as Train.py trains): with L_s(theta) = sum_{i in B_s} w_i l_i(theta) / |B_s|,
+
+        g_s = grad L_s(theta_s) + lambda theta_s,   b_s = mu b_{s-1} + g_s  (b_{-1} = 0),
+        theta_{s+1} = theta_s - eta b_s.
+
+    Walking back from a_T = grad F(theta_T) with v_{T-1} = -eta a_T, each step s = T-1, ..., 0 does
+
+        dF/dw_i   += v_s . grad l_i(theta_s) / |B_s|          for i in B_s,
+        a_s        = a_{s+1} + (H_s + lambda I) v_s            (H_s the Hessian of L_s at theta_s),
+        v_{s-1}    = mu v_s - eta a_s,
+
+    where a_s = dF/dtheta_s and v_s = dF/db_s. The adjoint is linear in a_T, so k test targets walk
+    back together as (k, p) blocks. Both step products come from one forward-over-reverse pass: the
+    directional derivative of each point's loss along v (its score) and H_s v. Generic models use
+    ``torch.func`` (jvp of grad, vmapped over the k vectors); a ReLU MLP with NLL uses the
+    hand-written R-operator (:class:`ReluMlpHvp`): the score is residual_i . R z_L,i and no per-sample
+    gradient is formed. That path is checked against the generic one on the first step it walks.
+
+    Memory: the forward replay keeps (theta, b) every ``checkpoint_interval`` steps; each segment is
+    recomputed forward (keeping its theta_s) before it is walked back. Peak: 2p floats per checkpoint
+    + interval x p floats + 2kp for the adjoint. The forward replay is torch.optim.SGD on the same
+    batches, so it reproduces a run made the same way to the last bit on the same machine.
+    """
+
+    def __init__(self, model: nn.Module, sample_loss: SampleLoss, run: SgdRun, x: torch.Tensor,
+                 y: torch.Tensor, closed_form: bool | None = None) -> None:
+        self.model, self.sample_loss, self.run, self.x, self.y = model, sample_loss, run, x, y
+        named = dict(model.named_parameters())
+        self.names = list(named)
+        self.initial = [named[n].detach().clone() for n in self.names]
+        self.buffers = dict(model.named_buffers())
+        self.shapes = [t.shape for t in self.initial]
+        self.sizes = [t.numel() for t in self.initial]
+        self.checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.interval = 0
+        layers = relu_mlp_layers(model) if sample_loss is nll_sample_loss else None
+        self.mlp = None
+        if layers is not None and closed_form is not False:
+            self.mlp = ReluMlpHvp(InfluenceProblem(model, nll_sample_loss, self.names), layers)
+        elif closed_form:
+            raise ValueError("closed_form=True needs a ReLU MLP with NLL loss (relu_mlp_layers)")
+        self.info: dict = {"path": "relu_mlp_closed_form" if self.mlp is not None else "torch_func"}
+
+    # ---- flat <-> per-parameter -------------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        return sum(self.sizes)
+
+    def _flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        lead = flat.shape[:-1]
+        return [piece.reshape(*lead, *shape) for piece, shape in
+                zip(torch.split(flat, self.sizes, dim=-1), self.shapes)]
+
+    # ---- forward: the run itself ------------------------------------------------------------------
+    def _weights(self, idx: torch.Tensor) -> torch.Tensor | None:
+        return None if self.run.data_weights is None else self.run.data_weights[idx]
+
+    def _steps(self, start: int, stop: int, params: torch.Tensor, buffer: torch.Tensor | None,
+               store: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run steps start..stop-1 from flat (theta, b); ``store`` (stop-start, p) receives each
+        step's theta_s. Returns the flat (theta, b) after step stop-1."""
+        run = self.run
+        leaves = [t.clone().requires_grad_(True) for t in self._split(params)]
+        optimizer = torch.optim.SGD(leaves, lr=run.learning_rate, momentum=run.momentum,
+                                    weight_decay=run.weight_decay)
+        if buffer is not None:
+            for leaf, b in zip(leaves, self._split(buffer)):
+                optimizer.state[leaf]["momentum_buffer"] = b.clone()
+        for step in range(start, stop):
+            if store is not None:
+                torch.cat([t.detach().reshape(-1) for t in leaves], out=store[step - start])
+            idx = run.batch(step)
+            losses = self.sample_loss(functional_call(self.model, {**dict(zip(self.names, leaves)), **self.buffers},
+                                                      (self.x[idx],)), self.y[idx])
+            weights = self._weights(idx)
+            loss = losses.mean() if weights is None else weighted_batch_loss(losses, weights)
+            for leaf, g in zip(leaves, torch.autograd.grad(loss, leaves)):
+                leaf.grad = g
+            optimizer.step()
+        buffers = [optimizer.state[leaf].get("momentum_buffer") for leaf in leaves]
+        return self._flat(leaves), None if buffers[0] is None else self._flat(buffers)
+
+    def forward(self, checkpoint_interval: int = 0, progress: Callable | None = None) -> dict[str, torch.Tensor]:
+        """Replay the whole run from the model's initial weights, keeping (theta, b) every
+        ``checkpoint_interval`` steps (0 = about sqrt(T)). Returns the final parameters by name.
+        ``progress``: a tqdm-like factory for a bar (None = silent)."""
+        total = self.run.num_steps
+        self.interval = checkpoint_interval or max(1, int(math.ceil(math.sqrt(total))))
+        params, buffer = self._flat(self.initial), None
+        self.checkpoints = {}
+        bar = _step_bar(progress, total, "replay forward")
+        for start in range(0, total, self.interval):
+            self.checkpoints[start] = (params, buffer)
+            stop = min(start + self.interval, total)
+            params, buffer = self._steps(start, stop, params, buffer)
+            bar.update(stop - start)
+        bar.close()
+        self.final = params
+        return dict(zip(self.names, self._split(params)))
+
+    # ---- backward: the metagradient ---------------------------------------------------------------
+    def _products_generic(self, params: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
+                          wb: torch.Tensor | None, v: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(v . grad l_i for each batch member (k, B), H v without the L2 term, per parameter (k, ...))."""
+        weights = torch.ones(len(xb), dtype=xb.dtype, device=xb.device) if wb is None else wb
+
+        def loss_and_samples(p: dict):
+            losses = self.sample_loss(functional_call(self.model, {**p, **self.buffers}, (xb,)), yb)
+            return weighted_batch_loss(losses, weights), losses
+        grad_and_samples = grad(loss_and_samples, has_aux=True)
+        primal = dict(zip(self.names, params))
+
+        def one(*vector):
+            _, (hv, directional) = torch.func.jvp(grad_and_samples, (primal,), (dict(zip(self.names, vector)),))
+            return directional, [hv[n] for n in self.names]
+        return vmap(one)(*v)
+
+    def _products_mlp(self, params: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
+                      wb: torch.Tensor | None, v: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`_products_generic` for a ReLU MLP by the R-operator (no per-sample gradients)."""
+        mlp = self.mlp
+        named = dict(zip(self.names, params))
+        mlp.set_parameters(named)
+        flat_x = xb.reshape(len(xb), -1)
+        state = mlp.batch_state(flat_x[None], yb[None], None if wb is None else wb[None])
+        tangents = dict(zip(self.names, v))
+        first = mlp.weight_names[0]
+        first_pre = (tangents[first] @ flat_x.T).transpose(1, 2)[None]          # (1, k, B, n1)
+        rg, out, logit_tangent = mlp.apply_with_logits(
+            state, first_pre, {n: t[None] for n, t in tangents.items() if n != first})
+        directional = (state["residual"][:, None] * logit_tangent).sum(-1)[0]   # (k, B)
+        out[first] = rg.transpose(-1, -2) @ flat_x                              # (1, k, n1, d)
+        return directional, [out[n][0] for n in self.names]
+
+    def _check_closed_form(self, params, xb, yb, wb, v) -> None:
+        """The hand-written products against torch.func on one step; on a mismatch use torch.func."""
+        few = [t[:2] for t in v]
+        d_hand, hv_hand = self._products_mlp(params, xb, yb, wb, few)
+        d_ref, hv_ref = self._products_generic(params, xb, yb, wb, few)
+        error = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+                    for a, b in zip([d_hand, *hv_hand], [d_ref, *hv_ref]) if b.norm() > 0)
+        self.info["closed_form_check_relative_error"] = error
+        if error > 1e-3:
+            self.info["closed_form_check"] = (f"the hand-written MLP products differ from torch.func by {error:.2g} "
+                                              f"(relative): the model is not the ReLU MLP its modules suggest; "
+                                              f"used torch.func")
+            self.info["path"] = "torch_func"
+            self.mlp = None
+
+    def metagradient(self, target_grads: torch.Tensor, progress: Callable | None = None) -> torch.Tensor:
+        """dF_t/dw_i (k, n) float64 for k targets whose gradients at the final weights are the rows of
+        ``target_grads`` (k, p), in ``model.named_parameters()`` order. Needs :meth:`forward` first."""
+        if not self.checkpoints:
+            raise RuntimeError("SgdReplay.metagradient: run forward() first (it keeps the checkpoints)")
+        run, total = self.run, self.run.num_steps
+        lr, mom, wd = run.learning_rate, run.momentum, run.weight_decay
+        a = [t.clone() for t in self._split(target_grads.detach().to(self.initial[0].dtype))]
+        v = [t * -lr for t in a]
+        scores = torch.zeros(len(target_grads), run.n, dtype=torch.float64, device=target_grads.device)
+        store = torch.empty(self.interval, self.num_params, dtype=self.initial[0].dtype, device=self.x.device)
+        checked = self.mlp is None
+        bar = _step_bar(progress, total, "replay backward")
+        for start in sorted(self.checkpoints, reverse=True):
+            stop = min(start + self.interval, total)
+            self._steps(start, stop, *self.checkpoints[start], store=store)
+            for step in reversed(range(start, stop)):
+                params = self._split(store[step - start])
+                idx = run.batch(step)
+                xb, yb, wb = self.x[idx], self.y[idx], self._weights(idx)
+                if not checked:
+                    self._check_closed_form(params, xb, yb, wb, v)
+                    checked = True
+                products = self._products_mlp if self.mlp is not None else self._products_generic
+                directional, hv = products(params, xb, yb, wb, v)
+                scores.index_add_(1, idx, directional.to(torch.float64) / len(idx))
+                for a_p, v_p, hv_p in zip(a, v, hv):  # a_s = a_{s+1} + (H_s + lambda) v_s; v_{s-1} = mu v_s - eta a_s
+                    a_p.add_(hv_p).add_(v_p, alpha=wd)
+                    v_p.mul_(mom).add_(a_p, alpha=-lr)
+            bar.update(stop - start)
+        bar.close()
+        return scores
+
+
+class _NoBar:
+    def update(self, _: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _step_bar(progress: Callable | None, total: int, desc: str):
+    """A bar from the caller's tqdm-like factory, or one that shows nothing."""
+    return progress(total=total, desc=desc, unit="step") if progress else _NoBar()

@@ -1,0 +1,150 @@
+"""Method 3 (the exact metagradient of one SGD run) against independent computations on tiny nets:
+autograd through the unrolled run (create_graph), central finite differences of the real run, the
+generic torch.func path, and every checkpoint interval."""
+import pytest
+import torch
+from torch import nn
+
+import utils_if as U
+
+LR, MOM, WD, BATCH = 0.05, 0.9, 0.01, 4
+
+
+def tiny_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3),
+                         nn.LogSoftmax(dim=1)).double()
+
+
+class TanhNet(nn.Module):  # not a ReLU MLP: Method 3 takes the generic torch.func path
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return torch.log_softmax(self.b(torch.tanh(self.a(x))), dim=1)
+
+
+def data(n: int = 14, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 6, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (n,), generator=g))
+
+
+def sgd_run(n: int, epochs: int = 3, weights=None) -> U.SgdRun:
+    g = torch.Generator().manual_seed(7)
+    orders = torch.stack([torch.randperm(n, generator=g) for _ in range(epochs)])
+    return U.SgdRun(LR, MOM, WD, BATCH, orders, weights)
+
+
+def final_loss(model, params: dict, x_t, y_t, loss=U.nll_sample_loss):
+    return loss(torch.func.functional_call(model, params, (x_t,)), y_t)
+
+
+def unrolled_metagradient(model, run, x, y, x_t, y_t, loss=U.nll_sample_loss):
+    """dF/dw by autograd through the whole unrolled run (the run written out here, not SgdReplay)."""
+    w = torch.ones(run.n, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in model.named_parameters()]
+    theta = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    buf = None
+    for step in range(run.num_steps):
+        idx = run.batch(step)
+        out = torch.func.functional_call(model, dict(zip(names, theta)), (x[idx],))
+        batch_loss = (U.nll_sample_loss(out, y[idx]) * w[idx]).sum() / len(idx)
+        g = torch.autograd.grad(batch_loss, theta, create_graph=True)
+        g = [gi + WD * t for gi, t in zip(g, theta)]
+        buf = g if buf is None else [MOM * b + gi for b, gi in zip(buf, g)]
+        theta = [t - LR * b for t, b in zip(theta, buf)]
+    f = final_loss(model, dict(zip(names, theta)), x_t, y_t, loss)
+    return torch.stack([torch.autograd.grad(fi, w, retain_graph=True)[0] for fi in f])
+
+
+def replay_metagradient(model, run, x, y, x_t, y_t, loss=U.nll_sample_loss, interval=0, closed_form=None):
+    replay = U.SgdReplay(model, U.nll_sample_loss, run, x, y, closed_form=closed_form)
+    final = replay.forward(interval)
+    problem = U.InfluenceProblem(_with(model, final), U.nll_sample_loss, replay.names)
+    grads = problem.sample_grads(x_t, y_t, loss=loss)
+    return replay.metagradient(grads), replay
+
+
+def _with(model, params):
+    import copy
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(params, strict=False)
+    return clone
+
+
+@pytest.mark.parametrize("loss", [U.nll_sample_loss, U.negative_margin_sample_loss])
+def test_replay_equals_unrolled_autograd(loss):
+    model, (x, y), (x_t, y_t) = tiny_mlp(), data(), data(3, seed=11)
+    run = sgd_run(len(x))
+    reference = unrolled_metagradient(model, run, x, y, x_t, y_t, loss)
+    mine, replay = replay_metagradient(model, run, x, y, x_t, y_t, loss)
+    assert replay.info["path"] == "relu_mlp_closed_form"
+    assert reference.abs().max() > 1e-3
+    assert (mine - reference).abs().max() / reference.abs().max() < 1e-10
+
+
+def test_generic_path_equals_unrolled_and_closed_form():
+    x, y = data()
+    x_t, y_t = data(3, seed=11)
+    run = sgd_run(len(x))
+    tanh = TanhNet().double()
+    mine, replay = replay_metagradient(tanh, run, x, y, x_t, y_t)
+    assert replay.info["path"] == "torch_func"
+    reference = unrolled_metagradient(tanh, run, x, y, x_t, y_t)
+    assert (mine - reference).abs().max() / reference.abs().max() < 1e-10
+    closed, _ = replay_metagradient(tiny_mlp(), run, x, y, x_t, y_t)
+    generic, r = replay_metagradient(tiny_mlp(), run, x, y, x_t, y_t, closed_form=False)
+    assert r.info["path"] == "torch_func"
+    assert (closed - generic).abs().max() / generic.abs().max() < 1e-12
+
+
+def test_replay_equals_finite_differences_of_the_run():
+    model, (x, y), (x_t, y_t) = tiny_mlp(), data(), data(2, seed=11)
+    run = sgd_run(len(x), epochs=4)
+    mine, replay = replay_metagradient(model, run, x, y, x_t, y_t)
+    eps = 1e-6
+    for i in range(len(x)):
+        values = []
+        for sign in (1, -1):
+            w = torch.ones(len(x), dtype=torch.float64)
+            w[i] += sign * eps
+            moved = U.SgdReplay(model, U.nll_sample_loss, sgd_run(len(x), 4, w), x, y).forward(5)
+            values.append(final_loss(model, moved, x_t, y_t))
+        fd = (values[0] - values[1]) / (2 * eps)
+        assert torch.allclose(mine[:, i], fd, rtol=1e-4, atol=1e-4 * mine.abs().max().item())
+
+
+def test_every_checkpoint_interval_gives_the_same_metagradient():
+    model, (x, y), (x_t, y_t) = tiny_mlp(), data(), data(2, seed=11)
+    run = sgd_run(len(x))
+    results = [replay_metagradient(model, run, x, y, x_t, y_t, interval=k)[0] for k in (1, 2, 5, 12, 1000)]
+    for other in results[1:]:
+        assert torch.equal(other, results[0])
+
+
+def test_zero_weight_point_keeps_its_place_and_has_a_metagradient():
+    model, (x, y), (x_t, y_t) = tiny_mlp(), data(), data(2, seed=11)
+    w = torch.ones(len(x), dtype=torch.float64)
+    w[3] = 0.0
+    run = sgd_run(len(x), weights=w)
+    reference_w = w.clone().requires_grad_(True)
+    mine, _ = replay_metagradient(model, run, x, y, x_t, y_t)
+    # the unrolled reference at w: reuse the function with the ones replaced by w
+    names = [n for n, _ in model.named_parameters()]
+    theta = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    buf = None
+    for step in range(run.num_steps):
+        idx = run.batch(step)
+        out = torch.func.functional_call(model, dict(zip(names, theta)), (x[idx],))
+        g = torch.autograd.grad((U.nll_sample_loss(out, y[idx]) * reference_w[idx]).sum() / len(idx), theta,
+                                create_graph=True)
+        g = [gi + WD * t for gi, t in zip(g, theta)]
+        buf = g if buf is None else [MOM * b + gi for b, gi in zip(buf, g)]
+        theta = [t - LR * b for t, b in zip(theta, buf)]
+    f = final_loss(model, dict(zip(names, theta)), x_t, y_t)
+    reference = torch.stack([torch.autograd.grad(fi, reference_w, retain_graph=True)[0] for fi in f])
+    assert mine[:, 3].abs().max() > 0
+    assert (mine - reference).abs().max() / reference.abs().max() < 1e-10
