@@ -21,11 +21,34 @@ def new_model(seed: int, device: torch.device) -> torch.nn.Module:
     return mnist_model().to(device)
 
 
+def epoch_orders(n: int, epochs: int, seed: int) -> torch.Tensor:
+    """(epochs, n): each epoch's order of the training points, from one CPU generator seeded by
+    ``seed`` (one randperm per epoch). Training and Method 3's replay read the order from here."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.stack([torch.randperm(n, generator=generator) for _ in range(epochs)])
+
+
+def sgd_run(cfg: dict, seed: int, n: int, device: torch.device,
+            data_weights: torch.Tensor | None = None) -> utils_if.SgdRun:
+    """The run :func:`train_model` makes with ``cfg`` and ``seed`` on n points, as Method 3 replays it."""
+    return utils_if.SgdRun(cfg["learning_rate"], cfg["momentum"], cfg["weight_decay"], cfg["batch_size"],
+                           epoch_orders(n, cfg["epoch"], seed).to(device), data_weights)
+
+
+REPLAY_RECIPE = ("init: torch.manual_seed(seed); mnist_model(). order: epoch_orders(n, epoch, seed) "
+                 "(torch.randperm(n) per epoch from a CPU generator seeded by seed). step: torch.optim.SGD "
+                 "(lr, momentum, weight_decay) on sum_i w_i NLL_i / |B| over consecutive slices of batch_size")
+
+
 def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
                 grad_mode: str | None = None, layers: tuple[str, ...] = ("fc1", "fc2", "fc3"),
                 skip_first_epoch: bool = True, show_progress: bool = True, desc: str = "train",
-                checkpoint_every: int = 0, on_checkpoint=None):
+                checkpoint_every: int = 0, on_checkpoint=None, data_weights: torch.Tensor | None = None):
     """Train a fresh seeded MLP on ``data`` with NLL + SGD(lr, momentum, weight_decay).
+
+    ``data_weights`` (n,) weight each image's loss: the batch loss is sum_i w_i NLL_i / |B|
+    (:func:`utils_if.weighted_batch_loss`; None = the plain mean, the same model as w = 1 bit for
+    bit). A point weighted 0 keeps its place in the order: the single-model counterfactual.
 
     With ``grad_mode`` ("batch" or "per_sample") also accumulate, per training item, the row norms
     of each chosen layer's weight gradient (one value per output neuron), in float64:
@@ -40,8 +63,8 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=cfg["learning_rate"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"])
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     n, batch = len(data), cfg["batch_size"]
+    orders = epoch_orders(n, cfg["epoch"], seed)
     weights = {name: model.get_submodule(LAYER_MODULES[name]).weight for name in layers}
     norms = {name: torch.zeros(n, w.shape[0], dtype=torch.float64, device=device)
              for name, w in weights.items()} if grad_mode else None
@@ -49,24 +72,26 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
     bar = opt.progress(total=cfg["epoch"] * steps_per_epoch, desc=desc, unit="step",
                        disable=not show_progress)
     for epoch in range(cfg["epoch"]):
-        order = torch.randperm(n, generator=generator).to(device)
+        order = orders[epoch].to(device)
         record = grad_mode is not None and (epoch >= 1 or not skip_first_epoch)
         running = torch.zeros((), device=device)
         for step, start in enumerate(range(0, n, batch)):
             idx = order[start:start + batch]
             x, y = data.images[idx], data.labels[idx]
+            w = None if data_weights is None else data_weights[idx]
             if record and grad_mode == "per_sample":
                 out, layer_io = model.forward_with_layers(x)
-                loss = F.nll_loss(out, y)
+                loss = batch_loss(out, y, w)
                 outputs = [layer_io[name][1] for name in layers]
                 grads = torch.autograd.grad(loss, params + outputs)
                 deltas = grads[len(params):]
                 for name, delta in zip(layers, deltas):
-                    # delta is d(batch-mean loss)/dz; times the batch size = each item's own delta
-                    row = utils_if.per_sample_row_norms(delta * len(idx), layer_io[name][0].detach())
+                    # delta is d(batch loss)/dz; times |B| / w = each item's own delta (w = 0: none)
+                    own = delta * len(idx) if w is None else torch.nan_to_num(delta * len(idx) / w[:, None])
+                    row = utils_if.per_sample_row_norms(own, layer_io[name][0].detach())
                     norms[name].index_add_(0, idx, row.to(torch.float64))
             else:
-                loss = F.nll_loss(model(x), y)
+                loss = batch_loss(model(x), y, w)
                 grads = torch.autograd.grad(loss, params)
             for p, g in zip(params, grads[:len(params)]):
                 p.grad = g
@@ -86,6 +111,13 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
     return model, norms
 
 
+def batch_loss(log_probs: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The training loss of a batch: mean NLL, or with data weights sum_i w_i NLL_i / |B|."""
+    if weights is None:
+        return F.nll_loss(log_probs, labels)
+    return utils_if.weighted_batch_loss(utils_if.nll_sample_loss(log_probs, labels), weights)
+
+
 def linear_stack(model: nn.Module) -> list[str]:
     """Names of the model's Linear layers in order when it is Linear (ReLU Linear)* then log-softmax
     (:func:`utils_if.relu_mlp_layers`): the only shape the grouped trainer computes by hand."""
@@ -100,7 +132,9 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
                 show_progress: bool = True, desc: str = "train group") -> list[dict]:
     """Train many independent MLPs at once, each exactly as :func:`train_model` trains it alone:
     its own seed (init and data order), its own labels (``job["labels"]``: (n,) for all of
-    ``data``, or None) and its own kept items (``job["keep"]``: original positions, or None).
+    ``data``, or None), its own kept items (``job["keep"]``: original positions, or None) and its
+    own data weights (``job["weights"]``: (n,) for all of ``data``, or None; the batch loss is then
+    sum_i w_i NLL_i / |B|, as :func:`batch_loss`).
     All jobs of a group must keep the same number of items (group removals by N).
 
     The K models run as one batched MLP: forward and backward by hand with ``bmm`` over the
@@ -117,6 +151,10 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
         raise ValueError("train_group: every job of a group must keep the same number of items")
     labels = torch.stack([data.labels if job.get("labels") is None else
                           torch.as_tensor(job["labels"], device=device) for job in jobs])
+    weighted = any(job.get("weights") is not None for job in jobs)
+    data_weights = torch.stack([torch.ones(len(data), device=device) if job.get("weights") is None else
+                                torch.as_tensor(job["weights"], dtype=torch.float32, device=device)
+                                for job in jobs]) if weighted else None
     models = [new_model(job["seed"], device) for job in jobs]
     layers = linear_stack(models[0])
     names = [f"{layer}.{kind}" for layer in layers for kind in ("weight", "bias")]
@@ -145,6 +183,8 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
                 h = torch.relu(z) if i < len(weights) - 1 else z
             delta = torch.softmax(h, dim=2)                                       # d(mean NLL)/d logits
             delta.scatter_add_(2, y[..., None], torch.full_like(y[..., None], -1.0, dtype=delta.dtype))
+            if data_weights is not None:
+                delta.mul_(data_weights[rows, idx][..., None])
             delta.div_(idx.shape[1])
             grads = {}
             for i in reversed(range(len(weights))):

@@ -148,3 +148,40 @@ def test_zero_weight_point_keeps_its_place_and_has_a_metagradient():
     reference = torch.stack([torch.autograd.grad(fi, reference_w, retain_graph=True)[0] for fi in f])
     assert mine[:, 3].abs().max() > 0
     assert (mine - reference).abs().max() / reference.abs().max() < 1e-10
+
+
+# ---- the MNIST recipe: data weights in training, and the replay of Train.py's run --------------
+MNIST_CFG = {"learning_rate": 0.003, "momentum": 0.9, "weight_decay": 0.001, "batch_size": 8, "epoch": 2}
+
+
+def test_unit_weights_are_todays_training_and_the_replay_reproduces_it(mnist_train):
+    from mnist_test import training
+    data, cpu = mnist_train.subset(100), torch.device("cpu")
+    for grad_mode in ("batch", "per_sample"):
+        plain, _ = training.train_model(data, MNIST_CFG, 3, cpu, grad_mode=grad_mode, show_progress=False)
+        ones, _ = training.train_model(data, MNIST_CFG, 3, cpu, grad_mode=grad_mode, show_progress=False,
+                                       data_weights=torch.ones(len(data)))
+        for name, value in plain.state_dict().items():
+            assert torch.equal(value, ones.state_dict()[name]), (grad_mode, name)
+    replay = U.SgdReplay(training.new_model(3, cpu), U.nll_sample_loss, training.sgd_run(MNIST_CFG, 3, len(data), cpu),
+                         data.images, data.labels)
+    final = replay.forward(checkpoint_interval=7)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(final[name], value), name
+
+
+def test_zero_weights_train_the_single_model_counterfactual(mnist_train):
+    from mnist_test import training
+    data, cpu = mnist_train.subset(96), torch.device("cpu")
+    w = torch.ones(len(data))
+    w[[2, 50, 77]] = 0.0
+    alone, _ = training.train_model(data, MNIST_CFG, 4, cpu, show_progress=False, data_weights=w)
+    grouped = training.train_group(data, [{"seed": 4, "weights": w}, {"seed": 4}], MNIST_CFG, cpu, show_progress=False)
+    plain, _ = training.train_model(data, MNIST_CFG, 4, cpu, show_progress=False)
+    replay = U.SgdReplay(training.new_model(4, cpu), U.nll_sample_loss,
+                         training.sgd_run(MNIST_CFG, 4, len(data), cpu, w), data.images, data.labels).forward()
+    for name, value in alone.state_dict().items():
+        assert torch.allclose(grouped[0][name], value, atol=1e-6)
+        assert torch.allclose(grouped[1][name], plain.state_dict()[name], atol=1e-6)
+        assert torch.equal(replay[name], value)
+    assert (alone.state_dict()["main.0.weight"] - plain.state_dict()["main.0.weight"]).abs().max() > 1e-5
