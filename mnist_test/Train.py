@@ -1,7 +1,7 @@
 """Train the MNIST MLP and record Method-1 gradient norms for every training image.
 
 Reads:  MNIST (fetched on first use into data/MNIST/raw).
-Writes: model_zoo/mnist_{tag}_{mode}.pth and grad_norm/{mode}/mnist_{tag}_{grad_mode}.json
+Writes: model_zoo/mnist_{tag}_{mode}.pth (with what Method 3's replay needs) and grad_norm/{mode}/mnist_{tag}_{grad_mode}.json
         (one n_train x n_out array per layer under "arrays", and a "meta" block).
 Settings: mnist.{seed, epoch, batch_size, learning_rate, momentum, weight_decay, train_subset},
           mnist.method1.{mode, grad_mode, skip_first_epoch}.
@@ -16,7 +16,7 @@ import torch  # noqa: E402
 import utils_option as opt  # noqa: E402
 from mnist_test import common  # noqa: E402
 from mnist_test.model import LAYER_MODULES  # noqa: E402
-from mnist_test.training import train_model  # noqa: E402
+from mnist_test.training import REPLAY_RECIPE, train_model  # noqa: E402
 
 
 def main(settings: dict) -> dict:
@@ -45,7 +45,9 @@ def main(settings: dict) -> dict:
                 f"{len(test)} test images, mean test loss {losses.mean().item():.4f}")
 
     model_path = common.model_file(settings, m1["mode"])
-    opt.save_torch(model_path, {"model": model.state_dict(), "settings": cfg,
+    replay = {"recipe": REPLAY_RECIPE, "seed": cfg["seed"], "n_train": len(train), "device": str(device),
+              "threads": torch.get_num_threads(), "torch": str(torch.__version__)}  # what m3_Test's replay needs
+    opt.save_torch(model_path, {"model": model.state_dict(), "settings": cfg, "replay": replay,
                                 "test_accuracy": accuracy}, logger)
     grad_path = common.grad_norm_file(settings)
     meta = {

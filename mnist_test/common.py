@@ -12,6 +12,7 @@ import os
 
 import torch
 
+import utils_if
 import utils_option as opt
 from mnist_test.datasets import MnistData, load_mnist
 from mnist_test.model import mnist_model
@@ -97,6 +98,22 @@ def m2_file(settings: dict, mode: str | None = None) -> str:
     tests = test_selection_part(settings, m2["test_sample_num"])
     name = f"if_{opt.solver_file_part(m2)}{extra}_{run_tag(settings)}_{mode}_{tests}_top{m2['top_k']}.json"
     return opt.output_path(settings, m2["if_dir"], name)
+
+
+def m3_file(settings: dict, mode: str | None = None) -> str:
+    """Method-3 file: target, checkpoint interval-free (the result does not depend on it), run tag, mode."""
+    m3 = mnist_cfg(settings)["method3"]
+    mode = mode or m3["mode"]
+    tests = test_selection_part(settings, m3["test_sample_num"])
+    name = f"m3_replay_{m3['target']}_{run_tag(settings)}_{mode}_{tests}_top{m3['top_k']}.json"
+    return opt.output_path(settings, m3["if_dir"], name)
+
+
+def attribution_file(settings: dict, method: str) -> tuple[str, str, str]:
+    """(file, the script that makes it, its settings block) of a Method-2 or Method-3 result."""
+    if method == "method3":
+        return m3_file(settings), "mnist_test/m3_Test.py", "method3"
+    return m2_file(settings), "mnist_test/m2_Test.py", "method2"
 
 
 def checkpoint_file(settings: dict, mode: str, epoch: int) -> str:
@@ -187,6 +204,49 @@ def selected_test_ids(settings: dict, mode: str | None = None) -> list[int]:
         return list(range(10000))
     record = opt.read_json(test_file(settings, mode or cfg["method1"]["mode"]), "mnist_test/Test.py")
     return record["test_ids"]
+
+
+def replay_error(final: dict[str, torch.Tensor], model: torch.nn.Module) -> float:
+    """Relative distance between Method 3's replayed final weights and the saved model's."""
+    saved = dict(model.named_parameters())
+    diff = sum(float((final[n] - p.detach()).pow(2).sum()) for n, p in saved.items())
+    size = sum(float(p.detach().pow(2).sum()) for p in saved.values())
+    return (diff / max(size, 1e-30)) ** 0.5
+
+
+def replay_record(model_path: str, device: torch.device) -> str:
+    """How the model was trained (Train.py's replay record), for the message of a failed replay."""
+    state = torch.load(model_path, map_location=device, weights_only=True)
+    made = state.get("replay") if isinstance(state, dict) else None
+    if not made:
+        return "the file has no replay record: it predates Method 3"
+    return (f"it was trained with {made['threads']} thread(s) on {made['device']}, torch {made['torch']}; "
+            f"here: {torch.get_num_threads()} thread(s) on {device}, torch {torch.__version__}")
+
+
+def attribution_record(settings: dict, model: torch.nn.Module, model_path: str, x_test: torch.Tensor,
+                       y_test: torch.Tensor, ids: list[int], influence: torch.Tensor, top_k: int, info: dict,
+                       sign_convention: str, logger: logging.Logger) -> dict:
+    """The JSON of an attribution (m2_Test, m3_Test): "meta", then per test position its id, label,
+    prediction, loss, the influence row and the top-k helpful and harmful training images."""
+    with torch.no_grad():
+        out = model(x_test)
+    losses = -out.gather(1, y_test[:, None]).squeeze(1)
+    result = {"meta": {"settings": mnist_cfg(settings), "profile": settings["profile"], "model_file": model_path,
+                       "n_train": influence.shape[1], "sign_convention": sign_convention, "solver_info": info,
+                       "threads": torch.get_num_threads(), "test_ids": ids}}
+    influence = influence.cpu()
+    for position, test_id in enumerate(ids):
+        row = influence[position]
+        entry = {"test_id_num": test_id, "label": int(y_test[position]), "prediction": int(out[position].argmax()),
+                 "loss": float(losses[position]), "influence": row.tolist(),
+                 "helpful": utils_if.top_indices(row, top_k, largest=True),
+                 "harmful": utils_if.top_indices(row, top_k, largest=False)}
+        result[str(position)] = entry
+        if position < 10:  # the first few on the console; all of them are in the file
+            logger.info(f"test {test_id} (label {entry['label']}): helpful {entry['helpful'][:5]}, "
+                        f"harmful {entry['harmful'][:5]}")
+    return result
 
 
 @torch.no_grad()

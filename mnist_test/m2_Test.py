@@ -61,9 +61,6 @@ def main(settings: dict) -> dict:
                                                               train.labels, solver)
         except (utils_if.LissaDiverged, ValueError) as err:
             raise opt.solver_error("mnist.method2", err) from None
-    with torch.no_grad():
-        out = model(x_test)
-    losses = utils_if.nll_sample_loss(out, y_test)
     info["seconds_total"] = round(total.seconds, 3)
     if "lissa_mlp_check" in info:  # correct but slower: the model changed shape under the fast LiSSA
         logger.warning(f"WARNING: {info['lissa_mlp_check']}")
@@ -74,23 +71,8 @@ def main(settings: dict) -> dict:
                                     f"write_unconverged = true to write it anyway, marked in meta)")
     logger.info(f"test gradients {info['seconds_test_grads']} s, s_test {info['seconds_s_test']} s, "
                 f"sweep {info['seconds_sweep']} s, total {info['seconds_total']} s")
-    result = {"meta": {
-        "settings": cfg, "profile": settings["profile"], "model_file": model_path,
-        "n_train": len(train), "sign_convention": utils_if.SIGN_CONVENTION, "solver_info": info,
-        "threads": torch.get_num_threads(),
-        "test_ids": ids}}
-    influence = influence.cpu()
-    for position, test_id in enumerate(ids):
-        row = influence[position]
-        result[str(position)] = {
-            "test_id_num": test_id, "label": int(y_test[position]),
-            "prediction": int(out[position].argmax()), "loss": float(losses[position]),
-            "influence": row.tolist(),
-            "helpful": utils_if.top_indices(row, m2["top_k"], largest=True),
-            "harmful": utils_if.top_indices(row, m2["top_k"], largest=False)}
-        if position < 10:  # the first few on the console; all of them are in the file
-            logger.info(f"test {test_id} (label {int(y_test[position])}): helpful "
-                        f"{result[str(position)]['helpful'][:5]}, harmful {result[str(position)]['harmful'][:5]}")
+    result = common.attribution_record(settings, model, model_path, x_test, y_test, ids, influence, m2["top_k"],
+                                       info, utils_if.SIGN_CONVENTION, logger)
     path = common.m2_file(settings)
     opt.write_json(path, result, logger)
     return {"if_file": path, "info": info}

@@ -1,9 +1,10 @@
-"""Figures 4.3 (helpful) and 4.4 (harmful): for each test image of the Method-2 file, its top
+"""Figures 4.3 (helpful) and 4.4 (harmful): for each test image of the Method-2 file (or Method 3's,
+with mnist.vis_method = "method3"), its top
 `vis_num` helpful and harmful training images. Caption: train id / label / influence; red = same
 label as the test image's true label. Positive influence = the image helped (removing it would
 raise the test loss).
 
-Reads:  {if_dir}/if_....json (m2_Test.py), MNIST images
+Reads:  {if_dir}/if_....json (m2_Test.py) or m3_replay_....json (m3_Test.py), MNIST images
 Writes: fig/{influence file stem}_helpful_top{vis_num}.png and ..._harmful_top{vis_num}.png
 """
 import os
@@ -18,15 +19,16 @@ from mnist_test import common, plotting  # noqa: E402
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
     logger = opt.make_logger(settings, "mnist_vis_m2")
-    source = common.m2_file(settings)
-    record = common.read_result(source, "mnist_test/m2_Test.py", settings, "method2")
-    solver = record["meta"]["settings"]["method2"]["solver"]
+    source, made_by, block = common.attribution_file(settings, cfg["vis_method"])
+    record = common.read_result(source, made_by, settings, block)
+    solver = record["meta"]["solver_info"]["solver"]
+    name = "Method 3 (exact, this run)" if block == "method3" else f"Method 2 ({solver})"
     stem = os.path.basename(source)[:-len(".json")]
     paths = {}
     for kind, meaning in (("helpful", "most positive: removing it raises the test loss"),
                           ("harmful", "most negative: removing it lowers the test loss")):
         fig = plotting.ranked_figure(settings, record, kind, "influence",
-                            f"Method 2 ({solver}): top {cfg['vis_num']} {kind} training images "
+                            f"{name}: top {cfg['vis_num']} {kind} training images "
                             f"({meaning})\ncaption: train id / label / influence; red: same label "
                             f"as the test image", ".3g")
         paths[kind] = opt.save_figure(

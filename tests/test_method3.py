@@ -1,6 +1,8 @@
 """Method 3 (the exact metagradient of one SGD run) against independent computations on tiny nets:
 autograd through the unrolled run (create_graph), central finite differences of the real run, the
 generic torch.func path, and every checkpoint interval."""
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -185,3 +187,30 @@ def test_zero_weights_train_the_single_model_counterfactual(mnist_train):
         assert torch.allclose(grouped[1][name], plain.state_dict()[name], atol=1e-6)
         assert torch.equal(replay[name], value)
     assert (alone.state_dict()["main.0.weight"] - plain.state_dict()["main.0.weight"]).abs().max() > 1e-5
+
+
+def test_m3_script_writes_m2_shape_vis_reads_it_and_a_foreign_model_is_refused(tmp_path, mnist_raw):
+    from mnist_test import Train, common, m3_Test, vis_m2
+    import utils_option as opt
+    from tests.conftest import small_settings
+    settings = small_settings(tmp_path, train_subset=200, method3={"test_sample_num": 3, "test_chunk": 2},
+                              vis_method="method3", vis_num=2)
+    Train.main(settings)
+    out = m3_Test.main(settings)
+    record = opt.read_json(out["if_file"], "m3_Test")
+    assert record["meta"]["solver_info"]["path"] == "relu_mlp_closed_form"
+    assert record["meta"]["solver_info"]["replay_relative_error"] == 0.0
+    assert record["meta"]["test_ids"] == [0, 1, 2]
+    rows = torch.tensor([record[str(i)]["influence"] for i in range(3)])
+    assert rows.shape == (3, 200) and rows.abs().max() > 0
+    assert record["0"]["helpful"][0] == int(rows[0].argmax())
+    assert all(os.path.isfile(p) for p in vis_m2.main(settings)["figures"].values())
+    # a model whose run the replay cannot reproduce is refused in one line, and nothing is written
+    os.remove(out["if_file"])
+    path = common.model_file(settings, "staTest0")
+    state = torch.load(path, weights_only=True)
+    state["model"]["main.0.weight"] += 1e-3
+    torch.save(state, path)
+    with pytest.raises(opt.SettingsError, match="cannot be replayed here"):
+        m3_Test.main(settings)
+    assert not os.path.exists(out["if_file"])
