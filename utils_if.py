@@ -1474,8 +1474,9 @@ class SgdReplay:
     """
 
     def __init__(self, model: nn.Module, sample_loss: SampleLoss, run: SgdRun, x: torch.Tensor,
-                 y: torch.Tensor, closed_form: bool | None = None) -> None:
+                 y: torch.Tensor, closed_form: bool | None = None, fold_steps: int = 32) -> None:
         self.model, self.sample_loss, self.run, self.x, self.y = model, sample_loss, run, x, y
+        self.fold_steps = fold_steps  # MLP path: steps per folded block of the first weight (1 = step by step)
         named = dict(model.named_parameters())
         self.names = list(named)
         self.initial = [named[n].detach().clone() for n in self.names]
@@ -1569,22 +1570,87 @@ class SgdReplay:
             return directional, [hv[n] for n in self.names]
         return vmap(one)(*v)
 
+    def _mlp_step(self, params: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor | None,
+                  rest: dict[str, torch.Tensor], first_pre: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """One step's products for a ReLU MLP by the R-operator, the first weight's tangent given as
+        ``first_pre`` = X V_1^T (1, k, B, n1): (directional derivatives (k, B), H v of the other
+        parameters, R g_1 (1, k, B, n1), whose product with X is the first weight's block of H v)."""
+        mlp = self.mlp
+        mlp.set_parameters(dict(zip(self.names, params)))
+        flat_x = xb.reshape(len(xb), -1)
+        state = mlp.batch_state(flat_x[None], yb[None], None if wb is None else wb[None])
+        rg, out, logit_tangent = mlp.apply_with_logits(state, first_pre, {n: t[None] for n, t in rest.items()})
+        directional = (state["residual"][:, None] * logit_tangent).sum(-1)[0]   # residual_i . R z_L,i
+        return directional, {n: t[0] for n, t in out.items()}, rg
+
     def _products_mlp(self, params: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
                       wb: torch.Tensor | None, v: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """:meth:`_products_generic` for a ReLU MLP by the R-operator (no per-sample gradients)."""
-        mlp = self.mlp
-        named = dict(zip(self.names, params))
-        mlp.set_parameters(named)
-        flat_x = xb.reshape(len(xb), -1)
-        state = mlp.batch_state(flat_x[None], yb[None], None if wb is None else wb[None])
         tangents = dict(zip(self.names, v))
-        first = mlp.weight_names[0]
+        first = self.mlp.weight_names[0]
+        flat_x = xb.reshape(len(xb), -1)
         first_pre = (tangents[first] @ flat_x.T).transpose(1, 2)[None]          # (1, k, B, n1)
-        rg, out, logit_tangent = mlp.apply_with_logits(
-            state, first_pre, {n: t[None] for n, t in tangents.items() if n != first})
-        directional = (state["residual"][:, None] * logit_tangent).sum(-1)[0]   # (k, B)
-        out[first] = rg.transpose(-1, -2) @ flat_x                              # (1, k, n1, d)
-        return directional, [out[n][0] for n in self.names]
+        directional, out, rg = self._mlp_step(params, xb, yb, wb,
+                                              {n: t for n, t in tangents.items() if n != first}, first_pre)
+        out[first] = rg[0].transpose(-1, -2) @ flat_x                           # (k, n1, d)
+        return directional, [out[n] for n in self.names]
+
+    def _walk_folded(self, steps: list[int], store: torch.Tensor, offset: int, a: list[torch.Tensor],
+                     v: list[torch.Tensor], scores: torch.Tensor) -> None:
+        """Walk back ``steps`` (in walk order) with the first weight's blocks A, V of a, v folded.
+
+        H_s's first-weight block is U_s X_s (X_s the step's batch, U_s = R g_1^T): a rank-B update. From
+        the block's start (A_0, V_0), every later A_m, V_m is r_m A_0 + s_m V_0 + sum_{j<m} e_mj U_j X_j
+        (and p, q, c for V), with scalar coefficients from the recursion a += (H + lambda) v,
+        v = mu v - eta a. So the product X_m V_m^T a step needs is p_m (X_m A_0^T) + q_m (X_m V_0^T) +
+        sum_j c_mj (X_m X_j^T) U_j^T: two large products per block and small Gram terms, and A, V are
+        written once per block (two large products) instead of four passes per step."""
+        run, lr, mom, wd = self.run, self.run.learning_rate, self.run.momentum, self.run.weight_decay
+        first = self.mlp.weight_names[0]
+        i_first = self.names.index(first)
+        big_a, big_v = a[i_first], v[i_first]                                  # (k, n1, d)
+        batches = [run.batch(step) for step in steps]
+        sizes = [len(idx) for idx in batches]
+        ends = [0, *np.cumsum(sizes).tolist()]
+        xs = self.x[torch.cat(batches)].reshape(ends[-1], -1)                  # (C, d)
+        from_a, from_v = big_a @ xs.T, big_v @ xs.T                            # (k, n1, C)
+        gram = xs @ xs.T
+        updates = xs.new_zeros(*big_a.shape[:2], ends[-1])                     # U_j side by side
+        size_t = torch.tensor(sizes, device=xs.device)
+        r, s, p, q = 1.0, 0.0, 0.0, 1.0
+        e, c = [0.0] * len(steps), [0.0] * len(steps)
+        rest = [i for i in range(len(self.names)) if i != i_first]
+
+        def per_column(coefficients: list[float]) -> torch.Tensor:
+            return torch.repeat_interleave(torch.tensor(coefficients, dtype=xs.dtype, device=xs.device),
+                                           size_t[:len(coefficients)])
+        for m, (step, idx) in enumerate(zip(steps, batches)):
+            cols = slice(ends[m], ends[m + 1])
+            pre = from_a[:, :, cols] * p + from_v[:, :, cols] * q               # V_m X_m^T: (k, n1, B)
+            if m:
+                pre = pre + (updates[:, :, :ends[m]] * per_column(c[:m])) @ gram[:ends[m], cols]
+            params = self._split(store[step - offset])
+            directional, hv, rg = self._mlp_step(params, self.x[idx], self.y[idx], self._weights(idx),
+                                                 {self.names[i]: v[i] for i in rest}, pre.transpose(1, 2)[None])
+            updates[:, :, cols] = rg[0].transpose(1, 2)
+            scores.index_add_(1, idx, directional.to(torch.float64) / len(idx))
+            for i in rest:
+                a[i].add_(hv[self.names[i]]).add_(v[i], alpha=wd)
+                v[i].mul_(mom).add_(a[i], alpha=-lr)
+            r, s = r + wd * p, s + wd * q
+            for j in range(m):
+                e[j] += wd * c[j]
+            e[m] = 1.0
+            p, q = mom * p - lr * r, mom * q - lr * s
+            for j in range(m + 1):
+                c[j] = mom * c[j] - lr * e[j]
+        new_a = (updates * per_column(e)) @ xs
+        new_v = (updates * per_column(c)) @ xs
+        new_a.add_(big_a, alpha=r).add_(big_v, alpha=s)
+        new_v.add_(big_a, alpha=p).add_(big_v, alpha=q)
+        big_a.copy_(new_a)
+        big_v.copy_(new_v)
 
     def _check_closed_form(self, params, xb, yb, wb, v) -> None:
         """The hand-written products against torch.func on one step; on a mismatch use torch.func."""
@@ -1617,13 +1683,22 @@ class SgdReplay:
         for start in sorted(self.checkpoints, reverse=True):
             stop = min(start + self.interval, total)
             self._steps(start, stop, *self.checkpoints[start], store=store)
-            for step in reversed(range(start, stop)):
+            walk = list(reversed(range(start, stop)))
+            if not checked:
+                step = walk[0]
+                idx = run.batch(step)
+                self._check_closed_form(self._split(store[step - start]), self.x[idx], self.y[idx],
+                                        self._weights(idx), v)
+                checked = True
+            if self.mlp is not None and self.fold_steps > 1:
+                for b in range(0, len(walk), self.fold_steps):
+                    self._walk_folded(walk[b:b + self.fold_steps], store, start, a, v, scores)
+                bar.update(stop - start)
+                continue
+            for step in walk:
                 params = self._split(store[step - start])
                 idx = run.batch(step)
                 xb, yb, wb = self.x[idx], self.y[idx], self._weights(idx)
-                if not checked:
-                    self._check_closed_form(params, xb, yb, wb, v)
-                    checked = True
                 products = self._products_mlp if self.mlp is not None else self._products_generic
                 directional, hv = products(params, xb, yb, wb, v)
                 scores.index_add_(1, idx, directional.to(torch.float64) / len(idx))

@@ -214,3 +214,17 @@ def test_m3_script_writes_m2_shape_vis_reads_it_and_a_foreign_model_is_refused(t
     with pytest.raises(opt.SettingsError, match="cannot be replayed here"):
         m3_Test.main(settings)
     assert not os.path.exists(out["if_file"])
+
+
+@pytest.mark.parametrize("fold_steps", [2, 5, 32])
+def test_folded_first_weight_equals_step_by_step(fold_steps):
+    model, (x, y), (x_t, y_t) = tiny_mlp(), data(13), data(3, seed=11)  # 13 points: a short last batch
+    run = sgd_run(len(x), epochs=3)
+    results = []
+    for fold in (1, fold_steps):
+        replay = U.SgdReplay(model, U.nll_sample_loss, run, x, y, fold_steps=fold)
+        final = replay.forward(7)
+        grads = U.InfluenceProblem(_with(model, final), U.nll_sample_loss, replay.names).sample_grads(x_t, y_t)
+        results.append(replay.metagradient(grads))
+    assert results[0].abs().max() > 1e-3
+    assert (results[1] - results[0]).abs().max() / results[0].abs().max() < 1e-12
