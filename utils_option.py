@@ -148,7 +148,7 @@ def _choice(*options: str):
 LDS_METHODS = ("m1_batch_raw", "m1_batch_normalized", "m1_per_sample_raw", "m1_per_sample_normalized",
                "if_ekfac", "if_kfac", "if_kfac_factored", "if_exact_last", "if_lissa", "if_lissa_deep", "if_cg",
                "grad_dot", "grad_cos", "ensemble_m1_batch_raw", "ensemble_if_ekfac", "ensemble_if_kfac_factored",
-               "ensemble_grad_dot")
+               "ensemble_grad_dot", "m3_replay")
 
 SCHEMA: dict[str, tuple] = {
     "output_dir": ("str", None),
@@ -162,6 +162,7 @@ SCHEMA: dict[str, tuple] = {
     "mnist.learning_rate": ("float", (0.0, None)),
     "mnist.momentum": ("float", (0.0, 1.0)),
     "mnist.weight_decay": ("float", (0.0, None)),
+    "mnist.activation": _choice("relu", "softplus"),
     "mnist.train_subset": ("int", (0, 60000)),
     "mnist.checkpoint_every": ("int", (0, None)),
     "mnist.vis_num": ("int", (1, 100)),
@@ -180,6 +181,9 @@ SCHEMA: dict[str, tuple] = {
     "mnist.method1.skip_first_epoch": ("bool", None),
     "mnist.method1.layers": ("subset", ("fc1", "fc2", "fc3")),
     "mnist.method1.top_k": ("int", (1, 60000)),
+    "mnist.lds.setting": _choice("algorithm", "single_model"),
+    "mnist.lds.drop_fractions": ("float_list", None),
+    "mnist.lds.method3_test_num": ("int", (1, 10000)),
     "mnist.lds.train_subset": ("int", (10, 60000)),
     "mnist.lds.test_ids": ("lds_test_ids", None),
     "mnist.lds.subset_fraction": ("float", (0.01, 0.99)),

@@ -37,11 +37,13 @@ def stability_settings(settings: dict, seed: int, test_ids=None) -> dict:
 
 
 def run_tag(settings: dict) -> str:
-    """e20b8s0 (+ n1000 for a training subset, + optimiser values off the original recipe)."""
+    """e20b8s0 (+ n1000 for a training subset, + softplus, + optimiser values off the original recipe)."""
     cfg = mnist_cfg(settings)
     tag = f"e{cfg['epoch']}b{cfg['batch_size']}s{cfg['seed']}"
     if cfg["train_subset"]:
         tag += f"n{cfg['train_subset']}"
+    if cfg["activation"] != "relu":
+        tag += cfg["activation"]
     short = {"learning_rate": "lr", "momentum": "mom", "weight_decay": "wd"}
     for key, default in ORIGINAL_RECIPE.items():
         if cfg[key] != default:
@@ -152,9 +154,11 @@ def read_result(path: str, made_by: str, settings: dict, block: str) -> dict:
     made = record.get("meta", {}).get("settings", {})
     now = mnist_cfg(settings)
     ignored = {"mode", "chunk_size", "if_dir"}  # names and memory bounds, not content
-    for key in ("seed", "epoch", "batch_size", "learning_rate", "momentum", "weight_decay", "train_subset"):
-        if key in made and made[key] != now[key]:
-            raise opt.SettingsError(f"{path} was made with mnist.{key} = {made[key]!r}, not {now[key]!r}: "
+    for key in ("seed", "epoch", "batch_size", "learning_rate", "momentum", "weight_decay", "train_subset",
+                "activation"):
+        made_value = made.get(key, "relu" if key == "activation" else now[key])  # files before the option: ReLU
+        if made_value != now[key]:
+            raise opt.SettingsError(f"{path} was made with mnist.{key} = {made_value!r}, not {now[key]!r}: "
                                     f"run {made_by} again with the current settings")
     for key, value in now[block].items():
         if key not in ignored and key in made.get(block, {}) and made[block][key] != value:
@@ -186,7 +190,7 @@ def load_model(settings: dict, mode: str, device: torch.device,
                logger: logging.Logger | None = None) -> tuple[torch.nn.Module, str]:
     """The trained MLP of ``mode`` under the current settings, in eval mode."""
     path = opt.require_file(model_file(settings, mode), "mnist_test/Train.py")
-    model = mnist_model().to(device)
+    model = mnist_model(mnist_cfg(settings)["activation"]).to(device)
     state = torch.load(path, map_location=device, weights_only=True)
     model.load_state_dict(state["model"] if "model" in state else state)
     model.eval()

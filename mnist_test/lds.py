@@ -5,7 +5,13 @@
 - the leave-one-out plan (which training points are removed, and the seeds);
 - training a group of such models and storing only what the metric needs (each test image's loss
   and margin), one small JSON per model, so that a run resumes and splits across processes;
-- the attributions of every method, from the files the existing scripts write.
+- the attributions of every method, from the files the existing scripts write;
+- the tables and figures of the report (scores per method, the drop-fraction curve).
+
+Two settings (``lds.setting``). "algorithm": each subset model is trained from scratch on a random
+subset with its own seed (what the training algorithm does on average: influence functions' question).
+"single_model": each subset model is the base run itself (same seed, same init, same order) with the
+dropped points weighted 0 (what this one trained network would have become: the report's question).
 
 The metric itself (LDS, Spearman, bootstrap) is math and lives in utils_if.py.
 """
@@ -32,9 +38,10 @@ def lds_cfg(settings: dict) -> dict:
 def recipe(settings: dict) -> dict:
     """The training recipe of every model of the study: the mnist block's optimiser, lds.epoch."""
     cfg = common.mnist_cfg(settings)
+    smooth = {} if cfg["activation"] == "relu" else {"activation": cfg["activation"]}  # ReLU studies keep their tags
     return {"learning_rate": cfg["learning_rate"], "momentum": cfg["momentum"],
             "weight_decay": cfg["weight_decay"], "batch_size": cfg["batch_size"],
-            "epoch": lds_cfg(settings)["epoch"]}
+            "epoch": lds_cfg(settings)["epoch"], **smooth}
 
 
 def test_ids(settings: dict) -> list[int]:
@@ -65,6 +72,15 @@ def subset_mask(n_train: int, fraction: float, seed: int, index: int) -> np.ndar
     return mask
 
 
+def drop_mask(n_train: int, drop: float, seed: int, index: int) -> np.ndarray:
+    """Single-model subset ``index`` at drop fraction ``drop``: True = kept (weight 1), False =
+    dropped (weight 0); its own generator per (seed, drop, index)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + 500_000_000 + int(round(drop * 1e4)) * 10_007 + index)
+    mask = np.ones(n_train, dtype=bool)
+    mask[torch.randperm(n_train, generator=generator)[:int(round(drop * n_train))].numpy()] = False
+    return mask
+
+
 def subset_model_seed(seed: int, index: int, replicate: int) -> int:
     return 1_000 + seed * 1_000_003 + index * 16 + replicate
 
@@ -75,10 +91,10 @@ def loo_model_seed(seed: int, replicate: int) -> int:
 
 # ---- the retrained models: train a group, store each model's outputs -----------------------------
 @torch.no_grad()
-def outputs_of(state: dict, x_test: torch.Tensor, y_test: torch.Tensor) -> dict:
+def outputs_of(state: dict, x_test: torch.Tensor, y_test: torch.Tensor, activation: str = "relu") -> dict:
     """Loss and margin (correct-class logit minus the best other; log-probabilities give the
     same difference) of each test image under one model."""
-    model = mnist_model().to(x_test.device)
+    model = mnist_model(activation).to(x_test.device)
     model.load_state_dict(state)
     model.eval()
     logp = model(x_test)
@@ -101,11 +117,12 @@ def train_and_store(jobs: list[dict], train, x_test, y_test, cfg: dict, group_si
         else:
             groups.append([job])
     for number, group in enumerate(opt.progress(groups, desc=desc, unit="group")):
-        states = train_group(train, [{"seed": j["seed"], "keep": j["keep"]} for j in group], cfg, device,
-                             show_progress=False)
+        states = train_group(train, [{"seed": j["seed"], "keep": j["keep"], "weights": j.get("weights")}
+                                     for j in group], cfg, device, show_progress=False)
         for job, state in zip(group, states):
             record = {**job["record"], "seed": job["seed"],
-                      **outputs_of({k: v.to(device) for k, v in state.items()}, x_test, y_test)}
+                      **outputs_of({k: v.to(device) for k, v in state.items()}, x_test, y_test,
+                                   cfg.get("activation", "relu"))}
             if keep_weights:
                 opt.save_torch(job["path"][:-len(".json")] + ".pth", {"model": state, "job": job["record"]})
             opt.write_json(job["path"], record)
@@ -127,7 +144,8 @@ def model_settings(settings: dict, index: int, ids: list[int], grad_mode: str = 
     mode = f"lds{index}" + ("ps" if grad_mode == "per_sample" else "")
     mnist = {"seed": lds["ensemble_seeds"][index], "epoch": lds["epoch"], "train_subset": lds["train_subset"],
              "test_ids": ids, "method1": {"mode": mode, "grad_mode": grad_mode},
-             "method2": {"mode": mode, "test_sample_num": len(ids), **(method2 or {})}}
+             "method2": {"mode": mode, "test_sample_num": len(ids), **(method2 or {})},
+             "method3": {"mode": mode, "test_sample_num": min(len(ids), lds["method3_test_num"])}}
     merged = opt.deep_merge(settings, {"mnist": mnist})
     opt.validate(merged, opt.SCHEMA)
     return merged
@@ -154,3 +172,139 @@ def influence_matrix(record: dict, ids: list[int], path: str) -> np.ndarray:
         raise opt.SettingsError(f"{path} was made for other test images ({record['meta']['test_ids'][:5]}...): "
                                 f"delete it and run mnist_test/ldsTest.py again")
     return np.array([record[str(i)]["influence"] for i in range(len(ids))])
+
+
+# ---- the report: scores per method, tables, figures ---------------------------------------------
+def finite_mean(values) -> float:
+    """Mean of the finite values (NaN, without a warning, when there are none)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def loo_changes(plan: dict, loo_jobs: list[dict], loo_loss: np.ndarray) -> dict[int, np.ndarray]:
+    """{test position: measured loss change of each planned removal (helpful, harmful, random order)}:
+    the mean over the removal's seeds minus the mean of the same seeds with nothing removed."""
+    removed = [j["record"]["removed"] for j in loo_jobs]
+    base_rows = [i for i, r in enumerate(removed) if r is None]
+    base = loo_loss[base_rows].mean(0)
+    out = {}
+    for test in plan["tests"]:
+        position = test["position"]
+        points = test["helpful"] + test["harmful"] + test["random"]
+        out[position] = np.array([loo_loss[[i for i, r in enumerate(removed) if r == p]].mean(0)[position]
+                                  - base[position] for p in points])
+    return out
+
+
+def score_rows(methods: dict, masks: np.ndarray, measured: dict, plan: dict, changes: dict, lcfg: dict
+               ) -> tuple[list[dict], dict]:
+    """One row per method (LDS on loss with its bootstrap interval, LDS on the margin, LDS over the
+    first solver_test_num and method3_test_num test images, LOO Pearson/Spearman), best first; and
+    {method: per-test LDS}."""
+    rows, per_test = [], {}
+    few, few3 = lcfg["solver_test_num"], lcfg["method3_test_num"]
+    for name, entry in methods.items():
+        matrix, t = entry["matrix"], len(entry["ids"])
+        scores = {target: utils_if.lds(matrix, masks, measured[target][:, :t], target) for target in ("loss", "margin")}
+        mean, low, high = utils_if.bootstrap_mean(scores["loss"], lcfg["bootstrap"], seed=lcfg["seed"])
+        loo_p, loo_s = [], []
+        for test in plan["tests"]:
+            position = test["position"]
+            if position >= t:
+                continue
+            points = test["helpful"] + test["harmful"] + test["random"]
+            loo_p.append(utils_if.pearson(matrix[position, points], changes[position]))
+            loo_s.append(float(utils_if.spearman_columns(matrix[position, points], changes[position])[0]))
+        rows.append({"method": name, "test_images": t, "lds": mean, "lds_low": low, "lds_high": high,
+                     "lds_margin": finite_mean(scores["margin"]),
+                     f"lds_first{few}": finite_mean(scores["loss"][:few]),
+                     f"lds_first{few3}": finite_mean(scores["loss"][:few3]),
+                     "loo_pearson": float(np.mean(loo_p)) if loo_p else float("nan"),
+                     "loo_spearman": float(np.mean(loo_s)) if loo_s else float("nan"),
+                     "seconds": round(float(entry["seconds"]), 2), "note": entry.get("note", "")})
+        per_test[name] = scores["loss"].tolist()
+    rows.sort(key=lambda r: -np.nan_to_num(r["lds"], nan=-9))
+    return rows, per_test
+
+
+def markdown_table(rows: list[dict], failed: dict, lcfg: dict) -> str:
+    few, few3 = lcfg["solver_test_num"], lcfg["method3_test_num"]
+    lines = [f"| method | test images | LDS (loss) [95% CI] | LDS (margin) | LDS, first {few} | LDS, first {few3} | "
+             f"LOO Pearson | LOO Spearman | seconds | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['test_images']} | {r['lds']:.3f} [{r['lds_low']:.3f}, {r['lds_high']:.3f}] | "
+              f"{r['lds_margin']:.3f} | {r[f'lds_first{few}']:.3f} | {r[f'lds_first{few3}']:.3f} | {r['loo_pearson']:.3f} | "
+              f"{r['loo_spearman']:.3f} | {r['seconds']:.1f} | {r['note']} |" for r in rows]
+    lines += [f"| {name} | | failed | | | | | | | {why[:120]} |" for name, why in failed.items()]
+    return "\n".join(lines)
+
+
+def curve_table(curves: dict[float, list[dict]]) -> str:
+    """Single-model LDS per method (rows) and drop fraction (columns)."""
+    drops = sorted(curves)
+    methods = [r["method"] for r in curves[drops[0]]]
+    by = {d: {r["method"]: r for r in curves[d]} for d in drops}
+    lines = ["| method | " + " | ".join(f"drop {d:g}" for d in drops) + " |", "|---|" + "---|" * len(drops)]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(f"{by[d][m]['lds']:.3f}" if m in by[d] else "" for d in drops) + " |")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+    if not opt.is_interactive():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def draw(settings: dict, rows: list[dict], methods: dict, masks: np.ndarray, measured: dict, per_test: dict,
+         tag: str, title: str, logger) -> str:
+    """LDS per method (bars with intervals) and, for the best method's median test image, predicted
+    against measured loss over the subsets."""
+    plt = _pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 0.32 * len(rows) + 2.5), gridspec_kw={"width_ratios": [1.6, 1]})
+    names = [r["method"] for r in rows][::-1]
+    means = np.array([r["lds"] for r in rows][::-1])
+    err = np.array([[r["lds"] - r["lds_low"] for r in rows][::-1], [r["lds_high"] - r["lds"] for r in rows][::-1]])
+    ax.barh(range(len(rows)), means, xerr=err, color="tab:blue", alpha=0.8, capsize=3)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{n} ({r['test_images']})" for n, r in zip(names, rows[::-1])], fontsize=8)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("LDS (Spearman, mean over test images, 95% bootstrap interval)")
+    ax.set_title("Linear datamodeling score per method (test images in brackets)")
+    best = rows[0]["method"]
+    scores = np.nan_to_num(np.asarray(per_test[best]), nan=-2.0)
+    typical = int(np.argsort(scores, kind="stable")[len(scores) // 2])  # the median test image, not a showcase
+    predicted = utils_if.datamodel_predictions(methods[best]["matrix"], masks, masks.shape[1])[:, typical]
+    ax2.scatter(predicted, measured["loss"][:, typical], s=12)
+    ax2.set_xlabel(f"predicted loss minus base loss ({best})")
+    ax2.set_ylabel("measured loss")
+    ax2.set_title(f"test image {methods[best]['ids'][typical]} (median LDS of {best}): {per_test[best][typical]:.2f}",
+                  fontsize=9)
+    ax2.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return opt.save_figure(fig, opt.output_path(settings, "fig", f"lds_{tag}.png"), logger)
+
+
+def draw_curve(settings: dict, curves: dict[float, list[dict]], tag: str, logger) -> str:
+    """Single-model LDS against the drop fraction, one line per method."""
+    plt = _pyplot()
+    drops = sorted(curves)
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for method in [r["method"] for r in curves[drops[0]]]:
+        values = [next((r["lds"] for r in curves[d] if r["method"] == method), np.nan) for d in drops]
+        ax.plot(drops, values, marker="o", lw=2.5 if method.startswith("m3") else 1,
+                label=method, color="k" if method.startswith("m3") else None)
+    ax.set_xscale("log")
+    ax.set_xticks(drops)
+    ax.set_xticklabels([f"{d:g}" for d in drops])
+    ax.set_xlabel("fraction of training images dropped (weight 0, same seed and order)")
+    ax.set_ylabel("single-model LDS (loss)")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"Single-model LDS against the drop fraction ({tag})")
+    fig.tight_layout()
+    return opt.save_figure(fig, opt.output_path(settings, "fig", f"lds_{tag}_drop_curve.png"), logger)

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 import utils_if  # noqa: E402
 import utils_option as opt  # noqa: E402
-from mnist_test import Train, common, lds, m2_Test  # noqa: E402
+from mnist_test import Train, common, lds, m2_Test, m3_Test  # noqa: E402
 from mnist_test.datasets import load_mnist  # noqa: E402
 
 # Method 2 variants: name -> (method2 overrides, only on the first lds.solver_test_num test images)
@@ -121,18 +121,19 @@ def attributions(settings: dict, ids: list[int], device, logger) -> tuple[dict[s
             m1 = lds.method1_attributions(s, device)
         out["m1_per_sample_raw"] = {"matrix": m1["raw"], "ids": ids, "seconds": timer.seconds}
         out["m1_per_sample_normalized"] = {"matrix": m1["normalized"], "ids": ids, "seconds": timer.seconds}
+    if "m3_replay" in wanted:
+        s = lds.model_settings(settings, 0, ids)
+        path = common.m3_file(s)
+        run_stage(m3_Test, path, s, logger.info)
+        record = opt.read_json(path, "mnist_test/m3_Test.py")
+        m3_ids = ids[:s["mnist"]["method3"]["test_sample_num"]]
+        out["m3_replay"] = {"matrix": lds.influence_matrix(record, m3_ids, path), "ids": m3_ids,
+                            "seconds": record["meta"]["solver_info"]["seconds_total"], "note": "exact, this run"}
     for ens, matrices in ensemble.items():
         if len(matrices) == len(lcfg["ensemble_seeds"]) > 1:
             out[ens] = {"matrix": np.mean(matrices, axis=0), "ids": ids, "seconds": float("nan"),
                         "note": f"mean over {len(matrices)} models"}
     return {name: value for name, value in out.items() if base_name(name) in wanted}, failed
-
-
-def finite_mean(values) -> float:
-    """Mean of the finite values (NaN, without a warning, when there are none)."""
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if len(values) else float("nan")
 
 
 def base_name(method: str) -> str:
@@ -182,6 +183,57 @@ def loo_points(plan: dict) -> list[int]:
     return sorted({i for t in plan["tests"] for key in ("helpful", "harmful", "random") for i in t[key]})
 
 
+def subset_studies(settings: dict, n: int) -> dict[str, dict]:
+    """The subset models of the study's setting: {"algorithm": ...} (random subsets, each model its
+    own seed) or {"drop{f}": ...} per drop fraction (the base run, dropped points weighted 0).
+    Each value: {"drop": fraction, "masks": (M, n) kept, "jobs": [...]}."""
+    lcfg = lds.lds_cfg(settings)
+    if lcfg["setting"] == "algorithm":
+        masks = np.stack([lds.subset_mask(n, lcfg["subset_fraction"], lcfg["seed"], m) for m in range(lcfg["num_subsets"])])
+        folder = lds.study_folder(settings, "subsets")
+        jobs = [{"seed": lds.subset_model_seed(lcfg["seed"], m, r), "keep": np.flatnonzero(masks[m]).tolist(),
+                 "path": os.path.join(folder, f"m{m}_s{r}.json"), "record": {"subset": m, "replicate": r}}
+                for m in range(lcfg["num_subsets"]) for r in range(lcfg["seeds_per_subset"])]
+        return {"algorithm": {"drop": 1 - lcfg["subset_fraction"], "masks": masks, "jobs": jobs}}
+    base_seed, everyone = lcfg["ensemble_seeds"][0], list(range(n))
+    studies = {}
+    for drop in lcfg["drop_fractions"]:
+        masks = np.stack([lds.drop_mask(n, drop, lcfg["seed"], m) for m in range(lcfg["num_subsets"])])
+        folder = lds.study_folder(settings, "single_model", f"s{base_seed}_d{drop:g}")
+        studies[f"drop{drop:g}"] = {"drop": drop, "masks": masks, "jobs": [
+            {"seed": base_seed, "keep": everyone, "weights": masks[m], "path": os.path.join(folder, f"m{m}.json"),
+             "record": {"subset": m, "replicate": 0, "drop": drop}} for m in range(lcfg["num_subsets"])]}
+    return studies
+
+
+def loo_jobs(settings: dict, plan: dict, n: int) -> list[dict]:
+    """LOO models: nothing removed plus each planned point removed; algorithm setting: retrained
+    with lds.loo.seeds seeds; single-model: the base run with the point weighted 0 (one model each)."""
+    lcfg = lds.lds_cfg(settings)
+    if not plan["tests"]:  # lds.loo.test_num = 0: no leave-one-out models at all
+        return []
+    if lcfg["setting"] == "single_model":
+        folder, seed = lds.study_folder(settings, "single_model", f"s{lcfg['ensemble_seeds'][0]}_loo"), lcfg["ensemble_seeds"][0]
+
+        def weights(point):
+            w = np.ones(n, dtype=bool)
+            if point is not None:
+                w[point] = False
+            return w
+        return [{"seed": seed, "keep": list(range(n)), "weights": weights(p), "record": {"removed": p, "replicate": 0},
+                 "path": os.path.join(folder, "base.json" if p is None else f"p{p}.json")}
+                for p in [None, *loo_points(plan)]]
+    folder, seeds = lds.study_folder(settings, "loo"), lcfg["loo"]["seeds"]
+    jobs = [{"seed": lds.loo_model_seed(lcfg["seed"], r), "keep": list(range(n)),
+             "path": os.path.join(folder, f"base_s{r}.json"), "record": {"removed": None, "replicate": r}}
+            for r in range(seeds)]
+    for point in loo_points(plan):
+        jobs += [{"seed": lds.loo_model_seed(lcfg["seed"], r), "keep": [i for i in range(n) if i != point],
+                  "path": os.path.join(folder, f"p{point}_s{r}.json"), "record": {"removed": point, "replicate": r}}
+                 for r in range(seeds)]
+    return jobs
+
+
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
     lcfg = lds.lds_cfg(settings)
@@ -195,16 +247,16 @@ def main(settings: dict) -> dict:
     test = load_mnist(opt.resolve_path(cfg["data_dir"]), train=False, log=logger.info).to(device)
     x_test, y_test = test.images[ids], test.labels[ids]
     recipe = lds.recipe(settings)
-    logger.info(f"LDS study {lds.study_tag(settings)}: {n} training images, {len(ids)} test images, "
-                f"{lcfg['num_subsets']} subsets x {lcfg['seeds_per_subset']} seeds, {recipe['epoch']} epochs; "
-                f"torch threads {torch.get_num_threads()}; rank {rank}/{world}")
+    studies = subset_studies(settings, n)
+    logger.info(f"LDS study {lds.study_tag(settings)}, {lcfg['setting']} setting: {n} training images, {len(ids)} "
+                f"test images, {recipe['epoch']} epochs; " + (
+                    f"{lcfg['num_subsets']} subsets x {lcfg['seeds_per_subset']} seeds" if lcfg["setting"] == "algorithm"
+                    else f"{lcfg['num_subsets']} subsets per drop fraction {lcfg['drop_fractions']}, the base run "
+                         f"(seed {lcfg['ensemble_seeds'][0]}) with the dropped points weighted 0")
+                + f"; torch threads {torch.get_num_threads()}; rank {rank}/{world}")
 
     # 1. subset models
-    subsets = lds.study_folder(settings, "subsets")
-    masks = np.stack([lds.subset_mask(n, lcfg["subset_fraction"], lcfg["seed"], m) for m in range(lcfg["num_subsets"])])
-    jobs = [{"seed": lds.subset_model_seed(lcfg["seed"], m, r), "keep": np.flatnonzero(masks[m]).tolist(),
-             "path": os.path.join(subsets, f"m{m}_s{r}.json"), "record": {"subset": m, "replicate": r}}
-            for m in range(lcfg["num_subsets"]) for r in range(lcfg["seeds_per_subset"])]
+    jobs = [job for study in studies.values() for job in study["jobs"]]
     pending, mine = opt.pending_share(jobs, rank, world)
     logger.info(f"subset models: {len(jobs)} in all, {len(jobs) - len(pending)} done; rank {rank} trains {len(mine)}")
     trained = {"subsets": len(mine)}
@@ -225,19 +277,9 @@ def main(settings: dict) -> dict:
     plan = plan or opt.read_json(plan_holder, "mnist_test/ldsTest.py (rank 0)")
 
     # 3. LOO models
-    loo = lcfg["loo"]
-    loo_dir = lds.study_folder(settings, "loo")
-    loo_jobs = [{"seed": lds.loo_model_seed(lcfg["seed"], r), "keep": list(range(n)),
-                 "path": os.path.join(loo_dir, f"base_s{r}.json"), "record": {"removed": None, "replicate": r}}
-                for r in range(loo["seeds"])]
-    if not plan["tests"]:  # lds.loo.test_num = 0: no leave-one-out models at all
-        loo_jobs = []
-    for point in loo_points(plan):
-        loo_jobs += [{"seed": lds.loo_model_seed(lcfg["seed"], r), "keep": [i for i in range(n) if i != point],
-                      "path": os.path.join(loo_dir, f"p{point}_s{r}.json"), "record": {"removed": point, "replicate": r}}
-                     for r in range(loo["seeds"])]
-    pending, mine = opt.pending_share(loo_jobs, rank, world)
-    logger.info(f"LOO models: {len(loo_jobs)} in all, {len(loo_jobs) - len(pending)} done; rank {rank} trains {len(mine)}")
+    loo = loo_jobs(settings, plan, n)
+    pending, mine = opt.pending_share(loo, rank, world)
+    logger.info(f"LOO models: {len(loo)} in all, {len(loo) - len(pending)} done; rank {rank} trains {len(mine)}")
     trained["loo"] = len(mine)
     with opt.Timer() as loo_timer:
         lds.train_and_store(mine, train, x_test, y_test, recipe, lcfg["group_size"], False, device,
@@ -245,120 +287,90 @@ def main(settings: dict) -> dict:
     opt.distributed_barrier()
     result = None
     if rank == 0:
-        result = report(settings, methods, failed, masks, jobs, plan, loo_jobs, ids, logger,
+        result = report(settings, methods, failed, studies, plan, loo, ids, device, logger,
                         {"subset_models": subset_timer.seconds, "loo_models": loo_timer.seconds})
     opt.distributed_end()
     return {**(result or {}), "trained": trained}
 
 
-def report(settings, methods, failed, masks, jobs, plan, loo_jobs, ids, logger, seconds) -> dict:
+def report(settings, methods, failed, studies, plan, loo, ids, device, logger, seconds) -> dict:
     lcfg = lds.lds_cfg(settings)
-    replicates = lcfg["seeds_per_subset"]
-    outputs = lds.read_outputs([j["path"] for j in jobs])
-    measured = {key: value.reshape(len(masks), replicates, -1).mean(1) for key, value in outputs.items()}
-    # training noise: agreement of two replicates of the same subset (the ceiling an attribution can reach)
-    noise = {}
-    if replicates > 1:
-        per = outputs["loss"].reshape(len(masks), replicates, -1)
-        noise["replicate_spearman"] = finite_mean(utils_if.spearman_columns(per[:, 0], per[:, 1]))
-    loo = lcfg["loo"]
-    removed = [j["record"]["removed"] for j in loo_jobs]
-    loo_out = lds.read_outputs([j["path"] for j in loo_jobs])["loss"] if loo_jobs else np.zeros((0, len(ids)))
-    base_rows = [i for i, r in enumerate(removed) if r is None]
-    base_mean = loo_out[base_rows].mean(0) if base_rows else np.full(len(ids), np.nan)
-    base_std = loo_out[base_rows].std(0, ddof=1) if len(base_rows) > 1 else np.full(len(ids), np.nan)
-    rows, per_test = [], {}
-    few = lcfg["solver_test_num"]
-    for name, entry in methods.items():
-        matrix, t = entry["matrix"], len(entry["ids"])
-        scores = {target: utils_if.lds(matrix, masks, measured[target][:, :t], target) for target in ("loss", "margin")}
-        mean, low, high = utils_if.bootstrap_mean(scores["loss"], lcfg["bootstrap"], seed=lcfg["seed"])
-        loo_p, loo_s = [], []
-        for test in plan["tests"]:
-            position = test["position"]
-            if position >= t:
-                continue
-            points = test["helpful"] + test["harmful"] + test["random"]
-            actual = np.array([loo_out[[i for i, r in enumerate(removed) if r == p]].mean(0)[position]
-                               - base_mean[position] for p in points])
-            loo_p.append(utils_if.pearson(matrix[position, points], actual))
-            loo_s.append(float(utils_if.spearman_columns(matrix[position, points], actual)[0]))
-        rows.append({"method": name, "test_images": t, "lds": mean, "lds_low": low, "lds_high": high,
-                     "lds_margin": finite_mean(scores["margin"]),
-                     f"lds_first{few}": finite_mean(scores["loss"][:few]),
-                     "loo_pearson": float(np.mean(loo_p)) if loo_p else float("nan"),
-                     "loo_spearman": float(np.mean(loo_s)) if loo_s else float("nan"),
-                     "seconds": round(float(entry["seconds"]), 2), "note": entry.get("note", "")})
-        per_test[name] = scores["loss"].tolist()
-    rows.sort(key=lambda r: -np.nan_to_num(r["lds"], nan=-9))
-    tag = lds.study_tag(settings)
-    header = (f"| method | test images | LDS (loss) [95% CI] | LDS (margin) | LDS, first {few} | LOO Pearson | "
-              f"LOO Spearman | seconds | note |\n|---|---|---|---|---|---|---|---|---|")
-    lines = [header] + [f"| {r['method']} | {r['test_images']} | {r['lds']:.3f} [{r['lds_low']:.3f}, {r['lds_high']:.3f}] | "
-                        f"{r['lds_margin']:.3f} | {r[f'lds_first{few}']:.3f} | {r['loo_pearson']:.3f} | "
-                        f"{r['loo_spearman']:.3f} | {r['seconds']:.1f} | {r['note']} |" for r in rows]
-    loo_noise = {"base_loss_std_over_seeds": [float(v) for v in base_std[:loo["test_num"]]],
-                 "std_error_of_a_difference": [float(v * np.sqrt(2.0 / loo["seeds"])) for v in base_std[:loo["test_num"]]]}
-    actual_spread = []
-    for test in plan["tests"]:
-        points = test["helpful"] + test["harmful"] + test["random"]
-        actual_spread.append(float(np.std([loo_out[[i for i, r in enumerate(removed) if r == p]].mean(0)[test["position"]]
-                                           - base_mean[test["position"]] for p in points])))
-    loo_noise["std_of_actual_changes"] = actual_spread
-    lines += [f"| {name} | | failed | | | | | | {why[:120]} |" for name, why in failed.items()]
-    text = "\n".join(lines) + (
-        f"\n\nLDS: Spearman over {len(masks)} subsets ({lcfg['subset_fraction']:g} of {masks.shape[1]} images, "
-        f"{replicates} seeds each, outputs averaged) between predicted and measured test loss; mean over test "
-        f"images, bootstrap 95% interval. Training noise: two seeds of the same subset agree with Spearman "
-        f"{noise.get('replicate_spearman', float('nan')):.3f}.\nLOO: {len(plan['tests'])} test images x "
-        f"{3 * loo['k']} removals (top-{loo['k']} helpful/harmful by {plan['rank_by']}, {loo['k']} random), "
-        f"{loo['seeds']} seeds each. Noise floor (std of the loss over seeds, nothing removed): "
-        f"{', '.join(f'{v:.4f}' for v in loo_noise['base_loss_std_over_seeds'])}; std error of a removal's "
-        f"measured effect {', '.join(f'{v:.4f}' for v in loo_noise['std_error_of_a_difference'])}; spread of "
-        f"the measured effects {', '.join(f'{v:.4f}' for v in actual_spread)}.")
+    single = lcfg["setting"] == "single_model"
+    replicates = 1 if single else lcfg["seeds_per_subset"]
+    loo_loss = lds.read_outputs([j["path"] for j in loo])["loss"] if loo else np.zeros((0, len(ids)))
+    changes = lds.loo_changes(plan, loo, loo_loss) if loo else {}
+    curves, per_study, noise = {}, {}, {}
+    for key, study in studies.items():
+        outputs = lds.read_outputs([j["path"] for j in study["jobs"]])
+        measured = {k: v.reshape(len(study["masks"]), replicates, -1).mean(1) for k, v in outputs.items()}
+        rows, per_test = lds.score_rows(methods, study["masks"], measured, plan, changes, lcfg)
+        curves[study["drop"]] = rows
+        per_study[key] = {"rows": rows, "lds_per_test": per_test, "measured": measured, "masks": study["masks"]}
+        if replicates > 1:  # training noise: two seeds of the same subset (the ceiling an attribution can reach)
+            per = outputs["loss"].reshape(len(study["masks"]), replicates, -1)
+            noise["replicate_spearman"] = lds.finite_mean(utils_if.spearman_columns(per[:, 0], per[:, 1]))
+    main_key = min(studies, key=lambda k: abs(studies[k]["drop"] - 0.05)) if single else "algorithm"
+    main = per_study[main_key]
+    tag = lds.study_tag(settings) + ("_single" if single else "")
+    loo_cfg = lcfg["loo"]
+    if single:
+        noise.update(single_model_noise(settings, ids, loo, loo_loss, device, main))
+        noise_line = (f"Single-model setting: every subset model is the base run (seed {lcfg['ensemble_seeds'][0]}, same "
+                      f"order) with the dropped points weighted 0, trained by the grouped trainer. Its replica of the base "
+                      f"run (all weights 1) differs from Train.py's model by {noise.get('replica_mean_abs_loss_change', float('nan')):.2g} "
+                      f"in test loss on average (rounding, grown through training); dropping "
+                      f"{studies[main_key]['drop']:g} of the points moves it by {noise['typical_drop_effect']:.2g}.")
+    else:
+        noise_line = ("Training noise: two seeds of the same subset agree with Spearman "
+                      + (f"{noise['replicate_spearman']:.3f}." if "replicate_spearman" in noise
+                         else "(not measured: lds.seeds_per_subset = 1)."))
+        base_rows = [i for i, j in enumerate(loo) if j["record"]["removed"] is None]
+        if len(base_rows) > 1:  # the LOO noise floor: the loss's spread over seeds with nothing removed
+            spread = loo_loss[base_rows].std(0, ddof=1)[:loo_cfg["test_num"]]
+            noise["loo_base_loss_std_over_seeds"] = spread.tolist()
+            noise_line += (f" LOO noise floor (std of the loss over {len(base_rows)} seeds, nothing removed): "
+                           f"{', '.join(f'{v:.4f}' for v in spread)}; spread of the measured effects "
+                           f"{', '.join(f'{np.std(changes[p]):.4f}' for p in sorted(changes))}.")
+    text = lds.markdown_table(main["rows"], failed, lcfg) + (
+        f"\n\nLDS: Spearman over {len(main['masks'])} subsets ({main_key}: {main['masks'][0].sum()} of "
+        f"{main['masks'].shape[1]} images kept) between predicted and measured test loss; mean over test images, "
+        f"bootstrap 95% interval. {noise_line}\nLOO: {len(plan['tests'])} test images x {3 * loo_cfg['k']} removals "
+        f"(top-{loo_cfg['k']} helpful/harmful by {plan['rank_by']}, {loo_cfg['k']} random), "
+        + ("the base run with the point weighted 0." if single else f"{loo_cfg['seeds']} seeds each."))
+    if single and len(curves) > 1:
+        text += "\n\nSingle-model LDS (loss) per drop fraction:\n\n" + lds.curve_table(curves)
     logger.info("\n" + text)
-    md = opt.output_path(settings, "test", f"lds_{tag}.md")
-    opt.write_text(md, text + "\n", logger)
-    csv = opt.write_csv(opt.output_path(settings, "test", f"lds_{tag}.csv"), rows, logger)
-    figure = draw(settings, rows, methods, masks, measured, per_test, tag, logger)
+    md = opt.write_text(opt.output_path(settings, "test", f"lds_{tag}.md"), text + "\n", logger)
+    csv = opt.write_csv(opt.output_path(settings, "test", f"lds_{tag}.csv"),
+                        [{"study": key, **row} for key, value in per_study.items() for row in value["rows"]], logger)
+    figure = lds.draw(settings, main["rows"], methods, main["masks"], main["measured"], main["lds_per_test"], tag,
+                      f"MNIST MLP, {main['masks'].shape[1]} training images, {len(main['masks'])} subsets, "
+                      f"{lcfg['setting']} setting ({main_key}; {tag})", logger)
+    curve = lds.draw_curve(settings, curves, tag, logger) if single and len(curves) > 1 else None
     path = opt.write_json(opt.output_path(settings, "test", f"lds_{tag}.json"), {
-        "meta": {"settings": settings["mnist"], "study": tag, "test_ids": ids, "n_train": int(masks.shape[1]),
-                 "threads": torch.get_num_threads(), "seconds": seconds, "training_noise": noise,
-                 "loo_noise": loo_noise, "sign_convention": utils_if.SIGN_CONVENTION},
-        "rows": rows, "failed": failed, "lds_per_test": per_test, "loo_plan": plan}, logger)
-    return {"json": path, "markdown": md, "csv": csv, "figure": figure, "rows": rows}
+        "meta": {"settings": settings["mnist"], "study": tag, "setting": lcfg["setting"], "main_study": main_key,
+                 "test_ids": ids, "n_train": int(main["masks"].shape[1]), "threads": torch.get_num_threads(),
+                 "seconds": seconds, "training_noise": noise, "sign_convention": utils_if.SIGN_CONVENTION},
+        "rows": main["rows"], "failed": failed, "lds_per_test": main["lds_per_test"],
+        "studies": {key: {"drop": studies[key]["drop"], "rows": value["rows"], "lds_per_test": value["lds_per_test"]}
+                    for key, value in per_study.items()},
+        "loo_plan": plan}, logger)
+    return {"json": path, "markdown": md, "csv": csv, "figure": figure, "curve": curve, "rows": main["rows"],
+            "studies": {key: value["rows"] for key, value in per_study.items()}}
 
 
-def draw(settings, rows, methods, masks, measured, per_test, tag, logger) -> str:
-    import matplotlib
-    if not opt.is_interactive():
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 0.32 * len(rows) + 2.5),
-                                  gridspec_kw={"width_ratios": [1.6, 1]})
-    names = [r["method"] for r in rows][::-1]
-    means = np.array([r["lds"] for r in rows][::-1])
-    err = np.array([[r["lds"] - r["lds_low"] for r in rows][::-1], [r["lds_high"] - r["lds"] for r in rows][::-1]])
-    ax.barh(range(len(rows)), means, xerr=err, color="tab:blue", alpha=0.8, capsize=3)
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([f"{n} ({r['test_images']})" for n, r in zip(names, rows[::-1])], fontsize=8)
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_xlabel("LDS (Spearman, mean over test images, 95% bootstrap interval)")
-    ax.set_title("Linear datamodeling score per method (test images in brackets)")
-    best = rows[0]["method"]
-    matrix = methods[best]["matrix"]
-    scores = np.nan_to_num(np.asarray(per_test[best]), nan=-2.0)
-    typical = int(np.argsort(scores, kind="stable")[len(scores) // 2])  # the median test image, not a showcase
-    predicted = utils_if.datamodel_predictions(matrix, masks, masks.shape[1])[:, typical]
-    ax2.scatter(predicted, measured["loss"][:, typical], s=12)
-    ax2.set_xlabel(f"predicted loss minus base loss ({best})")
-    ax2.set_ylabel("measured loss (mean over seeds)")
-    ax2.set_title(f"test image {methods[best]['ids'][typical]} (median LDS of {best}): {per_test[best][typical]:.2f}",
-                  fontsize=9)
-    ax2.grid(alpha=0.3)
-    fig.suptitle(f"MNIST MLP, {masks.shape[1]} training images, {len(masks)} subsets ({tag})")
-    fig.tight_layout()
-    return opt.save_figure(fig, opt.output_path(settings, "fig", f"lds_{tag}.png"), logger)
+def single_model_noise(settings, ids, loo, loo_loss, device, main) -> dict:
+    """How far the grouped trainer's replica of the base run (the LOO 'nothing removed' model) is from
+    Train.py's base model, against the typical effect of a drop (the spread of the subset models)."""
+    out = {"typical_drop_effect": float(np.mean(np.std(main["measured"]["loss"], axis=0)))}
+    base_rows = [i for i, j in enumerate(loo) if j["record"]["removed"] is None]
+    if base_rows:
+        model, _ = common.load_model(lds.model_settings(settings, 0, ids), "lds0", device)
+        test = common.load_test_data(settings, device, lambda *_: None)
+        base = np.array(lds.outputs_of(model.state_dict(), test.images[ids], test.labels[ids],
+                                      common.mnist_cfg(settings)["activation"])["loss"])
+        out["replica_mean_abs_loss_change"] = float(np.mean(np.abs(loo_loss[base_rows[0]] - base)))
+    return out
 
 
 if __name__ == "__main__":

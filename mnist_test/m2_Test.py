@@ -84,7 +84,7 @@ def tracin_checkpoints(settings, problem, device, logger) -> list:
     out = []
     for path in common.checkpoint_files(settings, common.mnist_cfg(settings)["method2"]["mode"]):
         state = torch.load(path, map_location=device, weights_only=True)
-        model = mnist_model().to(device)
+        model = mnist_model(common.mnist_cfg(settings)["activation"]).to(device)
         model.load_state_dict(state["model"])
         out.append((utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, problem.param_names),
                     float(state["learning_rate"])))

@@ -37,7 +37,7 @@ def main(settings: dict) -> dict:
     test = common.load_test_data(settings, device, logger.info)
     ids = common.selected_test_ids(settings, m3["mode"])[:m3["test_sample_num"]]
     run = training.sgd_run(cfg, cfg["seed"], len(train), device)
-    replay = utils_if.SgdReplay(training.new_model(cfg["seed"], device), utils_if.nll_sample_loss, run,
+    replay = utils_if.SgdReplay(training.new_model(cfg["seed"], device, cfg["activation"]), utils_if.nll_sample_loss, run,
                                 train.images, train.labels)
     logger.info(f"Method 3: replaying {run.num_steps:,} SGD steps ({cfg['epoch']} epochs x {run.steps_per_epoch} "
                 f"batches of {run.batch_size}, {len(train)} images), then walking back for {len(ids)} test "

@@ -50,7 +50,7 @@ def flipped_labels(labels: torch.Tensor, fraction: float, seed: int) -> tuple[to
 def study_tag(settings: dict) -> str:
     cfg, mis = common.mnist_cfg(settings), settings["mnist"]["mislabel"]
     return (f"n{mis['train_subset'] or 60000}f{mis['fraction']:g}e{mis['epoch']}s{mis['seed']}"
-            f"ce{mis['checkpoint_every']}b{cfg['batch_size']}")
+            f"ce{mis['checkpoint_every']}b{cfg['batch_size']}" + ("" if cfg["activation"] == "relu" else cfg["activation"]))
 
 
 def trained(settings: dict, data: MnistData, device, logger) -> dict:
@@ -83,7 +83,7 @@ def main(settings: dict) -> dict:
     data = MnistData(clean.images, labels, clean.indices)
     logger.info(f"{int(flipped.sum())} of {len(data)} training labels flipped (seed {mis['seed']})")
     record = trained(settings, data, device, logger)
-    model = mnist_model().to(device)
+    model = mnist_model(cfg["activation"]).to(device)
     model.load_state_dict(record["model"])
     model.eval()
     problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, utils_if.select_parameters(model),
@@ -104,7 +104,7 @@ def main(settings: dict) -> dict:
     with opt.Timer() as t:
         checkpoints = []
         for state in record["checkpoints"]:
-            m = mnist_model().to(device)
+            m = mnist_model(cfg["activation"]).to(device)
             m.load_state_dict(state)
             checkpoints.append((utils_if.InfluenceProblem(m, utils_if.nll_sample_loss, problem.param_names),
                                 cfg["learning_rate"]))

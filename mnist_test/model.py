@@ -1,6 +1,9 @@
 """The original MNIST classifier: MLP 784-128-64-10, ReLU, LogSoftmax (109,386 parameters).
 
 Module names match the original checkpoints: ``main.0`` = fc1, ``main.2`` = fc2, ``main.4`` = fc3.
+``activation="softplus"`` (mnist.activation) swaps both ReLUs for softplus: the same parameters, but a
+training run whose gradient is continuous in the weights, so that the trained model is a smooth
+function of the data weights (README, "Method 3: what makes the prediction exact").
 """
 from __future__ import annotations
 
@@ -8,12 +11,15 @@ import torch
 from torch import nn
 
 LAYER_MODULES = {"fc1": "main.0", "fc2": "main.2", "fc3": "main.4"}  # Method-1 layer -> module
+ACTIVATIONS = {"relu": (nn.ReLU, torch.relu), "softplus": (nn.Softplus, nn.functional.softplus)}
 
 
 class mnist_model(nn.Module):  # noqa: N801  (the original's class name)
-    def __init__(self) -> None:
+    def __init__(self, activation: str = "relu") -> None:
         super().__init__()
-        self.main = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+        module, self.act = ACTIVATIONS[activation]
+        self.activation = activation
+        self.main = nn.Sequential(nn.Linear(784, 128), module(), nn.Linear(128, 64), module(),
                                   nn.Linear(64, 10))
         self.log_softmax = nn.LogSoftmax(dim=1)
 
@@ -31,15 +37,15 @@ class mnist_model(nn.Module):  # noqa: N801  (the original's class name)
         for name, index in (("fc1", 0), ("fc2", 2), ("fc3", 4)):
             z = self.main[index](h)
             layers[name] = (h, z)
-            h = torch.relu(z) if name != "fc3" else z
+            h = self.act(z) if name != "fc3" else z
         return self.log_softmax(h), layers
 
 
     @torch.no_grad()
     def layer_activations(self, x: torch.Tensor, layers) -> dict:
-        """Method-1 activations: post-ReLU outputs of fc1 / fc2, the logits for fc3."""
+        """Method-1 activations: post-activation outputs of fc1 / fc2, the logits for fc3."""
         _, io = self.forward_with_layers(x)
-        return {name: (io[name][1] if name == "fc3" else torch.relu(io[name][1])) for name in layers}
+        return {name: (io[name][1] if name == "fc3" else self.act(io[name][1])) for name in layers}
 
 
 if __name__ == "__main__":

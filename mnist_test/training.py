@@ -15,10 +15,10 @@ from mnist_test.datasets import MnistData
 from mnist_test.model import LAYER_MODULES, mnist_model
 
 
-def new_model(seed: int, device: torch.device) -> torch.nn.Module:
-    """A freshly initialised MLP; the initial weights depend only on ``seed``."""
+def new_model(seed: int, device: torch.device, activation: str = "relu") -> torch.nn.Module:
+    """A freshly initialised MLP; the initial weights depend only on ``seed`` (not on the activation)."""
     torch.manual_seed(seed)
-    return mnist_model().to(device)
+    return mnist_model(activation).to(device)
 
 
 def epoch_orders(n: int, epochs: int, seed: int) -> torch.Tensor:
@@ -35,7 +35,7 @@ def sgd_run(cfg: dict, seed: int, n: int, device: torch.device,
                            epoch_orders(n, cfg["epoch"], seed).to(device), data_weights)
 
 
-REPLAY_RECIPE = ("init: torch.manual_seed(seed); mnist_model(). order: epoch_orders(n, epoch, seed) "
+REPLAY_RECIPE = ("init: torch.manual_seed(seed); mnist_model(activation). order: epoch_orders(n, epoch, seed) "
                  "(torch.randperm(n) per epoch from a CPU generator seeded by seed). step: torch.optim.SGD "
                  "(lr, momentum, weight_decay) on sum_i w_i NLL_i / |B| over consecutive slices of batch_size")
 
@@ -59,7 +59,7 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
     (TracIn sums over these checkpoints).
     Returns (model, {layer: (n, out) float64 tensor} or None).
     """
-    model = new_model(seed, device)
+    model = new_model(seed, device, cfg.get("activation", "relu"))
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=cfg["learning_rate"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"])
@@ -119,9 +119,11 @@ def batch_loss(log_probs: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
 
 
 def linear_stack(model: nn.Module) -> list[str]:
-    """Names of the model's Linear layers in order when it is Linear (ReLU Linear)* then log-softmax
-    (:func:`utils_if.relu_mlp_layers`): the only shape the grouped trainer computes by hand."""
-    layers = utils_if.relu_mlp_layers(model)
+    """Names of the model's Linear layers in order when it is Linear (act Linear)* then log-softmax,
+    act = ReLU or softplus (:func:`utils_if.relu_mlp_layers`): the shapes the grouped trainer computes by hand."""
+    activation = getattr(model, "activation", "relu")
+    probe = mnist_model() if activation != "relu" else model  # same leaves, ReLU in place of the activation
+    layers = utils_if.relu_mlp_layers(probe) if activation in ("relu", "softplus") else None
     if layers is None:
         raise ValueError("train_group computes Linear-ReLU stacks with a log-softmax by hand; the MNIST model "
                          "has another shape now: extend train_group or train the models one by one")
@@ -155,8 +157,10 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
     data_weights = torch.stack([torch.ones(len(data), device=device) if job.get("weights") is None else
                                 torch.as_tensor(job["weights"], dtype=torch.float32, device=device)
                                 for job in jobs]) if weighted else None
-    models = [new_model(job["seed"], device) for job in jobs]
+    activation = cfg.get("activation", "relu")
+    models = [new_model(job["seed"], device, activation) for job in jobs]
     layers = linear_stack(models[0])
+    smooth = activation == "softplus"  # softplus: derivative sigmoid(z); ReLU: [z > 0]
     names = [f"{layer}.{kind}" for layer in layers for kind in ("weight", "bias")]
     params = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).contiguous()
               for name in names}
@@ -180,7 +184,7 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
                 inputs.append(h)
                 z = torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
                 outputs.append(z)
-                h = torch.relu(z) if i < len(weights) - 1 else z
+                h = (F.softplus(z) if smooth else torch.relu(z)) if i < len(weights) - 1 else z
             delta = torch.softmax(h, dim=2)                                       # d(mean NLL)/d logits
             delta.scatter_add_(2, y[..., None], torch.full_like(y[..., None], -1.0, dtype=delta.dtype))
             if data_weights is not None:
@@ -191,7 +195,8 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
                 grads[names[2 * i]] = torch.bmm(delta.transpose(1, 2), inputs[i])
                 grads[names[2 * i + 1]] = delta.sum(1)
                 if i:
-                    delta = torch.bmm(delta, weights[i]).mul_(outputs[i - 1] > 0)
+                    slope = torch.sigmoid(outputs[i - 1]) if smooth else outputs[i - 1] > 0
+                    delta = torch.bmm(delta, weights[i]).mul_(slope)
             for name in names:  # SGD: buf = mom*buf + (g + wd*p); p -= lr*buf
                 p, buf, g = params[name], buffers[name], grads[name]
                 if first_step:
