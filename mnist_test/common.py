@@ -28,7 +28,7 @@ def stability_settings(settings: dict, seed: int, test_ids=None) -> dict:
     """The settings of model staTest{index}: its seed and its mode name (and the shared test ids)."""
     index = settings["mnist"]["stability"]["seeds"].index(seed)
     mode = f"staTest{index}"
-    mnist = {"seed": seed, "method1": {"mode": mode}, "method2": {"mode": mode}}
+    mnist = {"seed": seed, "method1": {"mode": mode}, "method2": {"mode": mode}, "method3": {"mode": mode}}
     if test_ids is not None:
         mnist["test_ids"] = test_ids
     merged = opt.deep_merge(settings, {"mnist": mnist})

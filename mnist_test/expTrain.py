@@ -1,8 +1,9 @@
 """Explainability test, step 1: retrain a fresh, seeded model from scratch on each manipulated
 training set.
 
-For each method list (method1, method2 helpful / harmful), each manipulation in newData
-(algo: relabel the top N; random: relabel N random; remove_algo; remove_random), each N in
+For each method list (method1, method2 / method3 helpful / harmful), each manipulation in newData
+(algo: relabel the top N; random: relabel N random; remove_algo; remove_random: the N points
+weighted 0 in place, same seed and order, i.e. the single-model counterfactual), each N in
 explain.n_values and each test image. Many models train at once (vmap; a model trained in a group
 equals the same model trained alone, see training.train_group). Jobs whose model file exists are skipped, so a crashed or
 interrupted run resumes; files are written atomically.
@@ -10,8 +11,9 @@ interrupted run resumes; files are written atomically.
 Parallel: torchrun --nproc_per_node=K mnist_test/expTrain.py gives each rank a disjoint share of
 the jobs (gloo on CPU, NCCL on GPU); rank 0 writes the summary. Without torchrun: one process.
 
-Reads:  the Method-1 / Method-2 files of the base settings (m1_Test.py, m2_Test.py)
-Writes: model_zoo/expTest/{tag}/base.pth and {method}/{manipulation}/n{N}/t{test_id}.pth;
+Reads:  the Method-1 / 2 / 3 files of the base settings (m1_Test.py, m2_Test.py, m3_Test.py)
+Writes: model_zoo/expTest/{tag}/base.pth and {method}/{manipulation}/n{N}/t{test_id}.pth
+        (removals: {method}/{manipulation}_weight0/...);
         test/expTrain_{tag}_summary.json
 """
 import os
@@ -37,16 +39,8 @@ def main(settings: dict) -> dict:
     if mine:
         train = common.load_train_data(settings, device, logger.info)
         group = cfg["explain"]["group_size"]
-        # a group trains models on equally many items (relabelled: all; removed: all but N)
-        mine = sorted(mine, key=lambda j: (j["manipulation"] or "").startswith("remove") * j["n"])
-        chunks, current = [], []
-        for job in mine:
-            size = (job["manipulation"] or "").startswith("remove") * job["n"]
-            if current and (len(current) == group or size != current[-1][0]):
-                chunks.append([j for _, j in current])
-                current = []
-            current.append((size, job))
-        chunks += [[j for _, j in current]] if current else []
+        # every model trains on all n items (a removal weights its points 0), so any jobs share a group
+        chunks = [mine[i:i + group] for i in range(0, len(mine), group)]
         start = 0
         for chunk in chunks:
             specs = [explain.training_spec(job, ranked, train, cfg["seed"]) for job in chunk]

@@ -5,7 +5,12 @@ base model, shared by all.
 Rules (as the original): relabelled points get label 0, or 1 when the test image's label is 0;
 random sets are exactly N distinct indices from a generator seeded by (seed, N, test id);
 explanatory sets are the top N of the method's scores (Method 1) or helpful/harmful influence
-(Method 2) for that test image under the seed's base model.
+(Method 2, Method 3) for that test image under the seed's base model.
+
+A removal weights the removed points 0 in their places (same seed, same data order for everyone
+else), so that the retrained model is the single-model counterfactual of the base model, the
+question Method 3 answers exactly. (Before Method 3 removals dropped the points from the list and
+reshuffled; those models live under {manipulation}/ and are not read: see REMOVAL_FOLDER.)
 """
 from __future__ import annotations
 
@@ -19,15 +24,18 @@ import utils_option as opt
 from mnist_test import common
 from mnist_test.datasets import MnistData
 
+REMOVAL_FOLDER = "{manipulation}_weight0"  # removals by weight 0: their own folder, never an older file
+
+
 def as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
 def method_lists(cfg: dict) -> list[str]:
-    """e.g. ["method1", "method2_helpful"] from the settings' method and explain.m2_lists."""
+    """e.g. ["method1", "method2_helpful", "method3_helpful"] from the settings' method and explain.m2_lists."""
     out = []
     for method in as_list(cfg["method"]):
-        out += ["method1"] if method == "method1" else [f"method2_{k}" for k in cfg["explain"]["m2_lists"]]
+        out += ["method1"] if method == "method1" else [f"{method}_{k}" for k in cfg["explain"]["m2_lists"]]
     return out
 
 
@@ -41,7 +49,7 @@ def random_points(n_points: int, n_train: int, seed: int, test_id: int) -> list[
 
 
 def ranked_points(settings: dict) -> dict[str, dict[int, tuple[int, np.ndarray]]]:
-    """{method list: {test id: (test label, training indices best first)}} from the m1/m2 files."""
+    """{method list: {test id: (test label, training indices best first)}} from the m1/m2/m3 files."""
     cfg = common.mnist_cfg(settings)
     out: dict[str, dict] = {}
     for name in method_lists(cfg):
@@ -49,7 +57,8 @@ def ranked_points(settings: dict) -> dict[str, dict[int, tuple[int, np.ndarray]]
             record = common.read_result(common.m1_file(settings), "mnist_test/m1_Test.py", settings, "method1")
             key, largest = "scores", True
         else:
-            record = common.read_result(common.m2_file(settings), "mnist_test/m2_Test.py", settings, "method2")
+            path, script, block = common.attribution_file(settings, name.split("_")[0])
+            record = common.read_result(path, script, settings, block)
             key, largest = "influence", name.endswith("helpful")
         entries = [v for k, v in record.items() if k != "meta"]
         out[name] = {e["test_id_num"]: (e["label"], np.array(utils_if.top_indices(
@@ -70,9 +79,11 @@ def plan(settings: dict, ranked: dict | None = None) -> list[dict]:
             for n in cfg["explain"]["n_values"]:
                 if n == 0:
                     continue
+                folder = REMOVAL_FOLDER.format(manipulation=manipulation) if manipulation.startswith("remove") \
+                    else manipulation
                 for test_id, (label, _) in per_test.items():
                     jobs.append({"name": f"{method}/{manipulation}/n{n}/t{test_id}",
-                                 "path": os.path.join(root, method, manipulation, f"n{n}", f"t{test_id}.pth"),
+                                 "path": os.path.join(root, method, folder, f"n{n}", f"t{test_id}.pth"),
                                  "method": method, "manipulation": manipulation, "n": n,
                                  "test_id": test_id, "test_label": label})
     return jobs
@@ -85,11 +96,14 @@ def chosen_points(job: dict, ranked: dict, n_train: int, seed: int) -> list[int]
 
 
 def training_spec(job: dict, ranked: dict, data: MnistData, seed: int) -> dict:
-    """What train_group needs for this job: seed, labels (relabel) or kept positions (remove), by
-    the dataset's own relabel/remove rules (``data`` indexed by original training index)."""
+    """What train_group needs for this job: seed, and labels (relabel) or data weights (remove: the
+    removed points weighted 0 in place), by the dataset's relabel rule (``data`` indexed by original
+    training index)."""
     if job["n"] == 0:
         return {"seed": seed}
     points = data.indices[chosen_points(job, ranked, len(data), seed)]
     if job["manipulation"] in ("algo", "random"):
         return {"seed": seed, "labels": data.relabel(points, relabel_target(job["test_label"])).labels}
-    return {"seed": seed, "keep": data.positions_of(data.remove(points).indices).tolist()}
+    weights = torch.ones(len(data), device=data.images.device)
+    weights[data.positions_of(points)] = 0.0
+    return {"seed": seed, "weights": weights}

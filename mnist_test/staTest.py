@@ -1,10 +1,12 @@
 """Stability test: do models trained with different seeds explain a test image with the same
-training images? Six models staTest0..staTest5 (seeds from stability.seeds) are trained, Method 1
-and Method 2 are run on each for the same test images (chosen by Test.py under staTest0), and for
-each test image and model k = 1..5 the overlap of its top-100 with staTest0's top-100 is tabled
-for Method 1, Method 2 helpful and Method 2 harmful (the report's Tables 4.1-4.3), plus two
-agreement measures the report lacks: Spearman's rank correlation over all training points and the
-Jaccard index of the top-100.
+training images? Six models staTest0..staTest5 (seeds from stability.seeds) are trained, the
+methods of stability.methods are run on each for the same test images (chosen by Test.py under
+staTest0), and for each test image and model k = 1..5 the overlap of its top-100 with staTest0's
+top-100 is tabled for Method 1, Method 2 helpful and Method 2 harmful (the report's Tables
+4.1-4.3) and Method 3 helpful and harmful, plus two agreement measures the report lacks:
+Spearman's rank correlation over all training points and the Jaccard index of the top-100.
+Method 3 is exact for each run, so its tables measure how much "which training images made this
+network do this" is a property of the one run rather than of the data (README, staTest).
 
 The driver runs the whole study; every stage skips work whose output already exists.
 Parallel: torchrun --nproc_per_node=K mnist_test/staTest.py splits the models across ranks.
@@ -20,10 +22,19 @@ import numpy as np  # noqa: E402
 
 import utils_if  # noqa: E402
 import utils_option as opt  # noqa: E402
-from mnist_test import Test, Train, common, m1_Test, m2_Test  # noqa: E402
+from mnist_test import Test, Train, common, m1_Test, m2_Test, m3_Test  # noqa: E402
 
-TABLES = (("method1", "scores", True), ("method2_helpful", "influence", True),
-          ("method2_harmful", "influence", False))
+TABLES = {"method1": (("method1", "scores", True),),  # per method: (table, key, largest first)
+          "method2": (("method2_helpful", "influence", True), ("method2_harmful", "influence", False)),
+          "method3": (("method3_helpful", "influence", True), ("method3_harmful", "influence", False))}
+SCRIPTS = {"method1": m1_Test, "method2": m2_Test, "method3": m3_Test}
+
+
+def result_file(settings: dict, method: str) -> tuple[str, str, str]:
+    """(file, the script that makes it, its settings block) of one method's result."""
+    if method == "method1":
+        return common.m1_file(settings), "mnist_test/m1_Test.py", "method1"
+    return common.attribution_file(settings, method)
 
 
 def run_stage(module, path: str, settings: dict, log) -> None:
@@ -55,15 +66,17 @@ def agreement(record_0: dict, record_k: dict, key: str, largest: bool, top: int)
 
 
 def tables(settings: dict, seeds: list[int], test_ids: list[int], logger) -> dict:
-    top = settings["mnist"]["stability"]["top"]
+    top, methods = settings["mnist"]["stability"]["top"], settings["mnist"]["stability"]["methods"]
     results = {}
     loaded = {}
     for seed in seeds:
         s = common.stability_settings(settings, seed, test_ids)
-        loaded[seed] = {"method1": common.read_result(common.m1_file(s), "mnist_test/m1_Test.py", s, "method1"),
-                        "method2": common.read_result(common.m2_file(s), "mnist_test/m2_Test.py", s, "method2")}
+        loaded[seed] = {}
+        for method in methods:
+            path, script, block = result_file(s, method)
+            loaded[seed][method] = common.read_result(path, script, s, block)
     tag = common.run_tag(common.stability_settings(settings, seeds[0]))
-    for name, key, largest in TABLES:
+    for name, key, largest in [table for method in methods for table in TABLES[method]]:
         source = name.split("_")[0]
         per_model = {k: agreement(loaded[seeds[0]][source], loaded[seed][source], key, largest, top)
                      for k, seed in enumerate(seeds) if k > 0}
@@ -109,10 +122,10 @@ def main(settings: dict) -> dict:
         run_stage(Test, common.test_file(base, "staTest0"), base, logger.info)
     opt.distributed_barrier()
     test_ids = common.selected_test_ids(base, "staTest0")
-    for seed in mine:  # stage 3: both methods on every model, same test images
+    for seed in mine:  # stage 3: every method on every model, same test images
         s = common.stability_settings(settings, seed, test_ids)
-        run_stage(m1_Test, common.m1_file(s), s, logger.info)
-        run_stage(m2_Test, common.m2_file(s), s, logger.info)
+        for method in cfg["stability"]["methods"]:
+            run_stage(SCRIPTS[method], result_file(s, method)[0], s, logger.info)
     opt.distributed_barrier()
     results = tables(settings, seeds, test_ids, logger) if rank == 0 else None
     opt.distributed_end()

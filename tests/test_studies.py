@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import utils_option as opt
-from mnist_test import Test, Train, common, explain, expTest, expTrain, m2_Test, staTest
+from mnist_test import Test, Train, common, explain, expTest, expTrain, m2_Test, m3_Test, staTest
 from mnist_test.training import train_group, train_model
 from mnist_test.datasets import MnistData
 from tests.conftest import small_settings
@@ -39,9 +39,9 @@ def test_relabel_and_random_rules():
     spec = explain.training_spec(job, ranked, data, seed=1)
     assert spec["labels"].tolist() == [0, 1, 1, 3, 1, 5, 6, 7, 8, 1]  # test label 0 -> chosen become 1
     job.update(manipulation="remove_algo")
-    assert explain.training_spec(job, ranked, data, 1)["keep"] == [0, 1, 3, 5, 6, 7, 8]
+    assert explain.training_spec(job, ranked, data, 1)["weights"].tolist() == [1, 1, 0, 1, 0, 1, 1, 1, 1, 0]
     job.update(manipulation="remove_random", n=4)
-    assert len(explain.training_spec(job, ranked, data, 1)["keep"]) == 6
+    assert int((explain.training_spec(job, ranked, data, 1)["weights"] == 0).sum()) == 4
 
 
 def test_group_training_equals_training_alone(mnist_train):
@@ -65,9 +65,9 @@ def test_group_training_equals_training_alone(mnist_train):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, mnist_raw):
     tmp = tmp_path_factory.mktemp("study")
-    settings = small_settings(tmp, train_subset=300, test_ids=[0, 1], newData=["algo", "remove_random"],
-                              explain={"n_values": [0, 20], "group_size": 3})
-    for module in (Train, Test, m2_Test):
+    settings = small_settings(tmp, train_subset=300, test_ids=[0, 1], newData=["algo", "remove_algo"],
+                              method=["method2", "method3"], explain={"n_values": [0, 20], "group_size": 3})
+    for module in (Train, Test, m2_Test, m3_Test):
         module.main(settings)
     return settings
 
@@ -79,7 +79,7 @@ def _states(settings):
 
 def test_exptrain_resumes_and_torchrun_matches_single_process(study, tmp_path):
     first = expTrain.main(study)
-    assert first["jobs"] == 1 + 2 * 2 and first["trained"] == 5  # base + 2 manipulations x 2 tests
+    assert first["jobs"] == 1 + 2 * 2 * 2 and first["trained"] == 9  # base + 2 methods x 2 manipulations x 2 tests
     assert expTrain.main(study)["trained"] == 0  # everything already there: skipped
     single = _states(study)
     jobs = explain.plan(study)
@@ -102,16 +102,43 @@ def test_exptrain_resumes_and_torchrun_matches_single_process(study, tmp_path):
     assert summary["world_size"] == 2 and not summary["missing"]
 
 
+def test_a_removal_is_the_base_run_with_the_points_weighted_zero(study):
+    """expTrain's remove_algo model of Method 3's top 20 = train_model with those 20 weighted 0 (same
+    seed and order), and removing the 20 most helpful raised the test loss more than Method 3's
+    first-order prediction says, within a factor of 3 (measured: see the assert message)."""
+    from mnist_test.training import train_model
+    expTrain.main(study)
+    cfg = common.mnist_cfg(study)
+    job = next(j for j in explain.plan(study) if j["method"] == "method3_helpful" and j["manipulation"] == "remove_algo"
+               and j["test_id"] == 0)
+    record = opt.read_json(common.m3_file(study), "m3_Test")
+    top = record["0"]["helpful"][:20]
+    train = common.load_train_data(study, torch.device("cpu"), lambda *_: None)
+    weights = torch.ones(len(train))
+    weights[top] = 0.0
+    alone, _ = train_model(train, cfg, cfg["seed"], torch.device("cpu"), show_progress=False, data_weights=weights)
+    state = torch.load(job["path"], weights_only=True)["model"]
+    for name, value in alone.state_dict().items():
+        assert torch.allclose(state[name], value, atol=1e-6)
+    assert "_weight0" in job["path"]
+    rows = {(r["method"], r["manipulation"], r["n"], r["test_id"]): r
+            for r in opt.read_json(expTest.main(study)["json"], "expTest")["rows"]}
+    measured = rows[("method3_helpful", "remove_algo", 20, 0)]["loss"] - rows[("method3_helpful", "remove_algo", 0, 0)]["loss"]
+    predicted = sum(record["0"]["influence"][i] for i in top) / len(train)
+    assert measured > 0 and predicted > 0 and 1 / 3 < measured / predicted < 3, (measured, predicted)
+
+
 def test_exptest_rows_and_figure(study):
     expTrain.main(study)
     result = expTest.main(study)
     rows = opt.read_json(result["json"], "expTest")["rows"]
-    assert {(r["manipulation"], r["n"]) for r in rows} == {("algo", 0), ("algo", 20), ("remove_random", 0),
-                                                             ("remove_random", 20)}
+    assert {(r["manipulation"], r["n"]) for r in rows} == {("algo", 0), ("algo", 20), ("remove_algo", 0),
+                                                             ("remove_algo", 20)}
     base = [r for r in rows if r["n"] == 0]
     assert all(r["loss"] == r["base_loss"] for r in base)
     import matplotlib.image as mpimg
     assert mpimg.imread(result["figures"]["method2_helpful"]).std() > 0.05
+    assert mpimg.imread(result["figures"]["method3_helpful"]).std() > 0.05
 
 
 def test_agreement_measures():
@@ -126,9 +153,9 @@ def test_agreement_measures():
 
 def test_stability_driver_small(tmp_path, mnist_raw):
     settings = small_settings(tmp_path, train_subset=300, test_ids="loss_rank", test_num=2, test_rank_step=50,
-                              stability={"seeds": [0, 1], "top": 20})
+                              stability={"seeds": [0, 1], "top": 20, "methods": ["method1", "method2", "method3"]})
     result = staTest.main(settings)["tables"]
-    assert set(result) == {"method1", "method2_helpful", "method2_harmful"}
+    assert set(result) == {"method1", "method2_helpful", "method2_harmful", "method3_helpful", "method3_harmful"}
     for table in result.values():
         assert 0 <= table["average"] <= 100 and -1 <= table["spearman"] <= 1
         assert os.path.isfile(table["markdown"]) and os.path.isfile(table["csv"])
