@@ -349,7 +349,7 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
     estimate's norm over the last 10% of the steps (``lissa_last_change``) and ``converged`` =
     that change < 5%.
 
-    A ReLU MLP with NLL loss (:func:`relu_mlp_layers`) runs the same recursion on the same batches
+    A ReLU or softplus MLP with NLL loss (:func:`mlp_layers`) runs the same recursion on the same batches
     with hand-written batched HVPs and its first weight block folded over many steps
     (:func:`_lissa_relu_mlp`; about 4x faster, and few large operations rather than thousands of
     small ones, which matters on a busy machine). Before it runs, its HVP is checked against autograd
@@ -414,12 +414,12 @@ def _settled(info: dict | None, earlier: torch.Tensor | None, final: torch.Tenso
 
 def _checked_relu_mlp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                       cfg: SolverSettings, info: dict | None) -> "ReluMlpHvp | None":
-    """The hand-written MLP HVP for this problem, if its shape is a ReLU MLP with NLL loss and its
-    product matches autograd's on one batch (else None, with a warning in ``info``)."""
-    layers = relu_mlp_layers(problem.model) if problem.sample_loss is nll_sample_loss else None
-    if layers is None:
+    """The hand-written MLP HVP for this problem, if its shape is a ReLU or softplus MLP with NLL loss
+    and its product matches autograd's on one batch (else None, with a warning in ``info``)."""
+    found = mlp_layers(problem.model) if problem.sample_loss is nll_sample_loss else None
+    if found is None:
         return None
-    mlp = ReluMlpHvp(problem, layers)
+    mlp = ReluMlpHvp(problem, *found)
     xb, yb, vb = x[:cfg.hvp_batch_size], y[:cfg.hvp_batch_size], vectors[:2].detach()
     by_hand = mlp.hvp(problem, xb, yb, vb) + problem.l2_reg * vb
     reference = problem.hvp(xb, yb, vb)
@@ -433,40 +433,65 @@ def _checked_relu_mlp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch
     return mlp
 
 
-def relu_mlp_layers(model: nn.Module) -> list[str] | None:
-    """Names of the Linear modules of a ReLU MLP with log-probability output, or None.
+def _softplus_slope(z: torch.Tensor) -> torch.Tensor:
+    return torch.where(z > 20.0, torch.ones_like(z), torch.sigmoid(z))  # F.softplus is z itself above 20
 
-    Recognised from the model's leaf modules in registration order: Linear (ReLU Linear)* LogSoftmax,
-    the first Linear reading the flattened input. Registration order need not be the forward's
-    order, so whoever uses this shape checks a product against autograd first (``lissa`` does)."""
+
+def _softplus_curvature(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return torch.where(z > 20.0, torch.zeros_like(z), s * (1.0 - s))
+
+
+# activation -> (module, function, slope a'(z), curvature a''(z) or None where it is 0 almost everywhere)
+MLP_ACTIVATIONS = {"relu": (nn.ReLU, torch.relu, lambda z: (z > 0).to(z.dtype), None),
+                   "softplus": (nn.Softplus, nn.functional.softplus, _softplus_slope, _softplus_curvature)}
+
+
+def mlp_layers(model: nn.Module) -> tuple[list[str], str] | None:
+    """(names of the Linear modules, activation) of an MLP with log-probability output, or None.
+
+    Recognised from the model's leaf modules in registration order: Linear (act Linear)* LogSoftmax,
+    act one ReLU or default softplus (beta 1, threshold 20) throughout, the first Linear reading the
+    flattened input. Registration order need not be the forward's order, so whoever uses this shape
+    checks a product against autograd first (``lissa`` and ``SgdReplay`` do)."""
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
     kinds = [type(m) for _, m in leaves]
     n_linear = len(kinds) // 2
-    expected = [nn.Linear if i % 2 == 0 else nn.ReLU for i in range(2 * n_linear - 1)] + [nn.LogSoftmax]
-    if n_linear < 1 or kinds != expected:
-        return None
-    return [name for name, m in leaves if isinstance(m, nn.Linear)]
+    for activation, (module, *_rest) in MLP_ACTIVATIONS.items():
+        expected = [nn.Linear if i % 2 == 0 else module for i in range(2 * n_linear - 1)] + [nn.LogSoftmax]
+        default = all(m.beta == 1 and m.threshold == 20 for _, m in leaves if isinstance(m, nn.Softplus))
+        if n_linear >= 1 and kinds == expected and default:
+            return [name for name, m in leaves if isinstance(m, nn.Linear)], activation
+    return None
+
+
+def relu_mlp_layers(model: nn.Module) -> list[str] | None:
+    """Names of the Linear modules of a ReLU MLP with log-probability output (:func:`mlp_layers`), or None."""
+    found = mlp_layers(model)
+    return found[0] if found is not None and found[1] == "relu" else None
 
 
 class ReluMlpHvp:
-    """Exact Hessian-vector products of the batch-mean NLL of a ReLU MLP, by hand, for many batches
-    and many vectors in one set of batched matmuls (Pearlmutter's R-operator).
+    """Exact Hessian-vector products of the batch-mean NLL of a ReLU (or softplus) MLP, by hand, for
+    many batches and many vectors in one set of batched matmuls (Pearlmutter's R-operator).
 
-    With a_0 = x, z_l = a_{l-1} W_l^T + b_l, a_l = relu(z_l), log-softmax on z_L and g_l = dLoss/dz_l,
+    With a_0 = x, z_l = a_{l-1} W_l^T + b_l, a_l = act(z_l), log-softmax on z_L and g_l = dLoss/dz_l,
     a tangent (V_l, c_l) gives
 
-        R z_l = R a_{l-1} W_l^T + a_{l-1} V_l^T + c_l,    R a_l = R z_l * [z_l > 0]   (R a_0 = 0)
+        R z_l = R a_{l-1} W_l^T + a_{l-1} V_l^T + c_l,    R a_l = R z_l * act'(z_l)   (R a_0 = 0)
         R g_L = (p * R z_L - p (p . R z_L)) / B           (p = softmax(z_L), B = batch size)
-        R g_{l-1} = (R g_l W_l + g_l V_l) * [z_{l-1} > 0]
+        R g_{l-1} = (R g_l W_l + g_l V_l) * act'(z_{l-1}) + (g_l W_l) * act''(z_{l-1}) * R z_{l-1}
         [H v]_{W_l} = R g_l^T a_{l-1} + g_l^T R a_{l-1},  [H v]_{b_l} = sum over the batch of R g_l
 
-    (ReLU's second derivative is zero almost everywhere). The first layer's weight is left to the
+    (act' = [z > 0] and act'' = 0 almost everywhere for ReLU; act' = sigmoid, act'' = sigmoid (1 - sigmoid)
+    for softplus). The first layer's weight is left to the
     caller: :meth:`apply` takes ``x V_1^T`` as ``first_pre`` and returns ``R g_1``, whose product with
     the batch, ``R g_1^T x``, is the W_1 block. LiSSA folds that block over many steps into a few large
     matmuls (:func:`_lissa_relu_mlp`). The L2 term is not included.
     """
 
-    def __init__(self, problem: InfluenceProblem, layer_names: list[str]) -> None:
+    def __init__(self, problem: InfluenceProblem, layer_names: list[str], activation: str = "relu") -> None:
+        _, self.act, self.slope, self.curvature = MLP_ACTIVATIONS[activation]
         self.weight_names = [f"{n}.weight" for n in layer_names]
         self.bias_names = [f"{n}.bias" for n in layer_names]
         self.set_parameters({**problem.params, **problem.frozen})
@@ -484,14 +509,19 @@ class ReluMlpHvp:
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             z.append(nn.functional.linear(a[-1], w, b))
             if i < len(self.weights) - 1:
-                a.append(torch.relu(z[-1]))
+                a.append(self.act(z[-1]))
         probs = torch.softmax(z[-1], dim=-1)
         residual = probs - nn.functional.one_hot(y.long(), probs.shape[-1]).to(probs.dtype)  # d loss_i / d z_L
         scale = (x.new_full(y.shape, 1.0) if sample_weights is None else sample_weights.to(x.dtype))[..., None] / x.shape[1]
         g = [residual * scale]
+        slopes = [self.slope(zi) for zi in z[:-1]]
+        bends: list[torch.Tensor | None] = [None] * len(slopes)                # (g_l W_l) * act''(z_{l-1})
         for i in reversed(range(1, len(self.weights))):
-            g.insert(0, (g[0] @ self.weights[i]) * (z[i - 1] > 0))
-        return {"a": a, "masks": [(zi > 0).to(x.dtype) for zi in z[:-1]], "probs": probs, "g": g,
+            back = g[0] @ self.weights[i]
+            if self.curvature is not None:
+                bends[i - 1] = back * self.curvature(z[i - 1])
+            g.insert(0, back * slopes[i - 1])
+        return {"a": a, "masks": slopes, "bends": bends, "probs": probs, "g": g,
                 "residual": residual, "scale": scale}
 
     def apply(self, state: dict, first_pre: torch.Tensor | None, tangents: dict[str, torch.Tensor]
@@ -513,8 +543,9 @@ class ReluMlpHvp:
             dtype=a[0].dtype, device=a[0].device)
         if bias0 is not None:
             rz = rz + bias0[:, :, None, :]
-        ra = [None]
+        ra, rzs = [None], []
         for i in range(1, len(self.weights)):
+            rzs.append(rz)
             ra.append(rz * masks[i - 1][:, None])
             rz = ra[i] @ self.weights[i].T
             if self.weight_names[i] in tangents:
@@ -536,6 +567,8 @@ class ReluMlpHvp:
                 if self.weight_names[i] in tangents:
                     back = back + g[i][:, None] @ tangents[self.weight_names[i]]
                 rg = back * masks[i - 1][:, None]
+                if state["bends"][i - 1] is not None:
+                    rg = rg + state["bends"][i - 1][:, None] * rzs[i - 1]
         return rg, out, logit_tangent
 
     def hvp(self, problem: InfluenceProblem, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -1463,7 +1496,7 @@ class SgdReplay:
     where a_s = dF/dtheta_s and v_s = dF/db_s. The adjoint is linear in a_T, so k test targets walk
     back together as (k, p) blocks. Both step products come from one forward-over-reverse pass: the
     directional derivative of each point's loss along v (its score) and H_s v. Generic models use
-    ``torch.func`` (jvp of grad, vmapped over the k vectors); a ReLU MLP with NLL uses the
+    ``torch.func`` (jvp of grad, vmapped over the k vectors); a ReLU or softplus MLP with NLL uses the
     hand-written R-operator (:class:`ReluMlpHvp`): the score is residual_i . R z_L,i and no per-sample
     gradient is formed. That path is checked against the generic one on the first step it walks.
 
@@ -1485,13 +1518,13 @@ class SgdReplay:
         self.sizes = [t.numel() for t in self.initial]
         self.checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.interval = 0
-        layers = relu_mlp_layers(model) if sample_loss is nll_sample_loss else None
+        found = mlp_layers(model) if sample_loss is nll_sample_loss else None
         self.mlp = None
-        if layers is not None and closed_form is not False:
-            self.mlp = ReluMlpHvp(InfluenceProblem(model, nll_sample_loss, self.names), layers)
+        if found is not None and closed_form is not False:
+            self.mlp = ReluMlpHvp(InfluenceProblem(model, nll_sample_loss, self.names), *found)
         elif closed_form:
-            raise ValueError("closed_form=True needs a ReLU MLP with NLL loss (relu_mlp_layers)")
-        self.info: dict = {"path": "relu_mlp_closed_form" if self.mlp is not None else "torch_func"}
+            raise ValueError("closed_form=True needs a ReLU or softplus MLP with NLL loss (mlp_layers)")
+        self.info: dict = {"path": f"{found[1]}_mlp_closed_form" if self.mlp is not None else "torch_func"}
 
     # ---- flat <-> per-parameter -------------------------------------------------------------------
     @property

@@ -120,10 +120,9 @@ def batch_loss(log_probs: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
 
 def linear_stack(model: nn.Module) -> list[str]:
     """Names of the model's Linear layers in order when it is Linear (act Linear)* then log-softmax,
-    act = ReLU or softplus (:func:`utils_if.relu_mlp_layers`): the shapes the grouped trainer computes by hand."""
-    activation = getattr(model, "activation", "relu")
-    probe = mnist_model() if activation != "relu" else model  # same leaves, ReLU in place of the activation
-    layers = utils_if.relu_mlp_layers(probe) if activation in ("relu", "softplus") else None
+    act = ReLU or softplus (:func:`utils_if.mlp_layers`): the shapes the grouped trainer computes by hand."""
+    found = utils_if.mlp_layers(model)
+    layers = found[0] if found is not None else None
     if layers is None:
         raise ValueError("train_group computes Linear-ReLU stacks with a log-softmax by hand; the MNIST model "
                          "has another shape now: extend train_group or train the models one by one")

@@ -12,9 +12,9 @@ import utils_if as U
 LR, MOM, WD, BATCH = 0.05, 0.9, 0.01, 4
 
 
-def tiny_mlp(seed: int = 0) -> nn.Module:
+def tiny_mlp(seed: int = 0, act=nn.ReLU) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3),
+    return nn.Sequential(nn.Linear(6, 5), act(), nn.Linear(5, 4), act(), nn.Linear(4, 3),
                          nn.LogSoftmax(dim=1)).double()
 
 
@@ -101,6 +101,24 @@ def test_generic_path_equals_unrolled_and_closed_form():
     generic, r = replay_metagradient(tiny_mlp(), run, x, y, x_t, y_t, closed_form=False)
     assert r.info["path"] == "torch_func"
     assert (closed - generic).abs().max() / generic.abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("fold_steps", [1, 32])
+def test_softplus_closed_form_equals_unrolled_autograd_and_the_generic_path(fold_steps):
+    """The R-operator with softplus' second-derivative term (ReLU has none), folded and step by step."""
+    model, (x, y), (x_t, y_t) = tiny_mlp(act=nn.Softplus), data(), data(3, seed=11)
+    run = sgd_run(len(x))
+    replay = U.SgdReplay(model, U.nll_sample_loss, run, x, y, fold_steps=fold_steps)
+    final = replay.forward()
+    grads = U.InfluenceProblem(_with(model, final), U.nll_sample_loss, replay.names).sample_grads(x_t, y_t)
+    mine = replay.metagradient(grads)
+    assert replay.info["path"] == "softplus_mlp_closed_form" and "closed_form_check" not in replay.info
+    reference = unrolled_metagradient(model, run, x, y, x_t, y_t)
+    generic, r = replay_metagradient(model, run, x, y, x_t, y_t, closed_form=False)
+    assert r.info["path"] == "torch_func" and reference.abs().max() > 1e-3
+    assert (mine - reference).abs().max() / reference.abs().max() < 1e-10
+    assert (mine - generic).abs().max() / generic.abs().max() < 1e-12
+    assert U.mlp_layers(tiny_mlp(act=lambda: nn.Softplus(beta=2))) is None  # not the activation the rule knows
 
 
 def test_replay_equals_finite_differences_of_the_run():
