@@ -37,13 +37,16 @@ def stability_settings(settings: dict, seed: int, test_ids=None) -> dict:
 
 
 def run_tag(settings: dict) -> str:
-    """e20b8s0 (+ n1000 for a training subset, + softplus, + optimiser values off the original recipe)."""
+    """e20b8s0 (+ n1000 for a training subset, + softplus, + t2 for threads other than 1 (t0 = all
+    cores), + optimiser values off the original recipe)."""
     cfg = mnist_cfg(settings)
     tag = f"e{cfg['epoch']}b{cfg['batch_size']}s{cfg['seed']}"
     if cfg["train_subset"]:
         tag += f"n{cfg['train_subset']}"
     if cfg["activation"] != "relu":
         tag += cfg["activation"]
+    if settings.get("threads", 1) != 1:  # another thread count sums in another order: other weights, other files
+        tag += f"t{settings['threads']}"
     short = {"learning_rate": "lr", "momentum": "mom", "weight_decay": "wd"}
     for key, default in ORIGINAL_RECIPE.items():
         if cfg[key] != default:

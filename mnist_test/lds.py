@@ -53,7 +53,8 @@ def study_tag(settings: dict) -> str:
     """Readable parts plus a short hash of everything that changes the retrained models' outputs."""
     lds = lds_cfg(settings)
     key = {"recipe": recipe(settings), "train_subset": lds["train_subset"], "test_ids": test_ids(settings),
-           "fraction": lds["subset_fraction"], "seed": lds["seed"]}
+           "fraction": lds["subset_fraction"], "seed": lds["seed"],
+           **({"threads": settings["threads"]} if settings.get("threads", 1) != 1 else {})}  # 1 keeps its old tags
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return f"n{lds['train_subset']}e{lds['epoch']}f{lds['subset_fraction']:g}_{digest}"
 

@@ -49,6 +49,22 @@ def test_mnist_names_other_settings():
     assert "lam1_" in lissa_label  # damp 0.01 x scale 100: the damping LiSSA really applies
 
 
+def test_thread_count_activation_and_method3_settings_change_the_names():
+    """Another thread count sums in another order (other weights): its own files; 1 keeps the old names."""
+    from mnist_test import lds
+    two = opt.deep_merge(BASE, {"threads": 2})
+    for name in (mcommon.model_file(two, "staTest0"), mcommon.m2_file(two), mcommon.m3_file(two)):
+        assert "t2_" in name
+    assert lds.study_tag(two) != lds.study_tag(BASE) and "t1" not in mcommon.run_tag(BASE)
+    smooth = opt.deep_merge(BASE, {"mnist": {"activation": "softplus"}})
+    assert mcommon.model_file(smooth, "staTest0") != mcommon.model_file(BASE, "staTest0")
+    assert lds.study_tag(smooth) != lds.study_tag(BASE)
+    for change in ({"target": "margin"}, {"test_sample_num": 3}, {"top_k": 7}):
+        assert mcommon.m3_file(opt.deep_merge(BASE, {"mnist": {"method3": change}})) != mcommon.m3_file(BASE), change
+    assert mcommon.m3_file(opt.deep_merge(BASE, {"mnist": {"method3": {"checkpoint_interval": 7}}})) == \
+        mcommon.m3_file(BASE)  # the result does not depend on it (tested in test_method3)
+
+
 FFDNET_M2_CHANGES = [{"solver": "cg"}, {"damp": 0.1}, {"scale": 50}, {"l2_reg": 0.01}, {"stochastic": True},
                      {"params": ["main.0"]}, {"max_train_points": 100}, {"window": 3}, {"training_points": 50}]
 
