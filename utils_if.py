@@ -300,7 +300,7 @@ class LissaDiverged(RuntimeError):
 
 @dataclass
 class SolverSettings:
-    solver: str = "lissa"            # lissa | cg | exact | kfac | ekfac | kfac_factored | identity
+    solver: str = "lissa"            # lissa | cg | exact | kfac | ekfac | kfac_factored | arnoldi | identity (| trak)
     damp: float = 0.01
     scale: float = 100.0
     recursion_depth: int = 1000      # LiSSA t (method2.training_points)
@@ -315,6 +315,9 @@ class SolverSettings:
     fisher: str = "true"             # kfac/ekfac: true (labels sampled from the model) | empirical
     kfac_damp_factor: float = 0.1    # kfac/ekfac: lambda per layer = factor * mean eigenvalue
     factor_file: str = ""            # kfac/ekfac: read/write the factors here ("" = recompute)
+    arnoldi_rank: int = 50           # arnoldi: eigenpairs kept
+    arnoldi_iterations: int = 100    # arnoldi: Lanczos steps (full-data HVPs)
+    proj_dim: int = 2048             # trak: projected gradient dimension
     progress: Callable | None = None  # a tqdm-like factory for the long passes (None = silent)
     save: Callable[[str, object], object] | None = None  # writes the factor file (path, state); None = torch.save
 
@@ -326,7 +329,7 @@ class SolverSettings:
             return f"{self.kfac_damp_factor:g} x mean eigenvalue per layer"
         if self.solver == "kfac_factored":
             return f"{self.kfac_damp_factor:g} x mean eigenvalue per layer, split over the two factors"
-        if self.solver == "identity":
+        if self.solver in ("identity", "trak"):
             return 0.0
         return self.damp * self.scale if self.solver == "lissa" else self.damp
 
@@ -714,6 +717,11 @@ def inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tenso
         return curvature.inverse_hvp(vectors), info
     xh, yh = _hessian_subset(x, y, cfg)
     info["hessian_points"] = len(xh)
+    if cfg.solver == "arnoldi":
+        s, more = arnoldi_inverse_hvp(problem, vectors, xh, yh, cfg.arnoldi_rank, cfg.arnoldi_iterations,
+                                      cfg.damp, cfg.chunk_size, cfg.seed)
+        info.update(more)
+        return s, info
     if cfg.solver == "cg":
         def apply_a(d: torch.Tensor) -> torch.Tensor:
             return problem.hvp_full(xh, yh, d, cfg.chunk_size) + cfg.damp * d
@@ -737,7 +745,7 @@ def inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tenso
         info.update(hessian_eig_min=eig[0].item(), hessian_eig_max=eig[-1].item())
         return s, info
     raise ValueError(f"solver {cfg.solver!r}: valid choices are lissa, cg, exact, kfac, "
-                     f"ekfac, kfac_factored, identity")
+                     f"ekfac, kfac_factored, arnoldi, identity")
 
 
 # ============================================================================================
@@ -1419,6 +1427,184 @@ def fraction_found(scores: np.ndarray, positives: np.ndarray, inspected: Iterabl
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     hits = np.cumsum(positives[order])
     return [float(hits[max(int(round(f * len(order))), 1) - 1] / max(positives.sum(), 1)) for f in inspected]
+
+
+# ============================================================================================
+# TRAK (Park et al. 2023) and Arnoldi influence (Schioppa et al. 2022)
+# ============================================================================================
+def trak_margin(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """TRAK's model output per sample: f = log(p_y / (1 - p_y)) = log p_y - logsumexp_{c != y} log p_c
+    (from log-probabilities; stable where p_y is near 1)."""
+    correct = output.gather(1, target[:, None]).squeeze(1)
+    others = output.scatter(1, target[:, None], -torch.inf)
+    return correct - torch.logsumexp(others, dim=1)
+
+
+class KroneckerProjection:
+    """A seeded random projection of per-sample gradients of Linear layers that never forms them.
+
+    A Linear layer's per-sample gradient of (weight | bias) is the rank-one delta a_bar^T (a_bar = the
+    input with a 1 appended for the bias). Projecting it by P_out (x) P_in (P_out: d_out x out, P_in:
+    d_in x (in + 1), i.i.d. N(0, 1/d) entries) gives vec(P_out delta (P_in a_bar)^T): d_out * d_in
+    numbers from two small products per sample (LoGra's structure). The layers' parts are concatenated;
+    ``proj_dim`` is shared over the layers in proportion to their parameter counts, each layer's split
+    between d_out and d_in in proportion to its shape, capped at the layer's own (out, in + 1), where
+    the projection is square and loses nothing. :meth:`dense` is the same projection as an explicit
+    (D, p) matrix in the problem's parameter order (for tests).
+    """
+
+    def __init__(self, problem: InfluenceProblem, proj_dim: int, seed: int = 0) -> None:
+        owners = capturable_owners(problem)
+        if owners is None or not all(isinstance(m, nn.Linear) and m.bias is not None for m in owners.values()) or \
+                set(problem.param_names) != {f"{n}.{k}" for n in owners for k in ("weight", "bias")}:
+            raise ValueError("TRAK's Kronecker projection needs every chosen parameter to be the weight and "
+                             "bias of a Linear layer (method2.params: [] on the MNIST MLP)")
+        self.owners = owners
+        total = sum(m.weight.numel() + m.bias.numel() for m in owners.values())
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, module in owners.items():
+            out, width = module.out_features, module.in_features + 1
+            share = max(1.0, proj_dim * out * width / total)
+            d_out = int(min(out, max(1, round(math.sqrt(share * out / width)))))
+            d_in = int(min(width, max(1, round(share / d_out))))
+            dtype, device = module.weight.dtype, module.weight.device
+            self.factors[name] = (
+                (torch.randn(d_out, out, generator=generator, dtype=torch.float64) / math.sqrt(d_out)).to(dtype).to(device),
+                (torch.randn(d_in, width, generator=generator, dtype=torch.float64) / math.sqrt(d_in)).to(dtype).to(device))
+        self.dim = sum(po.shape[0] * pi.shape[0] for po, pi in self.factors.values())
+
+    def features(self, problem: InfluenceProblem, x: torch.Tensor, y: torch.Tensor,
+                 output: SampleLoss = trak_margin, chunk_size: int = 10000) -> torch.Tensor:
+        """(n, D): the projected per-sample gradients of ``output`` (default TRAK's margin)."""
+        parts = []
+        for s in range(0, len(x), chunk_size):
+            captured, deltas = _capture(problem, self.owners, x[s:s + chunk_size], y[s:s + chunk_size], output)
+            pieces = []
+            for (name, _module), delta in zip(self.owners.items(), deltas):
+                a = captured[name][0].detach().reshape(len(delta), -1)
+                a_bar = torch.cat([a, a.new_ones(len(a), 1)], dim=1)
+                p_out, p_in = self.factors[name]
+                pieces.append(((delta @ p_out.T)[:, :, None] * (a_bar @ p_in.T)[:, None, :]).reshape(len(a), -1))
+            parts.append(torch.cat(pieces, dim=1))
+        return torch.cat(parts)
+
+    def dense(self, problem: InfluenceProblem) -> torch.Tensor:
+        """The projection as an explicit (D, p) matrix over ``problem``'s flat parameter vector."""
+        blocks = {}
+        for name, (p_out, p_in) in self.factors.items():
+            full = torch.kron(p_out, p_in).reshape(p_out.shape[0] * p_in.shape[0], p_out.shape[1], p_in.shape[1])
+            blocks[f"{name}.weight"] = full[:, :, :-1].reshape(len(full), -1)
+            blocks[f"{name}.bias"] = full[:, :, -1]
+        rows, offset = [], 0
+        for name in self.owners:
+            d = blocks[f"{name}.weight"].shape[0]
+            row = torch.zeros(d, problem.num_params, dtype=blocks[f"{name}.weight"].dtype,
+                              device=blocks[f"{name}.weight"].device)
+            start = 0
+            for pname, size in zip(problem.param_names, problem.sizes):
+                if pname in (f"{name}.weight", f"{name}.bias"):
+                    row[:, start:start + size] = blocks[pname]
+                start += size
+            rows.append(row)
+            offset += d
+        return torch.cat(rows)
+
+
+def trak_scores(problem: InfluenceProblem, x_test: torch.Tensor, y_test: torch.Tensor, x_train: torch.Tensor,
+                y_train: torch.Tensor, proj_dim: int, seed: int = 0, ridge: float = 1e-6,
+                chunk_size: int = 10000) -> tuple[torch.Tensor, dict]:
+    """TRAK's attribution of one model (Park et al. 2023, Eq. 16 with M = 1), (k, n):
+
+        tau(t, i) = phi_t^T (Phi^T Phi)^-1 phi_i * (1 - p_i)
+
+    phi = P grad_theta f (f = :func:`trak_margin`, P = :class:`KroneckerProjection`), Phi the (n, D)
+    features of the training set, p_i the model's probability of training point i's label. The kernel
+    is solved in float64 with a ridge of ``ridge`` x its mean diagonal (0 = none; D > n needs one).
+    Positive = the point raises the test margin (it helped), the project's convention; an ensemble is
+    the mean of the models' scores (TRAK averages the models' kernel terms, then multiplies by the
+    mean (1 - p)). Returns (scores, info)."""
+    import time
+    start = time.perf_counter()
+    projection = KroneckerProjection(problem, proj_dim, seed)
+    phi = projection.features(problem, x_train, y_train, chunk_size=chunk_size).double()
+    phi_test = projection.features(problem, x_test, y_test, chunk_size=chunk_size).double()
+    kernel = phi.T @ phi
+    if ridge:
+        kernel.diagonal().add_(ridge * kernel.diagonal().mean())
+    weighted = torch.linalg.solve(kernel, phi_test.T)                            # (D, k)
+    with torch.no_grad():
+        probs = torch.cat([problem._output(problem.params, x_train[s:s + chunk_size]).exp().gather(
+            1, y_train[s:s + chunk_size, None]).squeeze(1) for s in range(0, len(x_train), chunk_size)]).double()
+    scores = (weighted.T @ phi.T) * (1.0 - probs)[None, :]
+    info = {"solver": "trak", "proj_dim": projection.dim, "ridge": ridge, "effective_damping": 0.0,
+            "converged": True, "seconds_total": round(time.perf_counter() - start, 3)}
+    return scores.to(x_train.dtype), info
+
+
+def lanczos_eigenpairs(apply: Callable[[torch.Tensor], torch.Tensor], dim: int, iterations: int, seed: int = 0,
+                       dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ritz pairs of a symmetric operator from ``iterations`` Lanczos steps with full
+    re-orthogonalisation (the symmetric case of Arnoldi's iteration): (values (m,), vectors (dim, m)),
+    values ascending. ``apply`` maps a (1, dim) row to (1, dim). The extreme eigenvalues converge
+    first; with iterations = dim the pairs are the exact eigendecomposition (up to rounding). When the
+    Krylov space closes (an invariant subspace: repeated eigenvalues, e.g. dead ReLU units), the
+    iteration restarts from a fresh random vector orthogonal to the basis (off-diagonal 0)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(dim, generator=generator, dtype=torch.float64).to(device)
+    basis = [q / q.norm()]
+    alphas, betas = [], []
+    for j in range(min(iterations, dim)):
+        w = apply(basis[j][None].to(dtype))[0].to(torch.float64)
+        alphas.append(float(basis[j] @ w))
+        stacked = torch.stack(basis)
+        for _ in range(2):  # full re-orthogonalisation, twice (Kahan's "twice is enough")
+            w = w - stacked.T @ (stacked @ w)
+        beta = float(w.norm())
+        if j + 1 == min(iterations, dim):
+            break
+        if beta < 1e-10 * max(1.0, max(abs(a) for a in alphas)):  # invariant subspace: restart
+            w = torch.randn(dim, generator=generator, dtype=torch.float64).to(device)
+            for _ in range(2):
+                w = w - stacked.T @ (stacked @ w)
+            betas.append(0.0)
+            basis.append(w / w.norm())
+            continue
+        betas.append(beta)
+        basis.append(w / beta)
+    m = len(alphas)
+    tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        off = torch.tensor(betas[:m - 1], dtype=torch.float64)
+        tri += torch.diag(off, 1) + torch.diag(off, -1)
+    values, small = torch.linalg.eigh(tri)
+    return values.to(device), torch.stack(basis[:m]).T @ small.to(device)
+
+
+def arnoldi_inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                        rank: int, iterations: int, damp: float, chunk_size: int = 10000, seed: int = 0
+                        ) -> tuple[torch.Tensor, dict]:
+    """Arnoldi influence's solve (Schioppa et al. 2022): (H + damp I)^-1 restricted to the top-``rank``
+    eigenspace of H (the training objective's Hessian, L2 term included), from Lanczos on exact
+    full-data HVPs:
+
+        s = U_r diag(1 / (lambda_j + damp)) U_r^T v
+
+    with (lambda_j, U_r) the ``rank`` Ritz pairs of largest |lambda| out of ``iterations`` steps (the
+    paper keeps the dominant eigenvalues). Directions outside the subspace are dropped, not damped.
+    Returns (s (k, p), info with the eigenvalues kept)."""
+    def apply(row: torch.Tensor) -> torch.Tensor:
+        return problem.hvp_full(x, y, row, chunk_size)
+    values, vecs = lanczos_eigenpairs(apply, problem.num_params, iterations, seed, device=vectors.device)
+    keep = torch.argsort(values.abs(), descending=True)[:rank]
+    values, vecs = values[keep], vecs[:, keep]
+    coefficients = (vectors.detach().double() @ vecs) / (values + damp)[None, :]
+    info = {"arnoldi_rank": len(keep), "arnoldi_iterations": iterations,
+            "arnoldi_eig_max": float(values.max()), "arnoldi_eig_min_kept": float(values.abs().min())}
+    if bool(((values + damp).abs() < 1e-8).any()):
+        info["warning"] = "Arnoldi: a kept eigenvalue is -damp: its direction blows up (raise method2.damp)"
+    return (coefficients @ vecs.T).to(vectors.dtype), info
 
 
 # ============================================================================================

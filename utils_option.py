@@ -148,7 +148,7 @@ def _choice(*options: str):
 LDS_METHODS = ("m1_batch_raw", "m1_batch_normalized", "m1_per_sample_raw", "m1_per_sample_normalized",
                "if_ekfac", "if_kfac", "if_kfac_factored", "if_exact_last", "if_lissa", "if_lissa_deep", "if_cg",
                "grad_dot", "grad_cos", "ensemble_m1_batch_raw", "ensemble_if_ekfac", "ensemble_if_kfac_factored",
-               "ensemble_grad_dot", "m3_replay")
+               "ensemble_grad_dot", "m3_replay", "if_arnoldi", "trak", "ensemble_trak")
 
 SCHEMA: dict[str, tuple] = {
     "output_dir": ("str", None),
@@ -223,7 +223,11 @@ SCHEMA: dict[str, tuple] = {
     "mnist.method3.top_k": ("int", (1, 60000)),
     "mnist.method3.if_dir": ("str", None),
     "mnist.method2.mode": ("str", None),
-    "mnist.method2.solver": _choice("lissa", "cg", "exact", "kfac", "ekfac", "kfac_factored", "identity", "tracin"),
+    "mnist.method2.solver": _choice("lissa", "cg", "exact", "kfac", "ekfac", "kfac_factored", "arnoldi", "identity",
+                                    "tracin", "trak"),
+    "mnist.method2.proj_dim": ("int", (1, None)),
+    "mnist.method2.arnoldi_rank": ("int", (1, None)),
+    "mnist.method2.arnoldi_iterations": ("int", (1, None)),
     "mnist.method2.fisher": _choice("true", "empirical"),
     "mnist.method2.kfac_damp_factor": ("float", (0.0, None)),
     "mnist.method2.write_unconverged": ("bool", None),
@@ -465,6 +469,10 @@ def solver_file_part(m2: dict) -> str:
         detail = f"lam{m2['damp']:g}h{m2['hessian_points']}"
     elif solver in KRONECKER_SOLVERS:
         detail = f"{m2.get('fisher', 'true')}df{m2.get('kfac_damp_factor', 0.1):g}"
+    elif solver == "arnoldi":
+        detail = f"r{m2['arnoldi_rank']}it{m2['arnoldi_iterations']}lam{m2['damp']:g}h{m2['hessian_points']}"
+    elif solver == "trak":
+        detail = f"d{m2['proj_dim']}"
     else:  # identity, tracin: no Hessian
         detail = "nohess"
     params = "_p" + "+".join(m2["params"]) if m2["params"] else ""
@@ -483,6 +491,8 @@ def solver_settings(m2: dict, seed: int):
         cg_max_iter=m2["cg_max_iter"], hessian_points=m2["hessian_points"],
         exact_max_params=m2["exact_max_params"], chunk_size=m2["chunk_size"], seed=seed,
         fisher=m2.get("fisher", "true"), kfac_damp_factor=float(m2.get("kfac_damp_factor", 0.1)),
+        arnoldi_rank=m2.get("arnoldi_rank", 50), arnoldi_iterations=m2.get("arnoldi_iterations", 100),
+        proj_dim=m2.get("proj_dim", 2048),
         progress=progress, save=lambda path, state: save_torch(path, state))
 
 

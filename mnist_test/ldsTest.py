@@ -45,9 +45,12 @@ SOLVERS = {
     "if_exact_last": ({"solver": "exact", "params": ["main.4"]}, False),
     "grad_dot": ({"solver": "identity"}, False),
     "if_lissa": ({"solver": "lissa"}, True),
+    "if_arnoldi": ({"solver": "arnoldi", "damp": 0.01}, False),
+    "trak": ({"solver": "trak"}, False),
 }
 ENSEMBLE_SOURCES = {"ensemble_m1_batch_raw": "m1_batch_raw", "ensemble_if_ekfac": "if_ekfac",
-                    "ensemble_if_kfac_factored": "if_kfac_factored", "ensemble_grad_dot": "grad_dot"}
+                    "ensemble_if_kfac_factored": "if_kfac_factored", "ensemble_grad_dot": "grad_dot",
+                    "ensemble_trak": "trak"}
 
 
 def run_stage(module, path: str, settings: dict, log) -> None:

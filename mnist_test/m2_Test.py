@@ -56,6 +56,10 @@ def main(settings: dict) -> dict:
                 info = {"solver": "tracin", "checkpoints": len(checkpoints), "effective_damping": 0.0,
                         "converged": True, "seconds_test_grads": 0.0, "seconds_s_test": 0.0,
                         "seconds_sweep": round(total.elapsed(), 3)}
+            elif solver.solver == "trak":  # not an inverse-HVP: gradients of TRAK's margin, a kernel
+                influence, info = utils_if.trak_scores(problem, x_test, y_test, train.images, train.labels,
+                                                       solver.proj_dim, cfg["seed"], chunk_size=solver.chunk_size)
+                info.update(seconds_test_grads=0.0, seconds_s_test=0.0, seconds_sweep=info["seconds_total"])
             else:
                 influence, info = utils_if.compute_influences(problem, x_test, y_test, train.images,
                                                               train.labels, solver)

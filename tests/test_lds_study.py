@@ -13,7 +13,8 @@ from mnist_test import lds, ldsTest
 from tests.conftest import small_settings
 
 TINY = {"train_subset": 300, "test_ids": 6, "num_subsets": 6, "seeds_per_subset": 2, "epoch": 2,
-        "group_size": 4, "methods": ["m1_batch_raw", "if_ekfac", "grad_dot", "if_cg", "ensemble_if_ekfac"],
+        "group_size": 4, "methods": ["m1_batch_raw", "if_ekfac", "grad_dot", "if_cg", "ensemble_if_ekfac", "trak",
+                                     "ensemble_trak", "if_arnoldi"],
         "ensemble_seeds": [0, 1], "solver_test_num": 3, "cg_damps": [1.0], "cg_max_iter": 30, "bootstrap": 50,
         "ekfac_damp_factors": [], "kfac_factored_damp_factors": [],
         "loo": {"test_num": 1, "k": 2, "seeds": 2, "rank_by": "if_ekfac"}}
@@ -39,7 +40,8 @@ def test_table_rows_and_resume(tiny_study):
     settings, first = tiny_study
     assert first["trained"] == {"subsets": 12, "loo": 2 + 2 * len(ldsTest.loo_points(first_plan(first)))}
     rows = {r["method"]: r for r in first["rows"]}
-    assert set(rows) == {"m1_batch_raw", "if_ekfac", "grad_dot", "if_cg_d1", "ensemble_if_ekfac"}
+    assert set(rows) == {"m1_batch_raw", "if_ekfac", "grad_dot", "if_cg_d1", "ensemble_if_ekfac", "trak",
+                         "ensemble_trak", "if_arnoldi"}
     assert rows["if_cg_d1"]["test_images"] == 3 and rows["if_ekfac"]["test_images"] == 6
     for r in rows.values():
         assert -1 <= r["lds"] <= 1 and r["lds_low"] <= r["lds"] <= r["lds_high"]
