@@ -59,6 +59,18 @@ def study_tag(settings: dict) -> str:
     return f"n{lds['train_subset']}e{lds['epoch']}f{lds['subset_fraction']:g}_{digest}"
 
 
+def report_tag(settings: dict) -> str:
+    """The report's files: the study, the setting, and a short hash of what changes the table but not
+    the retrained models (methods, ensemble seeds, LOO plan, drop fractions, M, test counts), so that
+    two tables made with other choices never overwrite each other."""
+    lds = lds_cfg(settings)
+    keys = ("setting", "methods", "ensemble_seeds", "loo", "drop_fractions", "num_subsets", "seeds_per_subset",
+            "solver_test_num", "method3_test_num", "lissa_deep", "cg_damps", "cg_max_iter", "ekfac_damp_factors",
+            "kfac_factored_damp_factors", "bootstrap")
+    digest = hashlib.sha1(json.dumps({k: lds[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:6]
+    return f"{study_tag(settings)}{'_single' if lds['setting'] == 'single_model' else ''}_r{digest}"
+
+
 def study_folder(settings: dict, *parts: str) -> str:
     return opt.output_folder(settings, "lds", study_tag(settings), *parts)
 

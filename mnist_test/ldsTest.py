@@ -22,7 +22,7 @@ Resumable (every retrained model is one small JSON; finished ones are skipped) a
 torchrun --nproc_per_node=K mnist_test/ldsTest.py shares the models across K processes.
 
 Writes: lds/{study}/subsets/m{m}_s{s}.json, lds/{study}/loo/...json, lds/{study}/loo_plan.json;
-        test/lds_{study}.{md,csv,json}; fig/lds_{study}.png
+        test/lds_{report}.{md,csv,json}; fig/lds_{report}.png ({report} = {study}[_single]_r{hash of the table choices})
 """
 import os
 import sys
@@ -314,7 +314,7 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
             noise["replicate_spearman"] = lds.finite_mean(utils_if.spearman_columns(per[:, 0], per[:, 1]))
     main_key = min(studies, key=lambda k: abs(studies[k]["drop"] - 0.05)) if single else "algorithm"
     main = per_study[main_key]
-    tag = lds.study_tag(settings) + ("_single" if single else "")
+    tag = lds.report_tag(settings)
     loo_cfg = lcfg["loo"]
     if single:
         noise.update(single_model_noise(settings, ids, loo, loo_loss, device, main))

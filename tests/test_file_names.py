@@ -52,6 +52,8 @@ def test_mnist_names_other_settings():
 def test_thread_count_activation_and_method3_settings_change_the_names():
     """Another thread count sums in another order (other weights): its own files; 1 keeps the old names."""
     from mnist_test import lds
+    assert lds.report_tag(opt.deep_merge(BASE, {"mnist": {"lds": {"methods": ["trak"]}}})) != lds.report_tag(BASE)
+    assert "_single_" in lds.report_tag(opt.deep_merge(BASE, {"mnist": {"lds": {"setting": "single_model"}}}))
     two = opt.deep_merge(BASE, {"threads": 2})
     for name in (mcommon.model_file(two, "staTest0"), mcommon.m2_file(two), mcommon.m3_file(two)):
         assert "t2_" in name
