@@ -112,7 +112,8 @@ def main() -> None:
         print(f"| {r['recipe']} | " + " | ".join(f"{r['lds'][k]:.3f}" if k in r["lds"] else "" for k in keys)
               + f" | {r['test_accuracy']:.4f} | {r['seconds']} |")
     path = opt.output_path(settings, "bench", f"m3_smoothness_n{args.train_subset}e{args.epochs}d{args.drop:g}"
-                                              f"m{args.subsets}t{args.tests}.json")
+                                              f"m{args.subsets}t{args.tests}_{args.recipes.replace(',', '+')}"
+                                              f"_sec{args.secant_recipes.replace(',', '+')}.json")
     opt.write_json(path, {"args": vars(args), "results": results})
     print(f"written: {path}")
 
