@@ -1369,6 +1369,11 @@ def influence_chunks(problem: InfluenceProblem, x_test: torch.Tensor, y_test: to
                 yield start, curvature.factored_pair_scores(test_io, train_io)
             return
         solve = curvature.inverse_hvp
+    elif cfg.solver == "trak":  # not a solve: TRAK's kernel, its training side computed once
+        trak = Trak(problem, x_train, y_train, cfg.proj_dim, cfg.seed, chunk_size=cfg.chunk_size)
+        for start in range(0, len(x_test), test_chunk):
+            yield start, trak.scores(x_test[start:start + test_chunk], y_test[start:start + test_chunk])
+        return
     elif cfg.solver == "identity":
         def solve(v: torch.Tensor) -> torch.Tensor:
             return v
@@ -1511,35 +1516,59 @@ class KroneckerProjection:
         return torch.cat(rows)
 
 
-def trak_scores(problem: InfluenceProblem, x_test: torch.Tensor, y_test: torch.Tensor, x_train: torch.Tensor,
-                y_train: torch.Tensor, proj_dim: int, seed: int = 0, ridge: float = 1e-6,
-                chunk_size: int = 10000) -> tuple[torch.Tensor, dict]:
-    """TRAK's attribution of one model (Park et al. 2023, Eq. 16 with M = 1), (k, n):
+class Trak:
+    """TRAK's attribution of one model (Park et al. 2023, Eq. 16 with M = 1):
 
         tau(t, i) = phi_t^T (Phi^T Phi)^-1 phi_i * (1 - p_i)
 
     phi = P grad_theta f (f = :func:`trak_margin`, P = :class:`KroneckerProjection`), Phi the (n, D)
-    features of the training set, p_i the model's probability of training point i's label. The kernel
-    is solved in float64 with a ridge of ``ridge`` x its mean diagonal (0 = none; D > n needs one).
-    Positive = the point raises the test margin (it helped), the project's convention; an ensemble is
-    the mean of the models' scores (TRAK averages the models' kernel terms, then multiplies by the
-    mean (1 - p)). Returns (scores, info)."""
+    features of the training set, p_i the model's probability of training point i's label. The
+    training side (Phi, the kernel's LU factors, 1 - p) is computed once; :meth:`scores` serves any
+    number of test chunks. The kernel is factored in float64 with a ridge of ``ridge`` x its mean
+    diagonal (0 = none; D > n needs one). Positive = the point raises the test margin (it helped),
+    the project's convention; an ensemble is the mean of the models' scores (TRAK averages the
+    models' kernel terms, then multiplies by the mean (1 - p))."""
+
+    def __init__(self, problem: InfluenceProblem, x_train: torch.Tensor, y_train: torch.Tensor, proj_dim: int,
+                 seed: int = 0, ridge: float = 1e-6, chunk_size: int = 10000) -> None:
+        self.problem, self.ridge, self.chunk_size = problem, ridge, chunk_size
+        self.projection = KroneckerProjection(problem, proj_dim, seed)
+        self.phi = self.projection.features(problem, x_train, y_train, chunk_size=chunk_size).double()
+        kernel = self.phi.T @ self.phi
+        if ridge:
+            kernel.diagonal().add_(ridge * kernel.diagonal().mean())
+        self.lu = torch.linalg.lu_factor(kernel)  # LU, not Cholesky: without a ridge the kernel may be singular to rounding
+        with torch.no_grad():
+            probs = torch.cat([problem._output(problem.params, x_train[s:s + chunk_size]).exp().gather(
+                1, y_train[s:s + chunk_size, None]).squeeze(1) for s in range(0, len(x_train), chunk_size)])
+        self.weights = 1.0 - probs.double()
+
+    def scores(self, x_test: torch.Tensor, y_test: torch.Tensor) -> torch.Tensor:
+        """(k, n) TRAK scores of the training points for k test points."""
+        phi_test = self.projection.features(self.problem, x_test, y_test, chunk_size=self.chunk_size).double()
+        weighted = torch.linalg.lu_solve(*self.lu, phi_test.T)                    # (D, k)
+        return ((weighted.T @ self.phi.T) * self.weights[None, :]).to(x_test.dtype)
+
+    def self_influence(self) -> torch.Tensor:
+        """(n,) tau(i, i) = phi_i^T (Phi^T Phi)^-1 phi_i (1 - p_i): each point's leverage, weighted."""
+        leverage = torch.cat([(torch.linalg.lu_solve(*self.lu, block.T).T * block).sum(1)
+                              for block in self.phi.split(self.chunk_size)])
+        return leverage * self.weights
+
+    def info(self) -> dict:
+        return {"solver": "trak", "proj_dim": self.projection.dim, "ridge": self.ridge, "effective_damping": 0.0,
+                "converged": True}
+
+
+def trak_scores(problem: InfluenceProblem, x_test: torch.Tensor, y_test: torch.Tensor, x_train: torch.Tensor,
+                y_train: torch.Tensor, proj_dim: int, seed: int = 0, ridge: float = 1e-6,
+                chunk_size: int = 10000) -> tuple[torch.Tensor, dict]:
+    """:class:`Trak`'s scores (k, n) for one set of test points, and its info (with the seconds)."""
     import time
     start = time.perf_counter()
-    projection = KroneckerProjection(problem, proj_dim, seed)
-    phi = projection.features(problem, x_train, y_train, chunk_size=chunk_size).double()
-    phi_test = projection.features(problem, x_test, y_test, chunk_size=chunk_size).double()
-    kernel = phi.T @ phi
-    if ridge:
-        kernel.diagonal().add_(ridge * kernel.diagonal().mean())
-    weighted = torch.linalg.solve(kernel, phi_test.T)                            # (D, k)
-    with torch.no_grad():
-        probs = torch.cat([problem._output(problem.params, x_train[s:s + chunk_size]).exp().gather(
-            1, y_train[s:s + chunk_size, None]).squeeze(1) for s in range(0, len(x_train), chunk_size)]).double()
-    scores = (weighted.T @ phi.T) * (1.0 - probs)[None, :]
-    info = {"solver": "trak", "proj_dim": projection.dim, "ridge": ridge, "effective_damping": 0.0,
-            "converged": True, "seconds_total": round(time.perf_counter() - start, 3)}
-    return scores.to(x_train.dtype), info
+    trak = Trak(problem, x_train, y_train, proj_dim, seed, ridge, chunk_size)
+    scores = trak.scores(x_test, y_test)
+    return scores, {**trak.info(), "seconds_total": round(time.perf_counter() - start, 3)}
 
 
 def lanczos_eigenpairs(apply: Callable[[torch.Tensor], torch.Tensor], dim: int, iterations: int, seed: int = 0,

@@ -104,9 +104,9 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
     With method2.self_influence, the self-influence of every training image is written too."""
     import numpy as np
     m2 = common.mnist_cfg(settings)["method2"]
-    if solver.solver not in (*utils_if.KRONECKER_SOLVERS, "identity"):
+    if solver.solver not in (*utils_if.KRONECKER_SOLVERS, "identity", "trak"):
         raise opt.SettingsError(f'mnist.test_ids = "all" needs a fast solver: set mnist.method2.solver to '
-                                f'kfac_factored (fastest), ekfac, kfac or identity (now {solver.solver!r}; '
+                                f'kfac_factored (fastest), ekfac, kfac, trak or identity (now {solver.solver!r}; '
                                 f'lissa/cg would take hours)')
     n_test, n_train, k = len(test), len(train), m2["top_k"]
     path = common.m2_file(settings)
@@ -152,6 +152,9 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
         with opt.Timer() as self_timer:
             if solver.solver == "identity":
                 values = utils_if.sample_grad_sq_norms(problem, train.images, train.labels, solver.chunk_size)
+            elif solver.solver == "trak":
+                values = utils_if.Trak(problem, train.images, train.labels, solver.proj_dim, solver.seed,
+                                       chunk_size=solver.chunk_size).self_influence()
             else:
                 curvature = utils_if.kronecker_curvature(problem, train.images, train.labels, solver, logger.info)
                 values = curvature.self_influence(train.images, train.labels, solver.chunk_size)

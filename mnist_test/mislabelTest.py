@@ -102,6 +102,10 @@ def main(settings: dict) -> dict:
         scores["K-FAC (factored damping) self-influence"] = curvature.self_influence(data.images, data.labels)
     seconds["K-FAC (factored damping) self-influence"] = t.seconds
     with opt.Timer() as t:
+        trak = utils_if.Trak(problem, data.images, data.labels, cfg["method2"]["proj_dim"], mis["seed"])
+        scores["TRAK self-influence"] = trak.self_influence()
+    seconds["TRAK self-influence"] = t.seconds
+    with opt.Timer() as t:
         checkpoints = []
         for state in record["checkpoints"]:
             m = mnist_model(cfg["activation"]).to(device)

@@ -39,6 +39,13 @@ def test_all_pairs_matrix_topk_and_self_influence(tmp_path, mnist_raw):
     assert opt.os.path.isfile(factors)
     with pytest.raises(opt.SettingsError, match="600-million"):
         m1_Test.main(settings)
+    trak = opt.deep_merge(settings, {"mnist": {"method2": {"solver": "trak", "proj_dim": 64, "save_matrix": "none"}}})
+    trak_record = opt.read_json(m2_Test.main(trak)["if_file"], "m2_Test")
+    scores = utils_if.Trak(problem, train.images, train.labels, 64, seed=0).scores(
+        test.images[[7]], test.labels[[7]])[0]
+    assert trak_record["7"]["helpful"] == utils_if.top_indices(scores, 5)
+    leverage = np.array(trak_record["self_influence"])
+    assert leverage.shape == (200,) and (leverage >= 0).all()
     bad = opt.deep_merge(settings, {"mnist": {"method2": {"solver": "lissa"}}})
     with pytest.raises(opt.SettingsError, match="fast solver"):
         m2_Test.main(bad)
@@ -83,7 +90,7 @@ def test_mislabel_study_small(tmp_path, mnist_raw):
     result = mislabelTest.main(settings)
     rows = {r["ranking"]: r for r in result["rows"]}
     assert set(rows) == {"EK-FAC self-influence", "K-FAC (factored damping) self-influence", "TracIn self-influence",
-                         "Method 1 total gradient norm", "training loss", "random"}
+                         "TRAK self-influence", "Method 1 total gradient norm", "training loss", "random"}
     # real signal: every informed ranking beats chance clearly on 100 flipped labels; random does not
     for name in ("EK-FAC self-influence", "K-FAC (factored damping) self-influence", "TracIn self-influence",
                  "training loss"):
