@@ -1969,3 +1969,175 @@ class _NoBar:
 def _step_bar(progress: Callable | None, total: int, desc: str):
     """A bar from the caller's tqdm-like factory, or one that shows nothing."""
     return progress(total=total, desc=desc, unit="step") if progress else _NoBar()
+
+
+@dataclass
+class AdamRun:
+    """One Adam run as replay needs it (torch.optim.Adam: no weight decay, no amsgrad): ``orders``
+    (steps, batch) holds each step's training points; ``data_weights`` (n,) weight each point's loss
+    (None = 1 for all). The batch loss is sum_i w_i l_i / |B|."""
+    learning_rate: float
+    orders: torch.Tensor
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    data_weights: torch.Tensor | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return self.orders.shape[0]
+
+    def batch(self, step: int) -> torch.Tensor:
+        return self.orders[step]
+
+
+class AdamReplay:
+    """Method 3 through an Adam run (the FFDNet fine-tuning): d F(theta_T) / d w_i for every training
+    point's data weight, exactly, by reverse mode through every step (Ilyas & Engstrom 2025 do Adam too).
+
+    The run (torch.optim.Adam, step t = 1..T, g_t = grad L_t(theta_{t-1}), L_t = sum_{i in B_t} w_i l_i / |B|):
+
+        m_t = b1 m_{t-1} + (1 - b1) g_t,    v_t = b2 v_{t-1} + (1 - b2) g_t^2,
+        theta_t = theta_{t-1} - c1_t m_t / d_t,   d_t = sqrt(v_t) c2_t + eps,
+        c1_t = lr / (1 - b1^t),   c2_t = 1 / sqrt(1 - b2^t).
+
+    Walking back from A = grad F(theta_T), M = V = 0 (the adjoints of theta_t, m_t, v_t), each step does
+
+        M += -A c1_t / d_t,     V += A c1_t c2_t m_t / (2 d_t^2 sqrt(v_t))     (0 where v_t = 0),
+        G  = (1 - b1) M + 2 (1 - b2) g_t V                                      (= dF/dg_t),
+        dF/dw_i += G . grad l_i(theta_{t-1}) / |B|  for i in B_t,
+        A += H_t G,   M *= b1,   V *= b2,
+
+    H_t the Hessian of L_t at theta_{t-1}. Both products come from one jvp of grad (torch.func, vmapped
+    over the k targets), with the per-sample losses as aux: no per-sample gradient is formed, for any
+    model (Conv2d included). ``inputs`` are the model's inputs, each indexed by the batch (FFDNet:
+    (noisy, sigma)); ``targets`` the loss's. Memory: (theta, m, v) every ``checkpoint_interval`` steps
+    and, per step of one segment, theta, m and v again (3p floats), plus 3kp for the adjoints.
+    """
+
+    def __init__(self, model: nn.Module, sample_loss: SampleLoss, run: AdamRun, inputs: tuple[torch.Tensor, ...],
+                 targets: torch.Tensor) -> None:
+        self.model, self.sample_loss, self.run, self.inputs, self.targets = model, sample_loss, run, inputs, targets
+        named = dict(model.named_parameters())
+        self.names = [n for n, p in named.items() if p.requires_grad]
+        self.initial = [named[n].detach().clone() for n in self.names]
+        self.frozen = {**{n: p.detach() for n, p in named.items() if n not in self.names}, **dict(model.named_buffers())}
+        self.shapes = [t.shape for t in self.initial]
+        self.sizes = [t.numel() for t in self.initial]
+        self.checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.interval = 0
+        self.info: dict = {"path": "torch_func"}
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.sizes)
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        lead = flat.shape[:-1]
+        return [piece.reshape(*lead, *shape) for piece, shape in zip(torch.split(flat, self.sizes, dim=-1), self.shapes)]
+
+    @staticmethod
+    def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+    def _batch(self, step: int):
+        idx = self.run.batch(step)
+        weights = None if self.run.data_weights is None else self.run.data_weights[idx]
+        return tuple(t[idx] for t in self.inputs), self.targets[idx], weights
+
+    def _loss(self, params: dict, inputs, target, weights):
+        losses = self.sample_loss(functional_call(self.model, {**params, **self.frozen}, inputs), target)
+        return (losses.mean() if weights is None else weighted_batch_loss(losses, weights)), losses
+
+    def _steps(self, start: int, stop: int, state: tuple, store: torch.Tensor | None = None) -> tuple:
+        """Adam steps start..stop-1 (0-based) from flat (theta, m, v); ``store`` (stop-start, 3, p) gets
+        each step's (theta before, m after, v after). torch.optim.Adam itself, so the replay of a run
+        made the same way reproduces it to the bit."""
+        theta, m, v = state
+        leaves = [t.clone().requires_grad_(True) for t in self._split(theta)]
+        optimizer = torch.optim.Adam(leaves, lr=self.run.learning_rate, betas=self.run.betas, eps=self.run.eps)
+        if start:
+            for leaf, mi, vi in zip(leaves, self._split(m), self._split(v)):
+                optimizer.state[leaf].update(step=torch.tensor(float(start)), exp_avg=mi.clone(), exp_avg_sq=vi.clone())
+        for step in range(start, stop):
+            before = self._flat(leaves) if store is not None else None
+            loss, _ = self._loss(dict(zip(self.names, leaves)), *self._batch(step))
+            for leaf, g in zip(leaves, torch.autograd.grad(loss, leaves)):
+                leaf.grad = g
+            optimizer.step()
+            if store is not None:
+                store[step - start, 0] = before
+                store[step - start, 1] = self._flat([optimizer.state[p]["exp_avg"] for p in leaves])
+                store[step - start, 2] = self._flat([optimizer.state[p]["exp_avg_sq"] for p in leaves])
+        return (self._flat(leaves), self._flat([optimizer.state[p]["exp_avg"] for p in leaves]),
+                self._flat([optimizer.state[p]["exp_avg_sq"] for p in leaves]))
+
+    def forward(self, checkpoint_interval: int = 0, progress: Callable | None = None) -> dict[str, torch.Tensor]:
+        """Replay the run from the model's weights, keeping (theta, m, v) every ``checkpoint_interval``
+        steps (0 = about sqrt(T)). Returns the final trainable parameters by name."""
+        total = self.run.num_steps
+        self.interval = checkpoint_interval or max(1, int(math.ceil(math.sqrt(total))))
+        theta = self._flat(self.initial)
+        state = (theta, torch.zeros_like(theta), torch.zeros_like(theta))
+        self.checkpoints = {}
+        bar = _step_bar(progress, total, "replay forward")
+        for start in range(0, total, self.interval):
+            self.checkpoints[start] = state
+            stop = min(start + self.interval, total)
+            state = self._steps(start, stop, state)
+            bar.update(stop - start)
+        bar.close()
+        return dict(zip(self.names, self._split(state[0])))
+
+    def _products(self, theta: torch.Tensor, step: int, m_adj: torch.Tensor, v_adj: torch.Tensor):
+        """G = dF/dg_t (k, p) from the adjoints of m_t and v_t, then (per-sample directional derivatives
+        G . grad l_i (k, B), H_t G (k, p)) at step ``step``."""
+        (b1, b2) = self.run.betas
+        inputs, target, weights = self._batch(step)
+        primal = dict(zip(self.names, self._split(theta)))
+        grad_and_samples = grad(lambda p: self._loss(p, inputs, target, weights), has_aux=True)
+        g = self._flat_batched(grad_and_samples(primal)[0])
+        tangents = (1 - b1) * m_adj + 2 * (1 - b2) * g * v_adj
+
+        def one(vector):
+            _, (hv, directional) = torch.func.jvp(grad_and_samples, (primal,), (dict(zip(self.names, self._split(vector))),))
+            return directional, self._flat_batched(hv)
+        return vmap(one)(tangents)
+
+    def _flat_batched(self, tensors: dict) -> torch.Tensor:
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def metagradient(self, target_grads: torch.Tensor, progress: Callable | None = None) -> torch.Tensor:
+        """dF_t/dw_i (k, n) float64 for k targets whose gradients at the final weights are the rows of
+        ``target_grads`` (k, p) over the trainable parameters. Needs :meth:`forward` first."""
+        if not self.checkpoints:
+            raise RuntimeError("AdamReplay.metagradient: run forward() first (it keeps the checkpoints)")
+        run, total = self.run, self.run.num_steps
+        (b1, b2), eps, lr = run.betas, run.eps, run.learning_rate
+        dtype = self.initial[0].dtype
+        a = target_grads.detach().to(dtype).clone()
+        m_adj, v_adj = torch.zeros_like(a), torch.zeros_like(a)
+        n = len(self.targets)
+        scores = torch.zeros(len(a), n, dtype=torch.float64, device=a.device)
+        store = torch.empty(self.interval, 3, self.num_params, dtype=dtype, device=a.device)
+        bar = _step_bar(progress, total, "replay backward")
+        for start in sorted(self.checkpoints, reverse=True):
+            stop = min(start + self.interval, total)
+            self._steps(start, stop, self.checkpoints[start], store=store)
+            for step in reversed(range(start, stop)):
+                theta, m, v = store[step - start]
+                t = step + 1
+                c1, c2 = lr / (1 - b1 ** t), 1.0 / math.sqrt(1 - b2 ** t)
+                root = v.sqrt()
+                d = root * c2 + eps
+                m_adj.add_(a * (-c1 / d))
+                safe = torch.where(root > 0, root, torch.ones_like(root))
+                v_adj.add_(a * torch.where(root > 0, c1 * c2 * m / (2 * d * d * safe), torch.zeros_like(root)))
+                directional, hv = self._products(theta, step, m_adj, v_adj)
+                idx = run.batch(step)
+                scores.index_add_(1, idx, directional.to(torch.float64) / len(idx))
+                a.add_(hv)
+                m_adj.mul_(b1)
+                v_adj.mul_(b2)
+            bar.update(stop - start)
+        bar.close()
+        return scores
