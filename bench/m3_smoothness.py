@@ -10,8 +10,12 @@ measured one by the single-model LDS (Spearman over the subsets, mean over the t
   secant           per subset, the mean of the metagradients at --nodes points on the straight path
                    from w = 1 to the subset's weights (midpoint rule): the integral of the tangent
                    along the path, which is the exact change where the run is continuous in w
-The last column is the test accuracy of the base run (all 10,000 test images), so that a user can
-choose a recipe. Prints one table and writes the numbers to results/bench/m3_smoothness_*.json.
+Two more columns: the test accuracy of the base run (all 10,000 test images), so that a user can
+choose a recipe; and the run's sensitivity ("chaos"): one point's weight moved by 1% (1 -> 0.99), the
+whole run retrained, the mean |change| of the test losses divided by the change the metagradient
+predicts (about 1 for a run that responds linearly to small changes; 1,000 means small changes are
+amplified far beyond their first-order effect, and no first-order method can predict the run's
+single-model counterfactuals). Prints one table and writes the numbers to results/bench/m3_smoothness_*.json.
 
 Usage: python bench/m3_smoothness.py [--train_subset 2000] [--epochs 5] [--subsets 20] [--drop 0.05]
        [--tests 50] [--nodes 3] [--recipes report,lr0.001,batch32,softplus] [--threads 1]
@@ -75,8 +79,14 @@ def study(name: str, cfg: dict, data, test, args) -> dict:
             rows.append((change[m] @ mean.T).numpy())
         predicted[f"secant ({args.nodes} nodes)"] = np.stack(rows)
     scores = {key: float(np.nanmean(utils_if.spearman_columns(value, measured))) for key, value in predicted.items()}
+    nudged = torch.ones(n)
+    nudged[0] -= 1e-2
+    model, _ = training.train_model(data, cfg, 0, cpu, show_progress=False, data_weights=nudged)
+    moved = np.array(lds.outputs_of(model.state_dict(), x_t, y_t, cfg["activation"])["loss"]) - base_loss
+    tangent = metagradients(cfg, data, None, x_t, y_t)[:, 0].numpy() * -1e-2  # predicted change (T,)
+    chaos = float(np.abs(moved).mean() / max(np.abs(tangent).mean(), 1e-30))
     ratio = float(np.median(np.abs(predicted["tangent w=1"]).mean(0) / np.abs(measured).mean(0)))
-    return {"recipe": name, "cfg": cfg, "test_accuracy": accuracy, "lds": scores,
+    return {"recipe": name, "cfg": cfg, "test_accuracy": accuracy, "lds": scores, "chaos_ratio": chaos,
             "typical_measured_change": float(np.abs(measured).mean()), "size_ratio_tangent": ratio,
             "seconds": round(time.perf_counter() - start, 1)}
 
@@ -106,11 +116,11 @@ def main() -> None:
     keys = list(dict.fromkeys(k for r in results for k in r["lds"]))
     print(f"\nsingle-model LDS, {args.train_subset} images x {args.epochs} epochs, {args.subsets} subsets at a "
           f"{args.drop:g} drop, {args.tests} test images, {torch.get_num_threads()} thread(s)")
-    print("| recipe | " + " | ".join(keys) + " | test accuracy | seconds |")
-    print("|---|" + "---|" * (len(keys) + 2))
+    print("| recipe | " + " | ".join(keys) + " | test accuracy | chaos (1% nudge: measured / predicted) | seconds |")
+    print("|---|" + "---|" * (len(keys) + 3))
     for r in results:
         print(f"| {r['recipe']} | " + " | ".join(f"{r['lds'][k]:.3f}" if k in r["lds"] else "" for k in keys)
-              + f" | {r['test_accuracy']:.4f} | {r['seconds']} |")
+              + f" | {r['test_accuracy']:.4f} | {r['chaos_ratio']:.3g} | {r['seconds']} |")
     path = opt.output_path(settings, "bench", f"m3_smoothness_n{args.train_subset}e{args.epochs}d{args.drop:g}"
                                               f"m{args.subsets}t{args.tests}_{args.recipes.replace(',', '+')}"
                                               f"_sec{args.secant_recipes.replace(',', '+')}.json")
