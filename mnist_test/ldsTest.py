@@ -318,11 +318,13 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
     loo_cfg = lcfg["loo"]
     if single:
         noise.update(single_model_noise(settings, ids, loo, loo_loss, device, main))
+        replica = noise.get("replica_mean_abs_loss_change")
         noise_line = (f"Single-model setting: every subset model is the base run (seed {lcfg['ensemble_seeds'][0]}, same "
                       f"order) with the dropped points weighted 0, trained by the grouped trainer. Its replica of the base "
-                      f"run (all weights 1) differs from Train.py's model by {noise.get('replica_mean_abs_loss_change', float('nan')):.2g} "
-                      f"in test loss on average (rounding, grown through training); dropping "
-                      f"{studies[main_key]['drop']:g} of the points moves it by {noise['typical_drop_effect']:.2g}.")
+                      + (f"run (all weights 1) differs from Train.py's model by {replica:.2g} in test loss on average "
+                         f"(rounding, grown through training); " if replica is not None else
+                         "run is not measured (it is the LOO baseline: set lds.loo.test_num > 0); ")
+                      + f"dropping {studies[main_key]['drop']:g} of the points moves it by {noise['typical_drop_effect']:.2g}.")
     else:
         noise_line = ("Training noise: two seeds of the same subset agree with Spearman "
                       + (f"{noise['replicate_spearman']:.3f}." if "replicate_spearman" in noise
@@ -337,9 +339,11 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
     text = lds.markdown_table(main["rows"], failed, lcfg) + (
         f"\n\nLDS: Spearman over {len(main['masks'])} subsets ({main_key}: {main['masks'][0].sum()} of "
         f"{main['masks'].shape[1]} images kept) between predicted and measured test loss; mean over test images, "
-        f"bootstrap 95% interval. {noise_line}\nLOO: {len(plan['tests'])} test images x {3 * loo_cfg['k']} removals "
-        f"(top-{loo_cfg['k']} helpful/harmful by {plan['rank_by']}, {loo_cfg['k']} random), "
-        + ("the base run with the point weighted 0." if single else f"{loo_cfg['seeds']} seeds each."))
+        f"bootstrap 95% interval. {noise_line}\n" + (
+            f"LOO: {len(plan['tests'])} test images x {3 * loo_cfg['k']} removals (top-{loo_cfg['k']} helpful/harmful "
+            f"by {plan['rank_by']}, {loo_cfg['k']} random), "
+            + ("the base run with the point weighted 0." if single else f"{loo_cfg['seeds']} seeds each.")
+            if plan["tests"] else "LOO: not run (lds.loo.test_num = 0)."))
     if single and len(curves) > 1:
         text += "\n\nSingle-model LDS (loss) per drop fraction:\n\n" + lds.curve_table(curves)
     logger.info("\n" + text)
