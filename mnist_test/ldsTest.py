@@ -164,6 +164,8 @@ def cosine(settings: dict, dot: np.ndarray, ids: list[int], device) -> dict:
 def loo_plan(settings: dict, methods: dict, n_train: int, logger) -> dict:
     """The points removed for each LOO test image (top-k helpful, top-k harmful by rank_by, k random)."""
     loo = lds.lds_cfg(settings)["loo"]
+    if not loo["test_num"]:  # no leave-one-out: no ranking needed (rank_by may name a method not computed)
+        return {"rank_by": loo["rank_by"], "k": loo["k"], "tests": []}
     if loo["rank_by"] not in methods:
         raise opt.SettingsError(f"mnist.lds.loo.rank_by = {loo['rank_by']!r} is not among the computed "
                                 f"methods {sorted(methods)}")

@@ -59,6 +59,12 @@ def test_table_rows_and_resume(tiny_study):
     assert ldsTest.main(settings)["trained"] == {"subsets": 0, "loo": 0}
 
 
+def test_without_leave_one_out_rank_by_need_not_be_computed():
+    plan = ldsTest.loo_plan({"mnist": {"lds": {"loo": {"test_num": 0, "k": 5, "rank_by": "if_ekfac"}}}},
+                            {"trak": {}}, 100, None)
+    assert plan["tests"] == []
+
+
 def first_plan(result):
     return opt.read_json(result["json"], "ldsTest")["loo_plan"]
 
