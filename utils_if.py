@@ -1501,7 +1501,7 @@ class KroneckerProjection:
             full = torch.kron(p_out, p_in).reshape(p_out.shape[0] * p_in.shape[0], p_out.shape[1], p_in.shape[1])
             blocks[f"{name}.weight"] = full[:, :, :-1].reshape(len(full), -1)
             blocks[f"{name}.bias"] = full[:, :, -1]
-        rows, offset = [], 0
+        rows = []
         for name in self.owners:
             d = blocks[f"{name}.weight"].shape[0]
             row = torch.zeros(d, problem.num_params, dtype=blocks[f"{name}.weight"].dtype,
@@ -1512,7 +1512,6 @@ class KroneckerProjection:
                     row[:, start:start + size] = blocks[pname]
                 start += size
             rows.append(row)
-            offset += d
         return torch.cat(rows)
 
 
@@ -1581,6 +1580,12 @@ def lanczos_eigenpairs(apply: Callable[[torch.Tensor], torch.Tensor], dim: int, 
     Krylov space closes (an invariant subspace: repeated eigenvalues, e.g. dead ReLU units), the
     iteration restarts from a fresh random vector orthogonal to the basis (off-diagonal 0)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def orthogonal(w: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):  # full re-orthogonalisation, twice (Kahan's "twice is enough")
+            w = w - stacked.T @ (stacked @ w)
+        return w
+
     q = torch.randn(dim, generator=generator, dtype=torch.float64).to(device)
     basis = [q / q.norm()]
     alphas, betas = [], []
@@ -1588,15 +1593,12 @@ def lanczos_eigenpairs(apply: Callable[[torch.Tensor], torch.Tensor], dim: int, 
         w = apply(basis[j][None].to(dtype))[0].to(torch.float64)
         alphas.append(float(basis[j] @ w))
         stacked = torch.stack(basis)
-        for _ in range(2):  # full re-orthogonalisation, twice (Kahan's "twice is enough")
-            w = w - stacked.T @ (stacked @ w)
+        w = orthogonal(w, stacked)
         beta = float(w.norm())
         if j + 1 == min(iterations, dim):
             break
         if beta < 1e-10 * max(1.0, max(abs(a) for a in alphas)):  # invariant subspace: restart
-            w = torch.randn(dim, generator=generator, dtype=torch.float64).to(device)
-            for _ in range(2):
-                w = w - stacked.T @ (stacked @ w)
+            w = orthogonal(torch.randn(dim, generator=generator, dtype=torch.float64).to(device), stacked)
             betas.append(0.0)
             basis.append(w / w.norm())
             continue
@@ -1693,7 +1695,54 @@ class SgdRun:
         return self.orders[epoch, position * self.batch_size:(position + 1) * self.batch_size]
 
 
-class SgdReplay:
+class _Replay:
+    """What every Method-3 replay shares: the replayed parameters as flat vectors, and the forward
+    replay that keeps the optimiser's state every ``checkpoint_interval`` steps. A subclass sets
+    ``run`` (with ``num_steps``), calls :meth:`_keep` with the parameters it replays, and defines
+    ``_start_state()`` (the flat state before step 0, parameters first) and
+    ``_steps(start, stop, state, store=None)`` (the state after step stop-1)."""
+
+    def _keep(self, model: nn.Module, names: list[str]) -> None:
+        named = dict(model.named_parameters())
+        self.names = names
+        self.initial = [named[n].detach().clone() for n in names]
+        self.shapes = [t.shape for t in self.initial]
+        self.sizes = [t.numel() for t in self.initial]
+        self.checkpoints: dict[int, tuple] = {}
+        self.interval = 0
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.sizes)
+
+    @staticmethod
+    def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        lead = flat.shape[:-1]
+        return [piece.reshape(*lead, *shape) for piece, shape in
+                zip(torch.split(flat, self.sizes, dim=-1), self.shapes)]
+
+    def forward(self, checkpoint_interval: int = 0, progress: Callable | None = None) -> dict[str, torch.Tensor]:
+        """Replay the whole run from the model's initial weights, keeping the state every
+        ``checkpoint_interval`` steps (0 = about sqrt(T)). Returns the final parameters by name.
+        ``progress``: a tqdm-like factory for a bar (None = silent)."""
+        total = self.run.num_steps
+        self.interval = checkpoint_interval or max(1, int(math.ceil(math.sqrt(total))))
+        state = self._start_state()
+        self.checkpoints = {}
+        bar = _step_bar(progress, total, "replay forward")
+        for start in range(0, total, self.interval):
+            self.checkpoints[start] = state
+            stop = min(start + self.interval, total)
+            state = self._steps(start, stop, state)
+            bar.update(stop - start)
+        bar.close()
+        return dict(zip(self.names, self._split(state[0])))
+
+
+class SgdReplay(_Replay):
     """Method 3: d F(theta_T) / d w for every training point's data weight w_i, exactly, by reverse
     mode through every step of one SGD run (Ilyas & Engstrom 2025, "MAGIC"; Maclaurin et al. 2015).
 
@@ -1725,14 +1774,8 @@ class SgdReplay:
                  y: torch.Tensor, closed_form: bool | None = None, fold_steps: int = 32) -> None:
         self.model, self.sample_loss, self.run, self.x, self.y = model, sample_loss, run, x, y
         self.fold_steps = fold_steps  # MLP path: steps per folded block of the first weight (1 = step by step)
-        named = dict(model.named_parameters())
-        self.names = list(named)
-        self.initial = [named[n].detach().clone() for n in self.names]
+        self._keep(model, [n for n, _ in model.named_parameters()])
         self.buffers = dict(model.named_buffers())
-        self.shapes = [t.shape for t in self.initial]
-        self.sizes = [t.numel() for t in self.initial]
-        self.checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.interval = 0
         found = mlp_layers(model) if sample_loss is nll_sample_loss else None
         self.mlp = None
         if found is not None and closed_form is not False:
@@ -1741,28 +1784,18 @@ class SgdReplay:
             raise ValueError("closed_form=True needs a ReLU or softplus MLP with NLL loss (mlp_layers)")
         self.info: dict = {"path": f"{found[1]}_mlp_closed_form" if self.mlp is not None else "torch_func"}
 
-    # ---- flat <-> per-parameter -------------------------------------------------------------------
-    @property
-    def num_params(self) -> int:
-        return sum(self.sizes)
-
-    def _flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        lead = flat.shape[:-1]
-        return [piece.reshape(*lead, *shape) for piece, shape in
-                zip(torch.split(flat, self.sizes, dim=-1), self.shapes)]
-
     # ---- forward: the run itself ------------------------------------------------------------------
     def _weights(self, idx: torch.Tensor) -> torch.Tensor | None:
         return None if self.run.data_weights is None else self.run.data_weights[idx]
 
-    def _steps(self, start: int, stop: int, params: torch.Tensor, buffer: torch.Tensor | None,
+    def _start_state(self) -> tuple[torch.Tensor, None]:
+        return self._flat(self.initial), None  # (theta, b): no momentum buffer before the first step
+
+    def _steps(self, start: int, stop: int, state: tuple[torch.Tensor, torch.Tensor | None],
                store: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run steps start..stop-1 from flat (theta, b); ``store`` (stop-start, p) receives each
         step's theta_s. Returns the flat (theta, b) after step stop-1."""
-        run = self.run
+        run, (params, buffer) = self.run, state
         leaves = [t.clone().requires_grad_(True) for t in self._split(params)]
         optimizer = torch.optim.SGD(leaves, lr=run.learning_rate, momentum=run.momentum,
                                     weight_decay=run.weight_decay)
@@ -1782,24 +1815,6 @@ class SgdReplay:
             optimizer.step()
         buffers = [optimizer.state[leaf].get("momentum_buffer") for leaf in leaves]
         return self._flat(leaves), None if buffers[0] is None else self._flat(buffers)
-
-    def forward(self, checkpoint_interval: int = 0, progress: Callable | None = None) -> dict[str, torch.Tensor]:
-        """Replay the whole run from the model's initial weights, keeping (theta, b) every
-        ``checkpoint_interval`` steps (0 = about sqrt(T)). Returns the final parameters by name.
-        ``progress``: a tqdm-like factory for a bar (None = silent)."""
-        total = self.run.num_steps
-        self.interval = checkpoint_interval or max(1, int(math.ceil(math.sqrt(total))))
-        params, buffer = self._flat(self.initial), None
-        self.checkpoints = {}
-        bar = _step_bar(progress, total, "replay forward")
-        for start in range(0, total, self.interval):
-            self.checkpoints[start] = (params, buffer)
-            stop = min(start + self.interval, total)
-            params, buffer = self._steps(start, stop, params, buffer)
-            bar.update(stop - start)
-        bar.close()
-        self.final = params
-        return dict(zip(self.names, self._split(params)))
 
     # ---- backward: the metagradient ---------------------------------------------------------------
     def _products_generic(self, params: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
@@ -1930,7 +1945,7 @@ class SgdReplay:
         bar = _step_bar(progress, total, "replay backward")
         for start in sorted(self.checkpoints, reverse=True):
             stop = min(start + self.interval, total)
-            self._steps(start, stop, *self.checkpoints[start], store=store)
+            self._steps(start, stop, self.checkpoints[start], store=store)
             walk = list(reversed(range(start, stop)))
             if not checked:
                 step = walk[0]
@@ -1990,7 +2005,7 @@ class AdamRun:
         return self.orders[step]
 
 
-class AdamReplay:
+class AdamReplay(_Replay):
     """Method 3 through an Adam run (the FFDNet fine-tuning): d F(theta_T) / d w_i for every training
     point's data weight, exactly, by reverse mode through every step (Ilyas & Engstrom 2025 do Adam too).
 
@@ -2017,27 +2032,10 @@ class AdamReplay:
     def __init__(self, model: nn.Module, sample_loss: SampleLoss, run: AdamRun, inputs: tuple[torch.Tensor, ...],
                  targets: torch.Tensor) -> None:
         self.model, self.sample_loss, self.run, self.inputs, self.targets = model, sample_loss, run, inputs, targets
-        named = dict(model.named_parameters())
-        self.names = [n for n, p in named.items() if p.requires_grad]
-        self.initial = [named[n].detach().clone() for n in self.names]
-        self.frozen = {**{n: p.detach() for n, p in named.items() if n not in self.names}, **dict(model.named_buffers())}
-        self.shapes = [t.shape for t in self.initial]
-        self.sizes = [t.numel() for t in self.initial]
-        self.checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.interval = 0
+        self._keep(model, [n for n, p in model.named_parameters() if p.requires_grad])
+        self.frozen = {**{n: p.detach() for n, p in model.named_parameters() if n not in self.names},
+                       **dict(model.named_buffers())}
         self.info: dict = {"path": "torch_func"}
-
-    @property
-    def num_params(self) -> int:
-        return sum(self.sizes)
-
-    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        lead = flat.shape[:-1]
-        return [piece.reshape(*lead, *shape) for piece, shape in zip(torch.split(flat, self.sizes, dim=-1), self.shapes)]
-
-    @staticmethod
-    def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.detach().reshape(-1) for t in tensors])
 
     def _batch(self, step: int):
         idx = self.run.batch(step)
@@ -2066,27 +2064,16 @@ class AdamReplay:
             optimizer.step()
             if store is not None:
                 store[step - start, 0] = before
-                store[step - start, 1] = self._flat([optimizer.state[p]["exp_avg"] for p in leaves])
-                store[step - start, 2] = self._flat([optimizer.state[p]["exp_avg_sq"] for p in leaves])
-        return (self._flat(leaves), self._flat([optimizer.state[p]["exp_avg"] for p in leaves]),
-                self._flat([optimizer.state[p]["exp_avg_sq"] for p in leaves]))
+                store[step - start, 1:] = torch.stack(self._moments(optimizer, leaves))
+        return (self._flat(leaves), *self._moments(optimizer, leaves))
 
-    def forward(self, checkpoint_interval: int = 0, progress: Callable | None = None) -> dict[str, torch.Tensor]:
-        """Replay the run from the model's weights, keeping (theta, m, v) every ``checkpoint_interval``
-        steps (0 = about sqrt(T)). Returns the final trainable parameters by name."""
-        total = self.run.num_steps
-        self.interval = checkpoint_interval or max(1, int(math.ceil(math.sqrt(total))))
+    def _moments(self, optimizer: torch.optim.Adam, leaves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adam's (m, v) of ``leaves``, flat."""
+        return tuple(self._flat([optimizer.state[p][key] for p in leaves]) for key in ("exp_avg", "exp_avg_sq"))
+
+    def _start_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         theta = self._flat(self.initial)
-        state = (theta, torch.zeros_like(theta), torch.zeros_like(theta))
-        self.checkpoints = {}
-        bar = _step_bar(progress, total, "replay forward")
-        for start in range(0, total, self.interval):
-            self.checkpoints[start] = state
-            stop = min(start + self.interval, total)
-            state = self._steps(start, stop, state)
-            bar.update(stop - start)
-        bar.close()
-        return dict(zip(self.names, self._split(state[0])))
+        return theta, torch.zeros_like(theta), torch.zeros_like(theta)  # (theta, m, v)
 
     def _products(self, theta: torch.Tensor, step: int, m_adj: torch.Tensor, v_adj: torch.Tensor):
         """G = dF/dg_t (k, p) from the adjoints of m_t and v_t, then (per-sample directional derivatives
