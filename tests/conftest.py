@@ -65,6 +65,21 @@ def two_train_images(tmp_path, skimage_wheel):
                         [("astronaut.png", "test_001.png"), ("chelsea.png", "test_002.png")], 180)
 
 
+def central_differences(targets_at, n: int, eps: float = 1e-6):
+    """(k, n) central finite differences of ``targets_at(w)`` ((k,) targets of a run made with data
+    weights w, float64) in each of the n weights around w = 1: Method 3's independent check."""
+    import torch
+    columns = []
+    for i in range(n):
+        values = []
+        for sign in (1, -1):
+            w = torch.ones(n, dtype=torch.float64)
+            w[i] += sign * eps
+            values.append(targets_at(w))
+        columns.append((values[0] - values[1]) / (2 * eps))
+    return torch.stack(columns, dim=1)
+
+
 def small_settings(tmp_path, **mnist_overrides) -> dict:
     """The repo's settings with a temp output_dir and a small, fast MNIST configuration."""
     base = {"epoch": 1, "train_subset": 600, "test_ids": [0, 1, 2], "test_num": 3,
