@@ -1973,6 +1973,15 @@ class SgdReplay(_Replay):
         return scores
 
 
+def replay_error(final: dict[str, torch.Tensor], model: nn.Module) -> float:
+    """Relative distance ||theta_replayed - theta_model|| / ||theta_model|| over the model's trainable
+    parameters: how far a Method-3 replay ended from the run it claims to replay."""
+    saved = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    diff = sum(float((final[n] - p.detach()).pow(2).sum()) for n, p in saved.items())
+    size = sum(float(p.detach().pow(2).sum()) for p in saved.values())
+    return (diff / max(size, 1e-30)) ** 0.5
+
+
 class _NoBar:
     def update(self, _: int) -> None:
         pass
@@ -2025,8 +2034,9 @@ class AdamReplay(_Replay):
     H_t the Hessian of L_t at theta_{t-1}. Both products come from one jvp of grad (torch.func, vmapped
     over the k targets), with the per-sample losses as aux: no per-sample gradient is formed, for any
     model (Conv2d included). ``inputs`` are the model's inputs, each indexed by the batch (FFDNet:
-    (noisy, sigma)); ``targets`` the loss's. Memory: (theta, m, v) every ``checkpoint_interval`` steps
-    and, per step of one segment, theta, m and v again (3p floats), plus 3kp for the adjoints.
+    (noisy, sigma)); ``targets`` the loss's. Memory (:meth:`state_floats`): (theta, m, v) every
+    ``checkpoint_interval`` steps and, per step of one segment, theta, m, v and the gradient (4p
+    floats), plus 3kp for the adjoints.
     """
 
     def __init__(self, model: nn.Module, sample_loss: SampleLoss, run: AdamRun, inputs: tuple[torch.Tensor, ...],
@@ -2047,9 +2057,9 @@ class AdamReplay(_Replay):
         return (losses.mean() if weights is None else weighted_batch_loss(losses, weights)), losses
 
     def _steps(self, start: int, stop: int, state: tuple, store: torch.Tensor | None = None) -> tuple:
-        """Adam steps start..stop-1 (0-based) from flat (theta, m, v); ``store`` (stop-start, 3, p) gets
-        each step's (theta before, m after, v after). torch.optim.Adam itself, so the replay of a run
-        made the same way reproduces it to the bit."""
+        """Adam steps start..stop-1 (0-based) from flat (theta, m, v); ``store`` (stop-start, 4, p) gets
+        each step's (theta before, m after, v after, the batch gradient). torch.optim.Adam itself, so the
+        replay of a run made the same way reproduces it to the bit."""
         theta, m, v = state
         leaves = [t.clone().requires_grad_(True) for t in self._split(theta)]
         optimizer = torch.optim.Adam(leaves, lr=self.run.learning_rate, betas=self.run.betas, eps=self.run.eps)
@@ -2059,12 +2069,14 @@ class AdamReplay(_Replay):
         for step in range(start, stop):
             before = self._flat(leaves) if store is not None else None
             loss, _ = self._loss(dict(zip(self.names, leaves)), *self._batch(step))
-            for leaf, g in zip(leaves, torch.autograd.grad(loss, leaves)):
+            grads = torch.autograd.grad(loss, leaves)
+            for leaf, g in zip(leaves, grads):
                 leaf.grad = g
             optimizer.step()
             if store is not None:
                 store[step - start, 0] = before
-                store[step - start, 1:] = torch.stack(self._moments(optimizer, leaves))
+                store[step - start, 1:3] = torch.stack(self._moments(optimizer, leaves))
+                store[step - start, 3] = self._flat(list(grads))
         return (self._flat(leaves), *self._moments(optimizer, leaves))
 
     def _moments(self, optimizer: torch.optim.Adam, leaves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2075,14 +2087,14 @@ class AdamReplay(_Replay):
         theta = self._flat(self.initial)
         return theta, torch.zeros_like(theta), torch.zeros_like(theta)  # (theta, m, v)
 
-    def _products(self, theta: torch.Tensor, step: int, m_adj: torch.Tensor, v_adj: torch.Tensor):
-        """G = dF/dg_t (k, p) from the adjoints of m_t and v_t, then (per-sample directional derivatives
-        G . grad l_i (k, B), H_t G (k, p)) at step ``step``."""
+    def _products(self, theta: torch.Tensor, g: torch.Tensor, step: int, m_adj: torch.Tensor, v_adj: torch.Tensor):
+        """G = dF/dg_t (k, p) from the adjoints of m_t and v_t and the step's gradient g, then
+        (per-sample directional derivatives G . grad l_i (k, B), H_t G (k, p)) at step ``step``: one
+        forward-over-reverse pass per target, the k targets vmapped."""
         (b1, b2) = self.run.betas
         inputs, target, weights = self._batch(step)
         primal = dict(zip(self.names, self._split(theta)))
         grad_and_samples = grad(lambda p: self._loss(p, inputs, target, weights), has_aux=True)
-        g = self._flat_batched(grad_and_samples(primal)[0])
         tangents = (1 - b1) * m_adj + 2 * (1 - b2) * g * v_adj
 
         def one(vector):
@@ -2092,6 +2104,12 @@ class AdamReplay(_Replay):
 
     def _flat_batched(self, tensors: dict) -> torch.Tensor:
         return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def state_floats(self, targets: int) -> int:
+        """Floats the walk back holds for ``targets`` targets (after :meth:`forward`): the checkpoints,
+        one segment's stored steps, the three adjoints and the scores (activations come on top)."""
+        return (3 * len(self.checkpoints) + 4 * self.interval + 3 * targets) * self.num_params \
+            + targets * len(self.targets)
 
     def metagradient(self, target_grads: torch.Tensor, progress: Callable | None = None) -> torch.Tensor:
         """dF_t/dw_i (k, n) float64 for k targets whose gradients at the final weights are the rows of
@@ -2105,13 +2123,13 @@ class AdamReplay(_Replay):
         m_adj, v_adj = torch.zeros_like(a), torch.zeros_like(a)
         n = len(self.targets)
         scores = torch.zeros(len(a), n, dtype=torch.float64, device=a.device)
-        store = torch.empty(self.interval, 3, self.num_params, dtype=dtype, device=a.device)
+        store = torch.empty(self.interval, 4, self.num_params, dtype=dtype, device=a.device)
         bar = _step_bar(progress, total, "replay backward")
         for start in sorted(self.checkpoints, reverse=True):
             stop = min(start + self.interval, total)
             self._steps(start, stop, self.checkpoints[start], store=store)
             for step in reversed(range(start, stop)):
-                theta, m, v = store[step - start]
+                theta, m, v, g = store[step - start]
                 t = step + 1
                 c1, c2 = lr / (1 - b1 ** t), 1.0 / math.sqrt(1 - b2 ** t)
                 root = v.sqrt()
@@ -2119,7 +2137,7 @@ class AdamReplay(_Replay):
                 m_adj.add_(a * (-c1 / d))
                 safe = torch.where(root > 0, root, torch.ones_like(root))
                 v_adj.add_(a * torch.where(root > 0, c1 * c2 * m / (2 * d * d * safe), torch.zeros_like(root)))
-                directional, hv = self._products(theta, step, m_adj, v_adj)
+                directional, hv = self._products(theta, g, step, m_adj, v_adj)
                 idx = run.batch(step)
                 scores.index_add_(1, idx, directional.to(torch.float64) / len(idx))
                 a.add_(hv)

@@ -305,7 +305,7 @@ SCHEMA: dict[str, tuple] = {
     "ffdnet.method2.window": ("int", (0, 64)),
     "ffdnet.method2.top_k": ("int", (1, None)),
     "ffdnet.explain.test_images": ("int", (1, 100)),
-    "ffdnet.explain.rankings": ("subset", ("m2_window", "m2_whole", "m1", "random")),
+    "ffdnet.explain.rankings": ("subset", ("m3_window", "m3_whole", "m2_window", "m2_whole", "m1", "random")),
     "ffdnet.explain.manipulations": ("subset", ("remove", "corrupt")),
     "ffdnet.explain.k_values": ("int_list", None),
     "ffdnet.explain.seeds": ("int", (1, 100)),
@@ -315,6 +315,9 @@ SCHEMA: dict[str, tuple] = {
     "ffdnet.explain.finetune.learning_rate": ("float", (0.0, None)),
     "ffdnet.explain.finetune.batch_size": ("int", (1, None)),
     "ffdnet.explain.maps": ("int", (0, 100)),
+    "ffdnet.method3.checkpoint_interval": ("int", (0, None)),
+    "ffdnet.method3.replay_tolerance": ("float", (0.0, None)),
+    "ffdnet.method3.top_k": ("int", (1, None)),
 }
 
 
@@ -450,6 +453,18 @@ def run_script(main: Callable[[dict], Any], description: str) -> Any:
     with bad settings and missing inputs reported in one line (exit status 2)."""
     settings = script_settings(description)
     return settings_or_exit(lambda: main(settings))
+
+
+def run_stage(module, paths: str | list[str], settings: dict, log: Callable[[str], Any] = print) -> None:
+    """A study's prerequisite: run ``module.main(settings)`` unless every file in ``paths`` (what it
+    writes for these settings) already exists, in which case those files are reused (logged)."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    name = module.__name__.split(".")[-1]
+    if all(os.path.isfile(p) for p in paths):
+        log(f"reuse {name}'s {paths[0]}" + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else ""))
+    else:
+        log(f"run {name}: {next(p for p in paths if not os.path.isfile(p))} is missing")
+        module.main(settings)
 
 
 def solver_file_part(m2: dict) -> str:

@@ -157,3 +157,19 @@ def packed_test_image(settings: dict, image: str, device) -> tuple[torch.Tensor,
     sigma01 = common.ffdnet_cfg(settings)["test"]["noise_level_img"] / 255.0
     x = PackedInput.pack(common.to_model_order(noisy, settings)[None], torch.tensor([sigma01]))
     return x.to(device), common.to_model_order(clean, settings)[None].to(device), path
+
+
+def target_grads(settings: dict, problem: "utils_if.InfluenceProblem", image: str, points: list[list[int]],
+                 device) -> tuple[torch.Tensor, list[tuple[str, list[int] | None]], str]:
+    """The gradients (1 + len(points), p) of one test image's targets over ``problem``'s parameters:
+    the whole-image MSE, then the squared error of the ffdnet.method2.window window around each
+    point; with their (entry label, point) and the image's path."""
+    window = common.ffdnet_cfg(settings)["method2"]["window"]
+    x, y, path = packed_test_image(settings, image, device)
+    rows, labels = [problem.sample_grads(x, y)], [("whole", None)]
+    for point in points:
+        check_point(point, y[0])
+        loss = utils_if.masked_mse_sample_loss(window_mask(tuple(y.shape[1:]), point, window).to(device))
+        rows.append(problem.sample_grads(x, y, loss=loss))
+        labels.append((f"point {point[0]},{point[1]}", point))
+    return torch.cat(rows), labels, path

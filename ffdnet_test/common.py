@@ -79,6 +79,16 @@ def m2_result_file(settings: dict, image: str) -> str:
                            f"_w{m2['window']}_{test_noise_part(settings)}_{image}.json")
 
 
+def m3_result_file(settings: dict, image: str, seed: int) -> str:
+    """m3_Test's metagradients for one test image through the fine-tuning run of one seed (the
+    schedule ffdnet.explain.finetune, all training patches, the window, the test noise)."""
+    cfg = ffdnet_cfg(settings)
+    ft = cfg["explain"]["finetune"]
+    return opt.output_path(settings, "if", "ffdnet",
+                           f"{run_tag(settings)}_m3_ft-e{ft['epochs']:g}lr{ft['learning_rate']:g}b{ft['batch_size']}"
+                           f"_seed{seed}_w{cfg['method2']['window']}_{test_noise_part(settings)}_{image}.json")
+
+
 def factor_file(settings: dict, solver: str) -> str:
     """K-FAC/EK-FAC factors of the model over its (first max_train_points) training patches."""
     m2 = ffdnet_cfg(settings)["method2"]

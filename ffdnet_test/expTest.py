@@ -2,9 +2,10 @@
 pixel? Counterfactual fine-tuning over every training patch (settings: ffdnet.explain).
 
 For each target (the ffdnet.attribution.points of the first explain.test_images test images) and
-each ranking (explain.rankings: Method 2 pixel-window influence, Method 2 whole-image influence,
-Method 1 at explain.m1_layer / m1_mode, random), the top k patches (explain.k_values) are removed
-or corrupted (clean target := noisy input; explain.manipulations), and the trained model is
+each ranking (explain.rankings: Method 3 of the seed's own run on the window or the whole image,
+Method 2 pixel-window influence, Method 2 whole-image influence, Method 1 at explain.m1_layer /
+m1_mode, random), the top k patches (explain.k_values) are removed (data weight 0 in place) or
+corrupted (clean target := noisy input; explain.manipulations), and the trained model is
 fine-tuned on that set with one schedule for every run (explain.finetune: epochs, learning rate,
 batch; BatchNorm statistics fixed), explain.seeds times. A control per seed is fine-tuned the same
 way on the untouched set, with the same data order (see ffdnet_test/explain.py: runs are paired).
@@ -12,12 +13,16 @@ way on the untouched set, with the same data order (see ffdnet_test/explain.py: 
 effect at target j = window loss at j after the manipulated run - the same seed's control there.
 The hypothesis under test: removing the top-k patches by pixel-window influence raises that
 window's loss >= 3x more than removing k random patches, and >= 2x more than at the other points.
+Predicted vs measured: each removal run's change of every window loss against the sum of the
+removed patches' Method-3 (and Method-2) scores / n.
 
 Resumable (one small JSON per run; finished runs are skipped) and splittable:
 torchrun --nproc_per_node=K ffdnet_test/expTest.py shares the runs across K processes.
 
-Reads:  the model, the training patches, m2_Test's and m1_Test's files for the same settings
-        (m2 over all patches: ffdnet.method2.max_train_points = 0)
+Reads:  the model, the training patches, m1_Test's, m2_Test's and m3_Test's files for the same
+        settings (m2 over all patches: ffdnet.method2.max_train_points = 0); the scripts that make
+        them (FFDNet_Train, m1_Test, m2_Test, m3_Test) are run here first where a file is missing,
+        so one command is the whole study
 Writes: test/ffdnet_expTest/{study}/{run}.json; test/ffdnet_expTest_{study}.{md,csv,json};
         fig/ffdnet_expTest_{study}_{effects_IMAGE,specificity,maps}.png
 """
@@ -34,7 +39,7 @@ import torch  # noqa: E402
 
 import utils_if  # noqa: E402
 import utils_option as opt  # noqa: E402
-from ffdnet_test import attribution, common, explain, plotting  # noqa: E402
+from ffdnet_test import FFDNet_Train, attribution, common, explain, m1_Test, m2_Test, m3_Test, plotting  # noqa: E402
 
 
 def study_tag(settings: dict) -> str:
@@ -43,7 +48,10 @@ def study_tag(settings: dict) -> str:
     ecfg = explain.explain_cfg(settings)
     key = {"finetune": ecfg["finetune"], "m1": [ecfg["m1_layer"], ecfg["m1_mode"], cfg["method1"]],
            "m2": os.path.basename(common.m2_result_file(settings, "")), "points": cfg["attribution"]["points"],
-           "model": common.resolve_model_path(settings), "test_images": ecfg["test_images"]}
+           "model": common.resolve_model_path(settings), "test_images": ecfg["test_images"],
+           "removal": "weight0"}  # removed patches keep their place with weight 0 (earlier studies skipped them)
+    if set(ecfg["rankings"]) & set(explain.SEED_RANKINGS):
+        key["m3"] = os.path.basename(common.m3_result_file(settings, "", 0))
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return f"{common.run_tag(settings)}_{digest}"
 
@@ -55,21 +63,19 @@ def run_job(job: dict, base, data, ranked, images, tests, target_list, settings,
     noisy, clean, sigma = data
     n = len(clean)
     chosen = explain.chosen_patches(job, ranked, n, images)
-    removed = chosen if job["manipulation"] == "remove" else np.zeros(0, dtype=np.int64)
+    weights = explain.removal_weights(n, chosen if job["manipulation"] == "remove" else np.zeros(0, dtype=np.int64))
     targets_used = clean
     if job["manipulation"] == "corrupt":
         targets_used = clean.clone()
         index = torch.as_tensor(chosen, dtype=torch.long, device=device)
         targets_used[index] = noisy[index]
-    ft = ecfg["finetune"]
-    steps = explain.finetune_steps(n, ft["epochs"], ft["batch_size"])
-    order = explain.finetune_order(n, removed, steps, ft["batch_size"], job["seed"])
+    run = explain.finetune_run(ecfg["finetune"], n, job["seed"], weights)
     with opt.Timer() as timer:
-        model = explain.finetune(copy.deepcopy(base), noisy, targets_used, sigma, order, ft["learning_rate"])
+        model = explain.finetune(copy.deepcopy(base), noisy, targets_used, sigma, run)
         outcome = explain.evaluate(model, tests, target_list, cfg["method2"]["window"],
                                    cfg["test"]["noise_level_img"] / 255.0)
     return {"job": {k: v for k, v in job.items() if k != "path"}, "outcome": outcome,
-            "chosen": [int(i) for i in chosen], "steps": steps, "seconds": round(timer.seconds, 2)}
+            "chosen": [int(i) for i in chosen], "steps": run.num_steps, "seconds": round(timer.seconds, 2)}
 
 
 def influence_map_rows(settings: dict, target_list, ranked, device, logger) -> list[dict]:
@@ -105,37 +111,72 @@ def influence_map_rows(settings: dict, target_list, ranked, device, logger) -> l
     return rows
 
 
-def window_influence(settings: dict, target_list: list[dict]) -> dict:
-    """{target label: influence of every patch on its window loss} from m2_Test's files."""
-    out = {}
-    for t in target_list:
-        record = opt.read_json(common.m2_result_file(settings, t["image"]), "ffdnet_test/m2_Test.py")
-        entry = record["entries"].get(f"point {explain.point_label(t['point'])}")
-        if entry is not None:
-            out[t["label"]] = np.asarray(entry["influence"], dtype=np.float64)
+def predictors(settings: dict, target_list: list[dict], n_train: int) -> dict[str, explain.Predictions]:
+    """What predicts the removal runs' changes: Method 3 of each seed's own run ("m3", when
+    m3_Test's files exist) and Method 2's influence ("m2", from m2_Test's files), for every window
+    and every image's whole-image loss."""
+    out: dict[str, explain.Predictions] = {}
+    if all(os.path.isfile(common.m3_result_file(settings, t["image"], seed))
+           for t in target_list for seed in range(explain.explain_cfg(settings)["seeds"])):
+        out["m3"] = explain.method3_influence(settings, target_list, n_train)
+    m2 = {}
+    for image in dict.fromkeys(t["image"] for t in target_list):
+        path = common.m2_result_file(settings, image)
+        if not os.path.isfile(path):
+            continue
+        entries = opt.read_json(path, "ffdnet_test/m2_Test.py")["entries"]
+        m2[(None, image)] = np.asarray(entries["whole"]["influence"], dtype=np.float64)
+        for t in (t for t in target_list if t["image"] == image):
+            entry = entries.get(f"point {explain.point_label(t['point'])}")
+            if entry is not None:
+                m2[(None, t["label"])] = np.asarray(entry["influence"], dtype=np.float64)
+    if m2:
+        out["m2"] = m2
     return out
 
 
-def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: dict, tag: str, ranked, device,
-           logger) -> dict:
+def prediction_lines(table: list[dict]) -> list[str]:
+    header = ["predictor", "over", "pairs", "pearson", "spearman", "size_ratio", "median_measured_over_predicted"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in table:
+        lines.append("| " + " | ".join(f"{r.get(h, float('nan')):.3g}" if h not in ("predictor", "over", "pairs")
+                                       else str(r.get(h, "")) for h in header) + " |")
+    return lines
+
+
+def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: dict, tag: str, ranked, n_train: int,
+           device, logger) -> dict:
     ecfg = explain.explain_cfg(settings)
-    rows = explain.effects(runs, target_list, window_influence(settings, target_list))
-    agreement = explain.prediction_agreement(rows)
+    rows = explain.effects(runs, target_list, predictors(settings, target_list, n_train))
+    predictions = explain.prediction_table(rows, target_list)
     controls = {name: run["outcome"]["window_loss"] for name, run in runs.items() if run["job"]["ranking"] is None}
     table = explain.summary_table(rows, target_list)
     k_max = max(ecfg["k_values"])
     verdicts = []
-    for manipulation in ecfg["manipulations"]:
-        window = next((r for r in table if r["ranking"] == "m2_window" and r["manipulation"] == manipulation
-                       and r["k"] == k_max), None)
-        if window is None:
-            continue
-        verdicts.append(f"{manipulation} top {k_max}: pixel-window influence raises its own window's loss "
-                        f"{window['own']:.3g} vs random {window['random_own']:.3g} "
-                        f"(x{window['own_over_random']:.2f}; hypothesis >= 3: "
-                        f"{'HOLDS' if window['own_over_random'] >= 3 else 'FAILS'}) and vs the other points "
-                        f"{window['others']:.3g} (x{window['own_over_others']:.2f}; hypothesis >= 2: "
-                        f"{'HOLDS' if window['own_over_others'] >= 2 else 'FAILS'})")
+    for ranking in (r for r in ("m3_window", "m2_window") if r in ecfg["rankings"]):
+        for manipulation in ecfg["manipulations"]:
+            window = next((r for r in table if r["ranking"] == ranking and r["manipulation"] == manipulation
+                           and r["k"] == k_max), None)
+            if window is None:
+                continue
+            per_point = explain.own_over_random_per_target(rows, target_list, ranking, manipulation, k_max)
+            holds = [label for label, ratio in per_point.items() if ratio >= 3]
+            verdicts.append(f"{ranking}, {manipulation} top {k_max}: raises its own window's loss "
+                            f"{window['own']:.3g} vs random {window['random_own']:.3g} "
+                            f"(x{window['own_over_random']:.2f}; hypothesis >= 3: "
+                            f"{'HOLDS' if window['own_over_random'] >= 3 else 'FAILS'}; per point "
+                            f"{', '.join(f'{k} x{v:.2f}' for k, v in per_point.items())}: >= 3 at {len(holds)} of "
+                            f"{len(per_point)}) and vs the other points {window['others']:.3g} "
+                            f"(x{window['own_over_others']:.2f}; hypothesis >= 2: "
+                            f"{'HOLDS' if window['own_over_others'] >= 2 else 'FAILS'})")
+    for name in ("m3", "m2"):
+        points = [r for r in predictions if r["predictor"] == name and r["over"] in {t["label"] for t in target_list}]
+        good = [r["over"] for r in points if r.get("pearson", 0) >= 0.9 and 0.5 <= r.get("size_ratio", 0) <= 2]
+        if points:
+            verdicts.append(f"{name} predicted vs measured removal effects per point (goal Pearson >= 0.9 and size "
+                            f"ratio within 2x): met at {len(good)} of {len(points)} points; " + "; ".join(
+                                f"{r['over']} Pearson {r.get('pearson', float('nan')):.3f}, size ratio "
+                                f"{r.get('size_ratio', float('nan')):.3g}" for r in points))
     for ranking in (r for r in explain.POINT_RANKINGS if r in ecfg["rankings"]):
         for manipulation in ecfg["manipulations"]:
             matrix = explain.specificity_matrix(rows, target_list, ranking, manipulation, k_max)
@@ -157,17 +198,17 @@ def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: di
         f"{ {k: float(f'{v:.4g}') for k, v in base_outcome['window_loss'].items()} }. {len(runs)} runs, "
         f"{np.median(seconds):.0f} s each (median). Window losses of the controls (fine-tuning noise between "
         f"seeds): { {name: {k: float(f'{v:.4g}') for k, v in c.items()} for name, c in controls.items()} }.\n\n"
-        f"First-order prediction (sum of the removed patches' window influence / n) against the measured change, "
-        f"over {agreement['pairs']} (removal run, target) pairs: Pearson {agreement.get('pearson', float('nan')):.3f}, "
-        f"Spearman {agreement.get('spearman', float('nan')):.3f}, median measured / predicted "
-        f"{agreement.get('median_measured_over_predicted', float('nan')):.3g}.\n\n"
+        f"Predicted vs measured: the first-order prediction of every removal run (sum of the removed patches' "
+        f"influence / n; m3 = Method 3 of the seed's own control run, m2 = Method 2) against the measured change "
+        f"of each window loss (and of each image's MSE), over (removal run, target) pairs of every ranking; "
+        f"size_ratio = ||measured|| / ||predicted||.\n\n" + "\n".join(prediction_lines(predictions)) + "\n\n"
         + "\n".join(f"- {v}" for v in verdicts) + "\n")
     md = opt.write_text(opt.output_path(settings, "test", f"ffdnet_expTest_{tag}.md"), text, logger)
     csv = opt.write_text(opt.output_path(settings, "test", f"ffdnet_expTest_{tag}.csv"),
                          "\n".join([",".join(header)] + [",".join(str(r[h]) for h in header) for r in table]) + "\n")
     opt.write_json(opt.output_path(settings, "test", f"ffdnet_expTest_{tag}.json"),
                    {"table": table, "effects": rows, "base": base_outcome, "verdicts": verdicts,
-                    "prediction_agreement": agreement, "controls": controls,
+                    "predictions": predictions, "controls": controls,
                     "settings": common.ffdnet_cfg(settings)}, logger)
     for v in verdicts:
         logger.info(v)
@@ -190,8 +231,27 @@ def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: di
     if map_rows:
         fig = plotting.influence_maps(map_rows, "where the pixel-window influence sits inside the top patches")
         figures.append(opt.save_figure(fig, opt.output_path(settings, "fig", f"ffdnet_expTest_{tag}_maps.png"), logger))
-    return {"table": table, "verdicts": verdicts, "agreement": agreement, "markdown": md, "csv": csv, "figures": figures, "effects": rows,
+    return {"table": table, "verdicts": verdicts, "predictions": predictions, "markdown": md, "csv": csv, "figures": figures, "effects": rows,
             "maps": [{k: r[k] for k in ("target", "top", "totals")} for r in map_rows]}
+
+
+def prerequisites(settings: dict, target_list: list[dict], log) -> None:
+    """Run FFDNet_Train, m1_Test, m2_Test and m3_Test where their files for these settings are
+    missing (what the rankings and the predictions need), so that this script is the whole study."""
+    cfg = common.ffdnet_cfg(settings)
+    ecfg = explain.explain_cfg(settings)
+    wanted = set(ecfg["rankings"])
+    all_images = attribution.image_names(settings, lambda _: None)
+    images = list(dict.fromkeys(t["image"] for t in target_list))
+    if not cfg["test"]["model"]:
+        opt.run_stage(FFDNet_Train, [common.model_file(settings), common.grad_norm_file(settings)], settings, log)
+    if "m1" in wanted:
+        opt.run_stage(m1_Test, [common.m1_result_file(settings, image) for image in all_images], settings, log)
+    if wanted & {"m2_window", "m2_whole"}:
+        opt.run_stage(m2_Test, [common.m2_result_file(settings, image) for image in all_images], settings, log)
+    if wanted & set(explain.SEED_RANKINGS):
+        opt.run_stage(m3_Test, [common.m3_result_file(settings, image, seed) for image in images
+                                for seed in range(ecfg["seeds"])], settings, log)
 
 
 def main(settings: dict) -> dict:
@@ -202,6 +262,9 @@ def main(settings: dict) -> dict:
     device = opt.select_device(cfg["use_gpu"], logger)
     target_list = explain.targets(settings, logger.info)
     images = list(dict.fromkeys(t["image"] for t in target_list))
+    if rank == 0:
+        prerequisites(settings, target_list, logger.info)
+    opt.distributed_barrier()
     noisy, clean, sigma, patches = attribution.training_triples(settings, device)
     ranked = explain.read_rankings(settings, target_list, len(patches))
     base, model_path = common.load_model(settings, device, logger)
@@ -229,7 +292,7 @@ def main(settings: dict) -> dict:
                 if os.path.isfile(job["path"])}
         base_outcome = explain.evaluate(base, tests, target_list, cfg["method2"]["window"],
                                         cfg["test"]["noise_level_img"] / 255.0)
-        result.update(report(settings, runs, target_list, base_outcome, tag, ranked, device, logger))
+        result.update(report(settings, runs, target_list, base_outcome, tag, ranked, len(patches), device, logger))
         result["model_file"] = model_path
     opt.distributed_end()
     return result

@@ -4,14 +4,20 @@ pixel, and does taking them away (or teaching the wrong answer on them) change t
 A job = (ranking, the target it was built for, manipulation, k, seed), or the control (nothing
 manipulated, one per seed). Every job fine-tunes the trained model with the same schedule: the
 same number of Adam steps, the same learning rate, a data order drawn from the seed alone; a
-removed patch is skipped in that order (its place goes to the next patch), a corrupted one keeps
-its place. So a manipulated run and the control of its seed see the same patches at the same
-steps except the manipulated ones: paired runs, whose difference is the manipulation's effect.
+removed patch keeps its place in that order with data weight 0 (batch loss sum_i w_i l_i / |B|),
+a corrupted one keeps its place with its target changed. So a manipulated run and the control of
+its seed see the same patches at the same steps except the manipulated ones: paired runs, whose
+difference is the manipulation's effect, and exactly the counterfactual Method 3 differentiates
+(d window loss / d w_i of the control run). Patches the schedule never reaches (it covers
+explain.finetune.epochs of the set) cannot matter to the run at all.
 
 Rankings (all training patches, best first):
   m2_window  Method 2, influence on the squared error of the window around one point (m2_Test)
   m2_whole   Method 2, influence on the whole-image loss (m2_Test): the same list for every point
   m1         Method 1 at one layer and mode (m1_Test)
+  m3_window  Method 3, the exact derivative of the window loss of this seed's control run in each
+             patch's data weight (m3_Test): one list per (point, seed)
+  m3_whole   Method 3 on the whole-image loss: one list per (image, seed)
   random     k distinct patches drawn from a generator seeded by (seed, image, k)
 Manipulations: remove (the patches leave the training set), corrupt (their clean target becomes
 their own noisy input: the network is taught to keep the noise there).
@@ -29,8 +35,9 @@ import utils_if
 import utils_option as opt
 from ffdnet_test import attribution, common
 
-RANKINGS = ("m2_window", "m2_whole", "m1", "random")
-POINT_RANKINGS = ("m2_window", "m1")  # built for one point; the others for the whole image
+RANKINGS = ("m3_window", "m3_whole", "m2_window", "m2_whole", "m1", "random")
+POINT_RANKINGS = ("m3_window", "m2_window", "m1")  # built for one point; the others for the whole image
+SEED_RANKINGS = ("m3_window", "m3_whole")  # one list per seed: the derivative of that seed's own run
 
 
 def explain_cfg(settings: dict) -> dict:
@@ -55,12 +62,44 @@ def random_patches(n_train: int, k: int, seed: int, image_index: int) -> np.ndar
     return torch.randperm(n_train, generator=generator)[:k].numpy()
 
 
+def ranking_key(ranking: str, owner: str, seed: int) -> str:
+    """The key of a ranking in :func:`read_rankings`: per seed for Method 3 (each seed's own run)."""
+    return f"{ranking}|{owner}|s{seed}" if ranking in SEED_RANKINGS else f"{ranking}|{owner}"
+
+
+def method3_influence(settings: dict, target_list: list[dict], n_train: int) -> dict[tuple[int, str], np.ndarray]:
+    """{(seed, entry): Method-3 influence of every patch} from m3_Test's files, entry = a target label
+    or an image name (its whole-image loss); a file made for another number of patches is refused."""
+    out = {}
+    for seed in range(explain_cfg(settings)["seeds"]):
+        for image in dict.fromkeys(t["image"] for t in target_list):
+            path = common.m3_result_file(settings, image, seed)
+            record = opt.read_json(opt.require_file(path, "ffdnet_test/m3_Test.py"), "ffdnet_test/m3_Test.py")
+            if record["meta"]["n_train"] != n_train:
+                raise opt.SettingsError(f"{path} scores {record['meta']['n_train']} patches, the training set has "
+                                        f"{n_train}: run ffdnet_test/m3_Test.py again")
+            entries = record["entries"]
+            out[(seed, image)] = np.asarray(entries["whole"]["influence"], dtype=np.float64)
+            for t in (t for t in target_list if t["image"] == image):
+                key = f"point {point_label(t['point'])}"
+                if key not in entries:
+                    raise opt.SettingsError(f"{path} has no entry {key!r}: run ffdnet_test/m3_Test.py again with "
+                                            f"the current ffdnet.attribution.points")
+                out[(seed, t["label"])] = np.asarray(entries[key]["influence"], dtype=np.float64)
+    return out
+
+
 def read_rankings(settings: dict, target_list: list[dict], n_train: int) -> dict[str, np.ndarray]:
-    """{f"{ranking}|{target label or image}": training patch indices, best first} from the m1/m2
-    files; a file made for another number of patches is refused (all patches must be scored)."""
+    """{ranking_key(ranking, target label or image, seed): training patch indices, best first} from the
+    m1/m2/m3 files; a file made for another number of patches is refused (all patches must be scored)."""
     ecfg = explain_cfg(settings)
     wanted = set(ecfg["rankings"])
     out: dict[str, np.ndarray] = {}
+    if wanted & set(SEED_RANKINGS):
+        for (seed, owner), values in method3_influence(settings, target_list, n_train).items():
+            ranking = "m3_whole" if owner in {t["image"] for t in target_list} else "m3_window"
+            if ranking in wanted:
+                out[ranking_key(ranking, owner, seed)] = np.argsort(-values, kind="stable")
     for image in dict.fromkeys(t["image"] for t in target_list):
         m2_path = common.m2_result_file(settings, image)
         if wanted & {"m2_window", "m2_whole"}:
@@ -122,24 +161,38 @@ def chosen_patches(job: dict, ranked: dict[str, np.ndarray], n_train: int, image
         return np.zeros(0, dtype=np.int64)
     if job["ranking"] == "random":
         return random_patches(n_train, job["k"], job["seed"], images.index(job["target"]))
-    return ranked[f"{job['ranking']}|{job['target']}"][:job["k"]]
+    return ranked[ranking_key(job["ranking"], job["target"], job["seed"])][:job["k"]]
 
 
-def finetune_order(n_train: int, removed: np.ndarray, steps: int, batch: int, seed: int) -> torch.Tensor:
-    """(steps, batch) patch indices: concatenated seeded permutations of all patches with the removed
-    ones skipped. The permutations depend on the seed only, so runs of one seed are paired."""
-    keep = torch.ones(n_train, dtype=torch.bool)
-    keep[torch.as_tensor(removed, dtype=torch.long)] = False
-    if not keep.any():
-        raise ValueError("every training patch is removed")
+def finetune_order(n_train: int, steps: int, batch: int, seed: int) -> torch.Tensor:
+    """(steps, batch) patch indices: concatenated seeded permutations of all patches. The order depends
+    on the seed only (removal is a data weight of 0 in place), so runs of one seed are paired."""
     generator = torch.Generator().manual_seed(seed)
     order, needed = [], steps * batch
     while needed > 0:
-        perm = torch.randperm(n_train, generator=generator)
-        perm = perm[keep[perm]][:needed]
+        perm = torch.randperm(n_train, generator=generator)[:needed]
         order.append(perm)
         needed -= len(perm)
     return torch.cat(order).reshape(steps, batch)
+
+
+def removal_weights(n_train: int, removed: np.ndarray) -> torch.Tensor | None:
+    """Data weights (n,) with the removed patches at 0 (None when nothing is removed: plain mean)."""
+    if len(removed) == 0:
+        return None
+    weights = torch.ones(n_train)
+    weights[torch.as_tensor(removed, dtype=torch.long)] = 0.0
+    if not weights.any():
+        raise ValueError("every training patch is removed")
+    return weights
+
+
+def finetune_run(ft: dict, n_train: int, seed: int, weights: torch.Tensor | None = None) -> utils_if.AdamRun:
+    """The fine-tuning schedule ``ft`` (explain.finetune: epochs, learning_rate, batch_size) of one
+    seed as an Adam run: what expTest trains and what m3_Test replays."""
+    steps = finetune_steps(n_train, ft["epochs"], ft["batch_size"])
+    return utils_if.AdamRun(learning_rate=ft["learning_rate"],
+                            orders=finetune_order(n_train, steps, ft["batch_size"], seed), data_weights=weights)
 
 
 def finetune_steps(n_train: int, epochs: float, batch: int) -> int:
@@ -147,14 +200,17 @@ def finetune_steps(n_train: int, epochs: float, batch: int) -> int:
 
 
 def finetune(model: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor,
-             order: torch.Tensor, learning_rate: float, show_progress: bool = False) -> nn.Module:
-    """Adam on the MSE over the batches of ``order``, BatchNorm held in eval mode (its running
-    statistics fixed, its scale and shift trained): the network that influence describes."""
+             run: utils_if.AdamRun, show_progress: bool = False) -> nn.Module:
+    """Adam (``run``: learning rate, betas, the batches) on the weighted MSE sum_i w_i l_i / |B| of
+    each batch, BatchNorm held in eval mode (its running statistics fixed, its scale and shift
+    trained): the network that influence describes, and the run m3_Test replays."""
     model.eval()
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    for idx in opt.progress(order, desc="fine-tune", unit="step", disable=not show_progress, leave=False):
+    optimizer = torch.optim.Adam(model.parameters(), lr=run.learning_rate, betas=run.betas, eps=run.eps)
+    weights = None if run.data_weights is None else run.data_weights.to(noisy.device)
+    for idx in opt.progress(run.orders, desc="fine-tune", unit="step", disable=not show_progress, leave=False):
         idx = idx.to(noisy.device)
-        loss = nn.functional.mse_loss(model(noisy[idx], sigma[idx]), clean[idx])
+        losses = utils_if.mse_sample_loss(model(noisy[idx], sigma[idx]), clean[idx])
+        loss = losses.mean() if weights is None else utils_if.weighted_batch_loss(losses, weights[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -182,13 +238,17 @@ def evaluate(model: nn.Module, tests: dict[str, tuple[torch.Tensor, torch.Tensor
     return result
 
 
-def effects(runs: dict[str, dict], target_list: list[dict], influence: dict[str, np.ndarray] | None = None
+Predictions = dict[tuple, np.ndarray]  # {(seed or None, target label or image): influence of every patch}
+
+
+def effects(runs: dict[str, dict], target_list: list[dict], predictors: dict[str, Predictions] | None = None
             ) -> list[dict]:
-    """One row per manipulated run: the change of every target's window loss and of each image's
-    PSNR against the control of the same seed. With ``influence`` ({target label: influence of
-    every patch on its window loss}), removal runs also get the first-order prediction of that
-    change, sum of the removed patches' influence / n (positive influence = helped, so removing
-    it raises the loss)."""
+    """One row per manipulated run: the change of every target's window loss, of each image's MSE and
+    of its PSNR against the control of the same seed. With ``predictors`` ({name: {(seed, label):
+    influence of every patch}}, seed None = one list for all seeds, label a target's or an image's
+    (its whole-image loss)), removal runs also get each predictor's first-order prediction of those
+    changes, sum of the removed patches' influence / n (positive influence = helped, so removing it
+    raises the loss), under row["predicted"][name][label]."""
     rows = []
     for run in runs.values():
         job = run["job"]
@@ -197,30 +257,72 @@ def effects(runs: dict[str, dict], target_list: list[dict], influence: dict[str,
         control = runs.get(f"control_s{job['seed']}")
         if control is None:
             continue
+        outcome, before = run["outcome"], control["outcome"]
         rows.append({**{k: job[k] for k in ("ranking", "target", "manipulation", "k", "seed")},
-                     "window_effect": {t["label"]: run["outcome"]["window_loss"][t["label"]]
-                                       - control["outcome"]["window_loss"][t["label"]] for t in target_list},
-                     "psnr_change": {image: run["outcome"]["psnr"][image] - control["outcome"]["psnr"][image]
-                                     for image in run["outcome"]["psnr"]}})
-        if influence and job["manipulation"] == "remove":
+                     "window_effect": {t["label"]: outcome["window_loss"][t["label"]]
+                                       - before["window_loss"][t["label"]] for t in target_list},
+                     "mse_change": {image: outcome["mse"][image] - before["mse"][image] for image in outcome["mse"]},
+                     "psnr_change": {image: outcome["psnr"][image] - before["psnr"][image] for image in outcome["psnr"]}})
+        if predictors and job["manipulation"] == "remove":
             chosen = np.asarray(run["chosen"], dtype=np.int64)
-            rows[-1]["predicted_effect"] = {label: float(values[chosen].sum() / len(values))
-                                            for label, values in influence.items()}
+            predicted = {}
+            for name, table in predictors.items():
+                for (seed, label), values in table.items():
+                    if seed is None or seed == job["seed"]:
+                        predicted.setdefault(name, {})[label] = float(values[chosen].sum() / len(values))
+            rows[-1]["predicted"] = predicted
     return rows
 
 
-def prediction_agreement(rows: list[dict]) -> dict:
-    """How well the first-order prediction tracks the measured window-loss changes over every
-    (removal run, target) pair: Pearson, Spearman, and the median measured / predicted ratio."""
-    pairs = [(row["predicted_effect"][label], row["window_effect"][label])
-             for row in rows if "predicted_effect" in row for label in row["predicted_effect"]]
-    if len(pairs) < 3:
-        return {"pairs": len(pairs)}
-    predicted, measured = (np.array(v) for v in zip(*pairs))
+def prediction_pairs(rows: list[dict], predictor: str, ranking: str | None = None, label: str | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted, measured) over the (removal run, target) pairs of one predictor, optionally only
+    the runs of one ranking or the pairs of one target (a target label: its window loss; an image
+    name: its whole-image MSE)."""
+    pairs = []
+    for row in rows:
+        if ranking is not None and row["ranking"] != ranking:
+            continue
+        for name, value in row.get("predicted", {}).get(predictor, {}).items():
+            if label is None or name == label:
+                measured = row["window_effect"].get(name, row["mse_change"].get(name))
+                pairs.append((value, measured))
+    return tuple(np.array(v, dtype=np.float64) for v in zip(*pairs)) if pairs else (np.zeros(0), np.zeros(0))
+
+
+def prediction_agreement(predicted: np.ndarray, measured: np.ndarray) -> dict:
+    """How well predicted changes track measured ones: Pearson, Spearman, the ratio of sizes
+    ||measured|| / ||predicted|| (1 = right scale) and the median measured / predicted."""
+    if len(predicted) < 3:
+        return {"pairs": len(predicted)}
     ratio = measured / np.where(predicted == 0, np.nan, predicted)
-    return {"pairs": len(pairs), "pearson": utils_if.pearson(predicted, measured),
+    size = float(np.linalg.norm(predicted))
+    return {"pairs": len(predicted), "pearson": utils_if.pearson(predicted, measured),
             "spearman": float(utils_if.spearman_columns(predicted[:, None], measured[:, None])[0]),
-            "median_measured_over_predicted": float(np.nanmedian(ratio))}
+            "size_ratio": float(np.linalg.norm(measured)) / size if size > 0 else float("nan"),
+            "median_measured_over_predicted": float(np.nanmedian(ratio)) if np.isfinite(ratio).any() else float("nan")}
+
+
+def prediction_table(rows: list[dict], target_list: list[dict]) -> list[dict]:
+    """Predicted vs measured per predictor: over all pairs, per ranking whose removals were
+    predicted, and per target (each point's window, each image's whole-image MSE)."""
+    table = []
+    predictors = dict.fromkeys(name for row in rows for name in row.get("predicted", {}))
+    rankings = [r for r in RANKINGS if any(row["ranking"] == r and "predicted" in row for row in rows)]
+    labels = [t["label"] for t in target_list] + list(dict.fromkeys(t["image"] for t in target_list))
+    for name in predictors:
+        windows = [t["label"] for t in target_list]
+        everything = [prediction_pairs(rows, name, label=label) for label in windows]
+        table.append({"predictor": name, "over": "all windows",
+                      **prediction_agreement(*(np.concatenate(v) for v in zip(*everything)))})
+        for ranking in rankings:
+            pairs = [prediction_pairs(rows, name, ranking, label) for label in windows]
+            table.append({"predictor": name, "over": f"ranking {ranking}",
+                          **prediction_agreement(*(np.concatenate(v) for v in zip(*pairs)))})
+        for label in labels:
+            table.append({"predictor": name, "over": label if label in windows else f"{label} whole image",
+                          **prediction_agreement(*prediction_pairs(rows, name, label=label))})
+    return table
 
 
 def summary_table(rows: list[dict], target_list: list[dict]) -> list[dict]:
@@ -263,6 +365,22 @@ def summary_table(rows: list[dict], target_list: list[dict]) -> list[dict]:
         row["own_over_others"] = (row["own"] / row["others"] if row["others"] == row["others"] and row["others"] != 0
                                   else float("nan"))
     return table
+
+
+def own_over_random_per_target(rows: list[dict], target_list: list[dict], ranking: str, manipulation: str,
+                                k: int) -> dict[str, float]:
+    """{target label: mean window-loss change at that target by the runs of ``ranking`` built for it
+    (for an image-level ranking: for its image) / the same by random's runs of its image}."""
+    out = {}
+    for t in target_list:
+        owner = t["label"] if ranking in POINT_RANKINGS else t["image"]
+        mine = [r["window_effect"][t["label"]] for r in rows if r["ranking"] == ranking and r["target"] == owner
+                and r["manipulation"] == manipulation and r["k"] == k]
+        chance = [r["window_effect"][t["label"]] for r in rows if r["ranking"] == "random" and r["target"] == t["image"]
+                  and r["manipulation"] == manipulation and r["k"] == k]
+        if mine and chance and np.mean(chance) != 0:
+            out[t["label"]] = float(np.mean(mine) / np.mean(chance))
+    return out
 
 
 def specificity_matrix(rows: list[dict], target_list: list[dict], ranking: str, manipulation: str, k: int

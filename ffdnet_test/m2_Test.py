@@ -36,14 +36,9 @@ def main(settings: dict) -> dict:
     rows, targets = [], []
     with opt.Timer() as grad_timer:
         for image in images:
-            x, y, path = attribution.packed_test_image(settings, image, device)
-            rows.append(problem.sample_grads(x, y))
-            targets.append((image, path, "whole", None))
-            for point in att["points"]:
-                attribution.check_point(point, y[0])
-                loss = utils_if.masked_mse_sample_loss(attribution.window_mask(tuple(y.shape[1:]), point, m2["window"]).to(device))
-                rows.append(problem.sample_grads(x, y, loss=loss))
-                targets.append((image, path, f"point {point[0]},{point[1]}", point))
+            grads, labels, path = attribution.target_grads(settings, problem, image, att["points"], device)
+            rows.append(grads)
+            targets += [(image, path, label, point) for label, point in labels]
     logger.info(f"influence of {len(x_train)} training patches on {len(targets)} targets "
                 f"({problem.num_params} parameters, solver {solver.solver}, effective damping "
                 f"{solver.effective_damping}); test gradients in {grad_timer.seconds:.1f} s")

@@ -213,14 +213,6 @@ def selected_test_ids(settings: dict, mode: str | None = None) -> list[int]:
     return record["test_ids"]
 
 
-def replay_error(final: dict[str, torch.Tensor], model: torch.nn.Module) -> float:
-    """Relative distance between Method 3's replayed final weights and the saved model's."""
-    saved = dict(model.named_parameters())
-    diff = sum(float((final[n] - p.detach()).pow(2).sum()) for n, p in saved.items())
-    size = sum(float(p.detach().pow(2).sum()) for p in saved.values())
-    return (diff / max(size, 1e-30)) ** 0.5
-
-
 def replay_record(model_path: str, device: torch.device) -> str:
     """How the model was trained (Train.py's replay record), for the message of a failed replay."""
     state = torch.load(model_path, map_location=device, weights_only=True)

@@ -53,13 +53,6 @@ ENSEMBLE_SOURCES = {"ensemble_m1_batch_raw": "m1_batch_raw", "ensemble_if_ekfac"
                     "ensemble_trak": "trak"}
 
 
-def run_stage(module, path: str, settings: dict, log) -> None:
-    if os.path.isfile(path):
-        log(f"reuse {path}")
-    else:
-        module.main(settings)
-
-
 def solver_variants(settings: dict) -> dict:
     lcfg = lds.lds_cfg(settings)
     variants = dict(SOLVERS)
@@ -85,7 +78,7 @@ def attributions(settings: dict, ids: list[int], device, logger) -> tuple[dict[s
     failed: dict[str, str] = {}
     for k in range(len(lcfg["ensemble_seeds"])):
         s = lds.model_settings(settings, k, ids)
-        run_stage(Train, common.grad_norm_file(s), s, logger.info)
+        opt.run_stage(Train, common.grad_norm_file(s), s, logger.info)
         with opt.Timer() as timer:
             m1 = lds.method1_attributions(s, device)
         if k == 0:
@@ -99,7 +92,7 @@ def attributions(settings: dict, ids: list[int], device, logger) -> tuple[dict[s
             sm = lds.model_settings(settings, k, ids, method2={**overrides, "test_sample_num": len(method_ids)})
             path = common.m2_file(sm)
             try:
-                run_stage(m2_Test, path, sm, logger.info)
+                opt.run_stage(m2_Test, path, sm, logger.info)
             except opt.SettingsError as err:  # e.g. LiSSA diverging on negative curvature: a finding
                 logger.warning(f"WARNING: {name} failed and is left out of the table: {err}")
                 failed[name] = str(err)
@@ -119,7 +112,7 @@ def attributions(settings: dict, ids: list[int], device, logger) -> tuple[dict[s
                 out["grad_cos"] = cosine(s, matrix, ids, device)
     if wanted & {"m1_per_sample_raw", "m1_per_sample_normalized"}:
         s = lds.model_settings(settings, 0, ids, grad_mode="per_sample")
-        run_stage(Train, common.grad_norm_file(s), s, logger.info)
+        opt.run_stage(Train, common.grad_norm_file(s), s, logger.info)
         with opt.Timer() as timer:
             m1 = lds.method1_attributions(s, device)
         out["m1_per_sample_raw"] = {"matrix": m1["raw"], "ids": ids, "seconds": timer.seconds}
@@ -127,7 +120,7 @@ def attributions(settings: dict, ids: list[int], device, logger) -> tuple[dict[s
     if "m3_replay" in wanted:
         s = lds.model_settings(settings, 0, ids)
         path = common.m3_file(s)
-        run_stage(m3_Test, path, s, logger.info)
+        opt.run_stage(m3_Test, path, s, logger.info)
         record = opt.read_json(path, "mnist_test/m3_Test.py")
         m3_ids = ids[:s["mnist"]["method3"]["test_sample_num"]]
         out["m3_replay"] = {"matrix": lds.influence_matrix(record, m3_ids, path), "ids": m3_ids,

@@ -45,7 +45,7 @@ def main(settings: dict) -> dict:
     with opt.Timer() as total:
         with opt.Timer() as forward_timer:
             final = replay.forward(m3["checkpoint_interval"], progress=opt.progress)
-        error = common.replay_error(final, model)
+        error = utils_if.replay_error(final, model)
         logger.info(f"forward replay {forward_timer.seconds:.1f} s; final weights vs {model_path}: relative "
                     f"error {error:.2g}")
         if error > m3["replay_tolerance"]:

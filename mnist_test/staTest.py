@@ -37,13 +37,6 @@ def result_file(settings: dict, method: str) -> tuple[str, str, str]:
     return common.attribution_file(settings, method)
 
 
-def run_stage(module, path: str, settings: dict, log) -> None:
-    if os.path.isfile(path):
-        log(f"skip {module.__name__.split('.')[-1]}: {path} exists")
-    else:
-        module.main(settings)
-
-
 def ranks(values: np.ndarray) -> np.ndarray:
     order = np.argsort(values, kind="stable")
     out = np.empty(len(values))
@@ -115,17 +108,17 @@ def main(settings: dict) -> dict:
     mine = opt.partition(seeds, rank, world)
     for seed in mine:  # stage 1: train
         s = common.stability_settings(settings, seed)
-        run_stage(Train, common.grad_norm_file(s), s, logger.info)
+        opt.run_stage(Train, common.grad_norm_file(s), s, logger.info)
     opt.distributed_barrier()
     base = common.stability_settings(settings, seeds[0])
     if rank == 0:  # stage 2: the test images, chosen under staTest0
-        run_stage(Test, common.test_file(base, "staTest0"), base, logger.info)
+        opt.run_stage(Test, common.test_file(base, "staTest0"), base, logger.info)
     opt.distributed_barrier()
     test_ids = common.selected_test_ids(base, "staTest0")
     for seed in mine:  # stage 3: every method on every model, same test images
         s = common.stability_settings(settings, seed, test_ids)
         for method in cfg["stability"]["methods"]:
-            run_stage(SCRIPTS[method], result_file(s, method)[0], s, logger.info)
+            opt.run_stage(SCRIPTS[method], result_file(s, method)[0], s, logger.info)
     opt.distributed_barrier()
     results = tables(settings, seeds, test_ids, logger) if rank == 0 else None
     opt.distributed_end()

@@ -23,43 +23,56 @@ def test_manipulated_patches_are_exactly_k_distinct_and_seeded():
     assert explain.chosen_patches({"ranking": None, "k": 0, "seed": 0}, {}, 10, ["01"]).tolist() == []
 
 
-def test_finetune_orders_are_paired_and_skip_removed_patches():
-    control = explain.finetune_order(50, np.array([], dtype=np.int64), steps=20, batch=4, seed=5)
-    assert control.shape == (20, 4)
+def test_finetune_runs_are_paired_and_removal_is_weight_zero_in_place():
+    control = explain.finetune_run({"epochs": 1.6, "learning_rate": 1e-3, "batch_size": 4}, 50, seed=5)
+    assert control.orders.shape == (20, 4) and control.data_weights is None
     removed = np.array([0, 7, 13, 21, 49])
-    order = explain.finetune_order(50, removed, steps=20, batch=4, seed=5)
-    assert not np.isin(order.numpy(), removed).any()
-    # the same permutations with the removed patches skipped: a paired run
-    flat = control.reshape(-1).tolist()
+    weights = explain.removal_weights(50, removed)
+    run = explain.finetune_run({"epochs": 1.6, "learning_rate": 1e-3, "batch_size": 4}, 50, seed=5, weights=weights)
+    # the same order (seeded permutations, the second one cut), the removed patches weighted 0 where they stand
     generator = torch.Generator().manual_seed(5)
-    perms = torch.cat([torch.randperm(50, generator=generator) for _ in range(3)]).tolist()
-    assert flat == perms[:80]
-    assert order.reshape(-1).tolist() == [i for i in perms if i not in set(removed.tolist())][:80]
+    perms = torch.cat([torch.randperm(50, generator=generator) for _ in range(2)]).tolist()
+    assert run.orders.reshape(-1).tolist() == control.orders.reshape(-1).tolist() == perms[:80]
+    assert weights[removed].sum() == 0 and weights.sum() == 45
+    assert explain.removal_weights(50, np.zeros(0, dtype=np.int64)) is None
     assert explain.finetune_steps(22806, 0.5, 32) == 357
     with pytest.raises(ValueError, match="every training patch"):
-        explain.finetune_order(3, np.arange(3), 1, 1, 0)
+        explain.removal_weights(3, np.arange(3))
 
 
 def test_effects_summary_and_specificity_by_hand():
-    def run(name, ranking, target, loss_a, loss_b, seed=0, psnr=30.0):
+    def run(name, ranking, target, loss_a, loss_b, seed=0, psnr=30.0, mse=0.01):
         return {"job": {"name": name, "ranking": ranking, "target": target, "manipulation": "remove", "k": 5,
                         "seed": seed},
-                "outcome": {"window_loss": {"01 1,1": loss_a, "01 5,5": loss_b}, "psnr": {"01": psnr}},
+                "outcome": {"window_loss": {"01 1,1": loss_a, "01 5,5": loss_b}, "psnr": {"01": psnr}, "mse": {"01": mse}},
                 "chosen": [0, 1] if ranking == "m2_window" else [2, 3]}
     runs = {"control_s0": run("control_s0", None, None, 1.0, 2.0),
-            "a": run("a", "m2_window", "01 1,1", 1.6, 2.1, psnr=29.5),
-            "b": run("b", "m2_window", "01 5,5", 1.1, 2.4, psnr=29.0),
-            "r": run("r", "random", "01", 1.1, 2.1, psnr=29.9)}
-    influence = {"01 1,1": np.array([1.0, 2.0, 3.0, 4.0]), "01 5,5": np.array([0.0, 4.0, -4.0, 0.0])}
-    rows = explain.effects(runs, TARGETS, influence)
+            "a": run("a", "m2_window", "01 1,1", 1.6, 2.1, psnr=29.5, mse=0.03),
+            "b": run("b", "m2_window", "01 5,5", 1.1, 2.4, psnr=29.0, mse=0.02),
+            "r": run("r", "random", "01", 1.1, 2.1, psnr=29.9, mse=0.04)}
+    m2 = {(None, "01 1,1"): np.array([1.0, 2.0, 3.0, 4.0]), (None, "01 5,5"): np.array([0.0, 4.0, -4.0, 0.0])}
+    m3 = {(0, "01 1,1"): np.array([4.0, 0.0, 0.0, 0.0]), (1, "01 1,1"): np.array([9.0, 9.0, 9.0, 9.0]),
+          (0, "01"): np.array([0.0, 0.0, 0.4, 0.0])}  # seed 1 must not be used for seed-0 runs
+    rows = explain.effects(runs, TARGETS, {"m2": m2, "m3": m3})
     assert len(rows) == 3
     a = next(r for r in rows if r["target"] == "01 1,1")
-    assert a["predicted_effect"] == {"01 1,1": (1 + 2) / 4, "01 5,5": (0 + 4) / 4}  # removed 0, 1: sum / n
-    agreement = explain.prediction_agreement(rows)
+    assert a["predicted"]["m2"] == {"01 1,1": (1 + 2) / 4, "01 5,5": (0 + 4) / 4}  # removed 0, 1: sum / n
+    assert a["predicted"]["m3"] == {"01 1,1": 1.0, "01": 0.0}
+    assert a["mse_change"]["01"] == pytest.approx(0.02)
+    predicted, measured = explain.prediction_pairs(rows, "m2")
+    assert predicted.tolist() == [0.75, 1.0, 0.75, 1.0, 1.75, -1.0]
+    assert measured.tolist() == pytest.approx([0.6, 0.1, 0.1, 0.4, 0.1, 0.1])
+    agreement = explain.prediction_agreement(predicted, measured)
     assert agreement["pairs"] == 6
-    predicted = [0.75, 1.0, 0.75, 1.0, 1.75, -1.0]
-    measured = [0.6, 0.1, 0.1, 0.4, 0.1, 0.1]
     assert agreement["pearson"] == pytest.approx(np.corrcoef(predicted, measured)[0, 1])
+    assert agreement["size_ratio"] == pytest.approx(np.linalg.norm(measured) / np.linalg.norm(predicted))
+    table = {(r["predictor"], r["over"]): r for r in explain.prediction_table(rows, TARGETS)}
+    assert table[("m2", "all windows")]["pairs"] == 6 and table[("m2", "ranking m2_window")]["pairs"] == 4
+    assert table[("m3", "01 1,1")]["pairs"] == 3 and table[("m3", "01 whole image")]["pairs"] == 3
+    whole = explain.prediction_pairs(rows, "m3", label="01")
+    assert whole[0].tolist() == [0.0, 0.0, 0.1] and whole[1].tolist() == pytest.approx([0.02, 0.01, 0.03])
+    per_point = explain.own_over_random_per_target(rows, TARGETS, "m2_window", "remove", 5)
+    assert per_point == pytest.approx({"01 1,1": 0.6 / 0.1, "01 5,5": 0.4 / 0.1})
     table = {r["ranking"]: r for r in explain.summary_table(rows, TARGETS)}
     window, rand = table["m2_window"], table["random"]
     assert window["own"] == pytest.approx((0.6 + 0.4) / 2)        # each list at its own target
@@ -72,7 +85,7 @@ def test_effects_summary_and_specificity_by_hand():
 
 
 def test_explain_script_small_resumes_and_maps_sum_to_the_influence(tmp_path, two_test_images, two_train_images):
-    from ffdnet_test import FFDNet_Train, expTest, m1_Test, m2_Test
+    from ffdnet_test import expTest
     settings = opt.load_settings(overrides={
         "output_dir": str(tmp_path / "results"), "ffdnet": {
             "train_dir": str(two_train_images), "val_dir": str(two_test_images), "test_dir": str(two_test_images),
@@ -81,17 +94,21 @@ def test_explain_script_small_resumes_and_maps_sum_to_the_influence(tmp_path, tw
             "method2": {"solver": "ekfac", "max_train_points": 0, "chunk_size": 16},
             "explain": {"k_values": [5], "seeds": 1, "m1_layer": 5, "maps": 3,
                         "finetune": {"epochs": 0.5, "learning_rate": 1e-3, "batch_size": 8}}}})
-    FFDNet_Train.main(settings)
-    m1_Test.main(settings)
-    m2_files = m2_Test.main(settings)["files"]
-    result = expTest.main(settings)
-    # control + (m2_window, m1: 2 targets; m2_whole, random: the image) x 2 manipulations
-    assert result["jobs"] == 1 + (2 + 2 + 1 + 1) * 2 and result["runs"] == result["jobs"]
-    assert {r["ranking"] for r in result["table"]} == {"m2_window", "m2_whole", "m1", "random"}
+    result = expTest.main(settings)  # the whole study: trains, runs m1/m2/m3_Test, then the runs
+    from ffdnet_test import common
+    m2_files = {"01": common.m2_result_file(settings, "01")}
+    assert os.path.isfile(common.m1_result_file(settings, "01")) and os.path.isfile(common.m3_result_file(settings, "01", 0))
+    # control + (m3_window, m2_window, m1: 2 targets; m3_whole, m2_whole, random: the image) x 2 manipulations
+    assert result["jobs"] == 1 + (2 + 2 + 2 + 1 + 1 + 1) * 2 and result["runs"] == result["jobs"]
+    assert {r["ranking"] for r in result["table"]} == {"m3_window", "m3_whole", "m2_window", "m2_whole", "m1", "random"}
     effects = [r["window_effect"]["01 40,40"] for r in result["effects"]]
     assert any(abs(e) > 0 for e in effects)  # manipulations change the fine-tuned model
-    assert sum("hypothesis" in v for v in result["verdicts"]) == 2           # one per manipulation
-    assert sum("more than any other" in v for v in result["verdicts"]) == 4  # m2_window, m1 x 2 manipulations
+    assert sum("hypothesis" in v for v in result["verdicts"]) == 4           # m3_window, m2_window x 2 manipulations
+    assert sum("more than any other" in v for v in result["verdicts"]) == 6  # m3_window, m2_window, m1 x 2 manipulations
+    predictions = {(r["predictor"], r["over"]): r for r in result["predictions"]}
+    m3_all = predictions[("m3", "all windows")]
+    assert m3_all["pairs"] == 9 * 2  # 9 removal runs x 2 windows
+    print("tiny study, Method 3 predicted vs measured:", m3_all)
     import matplotlib.image as mpimg
     assert len(result["figures"]) == 3 and all(mpimg.imread(p).std() > 0.02 for p in result["figures"])
     # the per-position maps sum to the influence m2_Test wrote for those patches
