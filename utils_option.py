@@ -813,6 +813,15 @@ def progress(iterable: Iterable | None = None, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
+def peak_rss_mb() -> float:
+    """The process's peak resident memory (VmHWM, Linux) in MB; NaN where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return float("nan")
+
+
 class Timer:
     """``with Timer() as t: ...; t.seconds``."""
 

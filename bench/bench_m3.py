@@ -28,15 +28,6 @@ import utils_option as opt  # noqa: E402
 from mnist_test import common, training  # noqa: E402
 
 
-def peak_rss_mb() -> float:
-    """The process's peak resident set (VmHWM, Linux), in MB; NaN elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
-    except (OSError, StopIteration):
-        return float("nan")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train_subset", type=int, default=5000)
@@ -58,7 +49,7 @@ def main() -> None:
     start = time.perf_counter()
     model, _ = training.train_model(data, cfg, 0, cpu, show_progress=False)
     train_s = time.perf_counter() - start
-    rss_before = peak_rss_mb()
+    rss_before = opt.peak_rss_mb()
     run = training.sgd_run(cfg, 0, len(data), cpu)
     replay = utils_if.SgdReplay(training.new_model(0, cpu, args.activation), utils_if.nll_sample_loss, run,
                                 data.images, data.labels)
@@ -83,7 +74,7 @@ def main() -> None:
     if scale != 1:
         print(f"extrapolated to {args.full_epochs} epochs: training {train_s * scale:.0f} s, replay {replay_s * scale:.0f} s "
               f"= {replay_s * scale / 60:.1f} min")
-    print(f"peak resident memory: {rss_before:.0f} MB after training, {peak_rss_mb():.0f} MB after the replay; "
+    print(f"peak resident memory: {rss_before:.0f} MB after training, {opt.peak_rss_mb():.0f} MB after the replay; "
           f"replay state {(2 * len(replay.checkpoints) + replay.interval + 2 * min(args.tests, args.chunk)) * replay.num_params * 4 / 2**20:.0f} MB "
           f"(checkpoints, one segment, the adjoint)")
 
