@@ -23,8 +23,8 @@ Reads:  the model, the training patches, m1_Test's, m2_Test's and m3_Test's file
         settings (m2 over all patches: ffdnet.method2.max_train_points = 0); the scripts that make
         them (FFDNet_Train, m1_Test, m2_Test, m3_Test) are run here first where a file is missing,
         so one command is the whole study
-Writes: test/ffdnet_expTest/{study}/{run}.json; test/ffdnet_expTest_{study}.{md,csv,json};
-        fig/ffdnet_expTest_{study}_{effects_IMAGE,specificity,maps}.png
+Writes: test/ffdnet_expTest/{study}/{run}.json; test/ffdnet_expTest_{study}_r{plan}.{md,csv,json};
+        fig/ffdnet_expTest_{study}_r{plan}_{effects_IMAGE,specificity,maps}.png
 """
 import copy
 import hashlib
@@ -54,6 +54,15 @@ def study_tag(settings: dict) -> str:
         key["m3"] = os.path.basename(common.m3_result_file(settings, "", 0))
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return f"{common.run_tag(settings)}_{digest}"
+
+
+def report_tag(settings: dict) -> str:
+    """The report's files: the study and a short hash of the plan's choices that change the table but
+    not any one run (rankings, manipulations, k values, seeds, maps), so that two tables made with other
+    choices never overwrite each other."""
+    ecfg = explain.explain_cfg(settings)
+    plan = {k: ecfg[k] for k in ("rankings", "manipulations", "k_values", "seeds", "maps")}
+    return f"{study_tag(settings)}_r{hashlib.sha1(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:6]}"
 
 
 def run_job(job: dict, base, data, ranked, images, tests, target_list, settings, device) -> dict:
@@ -292,7 +301,8 @@ def main(settings: dict) -> dict:
                 if os.path.isfile(job["path"])}
         base_outcome = explain.evaluate(base, tests, target_list, cfg["method2"]["window"],
                                         cfg["test"]["noise_level_img"] / 255.0)
-        result.update(report(settings, runs, target_list, base_outcome, tag, ranked, len(patches), device, logger))
+        result.update(report(settings, runs, target_list, base_outcome, report_tag(settings), ranked, len(patches),
+                             device, logger))
         result["model_file"] = model_path
     opt.distributed_end()
     return result

@@ -136,15 +136,15 @@ def read_rankings(settings: dict, target_list: list[dict], n_train: int) -> dict
 
 
 def plan(settings: dict, target_list: list[dict], folder: str) -> list[dict]:
-    """Every job of the study: the control per seed, then ranking x target x manipulation x k x seed."""
+    """Every job of the study: the control per seed, then manipulation x ranking x target x k x seed."""
     ecfg = explain_cfg(settings)
     jobs = [{"name": f"control_s{seed}", "ranking": None, "target": None, "manipulation": None, "k": 0,
              "seed": seed} for seed in range(ecfg["seeds"])]
     images = list(dict.fromkeys(t["image"] for t in target_list))
-    for ranking in ecfg["rankings"]:
-        owners = ([t["label"] for t in target_list] if ranking in POINT_RANKINGS else images)
-        for owner in owners:
-            for manipulation in ecfg["manipulations"]:
+    for manipulation in ecfg["manipulations"]:  # all removals first: what the predictions need
+        for ranking in ecfg["rankings"]:
+            owners = ([t["label"] for t in target_list] if ranking in POINT_RANKINGS else images)
+            for owner in owners:
                 for k in ecfg["k_values"]:
                     for seed in range(ecfg["seeds"]):
                         name = f"{ranking}_{owner.replace(' ', '_').replace(',', '-')}_{manipulation}_k{k}_s{seed}"
