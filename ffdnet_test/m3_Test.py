@@ -18,6 +18,9 @@ Writes: if/ffdnet/{tag}_m3_ft-{schedule}_seed{s}_w{window}_{test noise}_{image}.
         shape (entries "whole" and "point r,c": influence, helpful, harmful; "meta")
 Refuses (one line, nothing written) when the replay does not end where a real fine-tuning run of
 the same seed ends (ffdnet.method3.replay_tolerance).
+Resumable per seed (a seed whose files exist is reused) and splittable: the seeds are independent
+jobs, so torchrun --nproc_per_node=K ffdnet_test/m3_Test.py shares them across K processes (on a
+2-core CPU, 2 processes with "threads": 1 finish two seeds sooner than one process with 2 threads).
 """
 import copy
 import os
@@ -33,7 +36,9 @@ from ffdnet_test import attribution, common, explain  # noqa: E402
 from ffdnet_test.model import PackedInput  # noqa: E402
 
 
-def main(settings: dict) -> dict:
+def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
+    """Method 3 for every seed of ffdnet.explain.seeds whose files are missing; ``share`` = (rank,
+    world): this process takes every world-th of them (torchrun)."""
     cfg = common.ffdnet_cfg(settings)
     m3, ft = cfg["method3"], cfg["explain"]["finetune"]
     logger = opt.make_logger(settings, "ffdnet_m3_Test")
@@ -44,7 +49,15 @@ def main(settings: dict) -> dict:
     noisy, clean, sigma, patches = attribution.training_triples(settings, device)
     n = len(clean)
     files, infos = {}, []
-    for seed in range(cfg["explain"]["seeds"]):
+    pending = [{"seed": seed, "paths": [common.m3_result_file(settings, image, seed) for image in images]}
+               for seed in range(cfg["explain"]["seeds"])]
+    pending = [job for job in pending if not all(os.path.isfile(p) for p in job["paths"])]
+    if share[1] > 1:
+        opt.distributed_barrier()  # every process lists the pending seeds before any writes one
+    mine = opt.partition(pending, *share)
+    logger.info(f"{cfg['explain']['seeds'] - len(pending)} seed(s) already done; this process: seeds "
+                f"{[job['seed'] for job in mine]}")
+    for seed in (job["seed"] for job in mine):
         run = explain.finetune_run(ft, n, seed)
         replay = utils_if.AdamReplay(copy.deepcopy(base).eval(), utils_if.mse_sample_loss, run, (noisy, sigma), clean)
         logger.info(f"Method 3, seed {seed}: replaying {run.num_steps} Adam steps of {ft['batch_size']} patches "
@@ -99,5 +112,15 @@ def main(settings: dict) -> dict:
     return {"files": files, "info": infos}
 
 
+def distributed_main(settings: dict) -> dict:
+    """The script's entry: under torchrun each process takes its share of the seeds."""
+    rank, world = opt.distributed_start(common.ffdnet_cfg(settings)["use_gpu"])
+    try:
+        return main(settings, (rank, world))
+    finally:
+        opt.distributed_barrier()
+        opt.distributed_end()
+
+
 if __name__ == "__main__":
-    opt.run_script(main, __doc__)
+    opt.run_script(distributed_main, __doc__)
