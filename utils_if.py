@@ -2093,7 +2093,9 @@ class AdamReplay(_Replay):
         forward-over-reverse pass per target, the k targets vmapped."""
         (b1, b2) = self.run.betas
         inputs, target, weights = self._batch(step)
-        primal = dict(zip(self.names, self._split(theta)))
+        # A clone, not views of the walk's segment store: forward-mode AD gives every view a tangent
+        # as large as its base (measured on FFDNet: 9.8 GB and 7x slower per step with views).
+        primal = dict(zip(self.names, self._split(theta.clone())))
         grad_and_samples = grad(lambda p: self._loss(p, inputs, target, weights), has_aux=True)
         tangents = (1 - b1) * m_adj + 2 * (1 - b2) * g * v_adj
 
