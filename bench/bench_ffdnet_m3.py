@@ -1,13 +1,14 @@
 """Benchmark: Method 3 for FFDNet (utils_if.AdamReplay) against the fine-tuning run it differentiates.
 
 Takes the model and the fine-tuning schedule of the settings (default settings_ffdnet_explain.json:
-the quick-profile gray FFDNet, 22,806 patches of 32 x 32, Adam lr 1e-4, batch 32, 357 steps;
+the quick-profile gray FFDNet, 40,000 patches of 32 x 32 from Train400, Adam lr 1e-4, batch 32,
+625 steps;
 a freshly initialised model of the same shape when FFDNet_Train has not made it, which costs the
 same), runs the first --steps steps of seed 0's fine-tuning with explain.finetune, replays them
 (forward with checkpoints) and walks them back for 1 target and for all of the image's targets
 (the whole-image loss and one window per ffdnet.attribution.points: m3_Test's set), and prints the
 seconds per step of each, the ratio replay / fine-tuning, the replay state and the peak resident
-memory. The cost per step does not depend on the step, so --steps < 357 extrapolates.
+memory. The cost per step does not depend on the step, so --steps < 625 extrapolates.
 
 Issue 20's target: the replay of one fine-tuning run for all targets <= 3 x that fine-tuning run.
 
