@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from influence.solvers import SolverSettings, solver_for, solver_names
+
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SETTINGS = os.path.join(REPO_ROOT, "Implementation.json")
 
@@ -223,8 +225,7 @@ SCHEMA: dict[str, tuple] = {
     "mnist.method3.top_k": ("int", (1, 60000)),
     "mnist.method3.if_dir": ("str", None),
     "mnist.method2.mode": ("str", None),
-    "mnist.method2.solver": _choice("lissa", "cg", "exact", "kfac", "ekfac", "kfac_factored", "arnoldi", "identity",
-                                    "tracin", "trak"),
+    "mnist.method2.solver": ("solver", "mnist"),
     "mnist.method2.proj_dim": ("int", (1, None)),
     "mnist.method2.arnoldi_rank": ("int", (1, None)),
     "mnist.method2.arnoldi_iterations": ("int", (1, None)),
@@ -287,7 +288,7 @@ SCHEMA: dict[str, tuple] = {
     "ffdnet.attribution.images": ("str_list", None),
     "ffdnet.attribution.points": ("points", None),
     "ffdnet.attribution.vis_num": ("int", (1, 100)),
-    "ffdnet.method2.solver": _choice("lissa", "cg", "exact", "kfac", "ekfac", "kfac_factored", "identity"),
+    "ffdnet.method2.solver": ("solver", "ffdnet"),
     "ffdnet.method2.damp": ("float", (0.0, None)),
     "ffdnet.method2.scale": ("float", (1e-12, None)),
     "ffdnet.method2.stochastic": ("bool", None),
@@ -367,6 +368,9 @@ def _validate_keys(settings: dict, schema: dict[str, tuple]) -> None:
         elif kind == "choice":
             if value not in extra:
                 raise _bad(key, value, f"one of {list(extra)}")
+        elif kind == "solver":  # the registry's names, read when checked (a solver registered later counts)
+            if value not in solver_names(extra):
+                raise _bad(key, value, f"one of {list(solver_names(extra))}")
         elif kind == "subset":
             if not isinstance(value, list) or not value or any(v not in extra for v in value):
                 raise _bad(key, value, f"a non-empty list drawn from {list(extra)}")
@@ -421,7 +425,7 @@ def script_settings(description: str, argv: list[str] | None = None) -> dict:
     Spyder's run button passes no arguments, so every flag is optional. Unknown arguments (IPython's
     own) are ignored.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-opt", default=DEFAULT_SETTINGS,
                         help="settings file (JSON with // comments); a relative path is taken from the "
                              "current directory")
@@ -469,37 +473,19 @@ def run_stage(module, paths: str | list[str], settings: dict, log: Callable[[str
 
 def solver_file_part(m2: dict) -> str:
     """The solver part of every influence file name (MNIST and FFDNet), from a method2 block:
-    the solver, its own settings, the damping it really applies (``lam``: LiSSA's fixed point is
-    (H + damp*scale*I)^-1, so its lam is damp*scale), the L2 term and the chosen parameters.
-    Two runs that differ in any of these never share a file."""
-    from utils_if import KRONECKER_SOLVERS
-    solver = m2["solver"]
-    if solver == "lissa":
-        batch = 1 if m2["stochastic"] else m2["hvp_batch_size"]
-        detail = (f"t{m2['training_points']}r{m2['recursion_nums']}b{batch}d{m2['damp']:g}sc{m2['scale']:g}"
-                  f"_lam{m2['damp'] * m2['scale']:g}")
-    elif solver == "cg":
-        detail = f"lam{m2['damp']:g}tol{m2['cg_tol']:g}it{m2['cg_max_iter']}h{m2['hessian_points']}"
-    elif solver == "exact":
-        detail = f"lam{m2['damp']:g}h{m2['hessian_points']}"
-    elif solver in KRONECKER_SOLVERS:
-        detail = f"{m2.get('fisher', 'true')}df{m2.get('kfac_damp_factor', 0.1):g}"
-    elif solver == "arnoldi":
-        detail = f"r{m2['arnoldi_rank']}it{m2['arnoldi_iterations']}lam{m2['damp']:g}h{m2['hessian_points']}"
-    elif solver == "trak":
-        detail = f"d{m2['proj_dim']}"
-    else:  # identity, tracin: no Hessian
-        detail = "nohess"
+    the solver, its own settings and the damping it really applies (the registry's
+    :meth:`Solver.file_part`), the L2 term and the chosen parameters. Two runs that differ in any of
+    these never share a file."""
     params = "_p" + "+".join(m2["params"]) if m2["params"] else ""
-    return f"{solver}_{detail}{params}_l2{m2['l2_reg']:g}"
+    detail = solver_for(m2["solver"]).file_part(solver_settings(m2, 0))
+    return f"{m2['solver']}_{detail}{params}_l2{m2['l2_reg']:g}"
 
 
 def solver_settings(m2: dict, seed: int):
     """The influence engine's solver settings from a ``method2`` block (the original's key names:
     training_points = LiSSA's depth t, recursion_nums = its repeats r), with the progress bars on
     and the atomic writer for K-FAC factor files."""
-    import utils_if
-    return utils_if.SolverSettings(
+    return SolverSettings(
         solver=m2["solver"], damp=float(m2["damp"]), scale=float(m2["scale"]),
         recursion_depth=m2["training_points"], repeats=m2["recursion_nums"],
         hvp_batch_size=1 if m2["stochastic"] else m2["hvp_batch_size"], cg_tol=m2["cg_tol"],

@@ -69,4 +69,4 @@ def main(settings: dict) -> dict:
 
 
 if __name__ == "__main__":
-    opt.run_script(main, __doc__)
+    opt.run_script(main, f"{__doc__}\nffdnet.method2.solver:\n{utils_if.solver_help('ffdnet')}")

@@ -99,7 +99,7 @@ def m2_file(settings: dict, mode: str | None = None) -> str:
     cfg = mnist_cfg(settings)
     m2 = cfg["method2"]
     mode = mode or m2["mode"]
-    extra = f"_ce{cfg['checkpoint_every']}" if m2["solver"] == "tracin" else ""
+    extra = f"_ce{cfg['checkpoint_every']}" if utils_if.solver_for(m2["solver"]).needs_checkpoints else ""
     tests = test_selection_part(settings, m2["test_sample_num"])
     name = f"if_{opt.solver_file_part(m2)}{extra}_{run_tag(settings)}_{mode}_{tests}_top{m2['top_k']}.json"
     return opt.output_path(settings, m2["if_dir"], name)
@@ -131,8 +131,8 @@ def checkpoint_files(settings: dict, mode: str) -> list[str]:
     """The checkpoints Train.py wrote with the current settings, in epoch order (error if none)."""
     every = mnist_cfg(settings)["checkpoint_every"]
     if not every:
-        raise opt.SettingsError("method2.solver = \"tracin\" needs checkpoints: set mnist.checkpoint_every "
-                                "(e.g. 1) and run mnist_test/Train.py again")
+        raise opt.SettingsError(f"mnist.method2.solver = {mnist_cfg(settings)['method2']['solver']!r} needs "
+                                f"checkpoints: set mnist.checkpoint_every (e.g. 1) and run mnist_test/Train.py again")
     epochs = range(every, mnist_cfg(settings)["epoch"] + 1, every)
     return [opt.require_file(checkpoint_file(settings, mode, e), "mnist_test/Train.py (mnist.checkpoint_every > 0)")
             for e in epochs]

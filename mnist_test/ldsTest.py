@@ -37,16 +37,17 @@ import utils_option as opt  # noqa: E402
 from mnist_test import Train, common, lds, m2_Test, m3_Test  # noqa: E402
 from mnist_test.datasets import load_mnist  # noqa: E402
 
-# Method 2 variants: name -> (method2 overrides, only on the first lds.solver_test_num test images)
+# Method 2 variants: LDS row -> method2 overrides (a solver whose cost grows with the test points,
+# Solver.slow_per_test, runs on the first lds.solver_test_num test images only)
 SOLVERS = {
-    "if_ekfac": ({"solver": "ekfac"}, False),
-    "if_kfac": ({"solver": "kfac"}, False),
-    "if_kfac_factored": ({"solver": "kfac_factored"}, False),
-    "if_exact_last": ({"solver": "exact", "params": ["main.4"]}, False),
-    "grad_dot": ({"solver": "identity"}, False),
-    "if_lissa": ({"solver": "lissa"}, True),
-    "if_arnoldi": ({"solver": "arnoldi", "damp": 0.01}, False),
-    "trak": ({"solver": "trak"}, False),
+    "if_ekfac": {"solver": "ekfac"},
+    "if_kfac": {"solver": "kfac"},
+    "if_kfac_factored": {"solver": "kfac_factored"},
+    "if_exact_last": {"solver": "exact", "params": ["main.4"]},
+    "grad_dot": {"solver": "identity"},
+    "if_lissa": {"solver": "lissa"},
+    "if_arnoldi": {"solver": "arnoldi", "damp": 0.01},
+    "trak": {"solver": "trak"},
 }
 ENSEMBLE_SOURCES = {"ensemble_m1_batch_raw": "m1_batch_raw", "ensemble_if_ekfac": "if_ekfac",
                     "ensemble_if_kfac_factored": "if_kfac_factored", "ensemble_grad_dot": "grad_dot",
@@ -54,17 +55,18 @@ ENSEMBLE_SOURCES = {"ensemble_m1_batch_raw": "m1_batch_raw", "ensemble_if_ekfac"
 
 
 def solver_variants(settings: dict) -> dict:
+    """LDS row -> (method2 overrides, whether it runs on the first lds.solver_test_num test images only)."""
     lcfg = lds.lds_cfg(settings)
     variants = dict(SOLVERS)
-    deep = lcfg["lissa_deep"]
-    variants["if_lissa_deep"] = ({"solver": "lissa", **deep}, True)
-    for solver in ("ekfac", "kfac_factored"):  # the heuristic's factor: which damping predicts best
-        for factor in lcfg[f"{solver}_damp_factors"]:
-            variants[f"if_{solver}_df{factor:g}"] = ({"solver": solver, "kfac_damp_factor": factor}, False)
+    variants["if_lissa_deep"] = {**SOLVERS["if_lissa"], **lcfg["lissa_deep"]}
+    for row in ("if_ekfac", "if_kfac_factored"):  # the heuristic's factor: which damping predicts best
+        for factor in lcfg[f"{row[3:]}_damp_factors"]:
+            variants[f"{row}_df{factor:g}"] = {**SOLVERS[row], "kfac_damp_factor": factor}
     for damp in lcfg["cg_damps"]:
-        variants[f"if_cg_d{damp:g}"] = ({"solver": "cg", "damp": damp, "cg_max_iter": lcfg["cg_max_iter"],
-                                             "write_unconverged": True}, True)
-    return variants
+        variants[f"if_cg_d{damp:g}"] = {"solver": "cg", "damp": damp, "cg_max_iter": lcfg["cg_max_iter"],
+                                        "write_unconverged": True}
+    return {name: (overrides, utils_if.solver_for(overrides["solver"]).slow_per_test)
+            for name, overrides in variants.items()}
 
 
 def attributions(settings: dict, ids: list[int], device, logger) -> tuple[dict[str, dict], dict[str, str]]:

@@ -1,7 +1,7 @@
 """Method 2: influence of every training image on each selected test image (Koh & Liang).
 
 influence[t][i] = grad L(test t)^T H^-1 grad L(train i), H the Hessian of the training objective
-(mean NLL + l2_reg/2 ||theta||^2), H^-1 v by method2.solver (lissa | cg | exact).
+(mean NLL + l2_reg/2 ||theta||^2), H^-1 v by method2.solver (the solvers are listed below).
 Positive = training image i helped (removing it would raise the test loss);
 influence / n_train = predicted change of the test loss when i is removed.
 
@@ -32,7 +32,8 @@ def main(settings: dict) -> dict:
     train = common.load_train_data(settings, device, logger.info)
     test = common.load_test_data(settings, device, logger.info)
     solver = opt.solver_settings(m2, cfg["seed"])
-    if solver.solver in utils_if.KRONECKER_SOLVERS:
+    method = utils_if.solver_for(solver.solver)
+    if method.kronecker:
         solver.factor_file = common.factor_file(settings)
     try:
         problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss,
@@ -40,6 +41,8 @@ def main(settings: dict) -> dict:
                                             l2_reg=m2["l2_reg"])
     except ValueError as err:
         raise opt.solver_error("mnist.method2", err) from None
+    if method.needs_checkpoints:
+        solver.checkpoints = tracin_checkpoints(settings, problem, device, logger)
     if cfg["test_ids"] == "all":
         return all_pairs(settings, model, model_path, problem, solver, train, test, logger)
     ids = common.selected_test_ids(settings, m2["mode"])[:m2["test_sample_num"]]
@@ -50,19 +53,7 @@ def main(settings: dict) -> dict:
     x_test, y_test = test.images[ids], test.labels[ids]
     with opt.Timer() as total:
         try:
-            if solver.solver == "tracin":
-                checkpoints = tracin_checkpoints(settings, problem, device, logger)
-                influence = utils_if.tracin(checkpoints, x_test, y_test, train.images, train.labels, solver.chunk_size)
-                info = {"solver": "tracin", "checkpoints": len(checkpoints), "effective_damping": 0.0,
-                        "converged": True, "seconds_test_grads": 0.0, "seconds_s_test": 0.0,
-                        "seconds_sweep": round(total.elapsed(), 3)}
-            elif solver.solver == "trak":  # not an inverse-HVP: gradients of TRAK's margin, a kernel
-                influence, info = utils_if.trak_scores(problem, x_test, y_test, train.images, train.labels,
-                                                       solver.proj_dim, cfg["seed"], chunk_size=solver.chunk_size)
-                info.update(seconds_test_grads=0.0, seconds_s_test=0.0, seconds_sweep=info["seconds_total"])
-            else:
-                influence, info = utils_if.compute_influences(problem, x_test, y_test, train.images,
-                                                              train.labels, solver)
+            influence, info = method.attribute(problem, x_test, y_test, train.images, train.labels, solver)
         except (utils_if.LissaDiverged, ValueError) as err:
             raise opt.solver_error("mnist.method2", err) from None
     info["seconds_total"] = round(total.seconds, 3)
@@ -73,8 +64,8 @@ def main(settings: dict) -> dict:
         if not m2["write_unconverged"] and info.get("cg_relative_residual", 0.0) > 1e-2:
             raise opt.SettingsError(f"{info['warning']}; nothing written (set mnist.method2."
                                     f"write_unconverged = true to write it anyway, marked in meta)")
-    logger.info(f"test gradients {info['seconds_test_grads']} s, s_test {info['seconds_s_test']} s, "
-                f"sweep {info['seconds_sweep']} s, total {info['seconds_total']} s")
+    logger.info(", ".join(f"{key[len('seconds_'):].replace('_', ' ')} {value} s"
+                          for key, value in info.items() if key.startswith("seconds_")))
     result = common.attribution_record(settings, model, model_path, x_test, y_test, ids, influence, m2["top_k"],
                                        info, utils_if.SIGN_CONVENTION, logger)
     path = common.m2_file(settings)
@@ -104,10 +95,10 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
     With method2.self_influence, the self-influence of every training image is written too."""
     import numpy as np
     m2 = common.mnist_cfg(settings)["method2"]
-    if solver.solver not in (*utils_if.KRONECKER_SOLVERS, "identity", "trak"):
-        raise opt.SettingsError(f'mnist.test_ids = "all" needs a fast solver: set mnist.method2.solver to '
-                                f'kfac_factored (fastest), ekfac, kfac, trak or identity (now {solver.solver!r}; '
-                                f'lissa/cg would take hours)')
+    if not utils_if.solver_for(solver.solver).all_pairs:
+        fast = [name for name, s in utils_if.SOLVERS.items() if s.all_pairs]
+        raise opt.SettingsError(f'mnist.test_ids = "all" needs a fast solver: set mnist.method2.solver to one of '
+                                f'{", ".join(fast)} (now {solver.solver!r}, which would take hours)')
     n_test, n_train, k = len(test), len(train), m2["top_k"]
     path = common.m2_file(settings)
     save = m2["save_matrix"] != "none"
@@ -150,14 +141,8 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
         logger.info(f"wrote {matrix_path}")
     if m2["self_influence"]:
         with opt.Timer() as self_timer:
-            if solver.solver == "identity":
-                values = utils_if.sample_grad_sq_norms(problem, train.images, train.labels, solver.chunk_size)
-            elif solver.solver == "trak":
-                values = utils_if.Trak(problem, train.images, train.labels, solver.proj_dim, solver.seed,
-                                       chunk_size=solver.chunk_size).self_influence()
-            else:
-                curvature = utils_if.kronecker_curvature(problem, train.images, train.labels, solver, logger.info)
-                values = curvature.self_influence(train.images, train.labels, solver.chunk_size)
+            values = utils_if.solver_for(solver.solver).self_influence(problem, train.images, train.labels, solver,
+                                                                       logger.info)
         result["self_influence"] = values.cpu().tolist()
         logger.info(f"self-influence of {n_train} training images in {self_timer.seconds:.1f} s; largest: "
                     f"{utils_if.top_indices(values, 10)}")
@@ -171,4 +156,4 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
 
 
 if __name__ == "__main__":
-    opt.run_script(main, __doc__)
+    opt.run_script(main, f"{__doc__}\nmnist.method2.solver:\n{utils_if.solver_help('mnist')}")

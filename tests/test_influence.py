@@ -184,7 +184,7 @@ def test_relu_mlp_hvp_equals_the_dense_hessian():
     net = ReluMlp(hidden=(5,)).double()
     x, y = torch.randn(9, 20, dtype=torch.float64), torch.randint(0, 4, (9,))
     problem = U.InfluenceProblem(net, U.nll_sample_loss, U.select_parameters(net))
-    mlp = U.ReluMlpHvp(problem, U.relu_mlp_layers(net))
+    mlp = U.MlpHvp(problem, U.relu_mlp_layers(net))
     hessian = problem.dense_hessian(x, y)
     v = torch.randn(2, problem.num_params, dtype=torch.float64)
     assert torch.allclose(mlp.hvp(problem, x, y, v), v @ hessian, rtol=0, atol=1e-12)
