@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from influence.solvers import SolverSettings, solver_for, solver_names
+from options.blocks import LDS_METHODS, Settings, defaults, help_lines, schema, typed  # noqa: F401
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SETTINGS = os.path.join(REPO_ROOT, "Implementation.json")
@@ -66,8 +67,7 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def _read_extended(path: str, chain: tuple[str, ...]) -> dict:
-    """A settings file merged over the file it ``extends`` (which may extend another, and so on)."""
+def _read_json(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
@@ -75,46 +75,131 @@ def _read_extended(path: str, chain: tuple[str, ...]) -> dict:
     except json.JSONDecodeError as err:
         raise SettingsError(f"{path}: not valid JSON after removing // comments "
                             f"(line {err.lineno}, column {err.colno}: {err.msg})") from None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: a settings file is one JSON object {{...}}")
+    return raw
+
+
+def settings_layers(path: str, chain: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """The chain of files a settings file ``extends``, the most general first: [(path, its JSON)]."""
+    raw = _read_json(path)
     if "extends" not in raw:
-        return raw
+        return [(path, raw)]
     base_path = os.path.normpath(os.path.join(os.path.dirname(path), raw.pop("extends")))
     if not os.path.isfile(base_path):
         raise MissingFileError(f"{path}: \"extends\" names {base_path}, which does not exist "
                                f"(give a path relative to {os.path.dirname(path)})")
     if base_path in chain + (os.path.normpath(path),):
         raise SettingsError(f"{path}: \"extends\" makes a loop through {base_path}")
-    base = _read_extended(base_path, chain + (os.path.normpath(path),))
-    check_known_keys(base, base_path)
-    return deep_merge(base, raw)
+    return settings_layers(base_path, chain + (os.path.normpath(path),)) + [(path, raw)]
+
+
+def parse_assignment(text: str) -> dict:
+    """``-set KEY=VALUE`` as a nested dict: the value is JSON (a bare word is taken as a string),
+    the key a dotted settings key that must exist."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise SettingsError(f"-set {text!r}: expected KEY=VALUE, e.g. -set 'mnist.test_ids=[42]'")
+    if key not in SCHEMA:
+        import difflib
+        close = difflib.get_close_matches(key, list(SCHEMA), n=1, cutoff=0.6)
+        raise SettingsError(f"-set {key}: unknown setting" + (f"; did you mean {close[0]!r}?" if close else ""))
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    node: dict = {}
+    top = node
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = parsed
+    return top
 
 
 def load_settings(path: str | None = None, profile: str | None = None,
-                  overrides: dict | None = None) -> dict:
-    """Read, merge the chosen profile into, and validate a settings file.
+                  overrides: dict | None = None, assignments: list[str] | None = None) -> dict:
+    """Read, merge and check a settings file; the most specific value wins.
 
-    ``profile`` (or the file's own ``"profile"`` key) picks ``profiles[profile]``, whose values
-    replace the base values. ``overrides`` (a nested dict) is applied last, for drivers and tests.
+    The order, each replacing the one before: the most general file (``Implementation.json``), its
+    profile, a file that ``extends`` it, that file's profile, ..., then ``overrides`` (a nested
+    dict, for drivers and tests), then ``assignments`` (``-set KEY=VALUE``). A profile never
+    replaces a value that a more specific file sets. ``profile`` (else the most specific file's
+    ``"profile"`` key, else "report") names the profile. Every value is checked where it is
+    written, even one that a later layer replaces; ``settings["profile_changed"]`` lists the keys
+    the profile set.
     """
     path = resolve_path(path or DEFAULT_SETTINGS)
     if not os.path.isfile(path):
         raise MissingFileError(f"settings file not found: {path} (pass -opt PATH to a valid file)")
-    raw = _read_extended(path, ())
-    check_known_keys(raw, path)
-    profile = profile or raw.get("profile", "report")
-    profiles = raw.get("profiles", {})
-    if profile not in profiles and profile != "report":
-        raise SettingsError(f"profile = {profile!r} is not defined; valid choices: "
-                            f"{sorted(set(profiles) | {'report'})}")
-    settings = deep_merge(raw, profiles.get(profile, {}))
-    if overrides:
-        settings = deep_merge(settings, overrides)
-    settings["profile"] = profile
+    layers = settings_layers(path)
+    for layer_path, raw in layers:
+        check_known_keys(raw, layer_path)
+    chosen = profile or next((raw["profile"] for _, raw in reversed(layers) if "profile" in raw), "report")
+    defined = {name for _, raw in layers for name in raw.get("profiles", {})}
+    if chosen not in defined and chosen != "report":
+        raise SettingsError(f"profile = {chosen!r} is not defined; valid choices: {sorted(defined | {'report'})}")
+    settings: dict = {}
+    changed: list[str] = []
+    for layer_path, raw in layers:
+        body = {k: v for k, v in raw.items() if k not in STRUCTURAL_KEYS}
+        check_written(body, layer_path)
+        settings = deep_merge(settings, body)
+        extra = raw.get("profiles", {}).get(chosen, {})
+        if extra:
+            check_written(extra, f"{layer_path} (profile {chosen})")
+            later = [b for _, b in layers[layers.index((layer_path, raw)) + 1:]]
+            extra = _without_keys_set_in(extra, later)  # a more specific file's own value wins
+            settings = deep_merge(settings, extra)
+            changed += [k for k in _leaf_keys(extra) if k not in changed]
+    for where, layer in (("overrides", overrides), *(("-set", parse_assignment(a)) for a in assignments or [])):
+        if layer:
+            check_written(layer, where)
+            settings = deep_merge(settings, layer)
+    merged_profiles: dict = {}
+    for _, raw in layers:
+        merged_profiles = deep_merge(merged_profiles, raw.get("profiles", {}))
+    settings["profiles"] = merged_profiles
+    settings["profile"] = chosen
+    settings["profile_changed"] = changed
     settings["settings_file"] = path
     validate(settings, SCHEMA)
     return settings
 
 
-STRUCTURAL_KEYS = ("extends", "profile", "profiles", "settings_file")
+def _without_keys_set_in(profile: dict, later: list[dict]) -> dict:
+    """``profile`` minus every leaf key that one of the ``later`` (more specific) files sets."""
+    taken = {key for body in later for key in _leaf_keys({k: v for k, v in body.items() if k not in STRUCTURAL_KEYS})}
+    out: dict = {}
+    for key in _leaf_keys(profile):
+        if key in taken:
+            continue
+        node, value = out, profile
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            value = value[part]
+        node[parts[-1]] = value[parts[-1]]
+    return out
+
+
+def check_written(partial: dict, where: str) -> None:
+    """Check every setting a file, profile or ``-set`` writes, where it is written (one line naming
+    ``where`` on the first bad one), whatever replaces it later."""
+    for key in _leaf_keys(partial):
+        if key not in SCHEMA:
+            continue  # check_known_keys names unknown keys
+        value: Any = partial
+        for part in key.split("."):
+            value = value[part]
+        try:
+            _check_value(key, *SCHEMA[key], value)
+        except SettingsError as err:
+            raise SettingsError(f"{err} (in {where})") from None
+
+
+STRUCTURAL_KEYS = ("extends", "profile", "profiles", "settings_file", "profile_changed")
 
 
 def _leaf_keys(node: dict, prefix: str = "") -> list[str]:
@@ -142,184 +227,7 @@ def check_known_keys(raw: dict, path: str) -> None:
 # --------------------------------------------------------------------------------------------
 # validation: one schema entry per key, "a.b.c" -> (kind, extra)
 # --------------------------------------------------------------------------------------------
-def _choice(*options: str):
-    return ("choice", options)
-
-
-# every attribution ldsTest.py scores (mnist.lds.methods); if_cg runs once per lds.cg_damps value
-LDS_METHODS = ("m1_batch_raw", "m1_batch_normalized", "m1_per_sample_raw", "m1_per_sample_normalized",
-               "if_ekfac", "if_kfac", "if_kfac_factored", "if_exact_last", "if_lissa", "if_lissa_deep", "if_cg",
-               "grad_dot", "grad_cos", "ensemble_m1_batch_raw", "ensemble_if_ekfac", "ensemble_if_kfac_factored",
-               "ensemble_grad_dot", "m3_replay", "if_arnoldi", "trak", "ensemble_trak")
-
-SCHEMA: dict[str, tuple] = {
-    "output_dir": ("str", None),
-    "threads": ("int", (0, 256)),
-    "profile": ("str", None),
-    "mnist.seed": ("int", (0, None)),
-    "mnist.use_gpu": ("bool", None),
-    "mnist.data_dir": ("str", None),
-    "mnist.epoch": ("int", (1, None)),
-    "mnist.batch_size": ("int", (1, None)),
-    "mnist.learning_rate": ("float", (0.0, None)),
-    "mnist.momentum": ("float", (0.0, 1.0)),
-    "mnist.weight_decay": ("float", (0.0, None)),
-    "mnist.activation": _choice("relu", "softplus"),
-    "mnist.train_subset": ("int", (0, 60000)),
-    "mnist.checkpoint_every": ("int", (0, None)),
-    "mnist.vis_num": ("int", (1, 100)),
-    "mnist.method": ("one_or_list", ("method1", "method2", "method3")),
-    "mnist.newData": ("one_or_list", ("algo", "random", "remove_algo", "remove_random")),
-    "mnist.explain.m2_lists": ("subset", ("helpful", "harmful")),
-    "mnist.explain.n_values": ("int_list", None),
-    "mnist.explain.group_size": ("int", (1, 10000)),
-    "mnist.stability.seeds": ("int_list", None),
-    "mnist.stability.methods": ("subset", ("method1", "method2", "method3")),
-    "mnist.stability.top": ("int", (1, 60000)),
-    "mnist.test_ids": ("test_ids", None),
-    "mnist.test_num": ("int", (1, 10000)),
-    "mnist.test_rank_step": ("int", (1, 10000)),
-    "mnist.method1.mode": ("str", None),
-    "mnist.method1.grad_mode": _choice("batch", "per_sample"),
-    "mnist.method1.skip_first_epoch": ("bool", None),
-    "mnist.method1.layers": ("subset", ("fc1", "fc2", "fc3")),
-    "mnist.method1.top_k": ("int", (1, 60000)),
-    "mnist.lds.setting": _choice("algorithm", "single_model"),
-    "mnist.lds.drop_fractions": ("float_list", None),
-    "mnist.lds.method3_test_num": ("int", (1, 10000)),
-    "mnist.lds.train_subset": ("int", (10, 60000)),
-    "mnist.lds.test_ids": ("lds_test_ids", None),
-    "mnist.lds.subset_fraction": ("float", (0.01, 0.99)),
-    "mnist.lds.num_subsets": ("int", (3, None)),
-    "mnist.lds.seeds_per_subset": ("int", (1, None)),
-    "mnist.lds.epoch": ("int", (1, None)),
-    "mnist.lds.seed": ("int", (0, None)),
-    "mnist.lds.group_size": ("int", (1, 10000)),
-    "mnist.lds.keep_weights": ("bool", None),
-    "mnist.lds.methods": ("subset", LDS_METHODS),
-    "mnist.lds.ensemble_seeds": ("int_list", None),
-    "mnist.lds.solver_test_num": ("int", (1, 10000)),
-    "mnist.lds.lissa_deep.training_points": ("int", (1, None)),
-    "mnist.lds.lissa_deep.recursion_nums": ("int", (1, None)),
-    "mnist.lds.cg_damps": ("float_list", None),
-    "mnist.lds.ekfac_damp_factors": ("float_list", None),
-    "mnist.lds.kfac_factored_damp_factors": ("float_list", None),
-    "mnist.lds.cg_max_iter": ("int", (1, None)),
-    "mnist.lds.bootstrap": ("int", (10, None)),
-    "mnist.lds.loo.test_num": ("int", (0, 10000)),
-    "mnist.lds.loo.k": ("int", (1, 10000)),
-    "mnist.lds.loo.seeds": ("int", (1, None)),
-    "mnist.lds.loo.rank_by": _choice(*LDS_METHODS),
-    "mnist.mislabel.train_subset": ("int", (0, 60000)),
-    "mnist.mislabel.fraction": ("float", (0.001, 0.9)),
-    "mnist.mislabel.seed": ("int", (0, None)),
-    "mnist.mislabel.epoch": ("int", (1, None)),
-    "mnist.mislabel.checkpoint_every": ("int", (0, None)),
-    "mnist.vis_method": _choice("method2", "method3"),
-    "mnist.method3.mode": ("str", None),
-    "mnist.method3.target": _choice("loss", "margin"),
-    "mnist.method3.test_sample_num": ("int", (1, 10000)),
-    "mnist.method3.checkpoint_interval": ("int", (0, None)),
-    "mnist.method3.test_chunk": ("int", (1, 10000)),
-    "mnist.method3.replay_tolerance": ("float", (0.0, None)),
-    "mnist.method3.top_k": ("int", (1, 60000)),
-    "mnist.method3.if_dir": ("str", None),
-    "mnist.method2.mode": ("str", None),
-    "mnist.method2.solver": ("solver", "mnist"),
-    "mnist.method2.proj_dim": ("int", (1, None)),
-    "mnist.method2.arnoldi_rank": ("int", (1, None)),
-    "mnist.method2.arnoldi_iterations": ("int", (1, None)),
-    "mnist.method2.fisher": _choice("true", "empirical"),
-    "mnist.method2.kfac_damp_factor": ("float", (0.0, None)),
-    "mnist.method2.write_unconverged": ("bool", None),
-    "mnist.method2.save_matrix": _choice("none", "float16", "float32"),
-    "mnist.method2.self_influence": ("bool", None),
-    "mnist.method2.test_chunk": ("int", (1, 10000)),
-    "mnist.method2.damp": ("float", (0.0, None)),
-    "mnist.method2.scale": ("float", (1e-12, None)),
-    "mnist.method2.stochastic": ("bool", None),
-    "mnist.method2.hvp_batch_size": ("int", (1, 60000)),
-    "mnist.method2.recursion_nums": ("int", (1, None)),
-    "mnist.method2.training_points": ("int", (1, None)),
-    "mnist.method2.test_sample_num": ("int", (1, 10000)),
-    "mnist.method2.params": ("str_list", None),
-    "mnist.method2.l2_reg": ("float", (0.0, None)),
-    "mnist.method2.cg_tol": ("float", (0.0, None)),
-    "mnist.method2.cg_max_iter": ("int", (1, None)),
-    "mnist.method2.hessian_points": ("int", (0, 60000)),
-    "mnist.method2.exact_max_params": ("int", (1, None)),
-    "mnist.method2.chunk_size": ("int", (1, None)),
-    "mnist.method2.top_k": ("int", (1, 60000)),
-    "mnist.method2.if_dir": ("str", None),
-    "ffdnet.seed": ("int", (0, None)),
-    "ffdnet.use_gpu": ("bool", None),
-    "ffdnet.is_gray": ("bool", None),
-    "ffdnet.layout": _choice("bn", "plain"),
-    "ffdnet.residual": ("bool", None),
-    "ffdnet.bn_recalibrate_batches": ("int", (0, None)),
-    "ffdnet.channel_order": _choice("rgb", "bgr"),
-    "ffdnet.train_dir": ("str", None),
-    "ffdnet.val_dir": ("str", None),
-    "ffdnet.test_dir": ("str", None),
-    "ffdnet.patch_size": ("int", (8, 1024)),
-    "ffdnet.stride": ("int", (1, 1024)),
-    "ffdnet.max_patches": ("int", (0, None)),
-    "ffdnet.sigma": ("range", (0.0, 255.0)),
-    "ffdnet.fixed_noise": ("bool", None),
-    "ffdnet.val_sigma": ("float", (0.0, 255.0)),
-    "ffdnet.epoch": ("int", (1, None)),
-    "ffdnet.batch_size": ("int", (1, None)),
-    "ffdnet.learning_rate": ("float", (0.0, None)),
-    "ffdnet.lr_decay_epochs": ("int_list", None),
-    "ffdnet.train_checkpoints": ("int", (1, None)),
-    "ffdnet.init_checkpoint": ("path_or_empty", None),
-    "ffdnet.test.model": ("path_or_empty", None),
-    "ffdnet.test.noise_level_img": ("float", (0.0, 255.0)),
-    "ffdnet.test.is_clip": ("bool", None),
-    "ffdnet.test.border": ("int", (0, None)),
-    "ffdnet.test.save_images": ("bool", None),
-    "ffdnet.method1.record": ("bool", None),
-    "ffdnet.method1.grad_mode": _choice("batch", "per_sample"),
-    "ffdnet.method1.layers": ("int_list", None),
-    "ffdnet.method1.mode": _choice("raw", "normalized", "remove_out"),
-    "ffdnet.method1.outlim": ("float", (0.0, None)),
-    "ffdnet.method1.activation": _choice("block", "conv"),
-    "ffdnet.method1.top_k": ("int", (1, None)),
-    "ffdnet.attribution.images": ("str_list", None),
-    "ffdnet.attribution.points": ("points", None),
-    "ffdnet.attribution.vis_num": ("int", (1, 100)),
-    "ffdnet.method2.solver": ("solver", "ffdnet"),
-    "ffdnet.method2.damp": ("float", (0.0, None)),
-    "ffdnet.method2.scale": ("float", (1e-12, None)),
-    "ffdnet.method2.stochastic": ("bool", None),
-    "ffdnet.method2.hvp_batch_size": ("int", (1, None)),
-    "ffdnet.method2.recursion_nums": ("int", (1, None)),
-    "ffdnet.method2.training_points": ("int", (1, None)),
-    "ffdnet.method2.params": ("str_list", None),
-    "ffdnet.method2.l2_reg": ("float", (0.0, None)),
-    "ffdnet.method2.cg_tol": ("float", (0.0, None)),
-    "ffdnet.method2.cg_max_iter": ("int", (1, None)),
-    "ffdnet.method2.hessian_points": ("int", (0, None)),
-    "ffdnet.method2.exact_max_params": ("int", (1, None)),
-    "ffdnet.method2.chunk_size": ("int", (1, None)),
-    "ffdnet.method2.max_train_points": ("int", (0, None)),
-    "ffdnet.method2.window": ("int", (0, 64)),
-    "ffdnet.method2.top_k": ("int", (1, None)),
-    "ffdnet.explain.test_images": ("int", (1, 100)),
-    "ffdnet.explain.rankings": ("subset", ("m3_window", "m3_whole", "m2_window", "m2_whole", "m1", "random")),
-    "ffdnet.explain.manipulations": ("subset", ("remove", "corrupt")),
-    "ffdnet.explain.k_values": ("int_list", None),
-    "ffdnet.explain.seeds": ("int", (1, 100)),
-    "ffdnet.explain.m1_layer": ("int", (0, 100)),
-    "ffdnet.explain.m1_mode": _choice("raw", "normalized", "remove_out"),
-    "ffdnet.explain.finetune.epochs": ("float", (1e-6, None)),
-    "ffdnet.explain.finetune.learning_rate": ("float", (0.0, None)),
-    "ffdnet.explain.finetune.batch_size": ("int", (1, None)),
-    "ffdnet.explain.maps": ("int", (0, 100)),
-    "ffdnet.method3.checkpoint_interval": ("int", (0, None)),
-    "ffdnet.method3.replay_tolerance": ("float", (0.0, None)),
-    "ffdnet.method3.top_k": ("int", (1, None)),
-}
+SCHEMA: dict[str, tuple] = schema()  # "a.b.c" -> (kind, extra), made from the typed blocks (options/blocks.py)
 
 
 def _lookup(settings: dict, dotted: str) -> Any:
@@ -349,71 +257,75 @@ def validate(settings: dict, schema: dict[str, tuple]) -> None:
 
 def _validate_keys(settings: dict, schema: dict[str, tuple]) -> None:
     for key, (kind, extra) in schema.items():
-        value = _lookup(settings, key)
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise _bad(key, value, "true or false")
-        elif kind in ("int", "float"):
-            ok = isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
-            if isinstance(value, bool) or not ok:
-                hint = " (damp is a number now: 0.01 is the original's value, 0 turns it off)" \
-                    if key.endswith(".damp") and isinstance(value, bool) else ""
-                raise _bad(key, value, f"a{'n integer' if kind == 'int' else ' number'}{hint}")
-            low, high = extra
-            if (low is not None and value < low) or (high is not None and value > high):
-                raise _bad(key, value, f"a value in [{low}, {'inf' if high is None else high}]")
-        elif kind == "str":
-            if not isinstance(value, str) or not value:
-                raise _bad(key, value, "a non-empty string")
-        elif kind == "choice":
-            if value not in extra:
-                raise _bad(key, value, f"one of {list(extra)}")
-        elif kind == "solver":  # the registry's names, read when checked (a solver registered later counts)
-            if value not in solver_names(extra):
-                raise _bad(key, value, f"one of {list(solver_names(extra))}")
-        elif kind == "subset":
-            if not isinstance(value, list) or not value or any(v not in extra for v in value):
-                raise _bad(key, value, f"a non-empty list drawn from {list(extra)}")
-        elif kind == "one_or_list":
-            values = value if isinstance(value, list) else [value]
-            if not values or any(v not in extra for v in values):
-                raise _bad(key, value, f"one of {list(extra)} or a list of them")
-        elif kind == "str_list":
-            if not isinstance(value, list) or any(not isinstance(v, str) for v in value):
-                raise _bad(key, value, "a list of parameter-name prefixes ([] = all parameters)")
-        elif kind == "range":
-            if (not isinstance(value, list) or len(value) != 2 or
-                    any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value) or
-                    not extra[0] <= value[0] <= value[1] <= extra[1]):
-                raise _bad(key, value, f"[low, high] with {extra[0]} <= low <= high <= {extra[1]}")
-        elif kind == "int_list":
-            if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
-                                                  for v in value):
-                raise _bad(key, value, "a list of non-negative integers")
-        elif kind == "path_or_empty":
-            if not isinstance(value, str):
-                raise _bad(key, value, 'a path string ("" for none)')
-        elif kind == "points":
-            if not isinstance(value, list) or not value or any(
-                    not isinstance(p, list) or len(p) != 2 or any(isinstance(v, bool) or not isinstance(v, int)
-                                                                  or v < 0 for v in p) for p in value):
-                raise _bad(key, value, "a list of [row, col] pixel positions")
-        elif kind == "lds_test_ids":
-            if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 10000:
-                continue
-            if not isinstance(value, list) or len(value) < 1 or any(
-                    isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 10000 for v in value):
-                raise _bad(key, value, "n (the first n test images) or a list of test indices in [0, 9999]")
-        elif kind == "float_list":
-            if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                                                  or v < 0 for v in value):
-                raise _bad(key, value, "a list of non-negative numbers")
-        elif kind == "test_ids":
-            if value in ("loss_rank", "all"):
-                continue
-            if not isinstance(value, list) or not value or any(
-                    isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 10000 for v in value):
-                raise _bad(key, value, '"loss_rank", "all" or a list of test indices in [0, 9999]')
+        _check_value(key, kind, extra, _lookup(settings, key))
+
+
+def _check_value(key: str, kind: str, extra: Any, value: Any) -> None:
+    """One setting against its kind (options.blocks): a SettingsError naming key and value if bad."""
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _bad(key, value, "true or false")
+    elif kind in ("int", "float"):
+        ok = isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok:
+            hint = " (damp is a number now: 0.01 is the original's value, 0 turns it off)" \
+                if key.endswith(".damp") and isinstance(value, bool) else ""
+            raise _bad(key, value, f"a{'n integer' if kind == 'int' else ' number'}{hint}")
+        low, high = extra
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise _bad(key, value, f"a value in [{low}, {'inf' if high is None else high}]")
+    elif kind == "str":
+        if not isinstance(value, str) or not value:
+            raise _bad(key, value, "a non-empty string")
+    elif kind == "choice":
+        if value not in extra:
+            raise _bad(key, value, f"one of {list(extra)}")
+    elif kind == "solver":  # the registry's names, read when checked (a solver registered later counts)
+        if value not in solver_names(extra):
+            raise _bad(key, value, f"one of {list(solver_names(extra))}")
+    elif kind == "subset":
+        if not isinstance(value, list) or not value or any(v not in extra for v in value):
+            raise _bad(key, value, f"a non-empty list drawn from {list(extra)}")
+    elif kind == "one_or_list":
+        values = value if isinstance(value, list) else [value]
+        if not values or any(v not in extra for v in values):
+            raise _bad(key, value, f"one of {list(extra)} or a list of them")
+    elif kind == "str_list":
+        if not isinstance(value, list) or any(not isinstance(v, str) for v in value):
+            raise _bad(key, value, "a list of parameter-name prefixes ([] = all parameters)")
+    elif kind == "range":
+        if (not isinstance(value, list) or len(value) != 2 or
+                any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value) or
+                not extra[0] <= value[0] <= value[1] <= extra[1]):
+            raise _bad(key, value, f"[low, high] with {extra[0]} <= low <= high <= {extra[1]}")
+    elif kind == "int_list":
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
+                                              for v in value):
+            raise _bad(key, value, "a list of non-negative integers")
+    elif kind == "path_or_empty":
+        if not isinstance(value, str):
+            raise _bad(key, value, 'a path string ("" for none)')
+    elif kind == "points":
+        if not isinstance(value, list) or not value or any(
+                not isinstance(p, list) or len(p) != 2 or any(isinstance(v, bool) or not isinstance(v, int)
+                                                              or v < 0 for v in p) for p in value):
+            raise _bad(key, value, "a list of [row, col] pixel positions")
+    elif kind == "lds_test_ids":
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 10000:
+            return
+        if not isinstance(value, list) or len(value) < 1 or any(
+                isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 10000 for v in value):
+            raise _bad(key, value, "n (the first n test images) or a list of test indices in [0, 9999]")
+    elif kind == "float_list":
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                              or v < 0 for v in value):
+            raise _bad(key, value, "a list of non-negative numbers")
+    elif kind == "test_ids":
+        if value in ("loss_rank", "all"):
+            return
+        if not isinstance(value, list) or not value or any(
+                isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 10000 for v in value):
+            raise _bad(key, value, '"loss_rank", "all" or a list of test indices in [0, 9999]')
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,31 +337,49 @@ def script_settings(description: str, argv: list[str] | None = None) -> dict:
     Spyder's run button passes no arguments, so every flag is optional. Unknown arguments (IPython's
     own) are ignored.
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    side = "ffdnet" if "ffdnet_test" in os.path.abspath(sys.argv[0] if sys.argv else "") else "mnist"
+    settings_help = [line for line in help_lines() if line.startswith(("  output_dir", "  threads", "  profile",
+                                                                        f"  {side}."))]
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="settings (key = default: meaning):\n" + "\n".join(settings_help))
     parser.add_argument("-opt", default=DEFAULT_SETTINGS,
                         help="settings file (JSON with // comments); a relative path is taken from the "
                              "current directory")
     parser.add_argument("-profile", default=None, help="profile to apply, e.g. quick or report")
+    parser.add_argument("-debug", action="store_true", help="show the traceback of an unexpected error")
+    parser.add_argument("-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="set one setting, e.g. -set 'mnist.test_ids=[42]' (repeatable; the value is JSON, "
+                             "a bare word a string; checked like the file's; wins over files and profiles)")
     args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if unknown and not is_interactive():  # Spyder/IPython pass arguments of their own: ignored there
         import difflib
-        close = difflib.get_close_matches(unknown[0], ["-opt", "-profile"], n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]}?)" if close else " (valid: -opt PATH, -profile NAME)"
+        close = difflib.get_close_matches(unknown[0], ["-opt", "-profile", "-set", "-debug"], n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]}?)" if close else " (valid: -opt PATH, -profile NAME, -set KEY=VALUE)"
         print(f"error: unknown argument {unknown[0]}{hint}", file=sys.stderr)
         raise SystemExit(2)
     path = os.path.abspath(args.opt)  # relative to where the user typed it, not the repo
-    return settings_or_exit(lambda: load_settings(path, args.profile))
+    return settings_or_exit(lambda: load_settings(path, args.profile, assignments=args.set))
 
 
-def settings_or_exit(make: Callable[[], dict]) -> dict:
-    """Run ``make``; turn a settings or missing-file error into one line and exit status 2."""
+DEBUG = "-debug" in sys.argv  # show tracebacks (the console gets one line otherwise)
+
+
+def settings_or_exit(make: Callable[[], Any]) -> Any:
+    """Run ``make``; a settings, missing-file or unreadable-file error becomes one line and exit
+    status 2; any other error one line and exit status 1 (the traceback with ``-debug``)."""
     try:
         return make()
-    except Exception as err:  # noqa: BLE001  (only the user-facing kinds; everything else re-raised)
-        if not isinstance(err, (SettingsError, MissingFileError)) and not getattr(err, "one_line", False):
+    except Exception as err:  # noqa: BLE001
+        user_facing = isinstance(err, (SettingsError, MissingFileError)) or getattr(err, "one_line", False)
+        if DEBUG:
             raise
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        if user_facing:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        text = " ".join(str(err).split())
+        print(f"error: {type(err).__name__}: {text[:300]} (run again with -debug for the traceback)",
+              file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def run_script(main: Callable[[dict], Any], description: str) -> Any:
@@ -640,6 +570,10 @@ def make_logger(settings: dict, name: str) -> logging.Logger:
     logger.info(f"{name}: settings {settings['settings_file']} (profile {settings['profile']}), "
                 f"{threads} torch thread{'s' if threads > 1 else ''}, output {resolve_path(settings['output_dir'])}, "
                 f"log file {log_file}")
+    changed = settings.get("profile_changed", [])
+    if changed:
+        shown_keys = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        logger.info(f"profile {settings['profile']} set {shown_keys}")
     shown = {k: v for k, v in settings.items() if k not in ("profiles",)}
     logger.info("settings: " + json.dumps(shown, sort_keys=True))
     return logger
@@ -723,10 +657,30 @@ def write_text(path: str, text: str, logger: logging.Logger | None = None) -> st
     return path
 
 
+class UnreadableFileError(SettingsError):
+    """An input that exists but cannot be read (truncated, corrupt, foreign). One line for the user."""
+
+
 def read_json(path: str, made_by: str) -> Any:
-    """Read a JSON result, with a one-line error naming the script that writes it."""
+    """Read a JSON result, with a one-line error naming the script that writes it (missing) or
+    saying what to do (truncated or corrupt)."""
     with open(require_file(path, made_by), encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UnreadableFileError(f"{path} is not readable JSON ({type(err).__name__}: truncated or corrupt): "
+                                      f"delete it and run {made_by} again") from None
+
+
+def load_torch(path: str, made_by: str, map_location: Any = "cpu", weights_only: bool = True) -> Any:
+    """``torch.load`` of an input file, with a one-line error naming the file and what to do when it
+    is missing, truncated, corrupt or not a torch file."""
+    require_file(path, made_by)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as err:  # noqa: BLE001  (every way a file can be unreadable)
+        raise UnreadableFileError(f"{path} is not a readable torch file ({type(err).__name__}: truncated, corrupt "
+                                  f"or foreign): delete it and run {made_by} again") from None
 
 
 def save_torch(path: str, obj: Any, logger: logging.Logger | None = None) -> str:

@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils_option as opt  # noqa: E402
 from ffdnet_test import common, datasets  # noqa: E402
-from ffdnet_test.model import checkpoint_state, count_parameters  # noqa: E402
+from ffdnet_test.checkpoints import checkpoint_state  # noqa: E402
+from ffdnet_test.model import count_parameters  # noqa: E402
 from ffdnet_test.training import train_ffdnet  # noqa: E402
 
 

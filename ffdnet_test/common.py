@@ -8,7 +8,8 @@ import torch
 
 import utils_option as opt
 from ffdnet_test import datasets
-from ffdnet_test.model import FFDNet, load_checkpoint, orthogonal_init
+from ffdnet_test.checkpoints import load_checkpoint
+from ffdnet_test.model import FFDNet, orthogonal_init
 
 
 def ffdnet_cfg(settings: dict) -> dict:

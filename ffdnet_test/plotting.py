@@ -127,3 +127,29 @@ def influence_maps(rows: list[dict], title: str):
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def question_maps(rows: list[dict], title: str):
+    """rows: {"title", "image": a crop of the test image (C,h,w), "point": (r, c) in it, "patches",
+    "maps": [(h,w)], "captions"}: the crop with the point, then each training patch with where its
+    influence sits drawn over it (red helps, blue hurts)."""
+    n_cols = 1 + max(len(r["patches"]) for r in rows)
+    title_height = 0.35 + 0.17 * (title.count("\n") + 1)
+    height = 2.0 * len(rows) + title_height
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.9 * n_cols, height), squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        for ax in ax_row:
+            ax.axis("off")
+        _show(ax_row[0], row["image"])
+        ax_row[0].scatter([row["point"][1]], [row["point"][0]], s=40, c="red", marker="o", edgecolors="white",
+                          linewidths=0.8)
+        ax_row[0].set_title(row["title"], fontsize=7)
+        for ax, patch, heat, caption in zip(ax_row[1:], row["patches"], row["maps"], row["captions"]):
+            _show(ax, patch)
+            limit = float(heat.abs().max()) or 1.0
+            ax.imshow(heat.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=0.55)
+            ax.set_title(caption, fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.1 / height, top=1 - title_height / height,
+                        hspace=0.45, wspace=0.08)
+    return fig

@@ -9,7 +9,29 @@ import utils_if
 import utils_option as opt
 from ffdnet_test import metrics
 from ffdnet_test.datasets import PatchSet, draw_noise
-from ffdnet_test.model import FFDNet, recalibrate_batchnorm
+from ffdnet_test.model import FFDNet
+
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches) -> None:
+    """Re-estimate BatchNorm running statistics as a plain average over ``batches`` of inputs
+    ((x, sigma) pairs) with the current weights ("precise BN"); the momentum-0.1 running averages
+    lag behind weights that change quickly."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not norms:
+        return
+    was_training = model.training
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for x, sigma in batches:
+        model(x, sigma)
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 def _noisy_batches(clean_all: torch.Tensor, fixed, cfg: dict, generator: torch.Generator,

@@ -4,7 +4,8 @@ images by the report's rule: sort the test set by loss under this model, descend
 0, test_rank_step, 2*test_rank_step, ... (test_num images).
 
 Reads:  model_zoo/mnist_{tag}_{method1.mode}.pth (Train.py)
-Writes: test/mnist_{tag}_{mode}_test.json: "test_ids" (read by every later script), per image
+Writes: test/mnist_{tag}_{mode}_{selection}_test.json: "test_ids" (read by every later script),
+        "selection" (the rule it was made for: lr{num}x{step}, all, or ids{hash}), per image
         test_id_num / label / prediction / loss / correct / loss_rank, and "meta".
 """
 import os
@@ -55,7 +56,8 @@ def main(settings: dict) -> dict:
     logger.info(f"misclassified among the selected: {wrong}; accuracy on the whole test set "
                 f"{accuracy:.4f} ({int((preds == test.labels).sum())}/{len(test)})")
     path = common.test_file(settings, mode)
-    opt.write_json(path, {"test_ids": ids, "images": images, "meta": {
+    selection = common.test_selection_part(settings)
+    opt.write_json(path, {"test_ids": ids, "selection": selection, "images": images, "meta": {
         "model_file": model_path, "selection_rule": rule, "test_accuracy": accuracy,
         "mean_test_loss": float(losses.mean()), "settings": cfg}}, logger)
     return {"test_file": path, "test_ids": ids, "test_accuracy": accuracy}

@@ -67,7 +67,8 @@ def grad_norm_file(settings: dict, mode: str | None = None) -> str:
 
 
 def test_file(settings: dict, mode: str) -> str:
-    return opt.output_path(settings, "test", f"mnist_{run_tag(settings)}_{mode}_test.json")
+    """Test.py's result: named for the model and the test selection it was made for."""
+    return opt.output_path(settings, "test", f"mnist_{run_tag(settings)}_{mode}_{test_selection_part(settings)}_test.json")
 
 
 def test_selection_part(settings: dict, count: int | None = None) -> str:
@@ -192,10 +193,14 @@ def load_test_data(settings: dict, device: torch.device, log=print) -> MnistData
 def load_model(settings: dict, mode: str, device: torch.device,
                logger: logging.Logger | None = None) -> tuple[torch.nn.Module, str]:
     """The trained MLP of ``mode`` under the current settings, in eval mode."""
-    path = opt.require_file(model_file(settings, mode), "mnist_test/Train.py")
+    path = model_file(settings, mode)
     model = mnist_model(mnist_cfg(settings)["activation"]).to(device)
-    state = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(state["model"] if "model" in state else state)
+    state = opt.load_torch(path, "mnist_test/Train.py", map_location=device)
+    try:
+        model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)
+    except (RuntimeError, TypeError, KeyError) as err:
+        raise opt.UnreadableFileError(f"{path} holds no weights of this MLP ({type(err).__name__}; another "
+                                      f"model or activation?): delete it and run mnist_test/Train.py again") from None
     model.eval()
     if logger is not None:
         logger.info(f"model: {path}")
@@ -209,13 +214,18 @@ def selected_test_ids(settings: dict, mode: str | None = None) -> list[int]:
         return list(cfg["test_ids"])
     if cfg["test_ids"] == "all":
         return list(range(10000))
-    record = opt.read_json(test_file(settings, mode or cfg["method1"]["mode"]), "mnist_test/Test.py")
+    path = test_file(settings, mode or cfg["method1"]["mode"])
+    record = opt.read_json(path, "mnist_test/Test.py")
+    made_for, wanted = record.get("selection", "an unnamed selection"), test_selection_part(settings)
+    if made_for != wanted:
+        raise opt.SettingsError(f"{path} was made for test selection {made_for}, these settings select {wanted}: "
+                                f"run mnist_test/Test.py with the same settings to make the right file")
     return record["test_ids"]
 
 
 def replay_record(model_path: str, device: torch.device) -> str:
     """How the model was trained (Train.py's replay record), for the message of a failed replay."""
-    state = torch.load(model_path, map_location=device, weights_only=True)
+    state = opt.load_torch(model_path, "mnist_test/Train.py", map_location=device)
     made = state.get("replay") if isinstance(state, dict) else None
     if not made:
         return "the file has no replay record: it predates Method 3"

@@ -28,7 +28,7 @@ def evaluate_jobs(settings: dict, device) -> list[dict]:
     model = mnist_model(common.mnist_cfg(settings)["activation"]).to(device).eval()
 
     def run(path, test_id):
-        model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
+        model.load_state_dict(opt.load_torch(path, "mnist_test/expTrain.py", map_location=device)["model"])
         with torch.no_grad():
             out = model(test.images[[test_id]])
         return float(-out[0, test.labels[test_id]]), int(out[0].argmax())

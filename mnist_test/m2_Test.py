@@ -78,7 +78,7 @@ def tracin_checkpoints(settings, problem, device, logger) -> list:
     from mnist_test.model import mnist_model
     out = []
     for path in common.checkpoint_files(settings, common.mnist_cfg(settings)["method2"]["mode"]):
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = opt.load_torch(path, "mnist_test/Train.py (mnist.checkpoint_every > 0)", map_location=device)
         model = mnist_model(common.mnist_cfg(settings)["activation"]).to(device)
         model.load_state_dict(state["model"])
         out.append((utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, problem.param_names),

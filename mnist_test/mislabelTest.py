@@ -59,7 +59,7 @@ def trained(settings: dict, data: MnistData, device, logger) -> dict:
     path = opt.output_path(settings, "model_zoo", "mislabel", f"mislabel_{study_tag(settings)}.pth")
     if os.path.isfile(path):
         logger.info(f"reuse {path}")
-        return torch.load(path, map_location=device, weights_only=True)
+        return opt.load_torch(path, "mnist_test/mislabelTest.py", map_location=device)
     checkpoints = []
     recipe = {**cfg, "epoch": mis["epoch"]}
     with opt.Timer() as timer:

@@ -18,7 +18,7 @@ def digit_grid(rows: list[list[dict]], suptitle: str, gap_after_first: bool = Fa
     "red": bool, "bold": bool} or None for an empty cell."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     widths = [1.0] + ([0.25] if gap_after_first else []) + [1.0] * (n_cols - 1)
-    top_margin = 0.75  # inches for the title
+    top_margin = 0.35 + 0.17 * (suptitle.count("\n") + 1)  # inches for the title, by its lines
     height = 1.9 * n_rows + top_margin
     fig, axes = plt.subplots(n_rows, len(widths), figsize=(1.5 * sum(widths) + 0.3, height),
                              gridspec_kw={"width_ratios": widths}, squeeze=False)

@@ -8,7 +8,8 @@ import torch
 import utils_if
 import utils_option as opt
 from ffdnet_test import datasets
-from ffdnet_test.model import FFDNet, count_parameters, load_checkpoint
+from ffdnet_test.checkpoints import load_checkpoint
+from ffdnet_test.model import FFDNet, count_parameters
 from ffdnet_test.training import train_ffdnet
 
 

@@ -99,7 +99,9 @@ def test_extends_chains_keep_the_profiles_of_the_first_file_and_refuse_loops(tmp
     top.write_text(json.dumps({"extends": "middle.json", "profile": "quick", "mnist": {"seed": 3}}))
     settings = opt.load_settings(str(top))
     assert settings["profile"] == "quick" and settings["mnist"]["seed"] == 3
-    assert settings["mnist"]["epoch"] == 5  # the quick profile of Implementation.json, two files up
+    # the most specific value wins: middle's epoch 7 over the quick profile of Implementation.json
+    # (two files up), whose other values still apply
+    assert settings["mnist"]["epoch"] == 7 and settings["mnist"]["explain"]["n_values"] == [0, 1000, 5000]
     assert opt.load_settings(str(top), profile="report")["mnist"]["epoch"] == 7
     middle.write_text(json.dumps({"extends": "top.json"}))
     with pytest.raises(opt.SettingsError, match="loop"):
@@ -165,3 +167,42 @@ def test_thread_setting_is_applied_logged_and_stored(tmp_path, mnist_raw):
         assert "1 torch thread," in log
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_profile_never_overrides_a_more_specific_file(tmp_path):
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"extends": opt.DEFAULT_SETTINGS, "mnist": {
+        "epoch": 3, "lds": {"test_ids": [11, 222, 3333, 4444, 5555]}}}))
+    settings = opt.load_settings(str(mine), profile="quick")
+    assert settings["mnist"]["lds"]["test_ids"] == [11, 222, 3333, 4444, 5555]
+    assert settings["mnist"]["epoch"] == 3
+    assert settings["mnist"]["lds"]["num_subsets"] == 20  # the profile's values elsewhere still apply
+    assert "mnist.lds.num_subsets" in settings["profile_changed"]
+    assert "mnist.epoch" not in settings["profile_changed"]
+
+
+def test_a_bad_value_is_refused_even_when_a_profile_would_replace_it(tmp_path):
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"extends": opt.DEFAULT_SETTINGS, "mnist": {"epoch": -3}}))
+    with pytest.raises(opt.SettingsError, match=r"mnist.epoch = -3.*in .*mine.json"):
+        opt.load_settings(str(mine), profile="quick")
+
+
+def test_set_values_are_checked_like_the_file_and_win(tmp_path):
+    settings = opt.load_settings(profile="quick", assignments=["mnist.test_ids=[42]", "mnist.method2.solver=ekfac"])
+    assert settings["mnist"]["test_ids"] == [42] and settings["mnist"]["method2"]["solver"] == "ekfac"
+    with pytest.raises(opt.SettingsError, match=r"mnist.epoch = 0.*-set"):
+        opt.load_settings(assignments=["mnist.epoch=0"])
+    with pytest.raises(opt.SettingsError, match="did you mean 'mnist.test_ids'"):
+        opt.load_settings(assignments=["mnist.test_id=[42]"])
+    done = subprocess.run([sys.executable, "mnist_test/Test.py", "-set", "mnist.test_num=zero"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "mnist.test_num" in done.stderr
+
+
+def test_the_typed_blocks_hold_the_defaults_of_implementation_json():
+    raw = json.loads(opt.strip_comments(open(opt.DEFAULT_SETTINGS).read()))
+    raw.pop("profiles")
+    assert opt.defaults() == raw
+    typed = opt.typed(opt.load_settings(profile="quick"))
+    assert typed.mnist.epoch == 5 and typed.mnist.method2.solver == "lissa" and typed.ffdnet.explain.finetune.epochs == 0.5

@@ -1,0 +1,81 @@
+"""The question in one step for the denoiser: which training patches made the network output this
+pixel, by the best measured ranking (pixel-window influence with a Kronecker solver over all
+patches), where inside each patch that influence sits, and how far to trust the list (the
+counterfactual study of the same model, ffdnet_test/expTest.py, when it exists). Used by
+ffdnet_test/run_pipeline.py."""
+from __future__ import annotations
+
+import glob
+import json
+
+import torch
+
+import utils_if
+import utils_option as opt
+from ffdnet_test import attribution, common
+
+NOT_MEASURED = "not measured for this recipe (run ffdnet_test/expTest.py: the counterfactual study)"
+TRAINING_KEYS = ("is_gray", "layout", "residual", "train_dir", "patch_size", "stride", "max_patches", "sigma",
+                 "fixed_noise", "epoch", "batch_size", "learning_rate", "lr_decay_epochs", "bn_recalibrate_batches",
+                 "seed", "init_checkpoint")
+
+
+def best_settings(settings: dict) -> dict:
+    """The settings of the best measured ranking: ffdnet.question.best_solver over all training patches."""
+    best = settings["ffdnet"]["question"]["best_solver"]
+    return opt.deep_merge(settings, {"ffdnet": {"method2": {"solver": best, "max_train_points": 0}}})
+
+
+def counterfactual_trust(settings: dict) -> dict[str, str]:
+    """{point label: one trust line} from an expTest report of the same model in the output folder:
+    removing the pixel-window ranking's top-k raises the point's own window loss x times a random
+    removal, and Method 2's predicted vs measured Pearson there. Empty when none exists."""
+    mine = {k: common.ffdnet_cfg(settings)[k] for k in TRAINING_KEYS}
+    for path in sorted(glob.glob(opt.output_path(settings, "test", "ffdnet_expTest_*.json")), reverse=True):
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+            if {k: record["settings"][k] for k in TRAINING_KEYS} != mine:
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        k_max = max(r["k"] for r in record["table"])
+        lines = {}
+        for row in record["effects"]:
+            if row.get("ranking") == "m2_window" and row.get("manipulation") == "remove" and row.get("k") == k_max:
+                label = row["target"]
+                random = [r for r in record["effects"] if r.get("ranking") == "random" and r.get("k") == k_max
+                          and r.get("manipulation") == "remove"]
+                lines.setdefault(label, f"removing its top {k_max} raised this window's loss by "
+                                        f"{row.get('own', float('nan')):.3g} (random removals: "
+                                        f"{sum(r.get('own', 0) for r in random) / max(len(random), 1):.3g})")
+        for row in record["predictions"]:
+            if row.get("predictor") == "m2" and row.get("over") in lines:
+                lines[row["over"]] += f"; predicted vs measured Pearson {row.get('pearson', float('nan')):.2f}"
+        return {label: f"{line} ({path})" for label, line in lines.items()}
+    return {}
+
+
+def point_maps(settings: dict, image: str, point: list[int], top: list[int], device) -> torch.Tensor:
+    """(k, H, W) where inside each of the ``top`` training patches its influence on the point's
+    window sits (per conv output position, upsampled 2x to pixels; they sum to its influence)."""
+    cfg = common.ffdnet_cfg(settings)
+    solver = opt.solver_settings(cfg["method2"], cfg["seed"])
+    model, _ = common.load_model(settings, device)
+    problem = attribution.influence_problem(settings, model, solver)
+    x_train, y_train, _ = attribution.training_points(settings, device)
+    x, y, _ = attribution.packed_test_image(settings, image, device)
+    loss = utils_if.masked_mse_sample_loss(attribution.window_mask(tuple(y.shape[1:]), point,
+                                                                   cfg["method2"]["window"]).to(device))
+    s_test, _ = utils_if.inverse_hvp(problem, problem.sample_grads(x, y, loss=loss), x_train, y_train, solver,
+                                     show_progress=False)
+    maps = utils_if.conv_position_influence(problem, s_test[0], x_train[top], y_train[top]).cpu()
+    return maps.repeat_interleave(2, 1).repeat_interleave(2, 2)  # FFDNet works on 2x2 pixel blocks
+
+
+def crop_around(image: torch.Tensor, point: list[int], size: int) -> tuple[torch.Tensor, list[int]]:
+    """A (C, size, size) crop of ``image`` around ``point`` (clipped at the borders) and the point in it."""
+    _, height, width = image.shape
+    top = min(max(point[0] - size // 2, 0), max(height - size, 0))
+    left = min(max(point[1] - size // 2, 0), max(width - size, 0))
+    return image[:, top:top + size, left:left + size], [point[0] - top, point[1] - left]

@@ -1,0 +1,1 @@
+"""Typed settings: the blocks of Implementation.json (options.blocks)."""

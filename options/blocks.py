@@ -1,0 +1,437 @@
+"""The settings, typed: one dataclass per block of ``Implementation.json``, each field with its
+default, its valid values and one help line. This is the one place for each default: the settings
+check (``utils_option.SCHEMA``), the ``-h`` text and the typed blocks the code reads are made from
+it, and ``Implementation.json`` (the user's file, with its comments) holds the same values (a test
+keeps the two equal). A key a settings file leaves out takes its default from here.
+
+Kinds of value (the check in ``utils_option.validate``): bool, int and float (with a [low, high]
+range, None = open), str, choice (one of), solver (a name of the Method-2 registry for that
+network), subset (a non-empty list drawn from), one_or_list, str_list, int_list, float_list,
+range ([low, high]), points ([[row, col], ...]), path_or_empty, test_ids, lds_test_ids.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any
+
+# every attribution ldsTest.py scores (mnist.lds.methods); if_cg runs once per lds.cg_damps value
+LDS_METHODS = ("m1_batch_raw", "m1_batch_normalized", "m1_per_sample_raw", "m1_per_sample_normalized",
+               "if_ekfac", "if_kfac", "if_kfac_factored", "if_exact_last", "if_lissa", "if_lissa_deep", "if_cg",
+               "grad_dot", "grad_cos", "ensemble_m1_batch_raw", "ensemble_if_ekfac", "ensemble_if_kfac_factored",
+               "ensemble_grad_dot", "m3_replay", "if_arnoldi", "trak", "ensemble_trak")
+
+
+def spec(default: Any, help: str, kind: str, extra: Any = None):  # noqa: A002  (the settings' own word)
+    """A setting: its default, one help line, and its kind with the kind's extra (range or choices)."""
+    metadata = {"help": help, "kind": kind, "extra": extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def block(cls: type):
+    """A nested block of settings."""
+    return field(default_factory=cls, metadata={"block": True})
+
+
+@dataclass
+class FfdnetMethod3:
+    """Method 3 of expTest's fine-tuning runs (m3_Test.py)."""
+    checkpoint_interval: int = spec(0, "steps between kept (weights, Adam moments) states; 0 = sqrt(steps). Memory:"
+                                       " (3 x steps/interval + 4 x interval) x the model's parameters", 'int', (0, None))
+    replay_tolerance: float = spec(0.0001, "the replay must end this close (relative) to a real fine-tuning run, "
+                                           "else nothing is written", 'float', (0.0, None))
+    top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, None))
+
+
+@dataclass
+class Finetune:
+    """The fine-tuning schedule of every expTest run (Adam, BN statistics fixed)."""
+    epochs: float = spec(0.5, "fine-tuning length in epochs of the training patches (fractions allowed)", 'float', (1e-06, None))
+    learning_rate: float = spec(0.0001, "fine-tuning Adam learning rate", 'float', (0.0, None))
+    batch_size: int = spec(32, "fine-tuning batch size", 'int', (1, None))
+
+
+@dataclass
+class FfdnetExplain:
+    """The denoiser's explainability test (expTest.py): counterfactual fine-tuning."""
+    test_images: int = spec(1, "targets = ffdnet.attribution.points of the first n attribution images", 'int', (1, 100))
+    rankings: list[str] = spec(
+        ['m3_window', 'm3_whole', 'm2_window', 'm2_whole', 'm1', 'random'],
+        "Method 3 (window, whole image), pixel-window influence, whole-image influence, Method 1, random", 'subset', ('m3_window', 'm3_whole', 'm2_window', 'm2_whole', 'm1', 'random'))
+    manipulations: list[str] = spec(['remove', 'corrupt'], "remove the top-k patches | corrupt them (clean target "
+                                                           ":= noisy input)", 'subset', ('remove', 'corrupt'))
+    k_values: list[int] = spec([500, 2000], "patches manipulated per run", 'int_list', None)
+    seeds: int = spec(2, "fine-tuning repeats (data order); each manipulated run is paired with its seed's control", 'int', (1, 100))
+    m1_layer: int = spec(11, "Method 1 ranking: this layer of ffdnet.method1.layers ...", 'int', (0, 100))
+    m1_mode: str = spec('raw', "... in this mode (raw | normalized | remove_out)", 'choice', ('raw', 'normalized', 'remove_out'))
+    finetune: Finetune = block(Finetune)
+    maps: int = spec(4, "top patches per target drawn with their per-position influence (kfac/ekfac only; 0 = none)", 'int', (0, 100))
+
+
+@dataclass
+class FfdnetMethod2:
+    """Method 2 on the denoiser (pixel-window influence)."""
+    solver: str = spec('lissa', "lissa (the report's) | cg | exact (dense Hessian, small parameter sets) | kfac | "
+                                "ekfac (Kronecker-factored, Linear and Conv2d layers) | kfac_factored (K-FAC, "
+                                "damping split over the factors: all test x train pairs in closed form) | arnoldi "
+                                "(top eigenspace of H) | identity (no Hessian: gradient dot product) | tracin "
+                                "(checkpoints of Train.py) | trak (TRAK, one model)", 'solver', 'ffdnet')
+    damp: float = spec(0.01, "LiSSA damping; cg/exact solve (H + damp*I)", 'float', (0.0, None))
+    scale: float = spec(100.0, "LiSSA scale; the original's 25 diverges (Hessian eigenvalues up to ~130)", 'float', (1e-12, None))
+    stochastic: bool = spec(False, "true = one training point per LiSSA step, false = hvp_batch_size", 'bool', None)
+    hvp_batch_size: int = spec(8, "LiSSA: training points per HVP step (stochastic: 1)", 'int', (1, None))
+    recursion_nums: int = spec(1, "LiSSA r: independent chains, averaged", 'int', (1, None))
+    training_points: int = spec(100, "LiSSA t: recursion depth", 'int', (1, None))
+    params: list[str] = spec([], "parameter-name prefixes ([] = all), e.g. [\"main.38\", \"main.41\"]", 'str_list', None)
+    l2_reg: float = spec(0.0, "L2 term in the Hessian (the training weight decay)", 'float', (0.0, None))
+    cg_tol: float = spec(0.0001, "cg: relative residual at which CG stops", 'float', (0.0, None))
+    cg_max_iter: int = spec(50, "cg: most iterations", 'int', (1, None))
+    hessian_points: int = spec(0, "cg/exact: training points in the Hessian (0 = all)", 'int', (0, None))
+    exact_max_params: int = spec(5000, "exact: refuse dense Hessians larger than this", 'int', (1, None))
+    chunk_size: int = spec(64, "training points per chunk in the influence sweep (memory bound)", 'int', (1, None))
+    max_train_points: int = spec(5000, "influence over the first n training patches (0 = all)", 'int', (0, None))
+    window: int = spec(1, "pixel-level loss: a window of (2*window+1)^2 pixels around the point", 'int', (0, 64))
+    top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, None))
+
+
+@dataclass
+class Attribution:
+    """Which test pixels to explain."""
+    images: list[str] = spec(['01', '02'], "test image names (file name without extension) in ffdnet.test_dir", 'str_list', None)
+    points: list[list[int]] = spec(
+        [[64, 64], [64, 192], [192, 64], [192, 192]],
+        "(row, col) in full-image pixels", 'points', None)
+    vis_num: int = spec(5, "training patches per row in the figures", 'int', (1, 100))
+
+
+@dataclass
+class FfdnetMethod1:
+    """Method 1 on the denoiser."""
+    record: bool = spec(True, "accumulate per-patch gradient-norm vectors while training", 'bool', None)
+    grad_mode: str = spec('batch', "batch | per_sample (each patch's contribution to the batch gradient)", 'choice', ('batch', 'per_sample'))
+    layers: list[int] = spec([1, 5, 11], "conv layer numbers (the original: l0 = first conv, l5, l11)", 'int_list', None)
+    mode: str = spec('raw', "raw | normalized (each patch's vector / its sum) | remove_out (drop patches with total"
+                            " norm > outlim)", 'choice', ('raw', 'normalized', 'remove_out'))
+    outlim: float = spec(5.0, "remove_out mode: patches with total gradient norm above this are dropped", 'float', (0.0, None))
+    activation: str = spec('block', "block = after the block's ReLU; conv = the raw conv output (the original)", 'choice', ('block', 'conv'))
+    top_k: int = spec(100, "length of the top list per point", 'int', (1, None))
+
+
+@dataclass
+class FfdnetTest:
+    """FFDNet_Test.py."""
+    model: str = spec('', "\"\" = the model trained with these settings; a .pth path; or \"official\"", 'path_or_empty', None)
+    noise_level_img: float = spec(25.0, "the one test sigma (the original had two that disagreed)", 'float', (0.0, 255.0))
+    is_clip: bool = spec(True, "quantise the noisy input to 8 bits", 'bool', None)
+    border: int = spec(0, "pixels cropped before PSNR/SSIM", 'int', (0, None))
+    save_images: bool = spec(True, "write the noisy (_L) and denoised (_E) images", 'bool', None)
+
+
+@dataclass
+class FfdnetQuestion:
+    """The denoiser's question in one step (ffdnet_test/run_pipeline.py)."""
+    best_solver: str = spec('ekfac', "the best measured pixel-window ranking: this solver over all training patches "
+                            "(docs/results.md)", 'solver', 'ffdnet')
+
+
+@dataclass
+class Ffdnet:
+    """The FFDNet side: the denoiser, its data and training."""
+    seed: int = spec(1, "seeds the init, the data order and the fixed noise", 'int', (0, None))
+    use_gpu: bool = spec(False, "CUDA when true and a GPU exists (logged), else CPU", 'bool', None)
+    is_gray: bool = spec(True, "true: 15 conv x 64 channels, 1 channel; false: 12 x 96, RGB", 'bool', None)
+    layout: str = spec('bn', "bn (the original's Conv-BN-ReLU blocks) | plain (the official, BN-free)", 'choice', ('bn', 'plain'))
+    residual: bool = spec(False, "true: the net predicts the noise (DnCNN-style); false: the clean image (FFDNet, "
+                                 "the original)", 'bool', None)
+    channel_order: str = spec('rgb', "rgb | bgr (the original author's checkpoint was trained on BGR)", 'choice', ('rgb', 'bgr'))
+    train_dir: str = spec('data/ffdnet/train', "filled by data/ffdnet_data.py on first use (Train400 or "
+                                               "scikit-image photos)", 'str', None)
+    val_dir: str = spec('data/ffdnet/test', "folder of validation images (PSNR each epoch)", 'str', None)
+    test_dir: str = spec('data/ffdnet/test', "folder of test images (FFDNet_Test.py, attribution)", 'str', None)
+    patch_size: int = spec(64, "the original: 64 x 64 tiles on a non-overlapping grid", 'int', (8, 1024))
+    stride: int = spec(64, "patch grid step (the original: 64, no overlap)", 'int', (1, 1024))
+    max_patches: int = spec(0, "0 = all patches; n = the first n (small runs, tests)", 'int', (0, None))
+    sigma: list[float] = spec([0, 75], "training noise level range (0-255 units), one sigma per patch", 'range', (0.0, 255.0))
+    fixed_noise: bool = spec(True, "one seeded noise draw per patch (a well-defined training point)", 'bool', None)
+    val_sigma: float = spec(25.0, "validation noise level (0-255 units)", 'float', (0.0, 255.0))
+    epoch: int = spec(20, "training epochs (the original: 20)", 'int', (1, None))
+    batch_size: int = spec(8, "training batch size (the original: 8)", 'int', (1, None))
+    learning_rate: float = spec(0.001, "Adam, MSE loss, orthogonal conv init (the original recipe)", 'float', (0.0, None))
+    lr_decay_epochs: list[int] = spec([], "epochs at which the learning rate is divided by 10 ([] = constant)", 'int_list', None)
+    bn_recalibrate_batches: int = spec(0, ">0: re-estimate BatchNorm statistics over this many batches each epoch", 'int', (0, None))
+    train_checkpoints: int = spec(5, "save a checkpoint every k epochs", 'int', (1, None))
+    init_checkpoint: str = spec('', "fine-tune from this checkpoint (\"\" = train from scratch)", 'path_or_empty', None)
+    test: FfdnetTest = block(FfdnetTest)
+    method1: FfdnetMethod1 = block(FfdnetMethod1)
+    attribution: Attribution = block(Attribution)
+    method2: FfdnetMethod2 = block(FfdnetMethod2)
+    explain: FfdnetExplain = block(FfdnetExplain)
+    method3: FfdnetMethod3 = block(FfdnetMethod3)
+    question: FfdnetQuestion = block(FfdnetQuestion)
+
+
+@dataclass
+class MnistMethod2:
+    """Method 2: influence functions (m2_Test.py)."""
+    mode: str = spec('staTest0', "which model (same naming as method1.mode)", 'str', None)
+    solver: str = spec('lissa', "the Method-2 solver (python3 mnist_test/m2_Test.py -h lists them)", 'solver', 'mnist')
+    damp: float = spec(0.01, "LiSSA damping; cg/exact solve (H + damp*I)", 'float', (0.0, None))
+    scale: float = spec(100.0, "LiSSA scale; the original's 25 diverges (Hessian eigenvalues up to ~130)", 'float', (1e-12, None))
+    stochastic: bool = spec(False, "true = one training point per LiSSA step, false = hvp_batch_size", 'bool', None)
+    hvp_batch_size: int = spec(8, "LiSSA: training points per HVP step (stochastic: 1)", 'int', (1, 60000))
+    recursion_nums: int = spec(5, "LiSSA r: independent chains, averaged", 'int', (1, None))
+    training_points: int = spec(1000, "LiSSA t: recursion depth", 'int', (1, None))
+    test_sample_num: int = spec(10, "how many of the selected test images get influences", 'int', (1, 10000))
+    params: list[str] = spec([], "parameter-name prefixes to take influence over ([] = all), e.g. [\"main.4\"]", 'str_list', None)
+    l2_reg: float = spec(0.001, "L2 term in the Hessian (the training weight decay)", 'float', (0.0, None))
+    cg_tol: float = spec(1e-06, "cg: relative residual at which CG stops", 'float', (0.0, None))
+    cg_max_iter: int = spec(200, "cg: most iterations", 'int', (1, None))
+    save_matrix: str = spec('none', "test_ids \"all\": also write the full influence matrix as .npy (none | float16"
+                                    " | float32)", 'choice', ('none', 'float16', 'float32'))
+    self_influence: bool = spec(False, "test_ids \"all\": also the self-influence of every training image "
+                                       "(kfac/ekfac/identity)", 'bool', None)
+    test_chunk: int = spec(1000, "test_ids \"all\": test images per streamed chunk (memory bound)", 'int', (1, 10000))
+    write_unconverged: bool = spec(False, "cg: a solve whose relative residual stays above 1e-2 is refused unless "
+                                          "true (always flagged in meta)", 'bool', None)
+    hessian_points: int = spec(0, "cg/exact: training points in the Hessian (0 = all)", 'int', (0, 60000))
+    exact_max_params: int = spec(5000, "exact: refuse dense Hessians larger than this", 'int', (1, None))
+    fisher: str = spec('true', "kfac/ekfac: true (labels sampled from the model, seeded) | empirical (training "
+                               "labels)", 'choice', ('true', 'empirical'))
+    kfac_damp_factor: float = spec(0.1, "kfac/ekfac: damping per layer = factor x its mean eigenvalue "
+                                        "(kronfluence's heuristic), plus l2_reg", 'float', (0.0, None))
+    arnoldi_rank: int = spec(50, "arnoldi: eigenpairs of H kept (largest |eigenvalue|); influence = g_t U (Lambda +"
+                                 " damp)^-1 U^T g_i", 'int', (1, None))
+    arnoldi_iterations: int = spec(100, "arnoldi: Lanczos steps, one full-data HVP each", 'int', (1, None))
+    proj_dim: int = spec(2048, "trak: projected gradient dimension (Kronecker projection of Linear layers)", 'int', (1, None))
+    chunk_size: int = spec(10000, "training points per chunk in the influence sweep (memory bound)", 'int', (1, None))
+    top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, 60000))
+    if_dir: str = spec('if', "sub-folder of output_dir for influence files", 'str', None)
+
+
+@dataclass
+class MnistMethod3:
+    """Method 3: the exact attribution of the trained run (m3_Test.py)."""
+    mode: str = spec('staTest0', "which model (same naming as method1.mode); Train.py's run is replayed", 'str', None)
+    target: str = spec('loss', "loss | margin (the test target differentiated)", 'choice', ('loss', 'margin'))
+    test_sample_num: int = spec(10, "how many of the selected test images", 'int', (1, 10000))
+    checkpoint_interval: int = spec(0, "steps between kept (weights, momentum) states; 0 = sqrt(steps). Memory: (2 "
+                                       "steps/interval + interval) x 109,386 floats", 'int', (0, None))
+    test_chunk: int = spec(100, "test images per backward walk (one walk = one forward recomputation + the backward"
+                                " pass)", 'int', (1, 10000))
+    replay_tolerance: float = spec(1e-05, "the replayed final weights must match the saved model to this relative "
+                                          "error, else nothing is computed", 'float', (0.0, None))
+    top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, 60000))
+    if_dir: str = spec('if', "sub-folder of output_dir for Method 3 files", 'str', None)
+
+
+@dataclass
+class MnistMethod1:
+    """Method 1: gradient-norm vectors x activations."""
+    mode: str = spec('staTest0', "name of the model/run (staTest0..5 in the stability study)", 'str', None)
+    grad_mode: str = spec('batch', "batch (the report's) | per_sample (exact per-image norms)", 'choice', ('batch', 'per_sample'))
+    skip_first_epoch: bool = spec(True, "the original recorded epochs 2..20 only", 'bool', None)
+    layers: list[str] = spec(['fc1', 'fc2'], "layers whose activations score training images (the original: fc1, "
+                                             "fc2)", 'subset', ('fc1', 'fc2', 'fc3'))
+    top_k: int = spec(100, "length of the \"top\" list written per test image", 'int', (1, 60000))
+
+
+@dataclass
+class Stability:
+    """The stability test (staTest.py)."""
+    seeds: list[int] = spec([0, 1, 2, 3, 4, 5], "models staTest0..staTest5, trained with these seeds", 'int_list', None)
+    methods: list[str] = spec(
+        ['method1', 'method2', 'method3'],
+        "tables per method (method3: the exact attribution of each run; about 10 min per model here)", 'subset', ('method1', 'method2', 'method3'))
+    top: int = spec(100, "length of the top lists compared across seeds (the report: 100)", 'int', (1, 60000))
+
+
+@dataclass
+class Mislabel:
+    """Finding flipped labels (mislabelTest.py)."""
+    train_subset: int = spec(0, "0 = all 60,000 training images", 'int', (0, 60000))
+    fraction: float = spec(0.1, "fraction of the labels flipped (seeded) to another class", 'float', (0.001, 0.9))
+    seed: int = spec(0, "the flips, the model's init and data order, the Fisher labels", 'int', (0, None))
+    epoch: int = spec(20, "the report's recipe", 'int', (1, None))
+    checkpoint_every: int = spec(1, "TracIn checkpoints (epochs)", 'int', (0, None))
+
+
+@dataclass
+class LeaveOneOut:
+    """Leave-one-out retraining in ldsTest."""
+    test_num: int = spec(2, "leave-one-out: the first n test images (0 = no leave-one-out)", 'int', (0, 10000))
+    k: int = spec(20, "leave-one-out: top-k helpful, top-k harmful and k random points per test image", 'int', (1, 10000))
+    seeds: int = spec(5, "leave-one-out: retrainings per removed point (seeds)", 'int', (1, None))
+    rank_by: str = spec('if_ekfac', "leave-one-out: the method whose top-k lists are removed", 'choice', LDS_METHODS)
+
+
+@dataclass
+class LissaDeep:
+    """The deeper LiSSA row of ldsTest."""
+    training_points: int = spec(3000, "if_lissa_deep: LiSSA depth t", 'int', (1, None))
+    recursion_nums: int = spec(5, "if_lissa_deep: LiSSA repeats r", 'int', (1, None))
+
+
+@dataclass
+class Lds:
+    """Ground truth (ldsTest.py): the linear datamodeling score and leave-one-out."""
+    setting: str = spec('algorithm', "algorithm: subset models from scratch, each its own seed (what training does "
+                                     "on average) | single_model: the base run with the dropped points weighted 0, "
+                                     "same seed and order (what this network would have become)", 'choice', ('algorithm', 'single_model'))
+    drop_fractions: list[float] = spec(
+        [0.01, 0.05, 0.1, 0.5],
+        "single_model: one set of num_subsets models per fraction dropped (the main table: the one nearest 5%)", 'float_list', None)
+    method3_test_num: int = spec(100, "m3_replay (Method 3) runs on the first n test images (one backward walk per "
+                                      "100)", 'int', (1, 10000))
+    train_subset: int = spec(5000, "the first n training images (dattri's MNIST benchmark size)", 'int', (10, 60000))
+    test_ids: int | list[int] = spec(500, "n = the first n test images, or a list of test indices", 'lds_test_ids', None)
+    subset_fraction: float = spec(0.5, "each subset model trains on this fraction of train_subset", 'float', (0.01, 0.99))
+    num_subsets: int = spec(100, "M subsets (more later reuse the ones done)", 'int', (3, None))
+    seeds_per_subset: int = spec(2, "models per subset, outputs averaged (lowers training noise)", 'int', (1, None))
+    epoch: int = spec(40, "the report's recipe (SGD lr 0.003, momentum 0.9, wd 0.001, batch 8); 40 epochs converge "
+                          "(README)", 'int', (1, None))
+    seed: int = spec(0, "draws the subsets, the LOO random points and the models' seeds", 'int', (0, None))
+    group_size: int = spec(16, "models trained at once by the grouped trainer", 'int', (1, 10000))
+    keep_weights: bool = spec(False, "true: also keep every retrained model's weights (.pth beside its outputs)", 'bool', None)
+    methods: list[str] = spec(
+        ['m1_batch_raw', 'm1_batch_normalized', 'm1_per_sample_raw', 'm1_per_sample_normalized', 'if_ekfac', 'if_kfac', 'if_kfac_factored', 'if_exact_last', 'if_lissa', 'if_lissa_deep', 'if_cg', 'grad_dot', 'grad_cos', 'ensemble_m1_batch_raw', 'ensemble_if_ekfac', 'ensemble_if_kfac_factored', 'ensemble_grad_dot', 'm3_replay', 'trak', 'ensemble_trak', 'if_arnoldi'],
+        "the attributions ldsTest scores (see docs/scripts.md: ground truth)", 'subset', LDS_METHODS)
+    ensemble_seeds: list[int] = spec([0, 1, 2, 3, 4, 5], "base models (the first is THE base model); ensembles "
+                                                         "average over all", 'int_list', None)
+    solver_test_num: int = spec(20, "LiSSA and CG (HVP-based, slow for many test vectors) run on the first n test "
+                                    "images only", 'int', (1, 10000))
+    lissa_deep: LissaDeep = block(LissaDeep)
+    cg_damps: list[float] = spec([0.01, 0.1, 1, 10], "one CG run per damping (method2.damp); non-convergence is "
+                                                     "flagged in the table", 'float_list', None)
+    cg_max_iter: int = spec(100, "CG iterations per if_cg_d* row", 'int', (1, None))
+    ekfac_damp_factors: list[float] = spec(
+        [0.01, 0.03, 0.3, 1],
+        "extra EK-FAC rows at these damping factors (the default 0.1 is if_ekfac)", 'float_list', None)
+    kfac_factored_damp_factors: list[float] = spec(
+        [0.01, 0.3, 1, 3],
+        "the same for K-FAC with factored damping (the default 0.1 is if_kfac_factored)", 'float_list', None)
+    bootstrap: int = spec(1000, "bootstrap draws for the 95% interval over test images", 'int', (10, None))
+    loo: LeaveOneOut = block(LeaveOneOut)
+
+
+@dataclass
+class MnistExplain:
+    """The explainability test (expTrain.py / expTest.py)."""
+    m2_lists: list[str] = spec(['helpful'], "which Method-2 (and Method-3) lists to manipulate: helpful, harmful", 'subset', ('helpful', 'harmful'))
+    n_values: list[int] = spec(
+        [0, 200, 500, 1000, 2000, 5000, 10000],
+        "explainability test: how many training images are manipulated (N) per run; 0 = the base model", 'int_list', None)
+    group_size: int = spec(8, "models trained at once per process (batched; 8 keeps the weights in cache)", 'int', (1, 10000))
+
+
+@dataclass
+class Question:
+    """The question in one step (run_pipeline.py): which methods answer it, and how."""
+    methods: list[str] = spec(['method1', 'method2', 'method3'], "the methods run_pipeline runs for the chosen test "
+                              "images (method3 only within method3_budget_s)", 'subset', ('method1', 'method2', 'method3'))
+    best_solver: str = spec('kfac_factored', "Method 2's best measured solver, run beside method2.solver when they "
+                            "differ (docs/results.md)", 'solver', 'mnist')
+    method3_budget_s: float = spec(60.0, "run Method 3 when its estimated replay time is at most this many seconds",
+                                   'float', (0.0, None))
+
+
+@dataclass
+class Mnist:
+    """The MNIST side: the MLP, its training run and the test images."""
+    seed: int = spec(0, "seeds python/numpy/torch, the init and the data order", 'int', (0, None))
+    use_gpu: bool = spec(False, "CUDA when true and a GPU exists (logged), else CPU", 'bool', None)
+    data_dir: str = spec('data', "MNIST IDX files go to data_dir/MNIST/raw (fetched on first use)", 'str', None)
+    epoch: int = spec(20, "training epochs (the report: 20)", 'int', (1, None))
+    batch_size: int = spec(8, "SGD batch size (the report: 8)", 'int', (1, None))
+    learning_rate: float = spec(0.003, "the original recipe: SGD lr 0.003, momentum 0.9, weight decay 0.001", 'float', (0.0, None))
+    momentum: float = spec(0.9, "SGD momentum (the report: 0.9)", 'float', (0.0, 1.0))
+    weight_decay: float = spec(0.001, "SGD weight decay (the report: 0.001)", 'float', (0.0, None))
+    activation: str = spec('relu', "relu (the original) | softplus: a smooth training run, so Method 3's linear "
+                                   "prediction holds (README, Method 3)", 'choice', ('relu', 'softplus'))
+    train_subset: int = spec(0, "0 = all 60,000 training images; n = the first n (tests, small runs)", 'int', (0, 60000))
+    checkpoint_every: int = spec(0, "Train.py saves a checkpoint every k epochs (TracIn: method2.solver "
+                                    "\"tracin\"); 0 = none", 'int', (0, None))
+    vis_num: int = spec(5, "how many top training images a figure shows", 'int', (1, 100))
+    method: str | list[str] = spec('method2', "explainability test: method1 | method2 | method3, or a list", 'one_or_list', ('method1', 'method2', 'method3'))
+    newData: str | list[str] = spec(['algo', 'random'], "explainability test: algo | random | remove_algo | "
+                                                        "remove_random (or a list)", 'one_or_list', ('algo', 'random', 'remove_algo', 'remove_random'))
+    test_ids: str | list[int] = spec('loss_rank', "\"loss_rank\" (the report's rule, chosen by Test.py), \"all\" "
+                                                  "(m2_Test with kfac/ekfac/identity) or a list of test indices", 'test_ids', None)
+    test_num: int = spec(10, "loss_rank: how many test images (ranks 0, step, 2*step, ...)", 'int', (1, 10000))
+    test_rank_step: int = spec(1000, "loss_rank: step between loss ranks (descending loss)", 'int', (1, 10000))
+    explain: MnistExplain = block(MnistExplain)
+    lds: Lds = block(Lds)
+    mislabel: Mislabel = block(Mislabel)
+    stability: Stability = block(Stability)
+    method1: MnistMethod1 = block(MnistMethod1)
+    question: Question = block(Question)
+    vis_method: str = spec('method2', "vis_m2.py draws this method's file: method2 | method3", 'choice', ('method2', 'method3'))
+    method3: MnistMethod3 = block(MnistMethod3)
+    method2: MnistMethod2 = block(MnistMethod2)
+
+
+@dataclass
+class Settings:
+    """The whole settings file."""
+    output_dir: str = spec('results', "every result goes under here (model_zoo/ grad_norm/ act_grad/ if/ fig/ logs/"
+                                      " test/)", 'str', None)
+    profile: str = spec('report', "\"report\" = the base values; \"quick\" = the values in profiles.quick merged "
+                                  "over them", 'str', None)
+    threads: int = spec(1, "torch CPU threads: 1 = the same seeded results on any machine (same torch build and CPU"
+                           " kind); 0 = all cores (faster influence, last bits may differ)", 'int', (0, 256))
+    mnist: Mnist = block(Mnist)
+    ffdnet: Ffdnet = block(Ffdnet)
+
+
+def schema(cls: type = None, prefix: str = "") -> dict[str, tuple[str, Any]]:
+    """{"a.b.c": (kind, extra)} for every setting, in the file's order (what ``validate`` checks)."""
+    cls = cls or Settings
+    out: dict[str, tuple[str, Any]] = {}
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        if f.metadata.get("block"):
+            out.update(schema(f.default_factory, key + "."))
+        else:
+            out[key] = (f.metadata["kind"], f.metadata["extra"])
+    return out
+
+
+def help_lines(cls: type = None, prefix: str = "") -> list[str]:
+    """One line per setting: its key, default and help (the ``-h`` text's settings part)."""
+    cls = cls or Settings
+    out = []
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        if f.metadata.get("block"):
+            out += help_lines(f.default_factory, key + ".")
+        else:
+            default = f.default if f.default is not MISSING else f.default_factory()
+            out.append(f"  {key} = {default!r}: {f.metadata['help']}")
+    return out
+
+
+def defaults() -> dict:
+    """Every setting's default, nested like the settings file."""
+    def as_dict(obj) -> dict:
+        return {f.name: as_dict(getattr(obj, f.name)) if is_dataclass(getattr(obj, f.name))
+                else copy.deepcopy(getattr(obj, f.name)) for f in fields(obj)}
+    return as_dict(Settings())
+
+
+def typed(settings: dict, cls: type = None):
+    """The settings (a checked, nested dict) as typed blocks: ``typed(s).mnist.method2.solver``.
+    Keys that are not settings (profiles, settings_file) are left out."""
+    cls = cls or Settings
+    values = {}
+    for f in fields(cls):
+        if f.name not in settings:
+            continue
+        value = settings[f.name]
+        values[f.name] = typed(value, f.default_factory) if f.metadata.get("block") else copy.deepcopy(value)
+    return cls(**values)
+
+
+def typed_block(block_dict: dict, cls: type):
+    """One block (e.g. ``settings["mnist"]["method2"]``) as its dataclass ``cls``."""
+    return typed(block_dict, cls)
