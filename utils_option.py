@@ -487,7 +487,8 @@ def select_device(use_gpu: bool, logger: logging.Logger | None = None) -> torch.
     device = torch.device("cuda" if use_gpu and has_cuda else "cpu")
     if logger is not None:
         gpu = torch.cuda.get_device_name(0) if has_cuda else "none"
-        logger.info(f"device: {device} (use_gpu={use_gpu}, CUDA available: {has_cuda}, GPU: {gpu})")
+        logger.info(f"device: {device} (use_gpu={use_gpu}, CUDA available: {has_cuda}, GPU: {gpu})",
+                    extra={"header": True})
         if use_gpu and not has_cuda:
             logger.warning("use_gpu is true but no CUDA GPU is visible: running on the CPU")
     return device
@@ -540,8 +541,14 @@ def pending_share(jobs: list[dict], rank: int, world: int) -> tuple[list[dict], 
 # --------------------------------------------------------------------------------------------
 # logging
 # --------------------------------------------------------------------------------------------
+DETAIL = {"detail": True}  # logger.info(..., extra=DETAIL): the log file only, never the console
+_ANNOUNCED: set = set()  # (settings file, profile, output, threads) already shown on this process's console
+
+
 def make_logger(settings: dict, name: str) -> logging.Logger:
-    """A logger to the console and to ``output_dir/logs/{name}_{time}.log``; logs the settings."""
+    """A logger to the console and to ``output_dir/logs/{name}_{time}.log``; logs the settings. The
+    header lines (settings, profile, device) reach the console once per process and settings: a
+    driver running several stages shows them once, every log file has them all."""
     if os.environ.get("RANK") not in (None, "0"):  # torchrun: one log per rank
         name = f"{name}_rank{os.environ['RANK']}"
     logger = logging.getLogger(f"toolkit.{name}")
@@ -555,6 +562,12 @@ def make_logger(settings: dict, name: str) -> logging.Logger:
     console.setFormatter(fmt)
     # the full settings (a long JSON line) go to the log file only: the console stays readable
     console.addFilter(lambda record: not record.getMessage().startswith("settings: "))
+    console.addFilter(lambda record: not getattr(record, "detail", False))
+    announced = (settings.get("settings_file"), settings["profile"], resolve_path(settings["output_dir"]),
+                 settings["threads"], tuple(settings.get("profile_changed", [])))
+    if announced in _ANNOUNCED:
+        console.addFilter(lambda record: not getattr(record, "header", False))
+    _ANNOUNCED.add(announced)
     logger.addHandler(console)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_file = output_path(settings, "logs", f"{name}_{stamp}_{os.getpid()}.log")
@@ -569,11 +582,11 @@ def make_logger(settings: dict, name: str) -> logging.Logger:
     threads = apply_threads(settings)
     logger.info(f"{name}: settings {settings['settings_file']} (profile {settings['profile']}), "
                 f"{threads} torch thread{'s' if threads > 1 else ''}, output {resolve_path(settings['output_dir'])}, "
-                f"log file {log_file}")
+                f"log file {log_file}", extra={"header": True})
     changed = settings.get("profile_changed", [])
     if changed:
         shown_keys = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
-        logger.info(f"profile {settings['profile']} set {shown_keys}")
+        logger.info(f"profile {settings['profile']} set {shown_keys}", extra={"header": True})
     shown = {k: v for k, v in settings.items() if k not in ("profiles",)}
     logger.info("settings: " + json.dumps(shown, sort_keys=True))
     return logger
@@ -584,7 +597,7 @@ def make_logger(settings: dict, name: str) -> logging.Logger:
 # --------------------------------------------------------------------------------------------
 def _announce_replace(path: str, logger: logging.Logger | None) -> None:
     if os.path.exists(path) and logger is not None:
-        logger.info(f"replacing the earlier result {path} (same settings)")
+        logger.info(f"replacing the earlier result {path} (same settings)", extra=DETAIL)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -30,11 +30,11 @@ sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads(1)
 import utils_option as opt
-from mnist_test import Train, m2_Test, m3_Test
+from mnist_test import Test, Train, m2_Test, m3_Test
 settings = opt.load_settings(profile="quick", overrides={{"output_dir": {out!r}, "threads": 1,
     "mnist": {{"epoch": {epochs}, "method3": {{"test_sample_num": {m3_tests}}}}}}})
 stage = {stage!r}
-module = {{"train": Train, "m2_lissa": m2_Test, "m2_ekfac": m2_Test, "m3": m3_Test}}[stage]
+module = {{"train": Train, "test": Test, "m2_lissa": m2_Test, "m2_ekfac": m2_Test, "m3": m3_Test}}[stage]
 if stage == "m2_ekfac":  # the factors are computed every time (a kept factor file would be read)
     import shutil
     shutil.rmtree(opt.output_path(settings, "if", "factors"), ignore_errors=True)
@@ -43,7 +43,7 @@ start = time.perf_counter()
 module.main(settings)
 print(json.dumps({{"seconds": time.perf_counter() - start}}))
 """
-STAGES = ("train", "m2_lissa", "m2_ekfac", "m3")
+STAGES = ("train", "test", "m2_lissa", "m2_ekfac", "m3")  # test: chooses the test images the others read
 
 
 def time_stage(root: str, out: str, stage: str, args) -> float:

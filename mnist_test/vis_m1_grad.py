@@ -30,7 +30,7 @@ def main(settings: dict) -> dict:
         rows.append([{"image": train.images[i], "red": int(train.labels[i]) == node,
                       "caption": f"{i} / {int(train.labels[i])} / {norms['fc3'][i, node]:.2f}"}
                      for i in top])
-        logger.info(f"node {node}: top {top}")
+        logger.info(f"node {node}: top {top}", extra=opt.DETAIL)
     fig = plotting.digit_grid(rows, f"Top {cfg['vis_num']} training images per output node by fc3 "
                               f"gradient norm ({m1['grad_mode']}, e{cfg['epoch']} b{cfg['batch_size']})"
                               f"\nrows: nodes 0-9; caption: train id / label / norm (red: label = node)",

@@ -332,7 +332,7 @@ class Question:
                               "images (method3 only within method3_budget_s)", 'subset', ('method1', 'method2', 'method3'))
     best_solver: str = spec('kfac_factored', "Method 2's best measured solver, run beside method2.solver when they "
                             "differ (docs/results.md)", 'solver', 'mnist')
-    method3_budget_s: float = spec(60.0, "run Method 3 when its estimated replay time is at most this many seconds",
+    method3_budget_s: float = spec(120.0, "run Method 3 when its estimated replay time is at most this many seconds",
                                    'float', (0.0, None))
 
 
