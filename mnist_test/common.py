@@ -145,7 +145,7 @@ def factor_file(settings: dict, mode: str | None = None) -> str:
     m2 = mnist_cfg(settings)["method2"]
     mode = mode or m2["mode"]
     params = "_p" + "+".join(m2["params"]) if m2["params"] else ""
-    solver = "kfac" if m2["solver"] == "kfac_factored" else m2["solver"]  # the same factors, damped otherwise
+    solver = utils_if.solver_for(m2["solver"]).factor_name  # K-FAC factored reads K-FAC's factors
     name = f"mnist_{run_tag(settings)}_{mode}_{solver}_{m2['fisher']}{params}_l2{m2['l2_reg']:g}.pt"
     return opt.output_path(settings, m2["if_dir"], "factors", name)
 

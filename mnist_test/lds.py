@@ -248,8 +248,9 @@ def markdown_table(rows: list[dict], failed: dict, lcfg: dict) -> str:
     lines += [f"| {r['method']} | {r['test_images']} | {r['lds']:.3f} [{r['lds_low']:.3f}, {r['lds_high']:.3f}] | "
               f"{r['lds_margin']:.3f} | {r[f'lds_first{few}']:.3f} | {r[f'lds_first{few3}']:.3f} | {r['loo_pearson']:.3f} | "
               f"{r['loo_spearman']:.3f} | {r['seconds']:.1f} | {r['note']} |" for r in rows]
-    lines += [f"| {name} | | failed | | | | | | | {why[:120]} |" for name, why in failed.items()]
-    return "\n".join(lines)
+    lines += [f"| {name} | | FAILED (below) | | | | | | | |" for name in failed]
+    reasons = [f"- {name} failed: {' '.join(why.split())}" for name, why in failed.items()]
+    return "\n".join(lines + ([""] + reasons if reasons else []))
 
 
 def curve_table(curves: dict[float, list[dict]]) -> str:
@@ -272,17 +273,23 @@ def _pyplot():
 
 
 def draw(settings: dict, rows: list[dict], methods: dict, masks: np.ndarray, measured: dict, per_test: dict,
-         tag: str, title: str, logger) -> str:
-    """LDS per method (bars with intervals) and, for the best method's median test image, predicted
-    against measured loss over the subsets."""
+         tag: str, title: str, logger, failed: dict | None = None) -> str:
+    """LDS per method (bars with intervals; an unconverged row in orange and marked, a failed one
+    listed without a bar) and, for the best method's median test image, predicted against measured
+    loss over the subsets."""
     plt = _pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 0.32 * len(rows) + 2.5), gridspec_kw={"width_ratios": [1.6, 1]})
     names = [r["method"] for r in rows][::-1]
     means = np.array([r["lds"] for r in rows][::-1])
     err = np.array([[r["lds"] - r["lds_low"] for r in rows][::-1], [r["lds_high"] - r["lds"] for r in rows][::-1]])
-    ax.barh(range(len(rows)), means, xerr=err, color="tab:blue", alpha=0.8, capsize=3)
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([f"{n} ({r['test_images']})" for n, r in zip(names, rows[::-1])], fontsize=8)
+    unconverged = ["NOT CONVERGED" in r.get("note", "") for r in rows[::-1]]
+    ax.barh(range(len(rows)), means, xerr=err, color=["tab:orange" if u else "tab:blue" for u in unconverged],
+            alpha=0.8, capsize=3)
+    failed_names = list(failed or {})
+    ax.set_yticks(range(len(rows) + len(failed_names)))
+    ax.set_yticklabels([f"{n} ({r['test_images']})" + (" NOT CONVERGED" if u else "")
+                        for n, r, u in zip(names, rows[::-1], unconverged)] + [f"{n}: FAILED" for n in failed_names],
+                       fontsize=8)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel("LDS (Spearman, mean over test images, 95% bootstrap interval)")
     ax.set_title("Linear datamodeling score per method (test images in brackets)")

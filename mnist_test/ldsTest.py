@@ -349,7 +349,7 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
                         [{"study": key, **row} for key, value in per_study.items() for row in value["rows"]], logger)
     figure = lds.draw(settings, main["rows"], methods, main["masks"], main["measured"], main["lds_per_test"], tag,
                       f"MNIST MLP, {main['masks'].shape[1]} training images, {len(main['masks'])} subsets, "
-                      f"{lcfg['setting']} setting ({main_key}; {tag})", logger)
+                      f"{lcfg['setting']} setting ({main_key}; {tag})", logger, failed)
     curve = lds.draw_curve(settings, curves, tag, logger) if single and len(curves) > 1 else None
     path = opt.write_json(opt.output_path(settings, "test", f"lds_{tag}.json"), {
         "meta": {"settings": settings["mnist"], "study": tag, "setting": lcfg["setting"], "main_study": main_key,

