@@ -647,6 +647,17 @@ def write_json(path: str, obj: Any, logger: logging.Logger | None = None) -> str
     return path
 
 
+def markdown_table(header: list[str], rows: list[list], float_format: str = ".3g") -> str:
+    """The one Markdown table writer: a header and rows of cells (floats formatted by ``float_format``,
+    everything else by str; a cell's own line breaks become spaces)."""
+    def cell(value: Any) -> str:
+        text = f"{value:{float_format}}" if isinstance(value, float) else str(value)
+        return " ".join(text.split("\n"))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def write_csv(path: str, rows: list[dict], logger: logging.Logger | None = None) -> str:
     """Rows of dicts (same keys) as CSV, atomically."""
     import csv

@@ -58,8 +58,9 @@ def main(settings: dict) -> dict:
         rows.append((f"Method 2, pixel window, {kind}", *summarise(pixel, top)))
     points = cfg["attribution"]["points"]
     lines = [f"Top-{top} overlap (%), test images {images[0]} and {images[1]}, points {points}", "",
-             "| method | between points (same image) | between images (same point) |", "|---|---|---|"]
-    lines += [f"| {name} | {a:.1f} | {b:.1f} |".replace("nan", "–") for name, a, b in rows]
+             opt.markdown_table(["method", "between points (same image)", "between images (same point)"],
+                                [[name, f"{a:.1f}".replace("nan", "–"), f"{b:.1f}".replace("nan", "–")]
+                                 for name, a, b in rows])]
     text = "\n".join(lines)
     logger.info("\n" + text)
     m1 = common.ffdnet_cfg(settings)["method1"]

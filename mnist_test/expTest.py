@@ -92,9 +92,9 @@ def main(settings: dict) -> dict:
     tag = common.run_tag(settings)
     csv_path = opt.write_csv(opt.output_path(settings, "test", f"expTest_{tag}.csv"), rows, logger)
     flips = [r for r in rows if r["n"] > 0 and r["prediction"] != r["base_prediction"]]
-    lines = ["| method | manipulation | N | test id | label | before → after |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['manipulation']} | {r['n']} | {r['test_id']} | {r['label']} | "
-              f"{r['base_prediction']} → {r['prediction']} |" for r in flips]
+    lines = [opt.markdown_table(["method", "manipulation", "N", "test id", "label", "before → after"],
+                                [[r["method"], r["manipulation"], r["n"], r["test_id"], r["label"],
+                                  f"{r['base_prediction']} → {r['prediction']}"] for r in flips])]
     flips_path = opt.output_path(settings, "test", f"expTest_{tag}_flips.md")
     opt.write_text(flips_path, "\n".join(lines) + "\n")
     logger.info("decision flips:\n" + "\n".join(lines))

@@ -242,15 +242,16 @@ def score_rows(methods: dict, masks: np.ndarray, measured: dict, plan: dict, cha
 
 
 def markdown_table(rows: list[dict], failed: dict, lcfg: dict) -> str:
+    """The study's table; a failed row is marked and its reason given on a line of its own below."""
     few, few3 = lcfg["solver_test_num"], lcfg["method3_test_num"]
-    lines = [f"| method | test images | LDS (loss) [95% CI] | LDS (margin) | LDS, first {few} | LDS, first {few3} | "
-             f"LOO Pearson | LOO Spearman | seconds | note |", "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['test_images']} | {r['lds']:.3f} [{r['lds_low']:.3f}, {r['lds_high']:.3f}] | "
-              f"{r['lds_margin']:.3f} | {r[f'lds_first{few}']:.3f} | {r[f'lds_first{few3}']:.3f} | {r['loo_pearson']:.3f} | "
-              f"{r['loo_spearman']:.3f} | {r['seconds']:.1f} | {r['note']} |" for r in rows]
-    lines += [f"| {name} | | FAILED (below) | | | | | | | |" for name in failed]
+    header = ["method", "test images", "LDS (loss) [95% CI]", "LDS (margin)", f"LDS, first {few}", f"LDS, first {few3}",
+              "LOO Pearson", "LOO Spearman", "seconds", "note"]
+    cells = [[r["method"], r["test_images"], f"{r['lds']:.3f} [{r['lds_low']:.3f}, {r['lds_high']:.3f}]",
+              f"{r['lds_margin']:.3f}", f"{r[f'lds_first{few}']:.3f}", f"{r[f'lds_first{few3}']:.3f}",
+              f"{r['loo_pearson']:.3f}", f"{r['loo_spearman']:.3f}", f"{r['seconds']:.1f}", r["note"]] for r in rows]
+    cells += [[name, "", "FAILED (below)", "", "", "", "", "", "", ""] for name in failed]
     reasons = [f"- {name} failed: {' '.join(why.split())}" for name, why in failed.items()]
-    return "\n".join(lines + ([""] + reasons if reasons else []))
+    return "\n".join([opt.markdown_table(header, cells)] + ([""] + reasons if reasons else []))
 
 
 def curve_table(curves: dict[float, list[dict]]) -> str:
@@ -258,10 +259,8 @@ def curve_table(curves: dict[float, list[dict]]) -> str:
     drops = sorted(curves)
     methods = [r["method"] for r in curves[drops[0]]]
     by = {d: {r["method"]: r for r in curves[d]} for d in drops}
-    lines = ["| method | " + " | ".join(f"drop {d:g}" for d in drops) + " |", "|---|" + "---|" * len(drops)]
-    for m in methods:
-        lines.append(f"| {m} | " + " | ".join(f"{by[d][m]['lds']:.3f}" if m in by[d] else "" for d in drops) + " |")
-    return "\n".join(lines)
+    return opt.markdown_table(["method"] + [f"drop {d:g}" for d in drops],
+                              [[m] + [f"{by[d][m]['lds']:.3f}" if m in by[d] else "" for d in drops] for m in methods])
 
 
 def _pyplot():

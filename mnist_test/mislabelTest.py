@@ -133,10 +133,9 @@ def main(settings: dict) -> dict:
                      "roc_auc": utils_if.roc_auc(v, flipped), "seconds": round(seconds[name], 2)})
         curves[name] = utils_if.fraction_found(v, flipped, grid)
     tag = study_tag(settings)
-    header = "| ranking | " + " | ".join(f"top {int(f * 100)}%" for f in INSPECTED) + " | ROC AUC | seconds |"
-    lines = [header, "|---" * (len(INSPECTED) + 3) + "|"]
-    lines += [f"| {r['ranking']} | " + " | ".join(f"{r[f'found_top{int(f * 100)}%']:.3f}" for f in INSPECTED) +
-              f" | {r['roc_auc']:.4f} | {r['seconds']:.1f} |" for r in rows]
+    lines = [opt.markdown_table(["ranking", *(f"top {int(f * 100)}%" for f in INSPECTED), "ROC AUC", "seconds"],
+                                [[r["ranking"], *(f"{r[f'found_top{int(f * 100)}%']:.3f}" for f in INSPECTED),
+                                  f"{r['roc_auc']:.4f}", f"{r['seconds']:.1f}"] for r in rows])]
     text = "\n".join(lines) + (f"\n\nFraction of the {int(flipped.sum())} flipped labels ({mis['fraction']:g} of "
                                f"{len(data)}) found when inspecting the top of each ranking.")
     logger.info("\n" + text)

@@ -121,8 +121,10 @@ def question_figure(settings: dict, test_id: int, methods: list[tuple[str, dict,
             near = "; ".join(f"{name} {value:+.3f}" for name, value in
                              (("LDS", nearest["algorithm"].get(row)), ("single-model", nearest["single_model"].get(row)))
                              if isinstance(value, (int, float)))
-            measured += f" ({nearest['name']}: {near or 'not measured'})"
+            measured = f"nearest measured recipe: {near or 'not measured'}"
         titles.append(f"{title}: {measured}")
+    if trust.get("nearest") and trust["source"] == NOT_MEASURED:
+        titles.insert(0, f"trust (LDS): {NOT_MEASURED}; nearest measured recipe: {trust['nearest']['name']}")
     rows[0][0] = {"image": test.images[test_id], "bold": True,
                   "caption": f"test {test_id}\nlabel {label} / pred {entry0['prediction']}"
                   + (f"\nloss {entry0['loss']:.3g}" if "loss" in entry0 else "")}

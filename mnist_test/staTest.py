@@ -74,18 +74,16 @@ def tables(settings: dict, seeds: list[int], test_ids: list[int], logger) -> dic
         per_model = {k: agreement(loaded[seeds[0]][source], loaded[seed][source], key, largest, top)
                      for k, seed in enumerate(seeds) if k > 0}
         ids = [r["test_id"] for r in per_model[1]]
-        header = "| model | " + " | ".join(map(str, ids)) + " | mean |"
-        lines = [f"**{name}**: overlap of the top-{top} with staTest0's (% of {top})", "", header,
-                 "|---" * (len(ids) + 2) + "|"]
-        csv_rows = []
+        csv_rows, table = [], []
         ordinal = {1: "1st", 2: "2nd", 3: "3rd"}
         for k, rows in per_model.items():
             cells = [100 * r["overlap"] / top for r in rows]
-            lines.append(f"| {ordinal.get(k, f'{k}th')} | " + " | ".join(f"{c:.0f}" for c in cells) +
-                         f" | {np.mean(cells):.1f} |")
+            table.append([ordinal.get(k, f"{k}th")] + [f"{c:.0f}" for c in cells] + [f"{np.mean(cells):.1f}"])
             csv_rows += [{"table": name, "model": k, **r} for r in rows]
         avg = [np.mean([100 * per_model[k][i]["overlap"] / top for k in per_model]) for i in range(len(ids))]
-        lines.append("| Avg | " + " | ".join(f"{a:.0f}" for a in avg) + f" | {np.mean(avg):.1f} |")
+        table.append(["Avg"] + [f"{a:.0f}" for a in avg] + [f"{np.mean(avg):.1f}"])
+        lines = [f"**{name}**: overlap of the top-{top} with staTest0's (% of {top})", "",
+                 opt.markdown_table(["model", *map(str, ids), "mean"], table)]
         jac = np.mean([r["jaccard"] for rows in per_model.values() for r in rows])
         spear = np.mean([r["spearman"] for rows in per_model.values() for r in rows])
         lines += ["", f"mean Jaccard of the top-{top}: {jac:.3f}; mean Spearman over all training points: {spear:.3f}"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import utils_option as opt
-from mnist_test import lds, ldsTest
+from mnist_test import lds, lds_study, ldsTest
 from tests.conftest import small_settings
 
 TINY = {"train_subset": 300, "test_ids": 6, "num_subsets": 6, "seeds_per_subset": 2, "epoch": 2,
@@ -38,7 +38,7 @@ def tiny_study(tmp_path_factory, mnist_raw):
 
 def test_table_rows_and_resume(tiny_study):
     settings, first = tiny_study
-    assert first["trained"] == {"subsets": 12, "loo": 2 + 2 * len(ldsTest.loo_points(first_plan(first)))}
+    assert first["trained"] == {"subsets": 12, "loo": 2 + 2 * len(lds_study.loo_points(first_plan(first)))}
     rows = {r["method"]: r for r in first["rows"]}
     assert set(rows) == {"m1_batch_raw", "if_ekfac", "grad_dot", "if_cg_d1", "ensemble_if_ekfac", "trak",
                          "ensemble_trak", "if_arnoldi"}
@@ -60,7 +60,7 @@ def test_table_rows_and_resume(tiny_study):
 
 
 def test_without_leave_one_out_rank_by_need_not_be_computed():
-    plan = ldsTest.loo_plan({"mnist": {"lds": {"loo": {"test_num": 0, "k": 5, "rank_by": "if_ekfac"}}}},
+    plan = lds_study.loo_plan({"mnist": {"lds": {"loo": {"test_num": 0, "k": 5, "rank_by": "if_ekfac"}}}},
                             {"trak": {}}, 100, None)
     assert plan["tests"] == []
 
@@ -101,7 +101,7 @@ def test_single_model_setting_scores_method3_against_the_base_run_with_points_we
     settings = small_settings(tmp_path, lds=SINGLE, activation="softplus")
     result = ldsTest.main(settings)
     assert set(result["studies"]) == {"drop0.05", "drop0.5"}
-    assert result["trained"] == {"subsets": 16, "loo": 1 + len(ldsTest.loo_points(first_plan(result)))}
+    assert result["trained"] == {"subsets": 16, "loo": 1 + len(lds_study.loo_points(first_plan(result)))}
     rows = {r["method"]: r for r in result["rows"]}  # the main table: the fraction nearest 5%
     # with a smooth run (softplus), the exact metagradient of this very run predicts its counterfactuals:
     # measured LDS 0.988 and LOO Pearson 1.000 (grad_dot 0.643, EK-FAC 0.390); with ReLU 0.649 (README)
