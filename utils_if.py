@@ -19,6 +19,7 @@ raise t's loss), and score / n_train is the predicted change of t's loss when z 
 | TRAK | influence.trak | phi_t^T (Phi^T Phi)^-1 phi_i (1 - p_i), Kronecker projection of Linear gradients |
 | TracIn | influence.tracin | sum_c lr_c grad L(t; theta_c) . grad L(z; theta_c); self-influence |
 | Method 3 | influence.replay, replay_sgd, replay_adam | dF/dw_i through every SGD or Adam step (exact reverse mode, MAGIC) |
+| metasmoothness | influence.smoothness | can a run be attributed: S_hat from theta(z), theta(z + h v), theta(z + 2 h v) |
 | metrics | influence.metrics | Spearman, LDS, bootstrap, Pearson, top-k overlap, ROC AUC |
 """
 from influence.layers import (RULES, LayerRule, capturable_owners, conv_sample_weight_grads,  # noqa: F401
@@ -39,6 +40,7 @@ from influence.replay import (METHOD3_SIGN_CONVENTION, AdamRun, Replay, SgdRun, 
                               step_bar)
 from influence.replay_adam import AdamReplay  # noqa: F401
 from influence.replay_sgd import SgdReplay  # noqa: F401
+from influence.smoothness import SMOOTH_ENOUGH, metasmoothness, random_direction, verdict, weight_sets  # noqa: F401
 from influence.solvers import (SOLVERS, Solver, SolverSettings, compute_influences, influence_chunks,  # noqa: F401
                                influences_from_test_grads, inverse_hvp, kronecker_curvature, register,
                                solver_for, solver_help, solver_names)

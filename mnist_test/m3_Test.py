@@ -36,6 +36,12 @@ def main(settings: dict) -> dict:
     train = common.load_train_data(settings, device, logger.info)
     test = common.load_test_data(settings, device, logger.info)
     ids = common.selected_test_ids(settings, m3["mode"])[:m3["test_sample_num"]]
+    smoothness = None
+    if m3["smoothness_directions"]:
+        with opt.Timer() as check_timer:
+            smoothness = training.metasmoothness(train, test.images[ids], test.labels[ids], cfg, device, m3)
+        smoothness["seconds"] = round(check_timer.seconds, 2)
+        print(utils_if.verdict(smoothness["s_hat"]) + f" [{smoothness['trainings']} trainings, {check_timer.seconds:.0f} s]")
     run = training.sgd_run(cfg, cfg["seed"], len(train), device)
     replay = utils_if.SgdReplay(training.new_model(cfg["seed"], device, cfg["activation"]), utils_if.nll_sample_loss, run,
                                 train.images, train.labels)
@@ -67,7 +73,7 @@ def main(settings: dict) -> dict:
     info = {"solver": "method3", "target": m3["target"], "path": replay.info["path"], "steps": run.num_steps,
             "checkpoint_interval": replay.interval, "replay_relative_error": error, "converged": True,
             "seconds_forward": round(forward_timer.seconds, 3), "seconds_backward": round(backward_timer.seconds, 3),
-            "seconds_total": round(total.seconds, 3),
+            "seconds_total": round(total.seconds, 3), "metasmoothness": smoothness,
             "peak_state_floats": replay.interval * replay.num_params + 2 * len(replay.checkpoints) * replay.num_params
             + 2 * min(len(ids), m3["test_chunk"]) * replay.num_params}
     logger.info(f"forward {info['seconds_forward']} s, backward {info['seconds_backward']} s "

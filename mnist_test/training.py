@@ -209,3 +209,26 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
         bar.update((epoch + 1) * steps - bar.n)
     bar.close()
     return [{name: params[name][m].detach().cpu().clone() for name in names} for m in range(k_models)]
+
+
+def metasmoothness(data: MnistData, x_test: torch.Tensor, y_test: torch.Tensor, cfg: dict, device: torch.device,
+                   m3: dict) -> dict:
+    """Is this run smooth in its data weights? The run of ``cfg`` (its seed and order) retrained with
+    the data weights of :func:`utils_if.weight_sets` (1 + 2 x method3.smoothness_directions trainings,
+    side by side in one group), then S_hat and the curvature of the test losses
+    (:mod:`influence.smoothness`)."""
+    from influence import smoothness
+
+    def train(weight_sets: list[torch.Tensor]):
+        jobs = [{"seed": cfg["seed"], "weights": w.float()} for w in weight_sets]
+        states = train_group(data, jobs, cfg, device, desc="metasmoothness")
+        finals = [torch.cat([state[name].reshape(-1) for name in state]) for state in states]
+        outputs = []
+        for state in states:
+            model = new_model(cfg["seed"], device, cfg["activation"])
+            model.load_state_dict(state)
+            with torch.no_grad():
+                outputs.append(utils_if.nll_sample_loss(model(x_test), y_test).double().cpu())
+        return finals, outputs
+    count = max(1, int(round(m3["smoothness_fraction"] * len(data))))
+    return smoothness.measure(train, len(data), m3["smoothness_directions"], count, m3["smoothness_step"], cfg["seed"])

@@ -222,6 +222,12 @@ class MnistMethod3:
                                 " pass)", 'int', (1, 10000))
     replay_tolerance: float = spec(1e-05, "the replayed final weights must match the saved model to this relative "
                                           "error, else nothing is computed", 'float', (0.0, None))
+    smoothness_directions: int = spec(2, "before the replay, measure whether the run is smooth in its data weights "
+                                      "(metasmoothness S_hat) over this many random directions (1 + 2 x this many "
+                                      "trainings, side by side); 0 = skip", 'int', (0, 20))
+    smoothness_fraction: float = spec(0.01, "each direction moves this fraction of the training images' weights "
+                                      "(+-1, seeded)", 'float', (1e-5, 1.0))
+    smoothness_step: float = spec(0.25, "h: the weights move by h and 2h along the direction", 'float', (1e-6, 1.0))
     top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, 60000))
     if_dir: str = spec('if', "sub-folder of output_dir for Method 3 files", 'str', None)
 
