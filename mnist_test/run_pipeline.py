@@ -31,28 +31,32 @@ def main(settings: dict) -> dict:
     wanted = cfg["question"]["methods"]
     opt.run_stage(Train, [common.model_file(settings, cfg["method1"]["mode"]), common.grad_norm_file(settings)],
                   settings, print)
-    ids = Test.main(settings)["test_ids"]
-    methods: list[tuple[str, str, str]] = []  # (title, result file, ldsTest row)
-    if "method1" in wanted:
-        methods.append(("Method 1 (the report's)", m1_Test.main(settings)["act_grad_file"],
-                        question.lds_row("method1", settings)))
-    if "method2" in wanted:
-        for variant in (settings, question.best_solver_settings(settings)):
-            if variant is not None:
-                solver = common.mnist_cfg(variant)["method2"]["solver"]
-                methods.append((f"Method 2 ({solver})", m2_Test.main(variant)["if_file"],
-                                question.lds_row("method2", variant)))
-    if "method3" in wanted:
-        tests = min(cfg["method3"]["test_sample_num"], len(ids))
-        estimate = question.method3_seconds(settings, tests)
-        if estimate <= cfg["question"]["method3_budget_s"]:
-            methods.append(("Method 3 (exact, this run)", m3_Test.main(settings)["if_file"], "m3_replay"))
-        else:
-            print(f"Method 3 skipped: its replay would take about {estimate / 60:.0f} min for {tests} test "
-                  f"image(s), above mnist.question.method3_budget_s = {cfg['question']['method3_budget_s']:g} s "
-                  f"(raise it, or run mnist_test/m3_Test.py)")
-    figures = {name: module.main(settings)["figure" if name != "vis_m2" else "figures"]
-               for name, module in (("vis_m1_grad", vis_m1_grad), ("vis_m1", vis_m1), ("vis_m2", vis_m2))}
+    with opt.quiet_console():  # each stage's full log is in its log file; the console tells the story
+        ids = Test.main(settings)["test_ids"]
+        print(f"test images: {ids if len(ids) <= 10 else f'{ids[:10]}... ({len(ids)})'}", flush=True)
+        methods: list[tuple[str, str, str]] = []  # (title, result file, ldsTest row)
+        if "method1" in wanted:
+            methods.append(("Method 1 (the report's)", m1_Test.main(settings)["act_grad_file"],
+                            question.lds_row("method1", settings)))
+        if "method2" in wanted:
+            for variant in (settings, question.best_solver_settings(settings)):
+                if variant is not None:
+                    solver = common.mnist_cfg(variant)["method2"]["solver"]
+                    methods.append((f"Method 2 ({solver})", m2_Test.main(variant)["if_file"],
+                                    question.lds_row("method2", variant)))
+        if "method3" in wanted:
+            tests = min(cfg["method3"]["test_sample_num"], len(ids))
+            estimate = question.method3_seconds(settings, tests)
+            if estimate <= cfg["question"]["method3_budget_s"]:
+                methods.append(("Method 3 (exact, this run)", m3_Test.main(settings)["if_file"], "m3_replay"))
+            else:
+                print(f"Method 3 skipped: its replay would take about {estimate / 60:.0f} min for {tests} test "
+                      f"image(s), above mnist.question.method3_budget_s = {cfg['question']['method3_budget_s']:g} s "
+                      f"(raise it, or run mnist_test/m3_Test.py)")
+        figures = {name: module.main(settings)["figure" if name != "vis_m2" else "figures"]
+                   for name, module in (("vis_m1_grad", vis_m1_grad), ("vis_m1", vis_m1), ("vis_m2", vis_m2))}
+    for title, path, _ in methods:
+        print(f"{title}: {path}")
     trust = question.measured_lds(settings)
     records = [(title, opt.read_json(path, "mnist_test/run_pipeline.py"), row) for title, path, row in methods]
     train, test = question.load_sets(settings)

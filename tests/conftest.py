@@ -1,11 +1,17 @@
-"""Shared fixtures: the repo on sys.path, real MNIST (fetched once), small settings in a temp dir."""
+"""Shared fixtures: the repo on sys.path, real MNIST (fetched once), small settings in a temp dir.
+
+The tests never write into the clone's data/: MNIST and the downloaded wheels go to
+$TOOLKIT_DATA_DIR, a folder of the system's temporary directory unless set (kept between runs, so
+that MNIST is fetched once per machine)."""
 import os
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+TEST_DATA = os.environ.setdefault("TOOLKIT_DATA_DIR", os.path.join(tempfile.gettempdir(), "toolkit-test-data"))
 
 import utils_option as opt  # noqa: E402
 
@@ -13,13 +19,13 @@ import utils_option as opt  # noqa: E402
 @pytest.fixture(scope="session")
 def mnist_raw():
     from data.mnist_data import ensure_mnist
-    return ensure_mnist(os.path.join(ROOT, "data"))
+    return ensure_mnist(TEST_DATA)
 
 
 @pytest.fixture(scope="session")
 def mnist_train(mnist_raw):
     from mnist_test.datasets import load_mnist
-    return load_mnist(os.path.join(ROOT, "data"), train=True)
+    return load_mnist(TEST_DATA, train=True)
 
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -30,8 +36,8 @@ def skimage_wheel():
     """The scikit-image wheel, fetched from PyPI by the project's own data script (cached in
     data/downloads): the real photographs the FFDNet tests use, so that they stand on the
     repository and the registry alone (never on ../shared)."""
-    from data.ffdnet_data import DATA_ROOT, _pip_download
-    wheel = _pip_download("scikit-image", os.path.join(DATA_ROOT, "downloads"), lambda *_: None)
+    from data.ffdnet_data import _pip_download
+    wheel = _pip_download("scikit-image", os.path.join(TEST_DATA, "downloads"), lambda *_: None)
     if wheel is None:
         pytest.skip("PyPI not reachable: the FFDNet tests need the scikit-image wheel's photographs")
     return wheel
