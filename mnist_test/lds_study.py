@@ -104,7 +104,8 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
         record = opt.read_json(path, "mnist_test/m3_Test.py")
         m3_ids = ids[:s["mnist"]["method3"]["test_sample_num"]]
         out["m3_replay"] = {"matrix": lds.influence_matrix(record, m3_ids, path), "ids": m3_ids,
-                            "seconds": record["meta"]["solver_info"]["seconds_total"], "note": "exact, this run"}
+                            "seconds": record["meta"]["solver_info"]["seconds_total"], "note": "exact, this run",
+                            "smoothness": record["meta"]["solver_info"].get("metasmoothness")}
     for ens, matrices in ensemble.items():
         if len(matrices) == len(lcfg["ensemble_seeds"]) > 1:
             out[ens] = {"matrix": np.mean(matrices, axis=0), "ids": ids, "seconds": float("nan"),
@@ -253,6 +254,11 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
             noise_line += (f" LOO noise floor (std of the loss over {len(base_rows)} seeds, nothing removed): "
                            f"{', '.join(f'{v:.4f}' for v in spread)}; spread of the measured effects "
                            f"{', '.join(f'{np.std(changes[p]):.4f}' for p in sorted(changes))}.")
+    smooth = methods.get("m3_replay", {}).get("smoothness")
+    noise_line += (f" Metasmoothness of the base run: S_hat = {smooth['s_hat']:.3f} over {smooth['directions']} "
+                   f"directions ({'smooth' if smooth['s_hat'] >= utils_if.SMOOTH_ENOUGH else 'not smooth'} in its data "
+                   f"weights; threshold {utils_if.SMOOTH_ENOUGH}, provisional)." if smooth else
+                   " Metasmoothness of the base run: not measured (it comes with m3_replay).")
     text = lds.markdown_table(main["rows"], failed, lcfg) + (
         f"\n\nLDS: Spearman over {len(main['masks'])} subsets ({main_key}: {main['masks'][0].sum()} of "
         f"{main['masks'].shape[1]} images kept) between predicted and measured test loss; mean over test images, "

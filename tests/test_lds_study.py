@@ -110,6 +110,8 @@ def test_single_model_setting_scores_method3_against_the_base_run_with_points_we
     record = opt.read_json(result["json"], "ldsTest")
     assert record["meta"]["setting"] == "single_model" and record["meta"]["training_noise"]["typical_drop_effect"] > 0
     assert os.path.isfile(result["curve"])
+    # the caption says whether the base run can be attributed: this smooth run can (Method 3's LDS > 0.95 above)
+    assert "Metasmoothness of the base run: S_hat = 0.99" in open(result["markdown"]).read()
     # the subset models are the base run with weights: same seed for all, 5% of 300 = 15 points dropped
     folder = lds.study_folder(settings, "single_model", "s0_d0.05")
     assert json.load(open(os.path.join(folder, "m0.json")))["seed"] == 0
