@@ -556,6 +556,11 @@ DETAIL = {"detail": True}  # logger.info(..., extra=DETAIL): the log file only, 
 _QUIET = [0]  # > 0 while a driver runs a stage: its console shows warnings only (its log file has everything)
 
 
+def detail_log(logger: logging.Logger) -> Callable[[str], None]:
+    """A log function for lines the log file keeps and the console does not (a study's stages)."""
+    return lambda message: logger.info(message, extra=DETAIL)
+
+
 class quiet_console:
     """``with opt.quiet_console():`` the scripts run inside (a driver's stages) print warnings and
     progress bars only; their log files keep every line."""

@@ -58,7 +58,7 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
     failed: dict[str, str] = {}
     for k in range(len(lcfg["ensemble_seeds"])):
         s = lds.model_settings(settings, k, ids)
-        opt.run_stage(stages["Train"], common.grad_norm_file(s), s, logger.info)
+        opt.run_stage(stages["Train"], common.grad_norm_file(s), s, opt.detail_log(logger))
         with opt.Timer() as timer:
             m1 = lds.method1_attributions(s, device)
         if k == 0:
@@ -72,7 +72,7 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
             sm = lds.model_settings(settings, k, ids, method2={**overrides, "test_sample_num": len(method_ids)})
             path = common.m2_file(sm)
             try:
-                opt.run_stage(stages["m2_Test"], path, sm, logger.info)
+                opt.run_stage(stages["m2_Test"], path, sm, opt.detail_log(logger))
             except opt.SettingsError as err:  # e.g. LiSSA diverging on negative curvature: a finding
                 logger.warning(f"WARNING: {name} failed and is left out of the table: {err}")
                 failed[name] = str(err)
@@ -92,7 +92,7 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
                 out["grad_cos"] = cosine(s, matrix, ids, device)
     if wanted & {"m1_per_sample_raw", "m1_per_sample_normalized"}:
         s = lds.model_settings(settings, 0, ids, grad_mode="per_sample")
-        opt.run_stage(stages["Train"], common.grad_norm_file(s), s, logger.info)
+        opt.run_stage(stages["Train"], common.grad_norm_file(s), s, opt.detail_log(logger))
         with opt.Timer() as timer:
             m1 = lds.method1_attributions(s, device)
         out["m1_per_sample_raw"] = {"matrix": m1["raw"], "ids": ids, "seconds": timer.seconds}
@@ -100,7 +100,7 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
     if "m3_replay" in wanted:
         s = lds.model_settings(settings, 0, ids)
         path = common.m3_file(s)
-        opt.run_stage(stages["m3_Test"], path, s, logger.info)
+        opt.run_stage(stages["m3_Test"], path, s, opt.detail_log(logger))
         record = opt.read_json(path, "mnist_test/m3_Test.py")
         m3_ids = ids[:s["mnist"]["method3"]["test_sample_num"]]
         out["m3_replay"] = {"matrix": lds.influence_matrix(record, m3_ids, path), "ids": m3_ids,
