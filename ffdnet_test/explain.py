@@ -24,6 +24,7 @@ their own noisy input: the network is taught to keep the noise there).
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -395,3 +396,21 @@ def specificity_matrix(rows: list[dict], target_list: list[dict], ranking: str, 
         if members:
             matrix[i] = [np.mean([r["window_effect"][other] for r in members]) for other in labels]
     return matrix
+
+
+def metasmoothness(base: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor, ft: dict,
+                   m3: dict) -> dict:
+    """Is the fine-tuning (seed 0's order) smooth in the patches' data weights? It is run with the
+    data weights of :func:`utils_if.weight_sets` (1 + 2 x ffdnet.method3.smoothness_directions runs)
+    and S_hat is computed from the final weights (:mod:`influence.smoothness`)."""
+    from influence import smoothness
+    n = len(clean)
+
+    def train(weight_sets: list[torch.Tensor]):
+        finals = []
+        for w in opt.progress(weight_sets, desc="metasmoothness", unit="run", leave=False):
+            tuned = finetune(copy.deepcopy(base), noisy, clean, sigma, finetune_run(ft, n, 0, weights=w.float()))
+            finals.append(torch.cat([p.detach().reshape(-1).cpu() for p in tuned.parameters()]))
+        return finals, None
+    count = max(1, int(round(m3["smoothness_fraction"] * n)))
+    return smoothness.measure(train, n, m3["smoothness_directions"], count, m3["smoothness_step"], 0)

@@ -57,6 +57,12 @@ def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
     mine = opt.partition(pending, *share)
     logger.info(f"{cfg['explain']['seeds'] - len(pending)} seed(s) already done; this process: seeds "
                 f"{[job['seed'] for job in mine]}")
+    smooth = None
+    if mine and m3["smoothness_directions"]:
+        with opt.Timer() as check_timer:
+            smooth = explain.metasmoothness(base, noisy, clean, sigma, ft, m3)
+        smooth["seconds"] = round(check_timer.seconds, 2)
+        print(utils_if.verdict(smooth["s_hat"]) + f" [{smooth['trainings']} fine-tuning runs, {check_timer.seconds:.0f} s]")
     for seed in (job["seed"] for job in mine):
         run = explain.finetune_run(ft, n, seed)
         replay = utils_if.AdamReplay(copy.deepcopy(base).eval(), utils_if.mse_sample_loss, run, (noisy, sigma), clean)
@@ -90,7 +96,8 @@ def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
                 "seconds_finetune": round(finetune_timer.seconds, 3), "seconds_forward": round(forward_timer.seconds, 3),
                 "seconds_backward": round(backward_timer.seconds, 3), "seconds_total": round(total.seconds, 3),
                 "state_megabytes": round(replay.state_floats(len(targets)) * base.main[0].weight.element_size() / 2**20, 1),
-                "threads": torch.get_num_threads(), "patches_reached": int(run.orders.unique().numel())}
+                "threads": torch.get_num_threads(), "patches_reached": int(run.orders.unique().numel()),
+                "metasmoothness": smooth}
         infos.append(info)
         logger.info(f"seed {seed}: backward {info['seconds_backward']} s = {info['seconds_backward'] / finetune_timer.seconds:.1f}x "
                     f"the fine-tuning run; state {info['state_megabytes']} MB; {info['patches_reached']} of {n} "

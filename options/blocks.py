@@ -42,6 +42,12 @@ class FfdnetMethod3:
                                        " (3 x steps/interval + 4 x interval) x the model's parameters", 'int', (0, None))
     replay_tolerance: float = spec(0.0001, "the replay must end this close (relative) to a real fine-tuning run, "
                                            "else nothing is written", 'float', (0.0, None))
+    smoothness_directions: int = spec(2, "before the replays, measure whether the fine-tuning is smooth in its data "
+                                      "weights (metasmoothness S_hat, seed 0) over this many random directions "
+                                      "(1 + 2 x this many fine-tuning runs); 0 = skip", 'int', (0, 20))
+    smoothness_fraction: float = spec(0.01, "each direction moves this fraction of the training patches' weights "
+                                      "(+-1, seeded)", 'float', (1e-5, 1.0))
+    smoothness_step: float = spec(0.25, "h: the weights move by h and 2h along the direction", 'float', (1e-6, 1.0))
     top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, None))
 
 

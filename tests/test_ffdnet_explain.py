@@ -98,6 +98,8 @@ def test_explain_script_small_resumes_and_maps_sum_to_the_influence(tmp_path, tw
     from ffdnet_test import common
     m2_files = {"01": common.m2_result_file(settings, "01")}
     assert os.path.isfile(common.m1_result_file(settings, "01")) and os.path.isfile(common.m3_result_file(settings, "01", 0))
+    smooth = opt.read_json(common.m3_result_file(settings, "01", 0), "m3_Test")["meta"]["solver_info"]["metasmoothness"]
+    assert smooth["trainings"] == 5 and -1 <= smooth["s_hat"] <= 1 and smooth["points"] == 1  # 1% of 40 patches
     # control + (m3_window, m2_window, m1: 2 targets; m3_whole, m2_whole, random: the image) x 2 manipulations
     assert result["jobs"] == 1 + (2 + 2 + 2 + 1 + 1 + 1) * 2 and result["runs"] == result["jobs"]
     assert {r["ranking"] for r in result["table"]} == {"m3_window", "m3_whole", "m2_window", "m2_whole", "m1", "random"}
