@@ -142,14 +142,14 @@ def load_settings(path: str | None = None, profile: str | None = None,
         raise SettingsError(f"profile = {chosen!r} is not defined; valid choices: {sorted(defined | {'report'})}")
     settings: dict = {}
     changed: list[str] = []
-    for layer_path, raw in layers:
+    for position, (layer_path, raw) in enumerate(layers):
         body = {k: v for k, v in raw.items() if k not in STRUCTURAL_KEYS}
         check_written(body, layer_path)
         settings = deep_merge(settings, body)
         extra = raw.get("profiles", {}).get(chosen, {})
         if extra:
             check_written(extra, f"{layer_path} (profile {chosen})")
-            later = [b for _, b in layers[layers.index((layer_path, raw)) + 1:]]
+            later = [b for _, b in layers[position + 1:]]
             extra = _without_keys_set_in(extra, later)  # a more specific file's own value wins
             settings = deep_merge(settings, extra)
             changed += [k for k in _leaf_keys(extra) if k not in changed]
