@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from influence.solvers import SolverSettings, solver_for, solver_names
-from options.blocks import LDS_METHODS, Settings, defaults, help_lines, schema, typed  # noqa: F401
+from options.blocks import LDS_METHODS, defaults, help_lines, schema, typed  # noqa: F401
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SETTINGS = os.path.join(REPO_ROOT, "Implementation.json")
@@ -109,13 +109,17 @@ def parse_assignment(text: str) -> dict:
         parsed = json.loads(value)
     except json.JSONDecodeError:
         parsed = value
-    node: dict = {}
-    top = node
-    parts = key.split(".")
+    return _set_dotted({}, key, parsed)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> dict:
+    """``tree`` with ``value`` placed at the dotted key "a.b.c" (nested dicts made as needed)."""
+    node = tree
+    parts = dotted.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
-    node[parts[-1]] = parsed
-    return top
+    node[parts[-1]] = value
+    return tree
 
 
 def load_settings(path: str | None = None, profile: str | None = None,
@@ -173,14 +177,8 @@ def _without_keys_set_in(profile: dict, later: list[dict]) -> dict:
     taken = {key for body in later for key in _leaf_keys({k: v for k, v in body.items() if k not in STRUCTURAL_KEYS})}
     out: dict = {}
     for key in _leaf_keys(profile):
-        if key in taken:
-            continue
-        node, value = out, profile
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            value = value[part]
-        node[parts[-1]] = value[parts[-1]]
+        if key not in taken:
+            _set_dotted(out, key, _lookup(profile, key))
     return out
 
 
@@ -190,11 +188,8 @@ def check_written(partial: dict, where: str) -> None:
     for key in _leaf_keys(partial):
         if key not in SCHEMA:
             continue  # check_known_keys names unknown keys
-        value: Any = partial
-        for part in key.split("."):
-            value = value[part]
         try:
-            _check_value(key, *SCHEMA[key], value)
+            _check_value(key, *SCHEMA[key], _lookup(partial, key))
         except SettingsError as err:
             raise SettingsError(f"{err} (in {where})") from None
 

@@ -442,8 +442,3 @@ def typed(settings: dict, cls: type = None):
         value = settings[f.name]
         values[f.name] = typed(value, f.default_factory) if f.metadata.get("block") else copy.deepcopy(value)
     return cls(**values)
-
-
-def typed_block(block_dict: dict, cls: type):
-    """One block (e.g. ``settings["mnist"]["method2"]``) as its dataclass ``cls``."""
-    return typed(block_dict, cls)
