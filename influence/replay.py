@@ -23,13 +23,15 @@ class SgdRun:
 
     ``orders`` (epochs, n) holds each epoch's permutation of the training points; step s reads the
     s-th slice of ``batch_size`` of its epoch (the last one may be shorter). ``data_weights`` (n,)
-    weight each point's loss (None = 1 for all)."""
+    weight each point's loss (None = 1 for all) in the steps of the attribution window, s >=
+    ``window_start`` (0 = the whole run); before it every weight is 1 (:func:`window_start`)."""
     learning_rate: float
     momentum: float
     weight_decay: float
     batch_size: int
     orders: torch.Tensor
     data_weights: torch.Tensor | None = None
+    window_start: int = 0
 
     @property
     def n(self) -> int:
@@ -46,6 +48,34 @@ class SgdRun:
     def batch(self, step: int) -> torch.Tensor:
         epoch, position = divmod(step, self.steps_per_epoch)
         return self.orders[epoch, position * self.batch_size:(position + 1) * self.batch_size]
+
+    def step_weights(self, step: int, idx: torch.Tensor) -> torch.Tensor | None:
+        """The data weights of batch ``idx`` at ``step`` (None = all 1: no weights, or before the window)."""
+        if self.data_weights is None or step < self.window_start:
+            return None
+        return self.data_weights[idx]
+
+
+WINDOW_UNITS = ("epochs", "steps", "fraction")
+
+
+def window_start(num_steps: int, steps_per_epoch: int, size: float, unit: str) -> int:
+    """The first step of the attribution window: the data weights act only in the last ``size``
+    epochs, steps, or fraction of the steps (``unit``) of a run of ``num_steps`` steps; size 0 = the
+    whole run (step 0). Method 3 then differentiates only those steps: dF/dw_i asks "which images,
+    seen in the window, made this network do this", with everything before the window held fixed."""
+    if unit not in WINDOW_UNITS:
+        raise ValueError(f"window unit {unit!r}: one of {', '.join(WINDOW_UNITS)}")
+    if size < 0:
+        raise ValueError(f"window {size}: 0 (the whole run) or a positive length")
+    if size == 0:
+        return 0
+    steps = {"epochs": size * steps_per_epoch, "steps": size, "fraction": size * num_steps}[unit]
+    steps = int(round(steps))
+    if steps < 1 or steps > num_steps:
+        raise ValueError(f"window of {size:g} {unit} = {steps} steps, but the run has {num_steps} steps "
+                         f"({steps_per_epoch} per epoch): choose 1 to {num_steps} steps")
+    return num_steps - steps
 
 
 class Replay:

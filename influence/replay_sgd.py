@@ -57,9 +57,6 @@ class SgdReplay(Replay):
         self.info: dict = {"path": f"{found[1]}_mlp_closed_form" if self.mlp is not None else "torch_func"}
 
     # ---- forward: the run itself ------------------------------------------------------------------
-    def _weights(self, idx: torch.Tensor) -> torch.Tensor | None:
-        return None if self.run.data_weights is None else self.run.data_weights[idx]
-
     def _start_state(self) -> tuple[torch.Tensor, None]:
         return self._flat(self.initial), None  # (theta, b): no momentum buffer before the first step
 
@@ -80,7 +77,7 @@ class SgdReplay(Replay):
             idx = run.batch(step)
             losses = self.sample_loss(functional_call(self.model, {**dict(zip(self.names, leaves)), **self.buffers},
                                                       (self.x[idx],)), self.y[idx])
-            weights = self._weights(idx)
+            weights = run.step_weights(step, idx)
             loss = losses.mean() if weights is None else weighted_batch_loss(losses, weights)
             for leaf, g in zip(leaves, torch.autograd.grad(loss, leaves)):
                 leaf.grad = g
@@ -166,7 +163,7 @@ class SgdReplay(Replay):
             if m:
                 pre = pre + (updates[:, :, :ends[m]] * per_column(c[:m])) @ gram[:ends[m], cols]
             params = self._split(store[step - offset])
-            directional, hv, rg = self._mlp_step(params, self.x[idx], self.y[idx], self._weights(idx),
+            directional, hv, rg = self._mlp_step(params, self.x[idx], self.y[idx], run.step_weights(step, idx),
                                                  {self.names[i]: v[i] for i in rest}, pre.transpose(1, 2)[None])
             updates[:, :, cols] = rg[0].transpose(1, 2)
             scores.index_add_(1, idx, directional.to(torch.float64) / len(idx))
@@ -202,7 +199,9 @@ class SgdReplay(Replay):
 
     def metagradient(self, target_grads: torch.Tensor, progress: Callable | None = None) -> torch.Tensor:
         """dF_t/dw_i (k, n) float64 for k targets whose gradients at the final weights are the rows of
-        ``target_grads`` (k, p), in ``model.named_parameters()`` order. Needs :meth:`forward` first."""
+        ``target_grads`` (k, p), in ``model.named_parameters()`` order. Needs :meth:`forward` first.
+        With an attribution window (``run.window_start`` > 0) the walk stops at the window's first
+        step: the weights act nowhere before it, so the earlier steps add nothing to dF/dw."""
         if not self.checkpoints:
             raise RuntimeError("SgdReplay.metagradient: run forward() first (it keeps the checkpoints)")
         run, total = self.run, self.run.num_steps
@@ -212,32 +211,34 @@ class SgdReplay(Replay):
         scores = torch.zeros(len(target_grads), run.n, dtype=torch.float64, device=target_grads.device)
         store = torch.empty(self.interval, self.num_params, dtype=self.initial[0].dtype, device=self.x.device)
         checked = self.mlp is None
-        bar = step_bar(progress, total, "replay backward")
+        bar = step_bar(progress, total - run.window_start, "replay backward")
         for start in sorted(self.checkpoints, reverse=True):
             stop = min(start + self.interval, total)
+            if stop <= run.window_start:
+                break
             self._steps(start, stop, self.checkpoints[start], store=store)
-            walk = list(reversed(range(start, stop)))
+            walk = list(reversed(range(max(start, run.window_start), stop)))
             if not checked:
                 step = walk[0]
                 idx = run.batch(step)
                 self._check_closed_form(self._split(store[step - start]), self.x[idx], self.y[idx],
-                                        self._weights(idx), v)
+                                        run.step_weights(step, idx), v)
                 checked = True
             if self.mlp is not None and self.fold_steps > 1:
                 for b in range(0, len(walk), self.fold_steps):
                     self._walk_folded(walk[b:b + self.fold_steps], store, start, a, v, scores)
-                bar.update(stop - start)
+                bar.update(len(walk))
                 continue
             for step in walk:
                 params = self._split(store[step - start])
                 idx = run.batch(step)
-                xb, yb, wb = self.x[idx], self.y[idx], self._weights(idx)
+                xb, yb, wb = self.x[idx], self.y[idx], run.step_weights(step, idx)
                 products = self._products_mlp if self.mlp is not None else self._products_generic
                 directional, hv = products(params, xb, yb, wb, v)
                 scores.index_add_(1, idx, directional.to(torch.float64) / len(idx))
                 for a_p, v_p, hv_p in zip(a, v, hv):  # a_s = a_{s+1} + (H_s + lambda) v_s; v_{s-1} = mu v_s - eta a_s
                     a_p.add_(hv_p).add_(v_p, alpha=wd)
                     v_p.mul_(mom).add_(a_p, alpha=-lr)
-            bar.update(stop - start)
+            bar.update(len(walk))
         bar.close()
         return scores

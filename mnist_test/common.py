@@ -111,8 +111,13 @@ def m3_file(settings: dict, mode: str | None = None) -> str:
     m3 = mnist_cfg(settings)["method3"]
     mode = mode or m3["mode"]
     tests = test_selection_part(settings, m3["test_sample_num"])
-    name = f"m3_replay_{m3['target']}_{run_tag(settings)}_{mode}_{tests}_top{m3['top_k']}.json"
+    name = f"m3_replay_{m3['target']}_{run_tag(settings)}{window_part(m3)}_{mode}_{tests}_top{m3['top_k']}.json"
     return opt.output_path(settings, m3["if_dir"], name)
+
+
+def window_part(m3: dict) -> str:
+    """"" for the whole run, else the attribution window: _w1epochs, _w500steps, _w0.1fraction."""
+    return f"_w{m3['window']:g}{m3['window_unit']}" if m3["window"] else ""
 
 
 def attribution_file(settings: dict, method: str) -> tuple[str, str, str]:

@@ -25,9 +25,8 @@ import torch
 
 import utils_if
 import utils_option as opt
-from mnist_test import common
+from mnist_test import common, training
 from mnist_test.model import mnist_model
-from mnist_test.training import train_group
 
 
 # ---- settings of the study ---------------------------------------------------------------------
@@ -39,9 +38,12 @@ def recipe(settings: dict) -> dict:
     """The training recipe of every model of the study: the mnist block's optimiser, lds.epoch."""
     cfg = common.mnist_cfg(settings)
     smooth = {} if cfg["activation"] == "relu" else {"activation": cfg["activation"]}  # ReLU studies keep their tags
+    lds = lds_cfg(settings)
+    start = training.attribution_window(cfg, lds["train_subset"], lds["epoch"])
+    window = {"window_start": start} if start else {}  # whole-run studies keep their tags too
     return {"learning_rate": cfg["learning_rate"], "momentum": cfg["momentum"],
             "weight_decay": cfg["weight_decay"], "batch_size": cfg["batch_size"],
-            "epoch": lds_cfg(settings)["epoch"], **smooth}
+            "epoch": lds["epoch"], **smooth, **window}
 
 
 def test_ids(settings: dict) -> list[int]:
@@ -130,8 +132,9 @@ def train_and_store(jobs: list[dict], train, x_test, y_test, cfg: dict, group_si
         else:
             groups.append([job])
     for number, group in enumerate(opt.progress(groups, desc=desc, unit="group")):
-        states = train_group(train, [{"seed": j["seed"], "keep": j["keep"], "weights": j.get("weights")}
-                                     for j in group], cfg, device, show_progress=False)
+        states = training.train_group(train, [{"seed": j["seed"], "keep": j["keep"], "weights": j.get("weights")}
+                                     for j in group], cfg, device, show_progress=False,
+                             window_start=cfg.get("window_start", 0))
         for job, state in zip(group, states):
             record = {**job["record"], "seed": job["seed"],
                       **outputs_of({k: v.to(device) for k, v in state.items()}, x_test, y_test,

@@ -42,12 +42,14 @@ def main(settings: dict) -> dict:
             smoothness = training.metasmoothness(train, test.images[ids], test.labels[ids], cfg, device, m3)
         smoothness["seconds"] = round(check_timer.seconds, 2)
         print(utils_if.verdict(smoothness["s_hat"]) + f" [{smoothness['trainings']} trainings, {check_timer.seconds:.0f} s]")
-    run = training.sgd_run(cfg, cfg["seed"], len(train), device)
+    run = training.sgd_run(cfg, cfg["seed"], len(train), device,
+                           window_start=training.attribution_window(cfg, len(train)))
     replay = utils_if.SgdReplay(training.new_model(cfg["seed"], device, cfg["activation"]), utils_if.nll_sample_loss, run,
                                 train.images, train.labels)
     logger.info(f"Method 3: replaying {run.num_steps:,} SGD steps ({cfg['epoch']} epochs x {run.steps_per_epoch} "
-                f"batches of {run.batch_size}, {len(train)} images), then walking back for {len(ids)} test "
-                f"images (target {m3['target']}, {m3['test_chunk']} per walk)")
+                f"batches of {run.batch_size}, {len(train)} images), then walking back "
+                + (f"the window's last {run.num_steps - run.window_start:,} steps " if run.window_start else "")
+                + f"for {len(ids)} test images (target {m3['target']}, {m3['test_chunk']} per walk)")
     with opt.Timer() as total:
         with opt.Timer() as forward_timer:
             final = replay.forward(m3["checkpoint_interval"], progress=opt.progress)
@@ -70,7 +72,7 @@ def main(settings: dict) -> dict:
         influence = -len(train) * torch.cat(chunks)
     if "closed_form_check" in replay.info:
         logger.warning(f"WARNING: {replay.info['closed_form_check']}")
-    info = {"solver": "method3", "target": m3["target"], "path": replay.info["path"], "steps": run.num_steps,
+    info = {"solver": "method3", "target": m3["target"], "path": replay.info["path"], "steps": run.num_steps, "window_start": run.window_start,
             "checkpoint_interval": replay.interval, "replay_relative_error": error, "converged": True,
             "seconds_forward": round(forward_timer.seconds, 3), "seconds_backward": round(backward_timer.seconds, 3),
             "seconds_total": round(total.seconds, 3), "metasmoothness": smoothness,

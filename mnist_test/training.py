@@ -29,10 +29,22 @@ def epoch_orders(n: int, epochs: int, seed: int) -> torch.Tensor:
 
 
 def sgd_run(cfg: dict, seed: int, n: int, device: torch.device,
-            data_weights: torch.Tensor | None = None) -> utils_if.SgdRun:
+            data_weights: torch.Tensor | None = None, window_start: int = 0) -> utils_if.SgdRun:
     """The run :func:`train_model` makes with ``cfg`` and ``seed`` on n points, as Method 3 replays it."""
     return utils_if.SgdRun(cfg["learning_rate"], cfg["momentum"], cfg["weight_decay"], cfg["batch_size"],
-                           epoch_orders(n, cfg["epoch"], seed).to(device), data_weights)
+                           epoch_orders(n, cfg["epoch"], seed).to(device), data_weights, window_start)
+
+
+def attribution_window(cfg: dict, n: int, epochs: int | None = None) -> int:
+    """The first step of ``method3.window`` in the run of ``cfg`` on n images (``epochs`` epochs, else
+    cfg["epoch"]): data weights act from this step on (0 = the whole run)."""
+    steps_per_epoch = -(-n // cfg["batch_size"])
+    m3 = cfg["method3"]
+    try:
+        return utils_if.window_start((epochs or cfg["epoch"]) * steps_per_epoch, steps_per_epoch,
+                                     m3["window"], m3["window_unit"])
+    except ValueError as error:
+        raise opt.SettingsError(f"mnist.method3.window: {error}") from None
 
 
 REPLAY_RECIPE = ("init: torch.manual_seed(seed); mnist_model(activation). order: epoch_orders(n, epoch, seed) "
@@ -43,12 +55,14 @@ REPLAY_RECIPE = ("init: torch.manual_seed(seed); mnist_model(activation). order:
 def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
                 grad_mode: str | None = None, layers: tuple[str, ...] = ("fc1", "fc2", "fc3"),
                 skip_first_epoch: bool = True, show_progress: bool = True, desc: str = "train",
-                checkpoint_every: int = 0, on_checkpoint=None, data_weights: torch.Tensor | None = None):
+                checkpoint_every: int = 0, on_checkpoint=None, data_weights: torch.Tensor | None = None,
+                window_start: int = 0):
     """Train a fresh seeded MLP on ``data`` with NLL + SGD(lr, momentum, weight_decay).
 
     ``data_weights`` (n,) weight each image's loss: the batch loss is sum_i w_i NLL_i / |B|
     (:func:`utils_if.weighted_batch_loss`; None = the plain mean, the same model as w = 1 bit for
-    bit). A point weighted 0 keeps its place in the order: the single-model counterfactual.
+    bit). A point weighted 0 keeps its place in the order: the single-model counterfactual. The
+    weights act from step ``window_start`` on (the attribution window; 0 = every step).
 
     With ``grad_mode`` ("batch" or "per_sample") also accumulate, per training item, the row norms
     of each chosen layer's weight gradient (one value per output neuron), in float64:
@@ -78,7 +92,7 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
         for step, start in enumerate(range(0, n, batch)):
             idx = order[start:start + batch]
             x, y = data.images[idx], data.labels[idx]
-            w = None if data_weights is None else data_weights[idx]
+            w = None if data_weights is None or epoch * steps_per_epoch + step < window_start else data_weights[idx]
             if record and grad_mode == "per_sample":
                 out, layer_io = model.forward_with_layers(x)
                 loss = batch_loss(out, y, w)
@@ -130,12 +144,12 @@ def linear_stack(model: nn.Module) -> list[str]:
 
 
 def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.device,
-                show_progress: bool = True, desc: str = "train group") -> list[dict]:
+                show_progress: bool = True, desc: str = "train group", window_start: int = 0) -> list[dict]:
     """Train many independent MLPs at once, each exactly as :func:`train_model` trains it alone:
     its own seed (init and data order), its own labels (``job["labels"]``: (n,) for all of
     ``data``, or None), its own kept items (``job["keep"]``: original positions, or None) and its
     own data weights (``job["weights"]``: (n,) for all of ``data``, or None; the batch loss is then
-    sum_i w_i NLL_i / |B|, as :func:`batch_loss`).
+    sum_i w_i NLL_i / |B|, as :func:`batch_loss`, from step ``window_start`` on).
     All jobs of a group must keep the same number of items (group removals by N).
 
     The K models run as one batched MLP: forward and backward by hand with ``bmm`` over the
@@ -176,6 +190,7 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
         order = torch.stack([kept[m][torch.randperm(n, generator=generators[m]).to(device)]
                              for m in range(k_models)])                          # (K, n)
         for start in range(0, n, batch):
+            in_window = epoch * steps + start // batch >= window_start
             idx = order[:, start:start + batch]                                   # (K, B)
             h, y = data.images[idx], labels[rows, idx]                            # (K, B, 784), (K, B)
             inputs, outputs = [], []
@@ -186,7 +201,7 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
                 h = (F.softplus(z) if smooth else torch.relu(z)) if i < len(weights) - 1 else z
             delta = torch.softmax(h, dim=2)                                       # d(mean NLL)/d logits
             delta.scatter_add_(2, y[..., None], torch.full_like(y[..., None], -1.0, dtype=delta.dtype))
-            if data_weights is not None:
+            if data_weights is not None and in_window:
                 delta.mul_(data_weights[rows, idx][..., None])
             delta.div_(idx.shape[1])
             grads = {}
@@ -221,7 +236,8 @@ def metasmoothness(data: MnistData, x_test: torch.Tensor, y_test: torch.Tensor, 
 
     def train(weight_sets: list[torch.Tensor]):
         jobs = [{"seed": cfg["seed"], "weights": w.float()} for w in weight_sets]
-        states = train_group(data, jobs, cfg, device, desc="metasmoothness")
+        states = train_group(data, jobs, cfg, device, desc="metasmoothness",
+                             window_start=attribution_window(cfg, len(data)))
         finals = [torch.cat([state[name].reshape(-1) for name in state]) for state in states]
         outputs = []
         for state in states:

@@ -234,6 +234,11 @@ class MnistMethod3:
     smoothness_fraction: float = spec(0.01, "each direction moves this fraction of the training images' weights "
                                       "(+-1, seeded)", 'float', (1e-5, 1.0))
     smoothness_step: float = spec(0.25, "h: the weights move by h and 2h along the direction", 'float', (1e-6, 1.0))
+    window: float = spec(0, "the attribution window: the data weights act only in the last `window` window_units of "
+                            "the run (0 = the whole run); Method 3 walks back only those steps, and ldsTest's "
+                            "single-model removals act only there", 'float', (0.0, None))
+    window_unit: str = spec('epochs', "epochs | steps | fraction (of all steps) for method3.window", 'choice',
+                            ('epochs', 'steps', 'fraction'))
     top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, 60000))
     if_dir: str = spec('if', "sub-folder of output_dir for Method 3 files", 'str', None)
 

@@ -61,10 +61,19 @@ def test_thread_count_activation_and_method3_settings_change_the_names():
     smooth = opt.deep_merge(BASE, {"mnist": {"activation": "softplus"}})
     assert mcommon.model_file(smooth, "staTest0") != mcommon.model_file(BASE, "staTest0")
     assert lds.study_tag(smooth) != lds.study_tag(BASE)
-    for change in ({"target": "margin"}, {"test_sample_num": 3}, {"top_k": 7}):
+    for change in ({"target": "margin"}, {"test_sample_num": 3}, {"top_k": 7}, {"window": 1}):
         assert mcommon.m3_file(opt.deep_merge(BASE, {"mnist": {"method3": change}})) != mcommon.m3_file(BASE), change
     assert mcommon.m3_file(opt.deep_merge(BASE, {"mnist": {"method3": {"checkpoint_interval": 7}}})) == \
         mcommon.m3_file(BASE)  # the result does not depend on it (tested in test_method3)
+    # a window asks another question: its own Method-3 file and its own single-model study
+    windows = [opt.deep_merge(BASE, {"mnist": {"method3": {"window": size, "window_unit": unit}}})
+               for size, unit in ((1, "epochs"), (0.1, "fraction"), (500, "steps"))]
+    assert len({mcommon.m3_file(w) for w in windows} | {mcommon.m3_file(BASE)}) == 4
+    assert "_w1epochs_" in mcommon.m3_file(windows[0])
+    assert len({lds.study_tag(w) for w in windows} | {lds.study_tag(BASE)}) == 4
+    too_long = opt.deep_merge(BASE, {"mnist": {"method3": {"window": 10_000}}})
+    with pytest.raises(opt.SettingsError, match="mnist.method3.window: .* choose 1 to"):
+        lds.study_tag(too_long)
 
 
 FFDNET_M2_CHANGES = [{"solver": "cg"}, {"damp": 0.1}, {"scale": 50}, {"l2_reg": 0.01}, {"stochastic": True},

@@ -282,3 +282,71 @@ def test_the_report_recipe_is_not_smooth_in_a_data_weight_and_softplus_is(mnist_
         assert spread < 0.15
     else:
         assert spread > 1.0
+
+
+# ---- the attribution window (method3.window): the data weights act only in the last steps -------
+def windowed_final_losses(model, run: U.SgdRun, x, y, x_t, y_t, w: torch.Tensor) -> torch.Tensor:
+    """The run written out here with torch.optim.SGD, w acting only from run.window_start on."""
+    import copy
+    net = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOM, weight_decay=WD)
+    for step in range(run.num_steps):
+        idx = run.batch(step)
+        losses = U.nll_sample_loss(net(x[idx]), y[idx])
+        weights = w[idx] if step >= run.window_start else torch.ones(len(idx), dtype=w.dtype)
+        optimizer.zero_grad()
+        ((losses * weights).sum() / len(idx)).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return U.nll_sample_loss(net(x_t), y_t)
+
+
+@pytest.mark.parametrize("fold_steps", [1, 32])
+def test_window_metagradient_equals_finite_differences_of_the_windowed_run(fold_steps):
+    model, (x, y), (x_t, y_t) = tiny_mlp(), data(), data(2, seed=11)
+    whole = sgd_run(len(x), epochs=4)
+    start = U.window_start(whole.num_steps, whole.steps_per_epoch, 1, "epochs")  # the last epoch
+    assert start == 3 * whole.steps_per_epoch
+    run = sgd_run(len(x), epochs=4)
+    run.window_start = start
+    replay = U.SgdReplay(model, U.nll_sample_loss, run, x, y, fold_steps=fold_steps)
+    final = replay.forward(5)
+    grads = U.InfluenceProblem(_with(model, final), U.nll_sample_loss, replay.names).sample_grads(x_t, y_t)
+    mine = replay.metagradient(grads)
+    fd = central_differences(lambda w: windowed_final_losses(model, run, x, y, x_t, y_t, w), len(x))
+    assert fd.abs().max() > 1e-3
+    assert ((mine - fd).abs().max() / fd.abs().max()).item() < 1e-4
+    # the window asks another question than the whole run: its answer differs
+    whole_mine, _ = replay_metagradient(model, whole, x, y, x_t, y_t)
+    assert (whole_mine - mine).abs().max() > 0.1 * whole_mine.abs().max()
+
+
+def test_window_start_in_each_unit_and_its_one_line_errors():
+    assert U.window_start(1000, 100, 0, "epochs") == 0
+    assert U.window_start(1000, 100, 1, "epochs") == 900
+    assert U.window_start(1000, 100, 250, "steps") == 750
+    assert U.window_start(1000, 100, 0.1, "fraction") == 900
+    assert U.window_start(1000, 100, 10, "epochs") == 0
+    with pytest.raises(ValueError, match="the run has 1000 steps"):
+        U.window_start(1000, 100, 11, "epochs")
+    with pytest.raises(ValueError, match="one of"):
+        U.window_start(1000, 100, 1, "days")
+
+
+@pytest.mark.parametrize("activation", ["relu", "softplus"])
+def test_window_in_training_the_grouped_trainer_and_the_replay_agree(mnist_train, activation):
+    """ldsTest's single-model removals in a window (train_group), Train.py's trainer and the replay."""
+    from mnist_test import training
+    data, cpu, cfg = mnist_train.subset(96), torch.device("cpu"), {**MNIST_CFG, "activation": activation}
+    w = torch.ones(len(data))
+    w[[2, 50, 77]] = 0.0
+    start = 12 + 5  # the second epoch (12 steps each), from its sixth step
+    alone, _ = training.train_model(data, cfg, 4, cpu, show_progress=False, data_weights=w, window_start=start)
+    grouped = training.train_group(data, [{"seed": 4, "weights": w}], cfg, cpu, show_progress=False, window_start=start)
+    replay = U.SgdReplay(training.new_model(4, cpu, activation), U.nll_sample_loss,
+                         training.sgd_run(cfg, 4, len(data), cpu, w, window_start=start), data.images, data.labels).forward()
+    whole, _ = training.train_model(data, cfg, 4, cpu, show_progress=False, data_weights=w)
+    for name, value in alone.state_dict().items():
+        assert torch.allclose(grouped[0][name], value, atol=1e-6)
+        assert torch.equal(replay[name], value)
+    assert (alone.state_dict()["main.0.weight"] - whole.state_dict()["main.0.weight"]).abs().max() > 1e-6
