@@ -47,18 +47,26 @@ def metasmoothness(finals: list[torch.Tensor], h: float, outputs: list[torch.Ten
     """S_hat and S from the trainings of :func:`weight_sets` (their final flat parameters, in that
     order; ``outputs``: each training's (t,) scalar outputs, e.g. test losses, for S). Returns
     {"s_hat": mean over directions, "s_hat_each": [...], "curvature": mean S over directions and
-    outputs (None without outputs), "trainings": count}."""
-    base, each, curvature = finals[0].double(), [], []
+    outputs, "s_hat_outputs": the same sign agreement over the outputs instead of the parameters
+    (both None without outputs), "trainings": count}."""
+    base, each, curvature, on_outputs = finals[0].double(), [], [], []
     for d in range(1, len(finals), 2):
-        one, two = finals[d].double(), finals[d + 1].double()
-        d1, d2 = one - base, two - one
-        weight = d1.abs() + d2.abs()
-        each.append(float((weight * torch.sign(d1 * d2)).sum() / weight.sum().clamp_min(1e-300)))
+        each.append(sign_agreement(base, finals[d].double(), finals[d + 1].double()))
         if outputs is not None:
             f0, f1, f2 = (outputs[i].double() for i in (0, d, d + 1))
             curvature.append(float(((f2 - 2 * f1 + f0).abs() / h ** 2).mean()))
-    return {"s_hat": sum(each) / len(each), "s_hat_each": each,
-            "curvature": sum(curvature) / len(curvature) if curvature else None, "trainings": len(finals)}
+            on_outputs.append(sign_agreement(f0, f1, f2))
+    mean = (lambda values: sum(values) / len(values) if values else None)  # noqa: E731
+    return {"s_hat": mean(each), "s_hat_each": each, "curvature": mean(curvature),
+            "s_hat_outputs": mean(on_outputs), "trainings": len(finals)}
+
+
+def sign_agreement(at_z: torch.Tensor, at_h: torch.Tensor, at_2h: torch.Tensor) -> float:
+    """S_hat of one direction over the entries of a vector (parameters, or outputs such as test
+    losses): the |change|-weighted mean sign agreement of d1 = x(h) - x(0) and d2 = x(2h) - x(h)."""
+    d1, d2 = at_h - at_z, at_2h - at_h
+    weight = d1.abs() + d2.abs()
+    return float((weight * torch.sign(d1 * d2)).sum() / weight.sum().clamp_min(1e-300))
 
 
 def verdict(s_hat: float) -> str:

@@ -1,0 +1,145 @@
+"""Study: can this run be attributed? Metasmoothness against Method 3's single-model LDS, per recipe.
+
+For each MNIST training recipe (chaotic to smooth, and the attribution window), on the first
+--train_subset images for --epochs epochs (seed 0):
+  S_hat         metasmoothness of the run in its data weights (mnist_test.training.metasmoothness, the
+                check m3_Test runs before its replay: --directions random +-1 directions on 1% of the
+                weights, h = 0.25; 1 + 2 x directions trainings side by side)
+  accuracy      test accuracy of the base run (10,000 test images)
+  LDS 1% / 5%   Method 3's single-model LDS: the base run retrained --subsets times with a random 1%
+                (5%) of its points weighted 0 in the window (same seed, same order), its predicted
+                change sum_i (w_i - 1) dF_t/dw_i scored against the measured change of each of the
+                first --tests test losses (Spearman over subsets, mean over tests, 95% bootstrap CI)
+  cost          the base training's seconds, the check's seconds, and the replay's (forward + one
+                backward walk for all --tests test images)
+Then Spearman(S_hat, LDS at 1%) across the recipes: does the check predict attributability?
+Prints a Markdown table; writes results/bench/attributable_*.json (one row per recipe, written as it
+finishes, so an interrupted study resumes where it stopped).
+
+Usage: python bench/attributable.py [--train_subset 5000] [--epochs 10] [--subsets 20] [--tests 20]
+       [--recipes report,lr0.001,...] [--directions 2] [--threads 1]
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import utils_if  # noqa: E402
+import utils_option as opt  # noqa: E402
+from mnist_test import common, lds, training  # noqa: E402
+
+REPORT = {"learning_rate": 0.003, "momentum": 0.9, "weight_decay": 0.001, "batch_size": 8, "activation": "relu"}
+RECIPES = {
+    "report": {},
+    "lr0.001": {"learning_rate": 0.001},
+    "batch32": {"batch_size": 32},
+    "batch256": {"batch_size": 256},
+    "softplus": {"activation": "softplus"},
+    "softplus_lr0.001": {"activation": "softplus", "learning_rate": 0.001},
+    "softplus_b256_lr0.01": {"activation": "softplus", "batch_size": 256, "learning_rate": 0.01, "weight_decay": 5e-4},
+    "window_last_epoch": {"window": 1, "window_unit": "epochs"},
+    "window_last_10pct": {"window": 0.1, "window_unit": "fraction"},
+    "softplus_window_last_epoch": {"activation": "softplus", "window": 1, "window_unit": "epochs"},
+}
+DROPS = (0.01, 0.05)
+
+
+def recipe_cfg(name: str, epochs: int, directions: int) -> dict:
+    values = {**REPORT, **RECIPES[name]}
+    window = {"window": values.pop("window", 0), "window_unit": values.pop("window_unit", "epochs")}
+    return {**values, "epoch": epochs, "seed": 0,
+            "method3": {**window, "smoothness_directions": directions, "smoothness_fraction": 0.01,
+                        "smoothness_step": 0.25}}
+
+
+def study(name: str, cfg: dict, data, test, args) -> dict:
+    cpu, n = torch.device("cpu"), len(data)
+    x_t, y_t = test.images[:args.tests], test.labels[:args.tests]
+    start_step = training.attribution_window(cfg, n)
+    with opt.Timer() as train_timer:
+        base, _ = training.train_model(data, cfg, 0, cpu, show_progress=False)
+    _, predictions = common.evaluate(base, test)
+    accuracy = float((predictions == test.labels).float().mean())
+    with opt.Timer() as check_timer:
+        smooth = training.metasmoothness(data, x_t, y_t, cfg, cpu, cfg["method3"])
+    with opt.Timer() as replay_timer:
+        run = training.sgd_run(cfg, 0, n, cpu, window_start=start_step)
+        replay = utils_if.SgdReplay(training.new_model(0, cpu, cfg["activation"]), utils_if.nll_sample_loss, run,
+                                    data.images, data.labels)
+        final = replay.forward()
+        trained = training.new_model(0, cpu, cfg["activation"])
+        trained.load_state_dict(final, strict=False)
+        grads = utils_if.InfluenceProblem(trained, utils_if.nll_sample_loss, replay.names).sample_grads(x_t, y_t)
+        metagradient = replay.metagradient(grads)                                         # (T, n)
+    base_loss = np.array(lds.outputs_of(base.state_dict(), x_t, y_t, cfg["activation"])["loss"])
+    scores = {}
+    for drop in DROPS:
+        masks = np.stack([lds.drop_mask(n, drop, 0, m) for m in range(args.subsets)])
+        states = []
+        for s in range(0, args.subsets, 16):
+            states += training.train_group(data, [{"seed": 0, "weights": torch.as_tensor(m, dtype=torch.float32)}
+                                                  for m in masks[s:s + 16]], cfg, cpu, show_progress=False,
+                                           window_start=start_step)
+        measured = np.array([lds.outputs_of(s, x_t, y_t, cfg["activation"])["loss"] for s in states]) - base_loss
+        predicted = ((torch.as_tensor(masks, dtype=torch.float64) - 1.0) @ metagradient.T).numpy()
+        per_test = utils_if.spearman_columns(predicted, measured)
+        scores[f"{drop:g}"] = utils_if.bootstrap_mean(per_test)
+    return {"recipe": name, "cfg": cfg, "window_start": start_step, "steps": run.num_steps,
+            "test_accuracy": accuracy, "s_hat": smooth["s_hat"], "s_hat_each": smooth["s_hat_each"],
+            "s_hat_outputs": smooth["s_hat_outputs"],
+            "curvature": smooth["curvature"], "lds": scores, "seconds_train": round(train_timer.seconds, 2),
+            "seconds_check": round(check_timer.seconds, 2), "seconds_replay": round(replay_timer.seconds, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--train_subset", type=int, default=5000)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--subsets", type=int, default=20)
+    parser.add_argument("--tests", type=int, default=20)
+    parser.add_argument("--directions", type=int, default=2)
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = opt.load_settings()
+    data = common.load_train_data(opt.deep_merge(settings, {"mnist": {"train_subset": args.train_subset}}),
+                                  torch.device("cpu"), lambda *_: None)
+    test = common.load_test_data(settings, torch.device("cpu"), lambda *_: None)
+    path = opt.output_path(settings, "bench", f"attributable_n{args.train_subset}e{args.epochs}m{args.subsets}"
+                                              f"t{args.tests}d{args.directions}.json")
+    done = {r["recipe"]: r for r in (opt.read_json(path, "bench/attributable.py")["results"]
+                                     if os.path.isfile(path) else [])}
+    for name in args.recipes.split(","):
+        if name not in done:
+            done[name] = study(name, recipe_cfg(name, args.epochs, args.directions), data, test, args)
+            opt.write_json(path, {"args": vars(args), "results": list(done.values())})
+        print(json.dumps({k: v for k, v in done[name].items() if k != "cfg"}), flush=True)
+    results = [done[name] for name in args.recipes.split(",")]
+    print(f"\n{args.train_subset} images x {args.epochs} epochs, seed 0; {args.subsets} subsets per drop, "
+          f"{args.tests} test images; S_hat over {args.directions} directions; {torch.get_num_threads()} thread(s)")
+    print("| recipe | S_hat | S_hat on the test losses | Method 3 LDS, 1% drop [95% CI] | 5% drop [95% CI] | test accuracy | steps (window) "
+          "| training s | check s | replay s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        cells = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in (r["lds"][f"{d:g}"] for d in DROPS)]
+        window = f"{r['steps']:,}" + (f" (last {r['steps'] - r['window_start']:,})" if r["window_start"] else "")
+        print(f"| {r['recipe']} | {r['s_hat']:.3f} | {r['s_hat_outputs']:.3f} | {cells[0]} | {cells[1]} | {100 * r['test_accuracy']:.2f}% | "
+              f"{window} | {r['seconds_train']:.0f} | {r['seconds_check']:.0f} | {r['seconds_replay']:.0f} |")
+    if len(results) >= 3:
+        rho = utils_if.spearman_columns(np.array([[r["s_hat"]] for r in results]),
+                                        np.array([[r["lds"]["0.01"][0]] for r in results]))[0]
+        rho_outputs = utils_if.spearman_columns(np.array([[r["s_hat_outputs"]] for r in results]),
+                                                np.array([[r["lds"]["0.01"][0]] for r in results]))[0]
+        print(f"Spearman(S_hat, LDS at 1%) over {len(results)} recipes: {rho:.3f}; "
+              f"Spearman(S_hat on the test losses, LDS at 1%): {rho_outputs:.3f}")
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    main()
