@@ -41,9 +41,9 @@ from influence.replay import (METHOD3_SIGN_CONVENTION, WINDOW_UNITS, AdamRun, Re
 from influence.replay_adam import AdamReplay  # noqa: F401
 from influence.replay_sgd import SgdReplay  # noqa: F401
 from influence.smoothness import SMOOTH_ENOUGH, metasmoothness, random_direction, verdict, weight_sets  # noqa: F401
-from influence.solvers import (SOLVERS, Solver, SolverSettings, compute_influences, influence_chunks,  # noqa: F401
-                               influences_from_test_grads, inverse_hvp, kronecker_curvature, register,
-                               solver_for, solver_help, solver_names)
+from influence.solvers import (SOLVERS, ConjugateGradient, Solver, SolverSettings, compute_influences,  # noqa: F401
+                               influence_chunks, influences_from_test_grads, inverse_hvp, kronecker_curvature,
+                               register, solver_for, solver_help, solver_names)
 from influence.sweep import conv_position_influence, influence_sweep  # noqa: F401
 from influence.tracin import sample_grad_sq_norms, tracin, tracin_self_influence  # noqa: F401
 from influence.trak import KroneckerProjection, Trak, trak_scores  # noqa: F401

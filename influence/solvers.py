@@ -66,6 +66,8 @@ class Solver:
     name = ""
     summary = ""
     networks: tuple[str, ...] = ("mnist", "ffdnet")
+    lds_row = True                 # ldsTest scores it (mnist.lds.methods: lds_name) with lds_settings
+    lds_settings: dict = {}
     all_pairs = False
     kronecker = False
     slow_per_test = False
@@ -185,6 +187,7 @@ class ConjugateGradient(HessianSolver):
     name = "cg"
     summary = "conjugate gradient on exact HVPs, (H + damp I)^-1; non-convergence is flagged"
     slow_per_test = True
+    lds_row = False  # ldsTest runs it once per lds.cg_damps value (rows if_cg_d*)
 
     def file_part(self, cfg):
         return f"lam{cfg.damp:g}tol{cfg.cg_tol:g}it{cfg.cg_max_iter}h{cfg.hessian_points}"
@@ -205,7 +208,8 @@ class ConjugateGradient(HessianSolver):
 class Exact(HessianSolver):
     """The dense Hessian, (H + damp I)^-1 by a float64 solve (small parameter sets)."""
     name = "exact"
-    lds_name = "if_exact_last"  # ldsTest runs it on the last layer
+    lds_name = "if_exact_last"
+    lds_settings = {"params": ["main.4"]}  # ldsTest runs it on the MNIST MLP's last layer
     summary = "the dense Hessian solved exactly (small parameter sets, e.g. the last layer)"
 
     def file_part(self, cfg):
@@ -307,6 +311,7 @@ class Arnoldi(HessianSolver):
     name = "arnoldi"
     summary = "Arnoldi: (H + damp I)^-1 on H's top eigenspace from Lanczos on exact HVPs"
     networks = ("mnist",)
+    lds_settings = {"damp": 0.01}
 
     def file_part(self, cfg):
         return f"r{cfg.arnoldi_rank}it{cfg.arnoldi_iterations}lam{cfg.damp:g}h{cfg.hessian_points}"
@@ -343,6 +348,7 @@ class TracIn(Solver):
     needs_checkpoints = True
     summary = "TracIn: gradient dot products summed over Train.py's checkpoints (mnist.checkpoint_every)"
     networks = ("mnist",)
+    lds_row = False  # ldsTest's base models keep no checkpoints
 
     def effective_damping(self, cfg):
         return 0.0
@@ -386,7 +392,7 @@ class TrakSolver(Solver):
         middle = time.perf_counter()
         scores = trak.scores(x_test, y_test)
         end = time.perf_counter()
-        return scores, {**trak.info(), "seconds_training_side": round(middle - start, 3),
+        return scores, {"solver": self.name, **trak.info(), "seconds_training_side": round(middle - start, 3),
                         "seconds_scores": round(end - middle, 3), "seconds_total": round(end - start, 3)}
 
     def chunks(self, problem, x_test, y_test, x_train, y_train, cfg, test_chunk, log):

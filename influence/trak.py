@@ -120,7 +120,7 @@ class Trak:
         return leverage * self.weights
 
     def info(self) -> dict:
-        return {"solver": "trak", "proj_dim": self.projection.dim, "ridge": self.ridge, "effective_damping": 0.0,
+        return {"proj_dim": self.projection.dim, "ridge": self.ridge, "effective_damping": 0.0,
                 "converged": True}
 
 

@@ -14,18 +14,10 @@ import utils_option as opt
 from mnist_test import common, lds
 
 
-# Method 2 variants: LDS row -> method2 overrides (a solver whose cost grows with the test points,
-# Solver.slow_per_test, runs on the first lds.solver_test_num test images only)
-SOLVERS = {
-    "if_ekfac": {"solver": "ekfac"},
-    "if_kfac": {"solver": "kfac"},
-    "if_kfac_factored": {"solver": "kfac_factored"},
-    "if_exact_last": {"solver": "exact", "params": ["main.4"]},
-    "grad_dot": {"solver": "identity"},
-    "if_lissa": {"solver": "lissa"},
-    "if_arnoldi": {"solver": "arnoldi", "damp": 0.01},
-    "trak": {"solver": "trak"},
-}
+# Method 2 variants: LDS row -> method2 overrides, from the registry (a solver whose cost grows with
+# the test points, Solver.slow_per_test, runs on the first lds.solver_test_num test images only)
+SOLVERS = {solver.lds_name: {"solver": name, **solver.lds_settings}
+           for name, solver in utils_if.SOLVERS.items() if solver.lds_row and "mnist" in solver.networks}
 ENSEMBLE_SOURCES = {"ensemble_m1_batch_raw": "m1_batch_raw", "ensemble_if_ekfac": "if_ekfac",
                     "ensemble_if_kfac_factored": "if_kfac_factored", "ensemble_grad_dot": "grad_dot",
                     "ensemble_trak": "trak"}
@@ -40,7 +32,7 @@ def solver_variants(settings: dict) -> dict:
         for factor in lcfg[f"{row[3:]}_damp_factors"]:
             variants[f"{row}_df{factor:g}"] = {**SOLVERS[row], "kfac_damp_factor": factor}
     for damp in lcfg["cg_damps"]:
-        variants[f"if_cg_d{damp:g}"] = {"solver": "cg", "damp": damp, "cg_max_iter": lcfg["cg_max_iter"],
+        variants[f"if_cg_d{damp:g}"] = {"solver": utils_if.ConjugateGradient.name, "damp": damp, "cg_max_iter": lcfg["cg_max_iter"],
                                         "write_unconverged": True}
     return {name: (overrides, utils_if.solver_for(overrides["solver"]).slow_per_test)
             for name, overrides in variants.items()}

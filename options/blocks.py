@@ -15,6 +15,8 @@ import copy
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
+from influence.solvers import Ekfac, KfacFactored, Lissa  # the defaults below name solvers of the registry
+
 # every attribution ldsTest.py scores (mnist.lds.methods); if_cg runs once per lds.cg_damps value
 LDS_METHODS = ("m1_batch_raw", "m1_batch_normalized", "m1_per_sample_raw", "m1_per_sample_normalized",
                "if_ekfac", "if_kfac", "if_kfac_factored", "if_exact_last", "if_lissa", "if_lissa_deep", "if_cg",
@@ -79,11 +81,8 @@ class FfdnetExplain:
 @dataclass
 class FfdnetMethod2:
     """Method 2 on the denoiser (pixel-window influence)."""
-    solver: str = spec('lissa', "lissa (the report's) | cg | exact (dense Hessian, small parameter sets) | kfac | "
-                                "ekfac (Kronecker-factored, Linear and Conv2d layers) | kfac_factored (K-FAC, "
-                                "damping split over the factors: all test x train pairs in closed form) | arnoldi "
-                                "(top eigenspace of H) | identity (no Hessian: gradient dot product) | tracin "
-                                "(checkpoints of Train.py) | trak (TRAK, one model)", 'solver', 'ffdnet')
+    solver: str = spec(Lissa.name, "the Method-2 solver (python3 ffdnet_test/m2_Test.py -h lists them; the "
+                                   "report's is the default)", 'solver', 'ffdnet')
     damp: float = spec(0.01, "LiSSA damping; cg/exact solve (H + damp*I)", 'float', (0.0, None))
     scale: float = spec(100.0, "LiSSA scale; the original's 25 diverges (Hessian eigenvalues up to ~130)", 'float', (1e-12, None))
     stochastic: bool = spec(False, "true = one training point per LiSSA step, false = hvp_batch_size", 'bool', None)
@@ -138,7 +137,7 @@ class FfdnetTest:
 @dataclass
 class FfdnetQuestion:
     """The denoiser's question in one step (ffdnet_test/run_pipeline.py)."""
-    best_solver: str = spec('ekfac', "the best measured pixel-window ranking: this solver over all training patches "
+    best_solver: str = spec(Ekfac.name, "the best measured pixel-window ranking: this solver over all training patches "
                             "(docs/results.md)", 'solver', 'ffdnet')
 
 
@@ -182,7 +181,7 @@ class Ffdnet:
 class MnistMethod2:
     """Method 2: influence functions (m2_Test.py)."""
     mode: str = spec('staTest0', "which model (same naming as method1.mode)", 'str', None)
-    solver: str = spec('lissa', "the Method-2 solver (python3 mnist_test/m2_Test.py -h lists them)", 'solver', 'mnist')
+    solver: str = spec(Lissa.name, "the Method-2 solver (python3 mnist_test/m2_Test.py -h lists them)", 'solver', 'mnist')
     damp: float = spec(0.01, "LiSSA damping; cg/exact solve (H + damp*I)", 'float', (0.0, None))
     scale: float = spec(100.0, "LiSSA scale; the original's 25 diverges (Hessian eigenvalues up to ~130)", 'float', (1e-12, None))
     stochastic: bool = spec(False, "true = one training point per LiSSA step, false = hvp_batch_size", 'bool', None)
@@ -347,7 +346,7 @@ class Question:
     """The question in one step (run_pipeline.py): which methods answer it, and how."""
     methods: list[str] = spec(['method1', 'method2', 'method3'], "the methods run_pipeline runs for the chosen test "
                               "images (method3 only within method3_budget_s)", 'subset', ('method1', 'method2', 'method3'))
-    best_solver: str = spec('kfac_factored', "Method 2's best measured solver, run beside method2.solver when they "
+    best_solver: str = spec(KfacFactored.name, "Method 2's best measured solver, run beside method2.solver when they "
                             "differ (docs/results.md)", 'solver', 'mnist')
     method3_budget_s: float = spec(120.0, "run Method 3 when its estimated replay time is at most this many seconds",
                                    'float', (0.0, None))
