@@ -36,8 +36,8 @@ from influence.kronecker import KroneckerCurvature  # noqa: F401
 from influence.krylov import (arnoldi_inverse_hvp, conjugate_gradient, exact_inverse_hvp,  # noqa: F401
                               hessian_subset, lanczos_eigenpairs)
 from influence.problem import SIGN_CONVENTION, InfluenceProblem, select_parameters  # noqa: F401
-from influence.replay import (METHOD3_SIGN_CONVENTION, WINDOW_UNITS, AdamRun, Replay, SgdRun,  # noqa: F401
-                              replay_error, step_bar, window_start)
+from influence.replay import (METHOD3_SIGN_CONVENTION, WINDOW_UNITS, AdamRun, Replay, ReplayMismatch,  # noqa: F401
+                              SgdRun, forward_checked, replay_error, step_bar, window_start)
 from influence.replay_adam import AdamReplay  # noqa: F401
 from influence.replay_sgd import SgdReplay  # noqa: F401
 from influence.smoothness import SMOOTH_ENOUGH, metasmoothness, random_direction, verdict, weight_sets  # noqa: F401

@@ -568,6 +568,16 @@ class quiet_console:
 _ANNOUNCED: set = set()  # (settings file, profile, output, threads) already shown on this process's console
 
 
+def start_script(settings: dict, name: str, cfg: dict, seed: bool = True) -> tuple[logging.Logger, torch.device]:
+    """The opening every script shares: its logger (:func:`make_logger`), its device from
+    ``cfg["use_gpu"]`` (logged), and, with ``seed``, python, numpy and torch seeded from ``cfg["seed"]``."""
+    logger = make_logger(settings, name)
+    device = select_device(cfg["use_gpu"], logger)
+    if seed:
+        seed_everything(cfg["seed"])
+    return logger, device
+
+
 def make_logger(settings: dict, name: str) -> logging.Logger:
     """A logger to the console and to ``output_dir/logs/{name}_{time}.log``; logs the settings. The
     header lines (settings, profile, device) reach the console once per process and settings: a

@@ -54,9 +54,7 @@ def denoise_folder(settings: dict, model, device, logger=None, save_dir: str | N
 def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
     test = cfg["test"]
-    logger = opt.make_logger(settings, "ffdnet_Test")
-    device = opt.select_device(cfg["use_gpu"], logger)
-    opt.seed_everything(cfg["seed"])
+    logger, device = opt.start_script(settings, "ffdnet_Test", cfg)
     model, model_path = common.load_model(settings, device, logger)
     set_name = os.path.basename(os.path.normpath(cfg["test_dir"]))
     stem = (f"{os.path.splitext(os.path.basename(model_path))[0]}_{set_name}_s{test['noise_level_img']:g}"

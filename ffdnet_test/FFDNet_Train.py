@@ -24,9 +24,7 @@ from ffdnet_test.training import train_ffdnet  # noqa: E402
 def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
     m1 = cfg["method1"]
-    logger = opt.make_logger(settings, "ffdnet_Train")
-    device = opt.select_device(cfg["use_gpu"], logger)
-    opt.seed_everything(cfg["seed"])
+    logger, device = opt.start_script(settings, "ffdnet_Train", cfg)
     try:
         patches = common.train_patches(settings)
         _, val_images = datasets.read_folder(common.folder(settings, "val_dir"), cfg["is_gray"])

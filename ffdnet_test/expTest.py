@@ -60,8 +60,7 @@ def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
     ecfg = explain.explain_cfg(settings)
     rank, world = opt.distributed_start(cfg["use_gpu"])
-    logger = opt.make_logger(settings, "ffdnet_expTest")
-    device = opt.select_device(cfg["use_gpu"], logger)
+    logger, device = opt.start_script(settings, "ffdnet_expTest", cfg, seed=False)
     target_list = explain.targets(settings, logger.info)
     images = list(dict.fromkeys(t["image"] for t in target_list))
     if rank == 0:

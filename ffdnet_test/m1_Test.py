@@ -25,9 +25,8 @@ MODES = common.M1_MODES
 def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
     m1, att = cfg["method1"], cfg["attribution"]
-    logger = opt.make_logger(settings, "ffdnet_m1_Test")
+    logger, device = opt.start_script(settings, "ffdnet_m1_Test", cfg, seed=False)
     images = attribution.image_names(settings, logger.info)
-    device = opt.select_device(cfg["use_gpu"], logger)
     model, model_path = common.load_model(settings, device, logger)
     with opt.Timer() as read_timer:
         norms, meta = attribution.grad_norms(settings)

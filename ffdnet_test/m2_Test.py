@@ -25,10 +25,8 @@ from ffdnet_test import attribution, common  # noqa: E402
 def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
     m2, att = cfg["method2"], cfg["attribution"]
-    logger = opt.make_logger(settings, "ffdnet_m2_Test")
+    logger, device = opt.start_script(settings, "ffdnet_m2_Test", cfg)
     images = attribution.image_names(settings, logger.info)
-    device = opt.select_device(cfg["use_gpu"], logger)
-    opt.seed_everything(cfg["seed"])
     model, model_path = common.load_model(settings, device, logger)
     solver = opt.solver_settings(m2, cfg["seed"])
     problem = attribution.influence_problem(settings, model, solver, logger.info)

@@ -41,8 +41,7 @@ def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
     world): this process takes every world-th of them (torchrun)."""
     cfg = common.ffdnet_cfg(settings)
     m3, ft = cfg["method3"], cfg["explain"]["finetune"]
-    logger = opt.make_logger(settings, "ffdnet_m3_Test")
-    device = opt.select_device(cfg["use_gpu"], logger)
+    logger, device = opt.start_script(settings, "ffdnet_m3_Test", cfg, seed=False)
     target_list = explain.targets(settings, logger.info)
     images = list(dict.fromkeys(t["image"] for t in target_list))
     base, model_path = common.load_model(settings, device, logger)
@@ -72,16 +71,14 @@ def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
         with opt.Timer() as total:
             with opt.Timer() as finetune_timer:
                 tuned = explain.finetune(copy.deepcopy(base), noisy, clean, sigma, run, show_progress=True)
-            with opt.Timer() as forward_timer:
-                final = replay.forward(m3["checkpoint_interval"], progress=opt.progress)
-            error = utils_if.replay_error(final, tuned)
-            logger.info(f"fine-tuning run {finetune_timer.seconds:.1f} s, forward replay {forward_timer.seconds:.1f} s; "
+            try:
+                _, error, seconds_forward = utils_if.forward_checked(replay, tuned, m3["checkpoint_interval"],
+                                                                     m3["replay_tolerance"], progress=opt.progress)
+            except utils_if.ReplayMismatch as mismatch:
+                raise opt.SettingsError(f"seed {seed}: {mismatch} (ffdnet.method3.replay_tolerance): the replay does "
+                                        f"not describe this run, nothing written") from None
+            logger.info(f"fine-tuning run {finetune_timer.seconds:.1f} s, forward replay {seconds_forward:.1f} s; "
                         f"replayed vs fine-tuned weights: relative error {error:.2g}")
-            if error > m3["replay_tolerance"]:
-                raise opt.SettingsError(
-                    f"seed {seed}: the replay ends {error:.2g} (relative) away from the fine-tuning run "
-                    f"(tolerance ffdnet.method3.replay_tolerance = {m3['replay_tolerance']:g}): the replay does "
-                    f"not describe this run, nothing written")
             problem = utils_if.InfluenceProblem(PackedInput(tuned).eval(), utils_if.mse_sample_loss,
                                                 ["net." + name for name in replay.names])
             grads, targets = [], []
@@ -93,7 +90,7 @@ def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
                 influence = -n * replay.metagradient(torch.cat(grads), progress=opt.progress).cpu()
         info = {"solver": "method3", "seed": seed, "steps": run.num_steps, "checkpoint_interval": replay.interval,
                 "replay_relative_error": error, "converged": True, "path": replay.info["path"],
-                "seconds_finetune": round(finetune_timer.seconds, 3), "seconds_forward": round(forward_timer.seconds, 3),
+                "seconds_finetune": round(finetune_timer.seconds, 3), "seconds_forward": round(seconds_forward, 3),
                 "seconds_backward": round(backward_timer.seconds, 3), "seconds_total": round(total.seconds, 3),
                 "state_megabytes": round(replay.state_floats(len(targets)) * base.main[0].weight.element_size() / 2**20, 1),
                 "threads": torch.get_num_threads(), "patches_reached": int(run.orders.unique().numel()),

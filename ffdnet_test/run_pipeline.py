@@ -32,8 +32,7 @@ def main(settings: dict) -> dict:
         files = m2_Test.main(best)["files"]
     trust = question.counterfactual_trust(settings)
     patches = common.train_patches(best)
-    logger = opt.make_logger(settings, "ffdnet_question")
-    device = opt.select_device(cfg["use_gpu"], logger)
+    logger, device = opt.start_script(settings, "ffdnet_question", cfg, seed=False)
     k, solver = cfg["attribution"]["vis_num"], common.ffdnet_cfg(best)["method2"]["solver"]
     figures, lines = [], []
     for image, path in files.items():

@@ -3,6 +3,7 @@ vectors and the checkpointed forward replay."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -138,6 +139,28 @@ def replay_error(final: dict[str, torch.Tensor], model: nn.Module) -> float:
     diff = sum(float((final[n] - p.detach()).pow(2).sum()) for n, p in saved.items())
     size = sum(float(p.detach().pow(2).sum()) for p in saved.values())
     return (diff / max(size, 1e-30)) ** 0.5
+
+
+class ReplayMismatch(ValueError):
+    """The forward replay ended ``error`` (relative) away from the run it claims to replay."""
+
+    def __init__(self, error: float, tolerance: float) -> None:
+        super().__init__(f"the replay ends {error:.2g} (relative) away from the trained weights (tolerance {tolerance:g})")
+        self.error, self.tolerance = error, tolerance
+
+
+def forward_checked(replay: Replay, trained: nn.Module, checkpoint_interval: int, tolerance: float,
+                    progress: Callable | None = None) -> tuple[dict[str, torch.Tensor], float, float]:
+    """The forward replay, checked against the run it claims to replay: (final parameters, relative
+    error to ``trained`` (:func:`replay_error`), seconds). Raises :class:`ReplayMismatch` past
+    ``tolerance``: the replay does not describe that run, so its metagradient would not either."""
+    start = time.perf_counter()
+    final = replay.forward(checkpoint_interval, progress=progress)
+    seconds = time.perf_counter() - start
+    error = replay_error(final, trained)
+    if error > tolerance:
+        raise ReplayMismatch(error, tolerance)
+    return final, error, seconds
 
 
 class _NoBar:

@@ -29,9 +29,7 @@ def choose_by_loss_rank(losses: torch.Tensor, count: int, step: int) -> list[int
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
     mode = cfg["method1"]["mode"]
-    logger = opt.make_logger(settings, "mnist_Test")
-    device = opt.select_device(cfg["use_gpu"], logger)
-    opt.seed_everything(cfg["seed"])
+    logger, device = opt.start_script(settings, "mnist_Test", cfg)
     model, model_path = common.load_model(settings, mode, device, logger)
     test = common.load_test_data(settings, device, logger.info)
     losses, preds = common.evaluate(model, test)

@@ -22,11 +22,8 @@ from mnist_test.training import REPLAY_RECIPE, train_model  # noqa: E402
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
     m1 = cfg["method1"]
-    logger = opt.make_logger(settings, "mnist_Train")
-    device = opt.select_device(cfg["use_gpu"], logger)
-    opt.seed_everything(cfg["seed"])
-    train = common.load_train_data(settings, device, logger.info)
-    test = common.load_test_data(settings, device, logger.info)
+    logger, device = opt.start_script(settings, "mnist_Train", cfg)
+    train, test = common.load_data(settings, device, logger.info)
     logger.info(f"training on {len(train)} images, {cfg['epoch']} epochs, batch {cfg['batch_size']}, "
                 f"seed {cfg['seed']}, gradient norms: {m1['grad_mode']} "
                 f"(first epoch {'skipped' if m1['skip_first_epoch'] else 'included'})")

@@ -195,6 +195,11 @@ def load_test_data(settings: dict, device: torch.device, log=print) -> MnistData
     return load_mnist(opt.data_path(mnist_cfg(settings)["data_dir"]), train=False, log=log).to(device)
 
 
+def load_data(settings: dict, device: torch.device, log=print) -> tuple[MnistData, MnistData]:
+    """(training images (mnist.train_subset), test images) on ``device``."""
+    return load_train_data(settings, device, log), load_test_data(settings, device, log)
+
+
 def load_model(settings: dict, mode: str, device: torch.device,
                logger: logging.Logger | None = None) -> tuple[torch.nn.Module, str]:
     """The trained MLP of ``mode`` under the current settings, in eval mode."""

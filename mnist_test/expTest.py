@@ -86,8 +86,7 @@ def draw(settings, rows, method, logger):
 
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
-    logger = opt.make_logger(settings, "mnist_expTest")
-    device = opt.select_device(cfg["use_gpu"], logger)
+    logger, device = opt.start_script(settings, "mnist_expTest", cfg, seed=False)
     rows = evaluate_jobs(settings, device)
     tag = common.run_tag(settings)
     csv_path = opt.write_csv(opt.output_path(settings, "test", f"expTest_{tag}.csv"), rows, logger)

@@ -29,8 +29,7 @@ from mnist_test.training import train_group  # noqa: E402
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
     rank, world = opt.distributed_start(cfg["use_gpu"])
-    logger = opt.make_logger(settings, "mnist_expTrain")
-    device = opt.select_device(cfg["use_gpu"], logger)
+    logger, device = opt.start_script(settings, "mnist_expTrain", cfg, seed=False)
     ranked = explain.ranked_points(settings)
     jobs = explain.plan(settings, ranked)
     pending, mine = opt.pending_share(jobs, rank, world)

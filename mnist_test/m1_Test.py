@@ -24,9 +24,7 @@ from mnist_test import common  # noqa: E402
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
     m1 = cfg["method1"]
-    logger = opt.make_logger(settings, "mnist_m1_Test")
-    device = opt.select_device(cfg["use_gpu"], logger)
-    opt.seed_everything(cfg["seed"])
+    logger, device = opt.start_script(settings, "mnist_m1_Test", cfg)
     model, model_path = common.load_model(settings, m1["mode"], device, logger)
     with opt.Timer() as read_timer:
         norms, norm_meta = common.load_grad_norms(settings, device=device)

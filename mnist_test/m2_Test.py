@@ -25,12 +25,9 @@ from mnist_test import common  # noqa: E402
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
     m2 = cfg["method2"]
-    logger = opt.make_logger(settings, "mnist_m2_Test")
-    device = opt.select_device(cfg["use_gpu"], logger)
-    opt.seed_everything(cfg["seed"])
+    logger, device = opt.start_script(settings, "mnist_m2_Test", cfg)
     model, model_path = common.load_model(settings, m2["mode"], device, logger)
-    train = common.load_train_data(settings, device, logger.info)
-    test = common.load_test_data(settings, device, logger.info)
+    train, test = common.load_data(settings, device, logger.info)
     solver = opt.solver_settings(m2, cfg["seed"])
     method = utils_if.solver_for(solver.solver)
     if method.kronecker:

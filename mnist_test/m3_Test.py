@@ -29,12 +29,9 @@ TARGETS = {"loss": utils_if.nll_sample_loss, "margin": utils_if.negative_margin_
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
     m3 = cfg["method3"]
-    logger = opt.make_logger(settings, "mnist_m3_Test")
-    device = opt.select_device(cfg["use_gpu"], logger)
-    opt.seed_everything(cfg["seed"])
+    logger, device = opt.start_script(settings, "mnist_m3_Test", cfg)
     model, model_path = common.load_model(settings, m3["mode"], device, logger)
-    train = common.load_train_data(settings, device, logger.info)
-    test = common.load_test_data(settings, device, logger.info)
+    train, test = common.load_data(settings, device, logger.info)
     ids = common.selected_test_ids(settings, m3["mode"])[:m3["test_sample_num"]]
     smoothness = None
     if m3["smoothness_directions"]:
@@ -51,17 +48,16 @@ def main(settings: dict) -> dict:
                 + (f"the window's last {run.num_steps - run.window_start:,} steps " if run.window_start else "")
                 + f"for {len(ids)} test images (target {m3['target']}, {m3['test_chunk']} per walk)")
     with opt.Timer() as total:
-        with opt.Timer() as forward_timer:
-            final = replay.forward(m3["checkpoint_interval"], progress=opt.progress)
-        error = utils_if.replay_error(final, model)
-        logger.info(f"forward replay {forward_timer.seconds:.1f} s; final weights vs {model_path}: relative "
-                    f"error {error:.2g}")
-        if error > m3["replay_tolerance"]:
+        try:
+            _, error, seconds_forward = utils_if.forward_checked(replay, model, m3["checkpoint_interval"],
+                                                                 m3["replay_tolerance"], progress=opt.progress)
+        except utils_if.ReplayMismatch as mismatch:
             raise opt.SettingsError(
-                f"{model_path}: replaying its run ends {error:.2g} (relative) away from the saved weights "
-                f"(tolerance mnist.method3.replay_tolerance = {m3['replay_tolerance']:g}), so its run cannot be "
+                f"{model_path}: replaying its run ends {mismatch.error:.2g} (relative) away from the saved weights "
+                f"(tolerance mnist.method3.replay_tolerance = {mismatch.tolerance:g}), so its run cannot be "
                 f"replayed here ({common.replay_record(model_path, device)}); retrain it with mnist_test/Train.py "
-                f"on this machine and run m3_Test.py again")
+                f"on this machine and run m3_Test.py again") from None
+        logger.info(f"forward replay {seconds_forward:.1f} s; final weights vs {model_path}: relative error {error:.2g}")
         x_test, y_test = test.images[ids], test.labels[ids]
         problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, replay.names)
         target_grads = problem.sample_grads(x_test, y_test, loss=TARGETS[m3["target"]])
@@ -74,7 +70,7 @@ def main(settings: dict) -> dict:
         logger.warning(f"WARNING: {replay.info['closed_form_check']}")
     info = {"solver": "method3", "target": m3["target"], "path": replay.info["path"], "steps": run.num_steps, "window_start": run.window_start,
             "checkpoint_interval": replay.interval, "replay_relative_error": error, "converged": True,
-            "seconds_forward": round(forward_timer.seconds, 3), "seconds_backward": round(backward_timer.seconds, 3),
+            "seconds_forward": round(seconds_forward, 3), "seconds_backward": round(backward_timer.seconds, 3),
             "seconds_total": round(total.seconds, 3), "metasmoothness": smoothness,
             "peak_state_floats": replay.interval * replay.num_params + 2 * len(replay.checkpoints) * replay.num_params
             + 2 * min(len(ids), m3["test_chunk"]) * replay.num_params}

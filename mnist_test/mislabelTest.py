@@ -75,8 +75,7 @@ def trained(settings: dict, data: MnistData, device, logger) -> dict:
 
 def main(settings: dict) -> dict:
     cfg, mis = common.mnist_cfg(settings), settings["mnist"]["mislabel"]
-    logger = opt.make_logger(settings, "mnist_mislabelTest")
-    device = opt.select_device(cfg["use_gpu"], logger)
+    logger, device = opt.start_script(settings, "mnist_mislabelTest", cfg, seed=False)
     clean = common.load_train_data(opt.deep_merge(settings, {"mnist": {"train_subset": mis["train_subset"]}}),
                                    device, logger.info)
     labels, flipped = flipped_labels(clean.labels, mis["fraction"], mis["seed"])

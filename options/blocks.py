@@ -79,26 +79,40 @@ class FfdnetExplain:
 
 
 @dataclass
-class FfdnetMethod2:
-    """Method 2 on the denoiser (pixel-window influence)."""
-    solver: str = spec(Lissa.name, "the Method-2 solver (python3 ffdnet_test/m2_Test.py -h lists them; the "
-                                   "report's is the default)", 'solver', 'ffdnet')
+class Method2Solve:
+    """What every Method-2 block shares: the solver and its numbers (MNIST's defaults; the denoiser's
+    block changes the ones its network needs)."""
+    solver: str = spec(Lissa.name, "the Method-2 solver (python3 mnist_test/m2_Test.py -h lists them)", 'solver', 'mnist')
     damp: float = spec(0.01, "LiSSA damping; cg/exact solve (H + damp*I)", 'float', (0.0, None))
     scale: float = spec(100.0, "LiSSA scale; the original's 25 diverges (Hessian eigenvalues up to ~130)", 'float', (1e-12, None))
     stochastic: bool = spec(False, "true = one training point per LiSSA step, false = hvp_batch_size", 'bool', None)
     hvp_batch_size: int = spec(8, "LiSSA: training points per HVP step (stochastic: 1)", 'int', (1, None))
+    recursion_nums: int = spec(5, "LiSSA r: independent chains, averaged", 'int', (1, None))
+    training_points: int = spec(1000, "LiSSA t: recursion depth", 'int', (1, None))
+    params: list[str] = spec([], "parameter-name prefixes to take influence over ([] = all), e.g. [\"main.4\"]", 'str_list', None)
+    l2_reg: float = spec(0.001, "L2 term in the Hessian (the training weight decay)", 'float', (0.0, None))
+    cg_tol: float = spec(1e-06, "cg: relative residual at which CG stops", 'float', (0.0, None))
+    cg_max_iter: int = spec(200, "cg: most iterations", 'int', (1, None))
+    hessian_points: int = spec(0, "cg/exact: training points in the Hessian (0 = all)", 'int', (0, None))
+    exact_max_params: int = spec(5000, "exact: refuse dense Hessians larger than this", 'int', (1, None))
+    chunk_size: int = spec(10000, "training points per chunk in the influence sweep (memory bound)", 'int', (1, None))
+    top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, None))
+
+
+@dataclass
+class FfdnetMethod2(Method2Solve):
+    """Method 2 on the denoiser (pixel-window influence)."""
+    solver: str = spec(Lissa.name, "the Method-2 solver (python3 ffdnet_test/m2_Test.py -h lists them; the "
+                                   "report's is the default)", 'solver', 'ffdnet')
     recursion_nums: int = spec(1, "LiSSA r: independent chains, averaged", 'int', (1, None))
     training_points: int = spec(100, "LiSSA t: recursion depth", 'int', (1, None))
     params: list[str] = spec([], "parameter-name prefixes ([] = all), e.g. [\"main.38\", \"main.41\"]", 'str_list', None)
-    l2_reg: float = spec(0.0, "L2 term in the Hessian (the training weight decay)", 'float', (0.0, None))
-    cg_tol: float = spec(0.0001, "cg: relative residual at which CG stops", 'float', (0.0, None))
-    cg_max_iter: int = spec(50, "cg: most iterations", 'int', (1, None))
-    hessian_points: int = spec(0, "cg/exact: training points in the Hessian (0 = all)", 'int', (0, None))
-    exact_max_params: int = spec(5000, "exact: refuse dense Hessians larger than this", 'int', (1, None))
-    chunk_size: int = spec(64, "training points per chunk in the influence sweep (memory bound)", 'int', (1, None))
+    l2_reg: float = spec(0.0, "the training weight decay, as an L2 term in the Hessian", 'float', (0.0, None))
+    cg_tol: float = spec(0.0001, "cg: CG stops at this relative residual", 'float', (0.0, None))
+    cg_max_iter: int = spec(50, "cg: the most iterations", 'int', (1, None))
+    chunk_size: int = spec(64, "patches per chunk of the influence sweep (memory bound)", 'int', (1, None))
     max_train_points: int = spec(5000, "influence over the first n training patches (0 = all)", 'int', (0, None))
     window: int = spec(1, "pixel-level loss: a window of (2*window+1)^2 pixels around the point", 'int', (0, 64))
-    top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, None))
 
 
 @dataclass
@@ -178,21 +192,11 @@ class Ffdnet:
 
 
 @dataclass
-class MnistMethod2:
-    """Method 2: influence functions (m2_Test.py)."""
+class MnistMethod2(Method2Solve):
+    """Method 2: influence functions and their baselines (m2_Test.py)."""
     mode: str = spec('staTest0', "which model (same naming as method1.mode)", 'str', None)
-    solver: str = spec(Lissa.name, "the Method-2 solver (python3 mnist_test/m2_Test.py -h lists them)", 'solver', 'mnist')
-    damp: float = spec(0.01, "LiSSA damping; cg/exact solve (H + damp*I)", 'float', (0.0, None))
-    scale: float = spec(100.0, "LiSSA scale; the original's 25 diverges (Hessian eigenvalues up to ~130)", 'float', (1e-12, None))
-    stochastic: bool = spec(False, "true = one training point per LiSSA step, false = hvp_batch_size", 'bool', None)
     hvp_batch_size: int = spec(8, "LiSSA: training points per HVP step (stochastic: 1)", 'int', (1, 60000))
-    recursion_nums: int = spec(5, "LiSSA r: independent chains, averaged", 'int', (1, None))
-    training_points: int = spec(1000, "LiSSA t: recursion depth", 'int', (1, None))
     test_sample_num: int = spec(10, "how many of the selected test images get influences", 'int', (1, 10000))
-    params: list[str] = spec([], "parameter-name prefixes to take influence over ([] = all), e.g. [\"main.4\"]", 'str_list', None)
-    l2_reg: float = spec(0.001, "L2 term in the Hessian (the training weight decay)", 'float', (0.0, None))
-    cg_tol: float = spec(1e-06, "cg: relative residual at which CG stops", 'float', (0.0, None))
-    cg_max_iter: int = spec(200, "cg: most iterations", 'int', (1, None))
     save_matrix: str = spec('none', "test_ids \"all\": also write the full influence matrix as .npy (none | float16"
                                     " | float32)", 'choice', ('none', 'float16', 'float32'))
     self_influence: bool = spec(False, "test_ids \"all\": also the self-influence of every training image "
@@ -201,7 +205,6 @@ class MnistMethod2:
     write_unconverged: bool = spec(False, "cg: a solve whose relative residual stays above 1e-2 is refused unless "
                                           "true (always flagged in meta)", 'bool', None)
     hessian_points: int = spec(0, "cg/exact: training points in the Hessian (0 = all)", 'int', (0, 60000))
-    exact_max_params: int = spec(5000, "exact: refuse dense Hessians larger than this", 'int', (1, None))
     fisher: str = spec('true', "kfac/ekfac: true (labels sampled from the model, seeded) | empirical (training "
                                "labels)", 'choice', ('true', 'empirical'))
     kfac_damp_factor: float = spec(0.1, "kfac/ekfac: damping per layer = factor x its mean eigenvalue "
@@ -210,7 +213,6 @@ class MnistMethod2:
                                  " damp)^-1 U^T g_i", 'int', (1, None))
     arnoldi_iterations: int = spec(100, "arnoldi: Lanczos steps, one full-data HVP each", 'int', (1, None))
     proj_dim: int = spec(2048, "trak: projected gradient dimension (Kronecker projection of Linear layers)", 'int', (1, None))
-    chunk_size: int = spec(10000, "training points per chunk in the influence sweep (memory bound)", 'int', (1, None))
     top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, 60000))
     if_dir: str = spec('if', "sub-folder of output_dir for influence files", 'str', None)
 
