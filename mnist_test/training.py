@@ -75,10 +75,9 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
     """
     model = new_model(seed, device, cfg.get("activation", "relu"))
     params = list(model.parameters())
-    optimizer = torch.optim.SGD(params, lr=cfg["learning_rate"], momentum=cfg["momentum"],
-                                weight_decay=cfg["weight_decay"])
     n, batch = len(data), cfg["batch_size"]
-    orders = epoch_orders(n, cfg["epoch"], seed)
+    run = sgd_run(cfg, seed, n, device, data_weights, window_start)  # order, weights, window: as the replay reads them
+    optimizer = torch.optim.SGD(params, lr=run.learning_rate, momentum=run.momentum, weight_decay=run.weight_decay)
     weights = {name: model.get_submodule(LAYER_MODULES[name]).weight for name in layers}
     norms = {name: torch.zeros(n, w.shape[0], dtype=torch.float64, device=device)
              for name, w in weights.items()} if grad_mode else None
@@ -86,13 +85,12 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
     bar = opt.progress(total=cfg["epoch"] * steps_per_epoch, desc=desc, unit="step",
                        disable=not show_progress)
     for epoch in range(cfg["epoch"]):
-        order = orders[epoch].to(device)
         record = grad_mode is not None and (epoch >= 1 or not skip_first_epoch)
         running = torch.zeros((), device=device)
         for step, start in enumerate(range(0, n, batch)):
-            idx = order[start:start + batch]
+            idx = run.batch(epoch * steps_per_epoch + step)
             x, y = data.images[idx], data.labels[idx]
-            w = None if data_weights is None or epoch * steps_per_epoch + step < window_start else data_weights[idx]
+            w = run.step_weights(epoch * steps_per_epoch + step, idx)
             if record and grad_mode == "per_sample":
                 out, layer_io = model.forward_with_layers(x)
                 loss = batch_loss(out, y, w)
@@ -155,8 +153,9 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
     The K models run as one batched MLP: forward and backward by hand with ``bmm`` over the
     Linear layers of the model's ``main`` (read from the model: Linear layers with ReLU between
     them, log-softmax and mean NLL at the end; anything else is refused), then SGD with momentum
-    and weight decay in place, as ``torch.optim.SGD`` does. Returns one ``state_dict`` per job
-    (on the CPU).
+    and weight decay in place, as ``torch.optim.SGD`` does. Each job's order and window come from
+    its :func:`sgd_run`, the one definition Train.py's trainer and Method 3's replay read too.
+    Returns one ``state_dict`` per job (on the CPU).
     """
     k_models, batch = len(jobs), cfg["batch_size"]
     kept = [torch.arange(len(data), device=device) if job.get("keep") is None
@@ -178,20 +177,20 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
     params = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).contiguous()
               for name in names}
     buffers = {name: torch.zeros_like(p) for name, p in params.items()}
-    generators = [torch.Generator(device="cpu").manual_seed(job["seed"]) for job in jobs]
+    # each job's run as train_model and the replay define it: its seed's order (over its kept items), the window
+    runs = [sgd_run(cfg, job["seed"], n, device, window_start=window_start) for job in jobs]
+    orders = torch.stack([kept[m][run.orders] for m, run in enumerate(runs)])   # (K, epochs, n)
     rows = torch.arange(k_models, device=device)[:, None]
-    lr, mom, wd = cfg["learning_rate"], cfg["momentum"], cfg["weight_decay"]
+    lr, mom, wd = runs[0].learning_rate, runs[0].momentum, runs[0].weight_decay
     weights = [params[f"{layer}.weight"] for layer in layers]
     biases = [params[f"{layer}.bias"] for layer in layers]
     steps = (n + batch - 1) // batch
     bar = opt.progress(total=cfg["epoch"] * steps, desc=desc, unit="step", disable=not show_progress)
     first_step = True
     for epoch in range(cfg["epoch"]):
-        order = torch.stack([kept[m][torch.randperm(n, generator=generators[m]).to(device)]
-                             for m in range(k_models)])                          # (K, n)
         for start in range(0, n, batch):
-            in_window = epoch * steps + start // batch >= window_start
-            idx = order[:, start:start + batch]                                   # (K, B)
+            in_window = epoch * steps + start // batch >= runs[0].window_start
+            idx = orders[:, epoch, start:start + batch]                           # (K, B)
             h, y = data.images[idx], labels[rows, idx]                            # (K, B, 784), (K, B)
             inputs, outputs = [], []
             for i, (w, b) in enumerate(zip(weights, biases)):
