@@ -25,7 +25,9 @@ class SgdRun:
     ``orders`` (epochs, n) holds each epoch's permutation of the training points; step s reads the
     s-th slice of ``batch_size`` of its epoch (the last one may be shorter). ``data_weights`` (n,)
     weight each point's loss (None = 1 for all) in the steps of the attribution window, s >=
-    ``window_start`` (0 = the whole run); before it every weight is 1 (:func:`window_start`)."""
+    ``window_start`` (0 = the whole run); before it every weight is 1 (:func:`window_start`).
+    ``schedule`` sets step s's learning rate eta_s (:meth:`lr`): constant, or a decay from
+    ``learning_rate`` towards 0 at the end of the run (linear or cosine)."""
     learning_rate: float
     momentum: float
     weight_decay: float
@@ -33,6 +35,7 @@ class SgdRun:
     orders: torch.Tensor
     data_weights: torch.Tensor | None = None
     window_start: int = 0
+    schedule: str = "constant"
 
     @property
     def n(self) -> int:
@@ -50,6 +53,17 @@ class SgdRun:
         epoch, position = divmod(step, self.steps_per_epoch)
         return self.orders[epoch, position * self.batch_size:(position + 1) * self.batch_size]
 
+    def lr(self, step: int) -> float:
+        """eta_s: constant; linear eta (1 - s/T); cosine eta (1 + cos(pi s/T)) / 2 (T = num_steps)."""
+        if self.schedule == "constant":
+            return self.learning_rate
+        done = step / self.num_steps
+        if self.schedule == "linear":
+            return self.learning_rate * (1.0 - done)
+        if self.schedule == "cosine":
+            return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * done))
+        raise ValueError(f"learning-rate schedule {self.schedule!r}: one of {', '.join(SCHEDULES)}")
+
     def step_weights(self, step: int, idx: torch.Tensor) -> torch.Tensor | None:
         """The data weights of batch ``idx`` at ``step`` (None = all 1: no weights, or before the window)."""
         if self.data_weights is None or step < self.window_start:
@@ -58,6 +72,7 @@ class SgdRun:
 
 
 WINDOW_UNITS = ("epochs", "steps", "fraction")
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 def window_start(num_steps: int, steps_per_epoch: int, size: float, unit: str) -> int:

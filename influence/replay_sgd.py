@@ -21,13 +21,13 @@ class SgdReplay(Replay):
     The run (torch.optim.SGD, as Train.py trains): with L_s(theta) = sum_{i in B_s} w_i l_i(theta) / |B_s|,
 
         g_s = grad L_s(theta_s) + lambda theta_s,   b_s = mu b_{s-1} + g_s  (b_{-1} = 0),
-        theta_{s+1} = theta_s - eta b_s.
+        theta_{s+1} = theta_s - eta_s b_s     (eta_s: the run's schedule, SgdRun.lr).
 
-    Walking back from a_T = grad F(theta_T) with v_{T-1} = -eta a_T, each step s = T-1, ..., 0 does
+    Walking back from a_T = grad F(theta_T) with v_{T-1} = -eta_{T-1} a_T, each step s = T-1, ..., 0 does
 
         dF/dw_i   += v_s . grad l_i(theta_s) / |B_s|          for i in B_s,
         a_s        = a_{s+1} + (H_s + lambda I) v_s            (H_s the Hessian of L_s at theta_s),
-        v_{s-1}    = mu v_s - eta a_s,
+        v_{s-1}    = mu v_s - eta_{s-1} a_s,
 
     where a_s = dF/dtheta_s and v_s = dF/db_s. The adjoint is linear in a_T, so k test targets walk
     back together as (k, p) blocks. Both step products come from one forward-over-reverse pass: the
@@ -78,6 +78,7 @@ class SgdReplay(Replay):
             losses = self.sample_loss(functional_call(self.model, {**dict(zip(self.names, leaves)), **self.buffers},
                                                       (self.x[idx],)), self.y[idx])
             weights = run.step_weights(step, idx)
+            optimizer.param_groups[0]["lr"] = run.lr(step)
             loss = losses.mean() if weights is None else weighted_batch_loss(losses, weights)
             for leaf, g in zip(leaves, torch.autograd.grad(loss, leaves)):
                 leaf.grad = g
@@ -138,7 +139,7 @@ class SgdReplay(Replay):
         v = mu v - eta a. So the product X_m V_m^T a step needs is p_m (X_m A_0^T) + q_m (X_m V_0^T) +
         sum_j c_mj (X_m X_j^T) U_j^T: two large products per block and small Gram terms, and A, V are
         written once per block (two large products) instead of four passes per step."""
-        run, lr, mom, wd = self.run, self.run.learning_rate, self.run.momentum, self.run.weight_decay
+        run, mom, wd = self.run, self.run.momentum, self.run.weight_decay
         first = self.mlp.weight_names[0]
         i_first = self.names.index(first)
         big_a, big_v = a[i_first], v[i_first]                                  # (k, n1, d)
@@ -167,6 +168,7 @@ class SgdReplay(Replay):
                                                  {self.names[i]: v[i] for i in rest}, pre.transpose(1, 2)[None])
             updates[:, :, cols] = rg[0].transpose(1, 2)
             scores.index_add_(1, idx, directional.to(torch.float64) / len(idx))
+            lr = run.lr(step - 1)  # v_{s-1} = mu v_s - eta_{s-1} a_s
             for i in rest:
                 a[i].add_(hv[self.names[i]]).add_(v[i], alpha=wd)
                 v[i].mul_(mom).add_(a[i], alpha=-lr)
@@ -205,9 +207,9 @@ class SgdReplay(Replay):
         if not self.checkpoints:
             raise RuntimeError("SgdReplay.metagradient: run forward() first (it keeps the checkpoints)")
         run, total = self.run, self.run.num_steps
-        lr, mom, wd = run.learning_rate, run.momentum, run.weight_decay
+        mom, wd = run.momentum, run.weight_decay
         a = [t.clone() for t in self._split(target_grads.detach().to(self.initial[0].dtype))]
-        v = [t * -lr for t in a]
+        v = [t * -run.lr(total - 1) for t in a]
         scores = torch.zeros(len(target_grads), run.n, dtype=torch.float64, device=target_grads.device)
         store = torch.empty(self.interval, self.num_params, dtype=self.initial[0].dtype, device=self.x.device)
         checked = self.mlp is None
@@ -236,7 +238,8 @@ class SgdReplay(Replay):
                 products = self._products_mlp if self.mlp is not None else self._products_generic
                 directional, hv = products(params, xb, yb, wb, v)
                 scores.index_add_(1, idx, directional.to(torch.float64) / len(idx))
-                for a_p, v_p, hv_p in zip(a, v, hv):  # a_s = a_{s+1} + (H_s + lambda) v_s; v_{s-1} = mu v_s - eta a_s
+                lr = run.lr(step - 1)
+                for a_p, v_p, hv_p in zip(a, v, hv):  # a_s = a_{s+1} + (H_s + lambda) v_s; v_{s-1} = mu v_s - eta_{s-1} a_s
                     a_p.add_(hv_p).add_(v_p, alpha=wd)
                     v_p.mul_(mom).add_(a_p, alpha=-lr)
             bar.update(len(walk))

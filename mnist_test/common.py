@@ -45,6 +45,8 @@ def run_tag(settings: dict) -> str:
         tag += f"n{cfg['train_subset']}"
     if cfg["activation"] != "relu":
         tag += cfg["activation"]
+    if cfg["lr_schedule"] != "constant":
+        tag += cfg["lr_schedule"]
     if settings.get("threads", 1) != 1:  # another thread count sums in another order: other weights, other files
         tag += f"t{settings['threads']}"
     short = {"learning_rate": "lr", "momentum": "mom", "weight_decay": "wd"}

@@ -40,10 +40,12 @@ def recipe(settings: dict) -> dict:
     smooth = {} if cfg["activation"] == "relu" else {"activation": cfg["activation"]}  # ReLU studies keep their tags
     lds = lds_cfg(settings)
     start = training.attribution_window(cfg, lds["train_subset"], lds["epoch"])
-    window = {"window_start": start} if start else {}  # whole-run studies keep their tags too
+    extra = {"window_start": start} if start else {}  # whole-run, constant-rate studies keep their tags too
+    if cfg["lr_schedule"] != "constant":
+        extra["lr_schedule"] = cfg["lr_schedule"]
     return {"learning_rate": cfg["learning_rate"], "momentum": cfg["momentum"],
             "weight_decay": cfg["weight_decay"], "batch_size": cfg["batch_size"],
-            "epoch": lds["epoch"], **smooth, **window}
+            "epoch": lds["epoch"], **smooth, **extra}
 
 
 def test_ids(settings: dict) -> list[int]:

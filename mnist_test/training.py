@@ -32,7 +32,8 @@ def sgd_run(cfg: dict, seed: int, n: int, device: torch.device,
             data_weights: torch.Tensor | None = None, window_start: int = 0) -> utils_if.SgdRun:
     """The run :func:`train_model` makes with ``cfg`` and ``seed`` on n points, as Method 3 replays it."""
     return utils_if.SgdRun(cfg["learning_rate"], cfg["momentum"], cfg["weight_decay"], cfg["batch_size"],
-                           epoch_orders(n, cfg["epoch"], seed).to(device), data_weights, window_start)
+                           epoch_orders(n, cfg["epoch"], seed).to(device), data_weights, window_start,
+                           cfg.get("lr_schedule", "constant"))
 
 
 def attribution_window(cfg: dict, n: int, epochs: int | None = None) -> int:
@@ -49,7 +50,8 @@ def attribution_window(cfg: dict, n: int, epochs: int | None = None) -> int:
 
 REPLAY_RECIPE = ("init: torch.manual_seed(seed); mnist_model(activation). order: epoch_orders(n, epoch, seed) "
                  "(torch.randperm(n) per epoch from a CPU generator seeded by seed). step: torch.optim.SGD "
-                 "(lr, momentum, weight_decay) on sum_i w_i NLL_i / |B| over consecutive slices of batch_size")
+                 "(lr, momentum, weight_decay) on sum_i w_i NLL_i / |B| over consecutive slices of batch_size; "
+                 "lr of step s from lr_schedule (SgdRun.lr)")
 
 
 def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
@@ -91,6 +93,7 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
             idx = run.batch(epoch * steps_per_epoch + step)
             x, y = data.images[idx], data.labels[idx]
             w = run.step_weights(epoch * steps_per_epoch + step, idx)
+            optimizer.param_groups[0]["lr"] = run.lr(epoch * steps_per_epoch + step)
             if record and grad_mode == "per_sample":
                 out, layer_io = model.forward_with_layers(x)
                 loss = batch_loss(out, y, w)
@@ -181,7 +184,7 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
     runs = [sgd_run(cfg, job["seed"], n, device, window_start=window_start) for job in jobs]
     orders = torch.stack([kept[m][run.orders] for m, run in enumerate(runs)])   # (K, epochs, n)
     rows = torch.arange(k_models, device=device)[:, None]
-    lr, mom, wd = runs[0].learning_rate, runs[0].momentum, runs[0].weight_decay
+    mom, wd = runs[0].momentum, runs[0].weight_decay
     weights = [params[f"{layer}.weight"] for layer in layers]
     biases = [params[f"{layer}.bias"] for layer in layers]
     steps = (n + batch - 1) // batch
@@ -189,7 +192,8 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
     first_step = True
     for epoch in range(cfg["epoch"]):
         for start in range(0, n, batch):
-            in_window = epoch * steps + start // batch >= runs[0].window_start
+            step = epoch * steps + start // batch
+            in_window, lr = step >= runs[0].window_start, runs[0].lr(step)
             idx = orders[:, epoch, start:start + batch]                           # (K, B)
             h, y = data.images[idx], labels[rows, idx]                            # (K, B, 784), (K, B)
             inputs, outputs = [], []

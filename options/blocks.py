@@ -365,6 +365,8 @@ class Mnist:
     learning_rate: float = spec(0.003, "the original recipe: SGD lr 0.003, momentum 0.9, weight decay 0.001", 'float', (0.0, None))
     momentum: float = spec(0.9, "SGD momentum (the report: 0.9)", 'float', (0.0, 1.0))
     weight_decay: float = spec(0.001, "SGD weight decay (the report: 0.001)", 'float', (0.0, None))
+    lr_schedule: str = spec('constant', "constant (the report) | linear | cosine: the learning rate decays from "
+                                        "learning_rate towards 0 at the last step", 'choice', ('constant', 'linear', 'cosine'))
     activation: str = spec('relu', "relu (the original) | softplus: a smooth training run, so Method 3's linear "
                                    "prediction holds (README, Method 3)", 'choice', ('relu', 'softplus'))
     train_subset: int = spec(0, "0 = all 60,000 training images; n = the first n (tests, small runs)", 'int', (0, 60000))

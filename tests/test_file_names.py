@@ -58,9 +58,10 @@ def test_thread_count_activation_and_method3_settings_change_the_names():
     for name in (mcommon.model_file(two, "staTest0"), mcommon.m2_file(two), mcommon.m3_file(two)):
         assert "t2_" in name
     assert lds.study_tag(two) != lds.study_tag(BASE) and "t1" not in mcommon.run_tag(BASE)
-    smooth = opt.deep_merge(BASE, {"mnist": {"activation": "softplus"}})
-    assert mcommon.model_file(smooth, "staTest0") != mcommon.model_file(BASE, "staTest0")
-    assert lds.study_tag(smooth) != lds.study_tag(BASE)
+    for change in ({"activation": "softplus"}, {"lr_schedule": "linear"}, {"lr_schedule": "cosine"}):
+        other = opt.deep_merge(BASE, {"mnist": change})
+        assert mcommon.model_file(other, "staTest0") != mcommon.model_file(BASE, "staTest0"), change
+        assert lds.study_tag(other) != lds.study_tag(BASE), change
     for change in ({"target": "margin"}, {"test_sample_num": 3}, {"top_k": 7}, {"window": 1}):
         assert mcommon.m3_file(opt.deep_merge(BASE, {"mnist": {"method3": change}})) != mcommon.m3_file(BASE), change
     assert mcommon.m3_file(opt.deep_merge(BASE, {"mnist": {"method3": {"checkpoint_interval": 7}}})) == \

@@ -58,7 +58,7 @@ def unrolled_metagradient(model, run, x, y, x_t, y_t, loss=U.nll_sample_loss):
         g = torch.autograd.grad(batch_loss, theta, create_graph=True)
         g = [gi + WD * t for gi, t in zip(g, theta)]
         buf = g if buf is None else [MOM * b + gi for b, gi in zip(buf, g)]
-        theta = [t - LR * b for t, b in zip(theta, buf)]
+        theta = [t - run.lr(step) * b for t, b in zip(theta, buf)]
     f = final_loss(model, dict(zip(names, theta)), x_t, y_t, loss)
     return torch.stack([torch.autograd.grad(fi, w, retain_graph=True)[0] for fi in f])
 
@@ -350,3 +350,36 @@ def test_window_in_training_the_grouped_trainer_and_the_replay_agree(mnist_train
         assert torch.allclose(grouped[0][name], value, atol=1e-6)
         assert torch.equal(replay[name], value)
     assert (alone.state_dict()["main.0.weight"] - whole.state_dict()["main.0.weight"]).abs().max() > 1e-6
+
+
+# ---- a learning-rate schedule (mnist.lr_schedule): eta_s per step -----------------------------
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("fold_steps", [1, 32])
+def test_scheduled_run_replay_equals_unrolled_autograd(schedule, fold_steps):
+    model, (x, y), (x_t, y_t) = tiny_mlp(act=nn.Softplus), data(), data(3, seed=11)
+    run = sgd_run(len(x))
+    run.schedule = schedule
+    assert run.lr(0) == LR and 0 < run.lr(run.num_steps - 1) < 0.1 * LR
+    replay = U.SgdReplay(model, U.nll_sample_loss, run, x, y, fold_steps=fold_steps)
+    final = replay.forward(5)
+    grads = U.InfluenceProblem(_with(model, final), U.nll_sample_loss, replay.names).sample_grads(x_t, y_t)
+    mine = replay.metagradient(grads)
+    reference = unrolled_metagradient(model, run, x, y, x_t, y_t)
+    constant, _ = replay_metagradient(model, sgd_run(len(x)), x, y, x_t, y_t)
+    assert (mine - reference).abs().max() / reference.abs().max() < 1e-10
+    assert (mine - constant).abs().max() > 0.1 * constant.abs().max()  # the schedule matters
+
+
+def test_scheduled_training_is_what_the_replay_and_the_grouped_trainer_do(mnist_train):
+    from mnist_test import training
+    data, cpu = mnist_train.subset(96), torch.device("cpu")
+    cfg = {**MNIST_CFG, "lr_schedule": "cosine"}
+    alone, _ = training.train_model(data, cfg, 4, cpu, show_progress=False)
+    grouped = training.train_group(data, [{"seed": 4}], cfg, cpu, show_progress=False)
+    replay = U.SgdReplay(training.new_model(4, cpu), U.nll_sample_loss, training.sgd_run(cfg, 4, len(data), cpu),
+                         data.images, data.labels).forward()
+    constant, _ = training.train_model(data, MNIST_CFG, 4, cpu, show_progress=False)
+    for name, value in alone.state_dict().items():
+        assert torch.equal(replay[name], value)
+        assert torch.allclose(grouped[0][name], value, atol=1e-6)
+    assert (alone.state_dict()["main.0.weight"] - constant.state_dict()["main.0.weight"]).abs().max() > 1e-5
