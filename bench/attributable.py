@@ -45,14 +45,19 @@ RECIPES = {
     "window_last_epoch": {"window": 1, "window_unit": "epochs"},
     "window_last_10pct": {"window": 0.1, "window_unit": "fraction"},
     "softplus_window_last_epoch": {"activation": "softplus", "window": 1, "window_unit": "epochs"},
+    # the frontier (full scale): accurate (a large step decaying to 0), attributed whole or in a window
+    "decay": {"activation": "softplus", "batch_size": 128, "learning_rate": 0.05, "weight_decay": 5e-4,
+              "lr_schedule": "linear", "epoch": 20},
 }
+for _size in (1, 2):
+    RECIPES[f"decay_window{_size}"] = {**RECIPES["decay"], "window": _size, "window_unit": "epochs"}
 DROPS = (0.01, 0.05)
 
 
 def recipe_cfg(name: str, epochs: int, directions: int) -> dict:
     values = {**REPORT, **RECIPES[name]}
     window = {"window": values.pop("window", 0), "window_unit": values.pop("window_unit", "epochs")}
-    return {**values, "epoch": epochs, "seed": 0,
+    return {"epoch": epochs, **values, "seed": 0,
             "method3": {**window, "smoothness_directions": directions, "smoothness_fraction": 0.01,
                         "smoothness_step": 0.25}}
 
@@ -103,7 +108,8 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=20)
     parser.add_argument("--tests", type=int, default=20)
     parser.add_argument("--directions", type=int, default=2)
-    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--recipes", default=",".join(r for r in RECIPES if not r.startswith("decay")),
+                        help="comma-separated names of RECIPES (the decay* recipes are the full-scale frontier)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -111,8 +117,11 @@ def main() -> None:
     data = common.load_train_data(opt.deep_merge(settings, {"mnist": {"train_subset": args.train_subset}}),
                                   torch.device("cpu"), lambda *_: None)
     test = common.load_test_data(settings, torch.device("cpu"), lambda *_: None)
+    default = ",".join(r for r in RECIPES if not r.startswith("decay"))
     path = opt.output_path(settings, "bench", f"attributable_n{args.train_subset}e{args.epochs}m{args.subsets}"
-                                              f"t{args.tests}d{args.directions}.json")
+                                              f"t{args.tests}d{args.directions}"
+                                              f"{'' if args.recipes == default else '_' + args.recipes.replace(',', '+')}"
+                                              ".json")
     done = {r["recipe"]: r for r in (opt.read_json(path, "bench/attributable.py")["results"]
                                      if os.path.isfile(path) else [])}
     for name in args.recipes.split(","):
