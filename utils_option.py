@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from influence.solvers import SolverSettings, solver_for, solver_names
-from options.blocks import LDS_METHODS, defaults, help_lines, schema, typed  # noqa: F401
+from options.blocks import LDS_METHODS, RECIPES, defaults, help_lines, schema, typed  # noqa: F401
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SETTINGS = os.path.join(REPO_ROOT, "Implementation.json")
@@ -161,15 +161,50 @@ def load_settings(path: str | None = None, profile: str | None = None,
         if layer:
             check_written(layer, where)
             settings = deep_merge(settings, layer)
+    written = [raw for _, raw in layers[1:]] + [raw.get("profiles", {}).get(chosen, {}) for _, raw in layers]
+    written += [overrides or {}] + [parse_assignment(a) for a in assignments or []]
+    settings, recipe_set, recipe_kept = _apply_recipe(settings, layers[0][1], written)
     merged_profiles: dict = {}
     for _, raw in layers:
         merged_profiles = deep_merge(merged_profiles, raw.get("profiles", {}))
     settings["profiles"] = merged_profiles
     settings["profile"] = chosen
     settings["profile_changed"] = changed
+    settings["recipe_changed"], settings["recipe_kept"] = recipe_set, recipe_kept
     settings["settings_file"] = path
     validate(settings, SCHEMA)
     return settings
+
+
+def _apply_recipe(settings: dict, base: dict, written: list[dict]) -> tuple[dict, list[str], list[str]]:
+    """The preset of ``mnist.recipe`` (options.blocks.RECIPES) over ``settings``: each of its keys takes
+    the preset's value unless the user set that key: a layer in ``written`` (a file that extends the
+    base, a profile, overrides, -set) writes it, or the base file holds another value than the
+    default. Returns (settings, keys the preset set, "key = yours (the preset's: value)" kept)."""
+    name = _lookup(settings, "mnist.recipe") if "mnist" in settings and "recipe" in settings["mnist"] else "report"
+    preset = RECIPES[name]
+    explicit = {key for body in written for key in _leaf_keys({k: v for k, v in body.items() if k not in STRUCTURAL_KEYS})}
+    default = defaults()
+    base_body = {k: v for k, v in base.items() if k not in STRUCTURAL_KEYS}
+    explicit |= {key for key in _leaf_keys(base_body) if key in SCHEMA and _has(default, key)
+                 and _lookup(base_body, key) != _lookup(default, key)}
+    changed, kept = [], []
+    for key, value in preset.items():
+        if key in explicit:
+            if _lookup(settings, key) != value:
+                kept.append(f"{key} = {json.dumps(_lookup(settings, key))} (the preset's: {json.dumps(value)})")
+        elif _lookup(settings, key) != value:
+            settings = _set_dotted(settings, key, value)
+            changed.append(key)
+    return settings, changed, kept
+
+
+def _has(tree: dict, dotted: str) -> bool:
+    try:
+        _lookup(tree, dotted)
+        return True
+    except SettingsError:
+        return False
 
 
 def _without_keys_set_in(profile: dict, later: list[dict]) -> dict:
@@ -194,7 +229,7 @@ def check_written(partial: dict, where: str) -> None:
             raise SettingsError(f"{err} (in {where})") from None
 
 
-STRUCTURAL_KEYS = ("extends", "profile", "profiles", "settings_file", "profile_changed")
+STRUCTURAL_KEYS = ("extends", "profile", "profiles", "settings_file", "profile_changed", "recipe_changed", "recipe_kept")
 
 
 def _leaf_keys(node: dict, prefix: str = "") -> list[str]:
@@ -599,7 +634,7 @@ def make_logger(settings: dict, name: str) -> logging.Logger:
     console.addFilter(lambda record: not record.getMessage().startswith("settings: "))
     console.addFilter(lambda record: not getattr(record, "detail", False))
     announced = (settings.get("settings_file"), settings["profile"], resolve_path(settings["output_dir"]),
-                 settings["threads"], tuple(settings.get("profile_changed", [])))
+                 settings["threads"], tuple(settings.get("profile_changed", [])), tuple(settings.get("recipe_kept", [])))
     if announced in _ANNOUNCED:
         console.addFilter(lambda record: not getattr(record, "header", False))
     _ANNOUNCED.add(announced)
@@ -622,6 +657,11 @@ def make_logger(settings: dict, name: str) -> logging.Logger:
     if changed:
         shown_keys = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
         logger.info(f"profile {settings['profile']} set {shown_keys}", extra={"header": True})
+    if settings.get("recipe_changed") or settings.get("recipe_kept"):
+        recipe = settings["mnist"]["recipe"]
+        logger.info(f"mnist.recipe {recipe} set {', '.join(settings['recipe_changed']) or 'nothing'}"
+                    + (f"; kept your {'; '.join(settings['recipe_kept'])}" if settings["recipe_kept"] else ""),
+                    extra={"header": True})
     shown = {k: v for k, v in settings.items() if k not in ("profiles",)}
     logger.info("settings: " + json.dumps(shown, sort_keys=True))
     return logger

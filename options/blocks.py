@@ -24,6 +24,28 @@ LDS_METHODS = ("m1_batch_raw", "m1_batch_normalized", "m1_per_sample_raw", "m1_p
                "ensemble_grad_dot", "m3_replay", "if_arnoldi", "trak", "ensemble_trak")
 
 
+# mnist.recipe: every value of a training recipe, as dotted keys. A preset replaces the defaults of
+# these keys; a value a settings file, profile, -set or driver writes (or Implementation.json changes
+# from its default) is kept, and said (utils_option.load_settings). The numbers: docs/results.md.
+RECIPES: dict[str, dict[str, Any]] = {
+    "report": {"mnist.epoch": 20, "mnist.batch_size": 8, "mnist.learning_rate": 0.003, "mnist.momentum": 0.9,
+               "mnist.weight_decay": 0.001, "mnist.lr_schedule": "constant", "mnist.activation": "relu",
+               "mnist.method3.window": 0, "mnist.method3.window_unit": "epochs", "mnist.lds.epoch": 40},
+    "attributable": {"mnist.epoch": 20, "mnist.batch_size": 128, "mnist.learning_rate": 0.05, "mnist.momentum": 0.9,
+                     "mnist.weight_decay": 0.0005, "mnist.lr_schedule": "linear", "mnist.activation": "softplus",
+                     "mnist.method3.window": 1, "mnist.method3.window_unit": "epochs", "mnist.lds.epoch": 20},
+}
+
+
+def recipe_table() -> str:
+    """The presets side by side, as docs/methods.md shows them (a test keeps the two equal)."""
+    names = list(RECIPES)
+    lines = ["| setting | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for key in RECIPES[names[0]]:
+        lines.append(f"| `{key}` | " + " | ".join(f"{RECIPES[n][key]}" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def spec(default: Any, help: str, kind: str, extra: Any = None):  # noqa: A002  (the settings' own word)
     """A setting: its default, one help line, and its kind with the kind's extra (range or choices)."""
     metadata = {"help": help, "kind": kind, "extra": extra}
@@ -365,6 +387,10 @@ class Mnist:
     learning_rate: float = spec(0.003, "the original recipe: SGD lr 0.003, momentum 0.9, weight decay 0.001", 'float', (0.0, None))
     momentum: float = spec(0.9, "SGD momentum (the report: 0.9)", 'float', (0.0, 1.0))
     weight_decay: float = spec(0.001, "SGD weight decay (the report: 0.001)", 'float', (0.0, None))
+    recipe: str = spec('report', "a preset of the whole training recipe (RECIPES: optimiser, schedule, batch, epochs, "
+                                 "activation, method3.window, lds.epoch): report (the report's) | attributable (more "
+                                 "accurate, and Method 3 predicts its removals; docs/methods.md). It replaces the "
+                                 "defaults, never a value you set", 'choice', ('report', 'attributable'))
     lr_schedule: str = spec('constant', "constant (the report) | linear | cosine: the learning rate decays from "
                                         "learning_rate towards 0 at the last step", 'choice', ('constant', 'linear', 'cosine'))
     activation: str = spec('relu', "relu (the original) | softplus: a smooth training run, so Method 3's linear "

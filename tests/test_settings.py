@@ -206,3 +206,43 @@ def test_the_typed_blocks_hold_the_defaults_of_implementation_json():
     assert opt.defaults() == raw
     typed = opt.typed(opt.load_settings(profile="quick"))
     assert typed.mnist.epoch == 5 and typed.mnist.method2.solver == "lissa" and typed.ffdnet.explain.finetune.epochs == 0.5
+
+
+# ---- mnist.recipe: a preset of the whole training recipe ---------------------------------------
+def test_the_attributable_preset_sets_its_recipe_and_keeps_every_value_the_user_set(tmp_path):
+    from options.blocks import RECIPES
+    preset = RECIPES["attributable"]
+    assert preset == {"mnist.epoch": 20, "mnist.batch_size": 128, "mnist.learning_rate": 0.05, "mnist.momentum": 0.9,
+                      "mnist.weight_decay": 0.0005, "mnist.lr_schedule": "linear", "mnist.activation": "softplus",
+                      "mnist.method3.window": 1, "mnist.method3.window_unit": "epochs", "mnist.lds.epoch": 20}
+    report = opt.load_settings()
+    assert report["recipe_changed"] == [] and report["recipe_kept"] == []
+    for key, value in RECIPES["report"].items():
+        assert opt._lookup(report, key) == value, key  # the report's preset is the defaults
+    chosen = opt.load_settings(assignments=["mnist.recipe=attributable"])
+    for key, value in preset.items():
+        assert opt._lookup(chosen, key) == value, key
+    assert chosen["recipe_kept"] == []
+    # a value set by -set, a profile or an extending file wins, and is said
+    mine = opt.load_settings(profile="quick", assignments=["mnist.recipe=attributable", "mnist.learning_rate=0.02"])
+    assert mine["mnist"]["learning_rate"] == 0.02 and mine["mnist"]["epoch"] == 5
+    assert mine["mnist"]["batch_size"] == 128 and mine["mnist"]["activation"] == "softplus"
+    assert "mnist.learning_rate = 0.02 (the preset's: 0.05)" in mine["recipe_kept"]
+    extending = tmp_path / "mine.json"
+    extending.write_text(json.dumps({"extends": os.path.join(opt.REPO_ROOT, "Implementation.json"),
+                                     "mnist": {"recipe": "attributable", "batch_size": 64}}))
+    assert opt.load_settings(str(extending))["mnist"]["batch_size"] == 64
+    # a value changed in the base file itself (the user's Implementation.json) is theirs too
+    text = open(os.path.join(opt.REPO_ROOT, "Implementation.json")).read()
+    edited = tmp_path / "Implementation.json"
+    edited.write_text(text.replace('"recipe": "report"', '"recipe": "attributable"')
+                      .replace('"weight_decay": 0.001,', '"weight_decay": 0.002,', 1))
+    base = opt.load_settings(str(edited))
+    assert base["mnist"]["weight_decay"] == 0.002 and base["mnist"]["learning_rate"] == 0.05
+    assert any(k.startswith("mnist.weight_decay = 0.002") for k in base["recipe_kept"])
+
+
+def test_the_docs_show_the_presets_as_the_code_defines_them():
+    from options.blocks import recipe_table
+    with open(os.path.join(opt.REPO_ROOT, "docs", "methods.md"), encoding="utf-8") as f:
+        assert recipe_table() in f.read()
