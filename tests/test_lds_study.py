@@ -116,3 +116,23 @@ def test_single_model_setting_scores_method3_against_the_base_run_with_points_we
     folder = lds.study_folder(settings, "single_model", "s0_d0.05")
     assert json.load(open(os.path.join(folder, "m0.json")))["seed"] == 0
     assert (~lds.drop_mask(300, 0.05, 0, 0)).sum() == 15
+
+
+def test_single_model_removals_act_only_in_the_attribution_window(tmp_path, mnist_raw):
+    """method3.window = 1 epoch: m3_Test walks back the last epoch only, and ldsTest's subsets weight the
+    dropped points 0 in that epoch only; Method 3 predicts those removals of this smooth run."""
+    window = {**SINGLE, "methods": ["grad_dot", "m3_replay"], "drop_fractions": [0.05],
+              "loo": {"test_num": 0, "k": 3, "seeds": 1, "rank_by": "m3_replay"}}
+    settings = small_settings(tmp_path, lds=window, activation="softplus",
+                              method3={"window": 1, "window_unit": "epochs"})
+    whole = small_settings(tmp_path, lds=window, activation="softplus")
+    assert lds.study_tag(settings) != lds.study_tag(whole)
+    result = ldsTest.main(settings)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["m3_replay"]["lds"] > 0.9
+    import glob
+    m3 = glob.glob(os.path.join(str(tmp_path), "**", "m3_replay_*.json"), recursive=True)
+    assert m3 and all("_w1epochs_" in f for f in m3)
+    record = opt.read_json(m3[0], "m3_Test")
+    steps = record["meta"]["solver_info"]["steps"]
+    assert record["meta"]["solver_info"]["window_start"] == steps // 2  # 2 epochs: the last one
