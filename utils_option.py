@@ -445,16 +445,20 @@ def solver_file_part(m2: dict) -> str:
 def solver_settings(m2: dict, seed: int):
     """The influence engine's solver settings from a ``method2`` block (the original's key names:
     training_points = LiSSA's depth t, recursion_nums = its repeats r), with the progress bars on
-    and the atomic writer for K-FAC factor files."""
+    and the atomic writer for K-FAC factor files. Keys a block does not have (the denoiser's has no
+    Fisher or TRAK settings) take the MNIST block's defaults (options/blocks.py)."""
+    from options.blocks import MnistMethod2
+    default = MnistMethod2()
     return SolverSettings(
         solver=m2["solver"], damp=float(m2["damp"]), scale=float(m2["scale"]),
         recursion_depth=m2["training_points"], repeats=m2["recursion_nums"],
         hvp_batch_size=1 if m2["stochastic"] else m2["hvp_batch_size"], cg_tol=m2["cg_tol"],
         cg_max_iter=m2["cg_max_iter"], hessian_points=m2["hessian_points"],
         exact_max_params=m2["exact_max_params"], chunk_size=m2["chunk_size"], seed=seed,
-        fisher=m2.get("fisher", "true"), kfac_damp_factor=float(m2.get("kfac_damp_factor", 0.1)),
-        arnoldi_rank=m2.get("arnoldi_rank", 50), arnoldi_iterations=m2.get("arnoldi_iterations", 100),
-        proj_dim=m2.get("proj_dim", 2048),
+        fisher=m2.get("fisher", default.fisher), kfac_damp_factor=float(m2.get("kfac_damp_factor", default.kfac_damp_factor)),
+        arnoldi_rank=m2.get("arnoldi_rank", default.arnoldi_rank),
+        arnoldi_iterations=m2.get("arnoldi_iterations", default.arnoldi_iterations),
+        proj_dim=m2.get("proj_dim", default.proj_dim),
         progress=progress, save=lambda path, state: save_torch(path, state))
 
 

@@ -29,18 +29,29 @@ def lds_row(method: str, settings: dict) -> str:
 
 
 def model_recipe(settings: dict) -> dict:
-    """What makes the trained network: size, epochs, optimiser and activation."""
+    """What makes the trained network and the question Method 3 answers: size, epochs, optimiser,
+    schedule, activation and attribution window (the last two only when off the report's, so that
+    the shipped table's entries, measured before they existed, still match)."""
     cfg = common.mnist_cfg(settings)
-    return {"train_size": cfg["train_subset"] or 60000, "epoch": cfg["epoch"], "batch_size": cfg["batch_size"],
-            "learning_rate": cfg["learning_rate"], "momentum": cfg["momentum"], "weight_decay": cfg["weight_decay"],
-            "activation": cfg["activation"]}
+    return _recipe(cfg, cfg["train_subset"] or 60000, cfg["epoch"])
 
 
 def _study_recipe(mnist: dict) -> dict:
-    lds = mnist["lds"]
-    return {"train_size": lds["train_subset"], "epoch": lds["epoch"], "batch_size": mnist["batch_size"],
-            "learning_rate": mnist["learning_rate"], "momentum": mnist["momentum"],
-            "weight_decay": mnist["weight_decay"], "activation": mnist.get("activation", "relu")}
+    """The same for the models of an ldsTest table (its settings, as written in its meta; a table
+    written before a key existed was made with that key's report value)."""
+    return _recipe(mnist, mnist["lds"]["train_subset"], mnist["lds"]["epoch"])
+
+
+def _recipe(mnist: dict, train_size: int, epoch: int) -> dict:
+    recipe = {"train_size": train_size, "epoch": epoch, "batch_size": mnist["batch_size"],
+              "learning_rate": mnist["learning_rate"], "momentum": mnist["momentum"],
+              "weight_decay": mnist["weight_decay"], "activation": mnist.get("activation", "relu")}
+    if mnist.get("lr_schedule", "constant") != "constant":
+        recipe["lr_schedule"] = mnist["lr_schedule"]
+    window = mnist.get("method3", {}).get("window", 0)
+    if window:
+        recipe["window"] = f"{window:g} {mnist['method3']['window_unit']}"
+    return recipe
 
 
 def measured_lds(settings: dict) -> dict:
@@ -69,8 +80,8 @@ def measured_lds(settings: dict) -> dict:
         if entry["recipe"] == wanted:
             return {"algorithm": entry["algorithm"], "single_model": entry["single_model"],
                     "source": f"the project's measured table ({entry['source']})", "recipe": entry["name"]}
-    optimiser = ("batch_size", "learning_rate", "momentum", "weight_decay", "activation")
-    same = [e for e in table["recipes"] if all(e["recipe"][k] == wanted[k] for k in optimiser)]
+    optimiser = ("batch_size", "learning_rate", "momentum", "weight_decay", "activation", "lr_schedule", "window")
+    same = [e for e in table["recipes"] if all(e["recipe"].get(k) == wanted.get(k) for k in optimiser)]
     nearest = min(same, key=lambda e: abs(e["recipe"]["train_size"] - wanted["train_size"]) / 60000
                   + abs(e["recipe"]["epoch"] - wanted["epoch"]) / 20) if same else None
     return {**found, "source": NOT_MEASURED, "recipe": "", "nearest": nearest}
