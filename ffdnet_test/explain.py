@@ -193,7 +193,8 @@ def finetune_run(ft: dict, n_train: int, seed: int, weights: torch.Tensor | None
     seed as an Adam run: what expTest trains and what m3_Test replays."""
     steps = finetune_steps(n_train, ft["epochs"], ft["batch_size"])
     return utils_if.AdamRun(learning_rate=ft["learning_rate"],
-                            orders=finetune_order(n_train, steps, ft["batch_size"], seed), data_weights=weights)
+                            orders=finetune_order(n_train, steps, ft["batch_size"], seed), data_weights=weights,
+                            eps_root=ft["eps_root"])
 
 
 def finetune_steps(n_train: int, epochs: float, batch: int) -> int:
@@ -206,7 +207,7 @@ def finetune(model: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, sigma: 
     each batch, BatchNorm held in eval mode (its running statistics fixed, its scale and shift
     trained): the network that influence describes, and the run m3_Test replays."""
     model.eval()
-    optimizer = torch.optim.Adam(model.parameters(), lr=run.learning_rate, betas=run.betas, eps=run.eps)
+    optimizer = run.optimizer(list(model.parameters()))
     weights = None if run.data_weights is None else run.data_weights.to(noisy.device)
     for idx in opt.progress(run.orders, desc="fine-tune", unit="step", disable=not show_progress, leave=False):
         idx = idx.to(noisy.device)

@@ -20,7 +20,8 @@ def study_tag(settings: dict) -> str:
     """The model's tag + a hash of everything a run's outcome depends on besides its own job."""
     cfg = common.ffdnet_cfg(settings)
     ecfg = explain.explain_cfg(settings)
-    key = {"finetune": ecfg["finetune"], "m1": [ecfg["m1_layer"], ecfg["m1_mode"], cfg["method1"]],
+    finetune = {k: v for k, v in ecfg["finetune"].items() if k != "eps_root" or v}  # torch's Adam keeps its tags
+    key = {"finetune": finetune, "m1": [ecfg["m1_layer"], ecfg["m1_mode"], cfg["method1"]],
            "m2": os.path.basename(common.m2_result_file(settings, "")), "points": cfg["attribution"]["points"],
            "model": common.resolve_model_path(settings), "test_images": ecfg["test_images"],
            "removal": "weight0"}  # removed patches keep their place with weight 0 (earlier studies skipped them)

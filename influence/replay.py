@@ -195,12 +195,16 @@ def step_bar(progress: Callable | None, total: int, desc: str):
 class AdamRun:
     """One Adam run as replay needs it (torch.optim.Adam: no weight decay, no amsgrad): ``orders``
     (steps, batch) holds each step's training points; ``data_weights`` (n,) weight each point's loss
-    (None = 1 for all). The batch loss is sum_i w_i l_i / |B|."""
+    (None = 1 for all). The batch loss is sum_i w_i l_i / |B|. ``eps_root`` > 0 puts an epsilon
+    inside the square root too (optax's eps_root): theta -= c1 m / (sqrt(c2^2 v + eps_root) + eps),
+    which keeps the step smooth where v is near 0 (Engstrom et al. 2025: a metasmooth Adam); that
+    step is :func:`adam_step`, torch.optim.Adam has no such option."""
     learning_rate: float
     orders: torch.Tensor
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     data_weights: torch.Tensor | None = None
+    eps_root: float = 0.0
 
     @property
     def num_steps(self) -> int:
@@ -208,3 +212,36 @@ class AdamRun:
 
     def batch(self, step: int) -> torch.Tensor:
         return self.orders[step]
+
+    def optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        """The optimiser that makes this run: torch.optim.Adam, or :class:`AdamEpsRoot` with eps_root."""
+        if self.eps_root:
+            return AdamEpsRoot(params, self.learning_rate, self.betas, self.eps, self.eps_root)
+        return torch.optim.Adam(params, lr=self.learning_rate, betas=self.betas, eps=self.eps)
+
+
+class AdamEpsRoot(torch.optim.Optimizer):
+    """Adam with an epsilon inside the square root (no weight decay): the one definition of that step,
+    used by the fine-tuning and by its replay. State as torch.optim.Adam names it (step, exp_avg,
+    exp_avg_sq), so a replay segment can start from a checkpoint the same way."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, eps_root: float) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "eps_root": eps_root})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ARG002  (torch's signature)
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                t = float(state["step"])
+                state["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                c1, c2 = group["lr"] / (1 - b1 ** t), 1.0 / math.sqrt(1 - b2 ** t)
+                denominator = (state["exp_avg_sq"] * c2 ** 2 + group["eps_root"]).sqrt_().add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denominator, value=-c1)

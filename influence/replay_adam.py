@@ -19,12 +19,14 @@ class AdamReplay(Replay):
     The run (torch.optim.Adam, step t = 1..T, g_t = grad L_t(theta_{t-1}), L_t = sum_{i in B_t} w_i l_i / |B|):
 
         m_t = b1 m_{t-1} + (1 - b1) g_t,    v_t = b2 v_{t-1} + (1 - b2) g_t^2,
-        theta_t = theta_{t-1} - c1_t m_t / d_t,   d_t = sqrt(v_t) c2_t + eps,
+        theta_t = theta_{t-1} - c1_t m_t / d_t,   d_t = sqrt(v_t) c2_t + eps
+                                                  (eps_root: d_t = sqrt(c2_t^2 v_t + eps_root) + eps),
         c1_t = lr / (1 - b1^t),   c2_t = 1 / sqrt(1 - b2^t).
 
     Walking back from A = grad F(theta_T), M = V = 0 (the adjoints of theta_t, m_t, v_t), each step does
 
-        M += -A c1_t / d_t,     V += A c1_t c2_t m_t / (2 d_t^2 sqrt(v_t))     (0 where v_t = 0),
+        M += -A c1_t / d_t,     V += A c1_t c2_t m_t / (2 d_t^2 sqrt(v_t))     (0 where v_t = 0;
+                                eps_root: V += A c1_t c2_t^2 m_t / (2 d_t^2 sqrt(c2_t^2 v_t + eps_root))),
         G  = (1 - b1) M + 2 (1 - b2) g_t V                                      (= dF/dg_t),
         dF/dw_i += G . grad l_i(theta_{t-1}) / |B|  for i in B_t,
         A += H_t G,   M *= b1,   V *= b2,
@@ -60,7 +62,7 @@ class AdamReplay(Replay):
         replay of a run made the same way reproduces it to the bit."""
         theta, m, v = state
         leaves = [t.clone().requires_grad_(True) for t in self._split(theta)]
-        optimizer = torch.optim.Adam(leaves, lr=self.run.learning_rate, betas=self.run.betas, eps=self.run.eps)
+        optimizer = self.run.optimizer(leaves)
         if start:
             for leaf, mi, vi in zip(leaves, self._split(m), self._split(v)):
                 optimizer.state[leaf].update(step=torch.tensor(float(start)), exp_avg=mi.clone(), exp_avg_sq=vi.clone())
@@ -77,7 +79,7 @@ class AdamReplay(Replay):
                 store[step - start, 3] = self._flat(list(grads))
         return (self._flat(leaves), *self._moments(optimizer, leaves))
 
-    def _moments(self, optimizer: torch.optim.Adam, leaves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _moments(self, optimizer: torch.optim.Optimizer, leaves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Adam's (m, v) of ``leaves``, flat."""
         return tuple(self._flat([optimizer.state[p][key] for p in leaves]) for key in ("exp_avg", "exp_avg_sq"))
 
@@ -115,7 +117,7 @@ class AdamReplay(Replay):
         if not self.checkpoints:
             raise RuntimeError("AdamReplay.metagradient: run forward() first (it keeps the checkpoints)")
         run, total = self.run, self.run.num_steps
-        (b1, b2), eps, lr = run.betas, run.eps, run.learning_rate
+        (b1, b2), eps, lr, eps_root = run.betas, run.eps, run.learning_rate, run.eps_root
         dtype = self.initial[0].dtype
         a = target_grads.detach().to(dtype).clone()
         m_adj, v_adj = torch.zeros_like(a), torch.zeros_like(a)
@@ -130,11 +132,17 @@ class AdamReplay(Replay):
                 theta, m, v, g = store[step - start]
                 t = step + 1
                 c1, c2 = lr / (1 - b1 ** t), 1.0 / math.sqrt(1 - b2 ** t)
-                root = v.sqrt()
-                d = root * c2 + eps
-                m_adj.add_(a * (-c1 / d))
-                safe = torch.where(root > 0, root, torch.ones_like(root))
-                v_adj.add_(a * torch.where(root > 0, c1 * c2 * m / (2 * d * d * safe), torch.zeros_like(root)))
+                if eps_root:  # d = sqrt(c2^2 v + eps_root) + eps, dd/dv = c2^2 / (2 sqrt(...)): smooth at v = 0
+                    root = (v * c2 ** 2 + eps_root).sqrt()
+                    d = root + eps
+                    m_adj.add_(a * (-c1 / d))
+                    v_adj.add_(a * (c1 * c2 ** 2 * m / (2 * d * d * root)))
+                else:
+                    root = v.sqrt()
+                    d = root * c2 + eps
+                    m_adj.add_(a * (-c1 / d))
+                    safe = torch.where(root > 0, root, torch.ones_like(root))
+                    v_adj.add_(a * torch.where(root > 0, c1 * c2 * m / (2 * d * d * safe), torch.zeros_like(root)))
                 directional, hv = self._products(theta, g, step, m_adj, v_adj)
                 idx = run.batch(step)
                 scores.index_add_(1, idx, directional.to(torch.float64) / len(idx))

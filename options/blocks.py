@@ -81,6 +81,8 @@ class Finetune:
     epochs: float = spec(0.5, "fine-tuning length in epochs of the training patches (fractions allowed)", 'float', (1e-06, None))
     learning_rate: float = spec(0.0001, "fine-tuning Adam learning rate", 'float', (0.0, None))
     batch_size: int = spec(32, "fine-tuning batch size", 'int', (1, None))
+    eps_root: float = spec(0.0, "Adam with this epsilon inside the square root too (0 = torch.optim.Adam; 1e-6 or more: "
+                                "a run smooth in its data weights, docs/methods.md)", 'float', (0.0, None))
 
 
 @dataclass

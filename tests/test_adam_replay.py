@@ -61,7 +61,8 @@ def unrolled(model, inputs, clean, run, test):
         t = step + 1
         m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
         v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, g)]
-        theta = [th - lr / (1 - b1 ** t) * mi / ((vi / (1 - b2 ** t)).sqrt() + eps) for th, mi, vi in zip(theta, m, v)]
+        theta = [th - lr / (1 - b1 ** t) * mi / ((vi / (1 - b2 ** t) + run.eps_root).sqrt() + eps)
+                 for th, mi, vi in zip(theta, m, v)]
     targets = window_loss(model, dict(zip(names, theta)), *test)
     return torch.stack([torch.autograd.grad(f, w, retain_graph=True)[0] for f in targets])
 
@@ -90,3 +91,36 @@ def test_adam_replay_equals_finite_differences_of_the_run():
     fd = central_differences(targets_at, len(clean))
     for i in range(len(clean)):
         assert torch.allclose(mine[:, i], fd[:, i], rtol=1e-4, atol=1e-4 * mine.abs().max().item()), i
+
+
+# ---- Adam with epsilon inside the square root (ffdnet.explain.finetune.eps_root) -----------------
+def test_eps_root_adam_replay_equals_unrolled_autograd_and_finite_differences():
+    model = TinyConv().double()
+    inputs, clean, run = setup()
+    run.eps_root = 1e-6
+    test = (inputs[0][:1] + 0.05, inputs[1][:1], clean[:1])
+    mine, _ = replay(model, inputs, clean, run, test, interval=5)
+    reference = unrolled(model, inputs, clean, run, test)
+    assert reference.abs().max() > 1e-4
+    assert (mine - reference).abs().max() / reference.abs().max() < 1e-10
+    plain, _ = replay(model, inputs, clean, setup()[2], test)
+    assert (mine - plain).abs().max() > 1e-3 * plain.abs().max()  # another run, another derivative
+
+    def targets_at(w):
+        _, c, moved = setup(weights=w)
+        moved.eps_root = 1e-6
+        return window_loss(model, U.AdamReplay(model, mse, moved, inputs, c).forward(4), *test).detach()
+    fd = central_differences(targets_at, len(clean))
+    assert (mine - fd).abs().max() / fd.abs().max() < 1e-4
+
+
+def test_eps_root_zero_is_torch_adam_and_the_fine_tuning_is_the_replayed_run():
+    """expTest's fine-tuning (explain.finetune) with eps_root is, to the bit, the run AdamReplay replays."""
+    from ffdnet_test import explain
+    inputs, clean, run = setup()
+    assert isinstance(run.optimizer(list(TinyConv().parameters())), torch.optim.Adam)
+    run.eps_root = 1e-6
+    tuned = explain.finetune(TinyConv().double(), inputs[0], clean, inputs[1], run)
+    replayed = U.AdamReplay(TinyConv().double(), U.mse_sample_loss, run, inputs, clean).forward(5)
+    for name, value in tuned.named_parameters():
+        assert torch.equal(replayed[name], value.detach()), name

@@ -108,3 +108,12 @@ def test_a_result_made_with_other_settings_is_refused(tmp_path):
         mcommon.read_result(str(path), "mnist_test/m1_Test.py", settings, "method1")
     opt.write_json(str(path), {"meta": {"settings": settings["mnist"]}})
     assert mcommon.read_result(str(path), "x", settings, "method2")["meta"]["settings"] == settings["mnist"]
+
+
+def test_adam_eps_root_gets_its_own_method3_files_and_study():
+    from ffdnet_test import common as fcommon, explain_study
+    other = opt.deep_merge(BASE, {"ffdnet": {"explain": {"finetune": {"eps_root": 1e-6}}}})
+    assert fcommon.m3_result_file(other, "01", 0) != fcommon.m3_result_file(BASE, "01", 0)
+    assert "er1e-06" in fcommon.m3_result_file(other, "01", 0)
+    official = {"ffdnet": {"test": {"model": "official"}}}  # the study's key names its base model: no training needed
+    assert explain_study.study_tag(opt.deep_merge(other, official)) != explain_study.study_tag(opt.deep_merge(BASE, official))
