@@ -249,7 +249,7 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
     smooth = methods.get("m3_replay", {}).get("smoothness")
     noise_line += (f" Metasmoothness of the base run: S_hat = {smooth['s_hat']:.3f} over {smooth['directions']} "
                    f"directions ({'smooth' if smooth['s_hat'] >= utils_if.SMOOTH_ENOUGH else 'not smooth'} in its data "
-                   f"weights; threshold {utils_if.SMOOTH_ENOUGH}, provisional)." if smooth else
+                   f"weights; threshold {utils_if.SMOOTH_ENOUGH}, docs/results.md)." if smooth else
                    " Metasmoothness of the base run: not measured (it comes with m3_replay).")
     text = lds.markdown_table(main["rows"], failed, lcfg) + (
         f"\n\nLDS: Spearman over {len(main['masks'])} subsets ({main_key}: {main['masks'][0].sum()} of "
