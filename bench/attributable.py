@@ -101,6 +101,54 @@ def study(name: str, cfg: dict, data, test, args) -> dict:
             "seconds_check": round(check_timer.seconds, 2), "seconds_replay": round(replay_timer.seconds, 2)}
 
 
+# The full-scale points measured before these recipes existed (issue 29's probes and the report's model,
+# with ldsTest in the single-model setting, 60,000 images): (accuracy, LDS at 1%, LDS at 5%, replay / training
+# per test image). None = not measured.
+EARLIER = {
+    "the report's (ReLU, batch 8, lr 0.003)": (0.9751, None, 0.024, 477 / 48 / 10),
+    "softplus, batch 256, lr 0.05, 10 epochs": (0.9676, 0.239, 0.112, 696 / 12 / 40),
+    "softplus, batch 256, lr 0.01, 20 epochs": (0.9679, 0.982, 0.967, 809 / 14 / 20),
+    "softplus, batch 256, lr 0.02, 30 epochs": (0.9780, 0.921, 0.812, 762 / 21 / 10),
+}
+
+
+LABELS = {"decay": "softplus, batch 128, lr 0.05 -> 0 (linear), 20 epochs, whole run",
+          "decay_window1": "the same, last epoch (mnist.recipe attributable)",
+          "decay_window2": "the same, last 2 epochs"}
+
+
+def draw_frontier(results: list[dict], tests: int, path: str) -> str:
+    """Test accuracy against Method 3's LDS (1% and 5% drop), each point's area its replay cost per test
+    image relative to one training: the earlier full-scale points and these results."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    points = {name: value for name, value in EARLIER.items()}
+    for r in results:
+        points[r["recipe"]] = (r["test_accuracy"], r["lds"]["0.01"][0], r["lds"]["0.05"][0],
+                               r["seconds_replay"] / r["seconds_train"] / tests)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for number, (name, (accuracy, lds1, lds5, cost)) in enumerate(points.items()):
+        color = colors[number % len(colors)]
+        for value, marker in ((lds1, "o"), (lds5, "s")):
+            if value is not None:
+                ax.scatter(100 * accuracy, value, s=40 + 60 * cost, marker=marker, alpha=0.75, color=color,
+                           label=f"{LABELS.get(name, name)}: replay {cost:.2f}x training per test image"
+                           if marker == "o" or lds1 is None else None)
+    ax.axvline(98.0, color="grey", lw=0.8, ls=":")
+    ax.axhline(0.95, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_ylabel("Method 3's single-model LDS (o: 1% drop, s: 5% drop)")
+    ax.set_title("MNIST 784-128-64-10, 60,000 images: accurate and attributable\n"
+                 "(marker area: replay time per test image / training time)")
+    ax.legend(fontsize=7, loc="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train_subset", type=int, default=5000)
@@ -111,6 +159,7 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(r for r in RECIPES if not r.startswith("decay")),
                         help="comma-separated names of RECIPES (the decay* recipes are the full-scale frontier)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--figure", default="", help="also draw the frontier figure to this PNG path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = opt.load_settings()
@@ -148,6 +197,8 @@ def main() -> None:
         print(f"Spearman(S_hat, LDS at 1%) over {len(results)} recipes: {rho:.3f}; "
               f"Spearman(S_hat on the test losses, LDS at 1%): {rho_outputs:.3f}")
     print(f"written: {path}")
+    if args.figure:
+        print(f"figure: {draw_frontier(results, args.tests, args.figure)}")
 
 
 if __name__ == "__main__":
