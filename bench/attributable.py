@@ -124,7 +124,8 @@ def draw_frontier(results: list[dict], tests: int, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     points = {name: value for name, value in EARLIER.items()}
-    for r in results:
+    order = list(LABELS)
+    for r in sorted(results, key=lambda r: order.index(r["recipe"]) if r["recipe"] in order else len(order)):
         points[r["recipe"]] = (r["test_accuracy"], r["lds"]["0.01"][0], r["lds"]["0.05"][0],
                                r["seconds_replay"] / r["seconds_train"] / tests)
     fig, ax = plt.subplots(figsize=(9, 5.5))

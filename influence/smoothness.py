@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-# The verdict's threshold, calibrated on 16 MNIST runs (bench/attributable.py; docs/results.md,
+# The verdict's threshold, calibrated on 17 MNIST runs (bench/attributable.py; docs/results.md,
 # "Checking the check"): every run at S_hat >= 0.97 had Method 3's single-model LDS at a 1% drop
 # between 0.89 and 0.99; below it (every ReLU run sits at the noise floor, S_hat -0.45 to -0.12, and
 # two long softplus runs at 0.95-0.96 reached 0.66 and 0.79) anything from 0.00 to 0.92. The check
