@@ -45,9 +45,10 @@ def final_loss(model, params: dict, x_t, y_t, loss=U.nll_sample_loss):
     return loss(torch.func.functional_call(model, params, (x_t,)), y_t)
 
 
-def unrolled_metagradient(model, run, x, y, x_t, y_t, loss=U.nll_sample_loss):
-    """dF/dw by autograd through the whole unrolled run (the run written out here, not SgdReplay)."""
-    w = torch.ones(run.n, dtype=torch.float64, requires_grad=True)
+def unrolled_metagradient(model, run, x, y, x_t, y_t, loss=U.nll_sample_loss, at=None):
+    """dF/dw by autograd through the whole unrolled run (the run written out here, not SgdReplay), at
+    the data weights ``at`` (None = all 1)."""
+    w = (torch.ones(run.n, dtype=torch.float64) if at is None else at.clone()).requires_grad_(True)
     names = [n for n, _ in model.named_parameters()]
     theta = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     buf = None
@@ -145,22 +146,8 @@ def test_zero_weight_point_keeps_its_place_and_has_a_metagradient():
     w = torch.ones(len(x), dtype=torch.float64)
     w[3] = 0.0
     run = sgd_run(len(x), weights=w)
-    reference_w = w.clone().requires_grad_(True)
     mine, _ = replay_metagradient(model, run, x, y, x_t, y_t)
-    # the unrolled reference at w: reuse the function with the ones replaced by w
-    names = [n for n, _ in model.named_parameters()]
-    theta = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-    buf = None
-    for step in range(run.num_steps):
-        idx = run.batch(step)
-        out = torch.func.functional_call(model, dict(zip(names, theta)), (x[idx],))
-        g = torch.autograd.grad((U.nll_sample_loss(out, y[idx]) * reference_w[idx]).sum() / len(idx), theta,
-                                create_graph=True)
-        g = [gi + WD * t for gi, t in zip(g, theta)]
-        buf = g if buf is None else [MOM * b + gi for b, gi in zip(buf, g)]
-        theta = [t - LR * b for t, b in zip(theta, buf)]
-    f = final_loss(model, dict(zip(names, theta)), x_t, y_t)
-    reference = torch.stack([torch.autograd.grad(fi, reference_w, retain_graph=True)[0] for fi in f])
+    reference = unrolled_metagradient(model, run, x, y, x_t, y_t, at=w)  # the unrolled run at w
     assert mine[:, 3].abs().max() > 0
     assert (mine - reference).abs().max() / reference.abs().max() < 1e-10
 
