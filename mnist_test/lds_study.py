@@ -15,9 +15,11 @@ from mnist_test import common, lds
 
 
 # Method 2 variants: LDS row -> method2 overrides, from the registry (a solver whose cost grows with
-# the test points, Solver.slow_per_test, runs on the first lds.solver_test_num test images only)
-SOLVERS = {solver.lds_name: {"solver": name, **solver.lds_settings}
-           for name, solver in utils_if.SOLVERS.items() if solver.lds_row and "mnist" in solver.networks}
+# the test points, Solver.slow_per_test, runs on the first lds.solver_test_num test images only), in
+# the canonical order of the rows (opt.LDS_METHODS): rows of equal LDS keep that order in the table
+SOLVERS = dict(sorted(((solver.lds_name, {"solver": name, **solver.lds_settings})
+                       for name, solver in utils_if.SOLVERS.items() if solver.lds_row and "mnist" in solver.networks),
+                      key=lambda row: opt.LDS_METHODS.index(row[0])))
 ENSEMBLE_SOURCES = {"ensemble_m1_batch_raw": "m1_batch_raw", "ensemble_if_ekfac": "if_ekfac",
                     "ensemble_if_kfac_factored": "if_kfac_factored", "ensemble_grad_dot": "grad_dot",
                     "ensemble_trak": "trak"}
