@@ -22,8 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils_option as opt  # noqa: E402
-from mnist_test import common, explain  # noqa: E402
-from mnist_test.training import train_group  # noqa: E402
+from mnist_test import common, explain, training  # noqa: E402
 
 
 def main(settings: dict) -> dict:
@@ -44,8 +43,9 @@ def main(settings: dict) -> dict:
         for chunk in chunks:
             specs = [explain.training_spec(job, ranked, train, cfg["seed"]) for job in chunk]
             with opt.Timer() as timer:
-                states = train_group(train, specs, cfg, device,
-                                     desc=f"rank {rank}: models {start + 1}-{start + len(chunk)}/{len(mine)}")
+                states = training.train_group(train, specs, cfg, device,
+                                     desc=f"rank {rank}: models {start + 1}-{start + len(chunk)}/{len(mine)}",
+                                     window_start=training.attribution_window(cfg, len(train)))
             for job, state in zip(chunk, states):
                 os.makedirs(os.path.dirname(job["path"]), exist_ok=True)
                 opt.save_torch(job["path"], {"model": state, "job": {k: v for k, v in job.items() if k != "path"}})

@@ -79,8 +79,9 @@ def plan(settings: dict, ranked: dict | None = None) -> list[dict]:
             for n in cfg["explain"]["n_values"]:
                 if n == 0:
                     continue
-                folder = REMOVAL_FOLDER.format(manipulation=manipulation) if manipulation.startswith("remove") \
-                    else manipulation
+                # a removal acts in method3.window only (the question Method 3 answers): its own folder
+                folder = REMOVAL_FOLDER.format(manipulation=manipulation) + common.window_part(cfg["method3"]) \
+                    if manipulation.startswith("remove") else manipulation
                 for test_id, (label, _) in per_test.items():
                     jobs.append({"name": f"{method}/{manipulation}/n{n}/t{test_id}",
                                  "path": os.path.join(root, method, folder, f"n{n}", f"t{test_id}.pth"),

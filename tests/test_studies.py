@@ -128,6 +128,19 @@ def test_a_removal_is_the_base_run_with_the_points_weighted_zero(study):
     assert measured > 0 and predicted > 0 and 1 / 3 < measured / predicted < 3, (measured, predicted)
 
 
+def test_removals_in_an_attribution_window_get_their_own_models(study):
+    """With method3.window, expTrain's removals act in the window only (train_group's window_start,
+    tested in test_method3): their models live in their own folder, relabels stay where they were."""
+    windowed = opt.deep_merge(study, {"mnist": {"method3": {"window": 1, "window_unit": "epochs"}}})
+    ranked = explain.ranked_points(study)  # the windowed settings' own Method-3 file is not made here
+    plain = {j["name"]: j["path"] for j in explain.plan(study, ranked)}
+    for job in explain.plan(windowed, ranked):
+        if job["manipulation"] == "remove_algo":
+            assert "_weight0_w1epochs" in job["path"] and job["path"] != plain[job["name"]]
+        else:
+            assert job["path"] == plain[job["name"]]
+
+
 def test_exptest_rows_and_figure(study):
     expTrain.main(study)
     result = expTest.main(study)
