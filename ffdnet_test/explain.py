@@ -189,12 +189,14 @@ def removal_weights(n_train: int, removed: np.ndarray) -> torch.Tensor | None:
 
 
 def finetune_run(ft: dict, n_train: int, seed: int, weights: torch.Tensor | None = None) -> utils_if.AdamRun:
-    """The fine-tuning schedule ``ft`` (explain.finetune: epochs, learning_rate, batch_size) of one
-    seed as an Adam run: what expTest trains and what m3_Test replays."""
+    """The fine-tuning schedule ``ft`` (explain.finetune: epochs, learning_rate, batch_size, and
+    eps_root, whose default comes from the settings block when a schedule leaves it out) of one seed
+    as an Adam run: what expTest trains and what m3_Test replays."""
+    from options.blocks import Finetune
     steps = finetune_steps(n_train, ft["epochs"], ft["batch_size"])
     return utils_if.AdamRun(learning_rate=ft["learning_rate"],
                             orders=finetune_order(n_train, steps, ft["batch_size"], seed), data_weights=weights,
-                            eps_root=ft["eps_root"])
+                            eps_root=ft.get("eps_root", Finetune().eps_root))
 
 
 def finetune_steps(n_train: int, epochs: float, batch: int) -> int:
