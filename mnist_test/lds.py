@@ -40,7 +40,8 @@ def recipe(settings: dict) -> dict:
     smooth = {} if cfg["activation"] == "relu" else {"activation": cfg["activation"]}  # ReLU studies keep their tags
     lds = lds_cfg(settings)
     start = training.attribution_window(cfg, lds["train_subset"], lds["epoch"])
-    extra = {"window_start": start} if start else {}  # whole-run, constant-rate studies keep their tags too
+    # the window acts on data weights: the single-model removals; whole-run, constant-rate studies keep their tags
+    extra = {"window_start": start} if start and lds["setting"] == "single_model" else {}
     if cfg["lr_schedule"] != "constant":
         extra["lr_schedule"] = cfg["lr_schedule"]
     return {"learning_rate": cfg["learning_rate"], "momentum": cfg["momentum"],

@@ -93,6 +93,10 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
         out["m1_per_sample_normalized"] = {"matrix": m1["normalized"], "ids": ids, "seconds": timer.seconds}
     if "m3_replay" in wanted:
         s = lds.model_settings(settings, 0, ids)
+        if s["mnist"]["method3"]["window"] and lcfg["setting"] == "algorithm":
+            logger.warning("WARNING: m3_replay attributes the last steps of the base run (mnist.method3.window), while "
+                           "the algorithm setting's subsets are retrained from scratch: that row answers another "
+                           "question (use lds.setting single_model)")
         path = common.m3_file(s)
         opt.run_stage(stages["m3_Test"], path, s, opt.detail_log(logger))
         record = opt.read_json(path, "mnist_test/m3_Test.py")

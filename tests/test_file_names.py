@@ -71,8 +71,12 @@ def test_thread_count_activation_and_method3_settings_change_the_names():
                for size, unit in ((1, "epochs"), (0.1, "fraction"), (500, "steps"))]
     assert len({mcommon.m3_file(w) for w in windows} | {mcommon.m3_file(BASE)}) == 4
     assert "_w1epochs_" in mcommon.m3_file(windows[0])
-    assert len({lds.study_tag(w) for w in windows} | {lds.study_tag(BASE)}) == 4
-    too_long = opt.deep_merge(BASE, {"mnist": {"method3": {"window": 10_000}}})
+    single = [opt.deep_merge(w, {"mnist": {"lds": {"setting": "single_model"}}}) for w in windows]
+    whole_single = opt.deep_merge(BASE, {"mnist": {"lds": {"setting": "single_model"}}})
+    assert len({lds.study_tag(w) for w in single} | {lds.study_tag(whole_single)}) == 4
+    # the algorithm setting's subsets carry no data weights: the same models whatever the window
+    assert {lds.study_tag(w) for w in windows} == {lds.study_tag(BASE)}
+    too_long = opt.deep_merge(whole_single, {"mnist": {"method3": {"window": 10_000}}})
     with pytest.raises(opt.SettingsError, match="mnist.method3.window: .* choose 1 to"):
         lds.study_tag(too_long)
 
