@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from influence.solvers import SolverSettings, solver_for, solver_names
-from options.blocks import LDS_METHODS, RECIPES, defaults, help_lines, schema, typed  # noqa: F401
+from options.blocks import LDS_METHODS, RECIPES, MnistMethod2, defaults, help_lines, schema, typed  # noqa: F401
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SETTINGS = os.path.join(REPO_ROOT, "Implementation.json")
@@ -447,7 +447,6 @@ def solver_settings(m2: dict, seed: int):
     training_points = LiSSA's depth t, recursion_nums = its repeats r), with the progress bars on
     and the atomic writer for K-FAC factor files. Keys a block does not have (the denoiser's has no
     Fisher or TRAK settings) take the MNIST block's defaults (options/blocks.py)."""
-    from options.blocks import MnistMethod2
     default = MnistMethod2()
     return SolverSettings(
         solver=m2["solver"], damp=float(m2["damp"]), scale=float(m2["scale"]),

@@ -73,24 +73,12 @@ def study(name: str, cfg: dict, data, test, args) -> dict:
     with opt.Timer() as check_timer:
         smooth = training.metasmoothness(data, x_t, y_t, cfg, cpu, cfg["method3"])
     with opt.Timer() as replay_timer:
-        run = training.sgd_run(cfg, 0, n, cpu, window_start=start_step)
-        replay = utils_if.SgdReplay(training.new_model(0, cpu, cfg["activation"]), utils_if.nll_sample_loss, run,
-                                    data.images, data.labels)
-        final = replay.forward()
-        trained = training.new_model(0, cpu, cfg["activation"])
-        trained.load_state_dict(final, strict=False)
-        grads = utils_if.InfluenceProblem(trained, utils_if.nll_sample_loss, replay.names).sample_grads(x_t, y_t)
-        metagradient = replay.metagradient(grads)                                         # (T, n)
+        metagradient, run = training.run_metagradient(data, cfg, 0, x_t, y_t, cpu, window_start=start_step)  # (T, n)
     base_loss = np.array(lds.outputs_of(base.state_dict(), x_t, y_t, cfg["activation"])["loss"])
     scores = {}
     for drop in DROPS:
         masks = np.stack([lds.drop_mask(n, drop, 0, m) for m in range(args.subsets)])
-        states = []
-        for s in range(0, args.subsets, 16):
-            states += training.train_group(data, [{"seed": 0, "weights": torch.as_tensor(m, dtype=torch.float32)}
-                                                  for m in masks[s:s + 16]], cfg, cpu, show_progress=False,
-                                           window_start=start_step)
-        measured = np.array([lds.outputs_of(s, x_t, y_t, cfg["activation"])["loss"] for s in states]) - base_loss
+        measured = lds.single_model_loss_changes(data, cfg, 0, masks, x_t, y_t, base_loss, cpu, start_step)
         predicted = ((torch.as_tensor(masks, dtype=torch.float64) - 1.0) @ metagradient.T).numpy()
         per_test = utils_if.spearman_columns(predicted, measured)
         scores[f"{drop:g}"] = utils_if.bootstrap_mean(per_test)

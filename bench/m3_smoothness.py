@@ -42,15 +42,7 @@ RECIPES = {"report": {}, "lr0.001": {"learning_rate": 0.001}, "batch32": {"batch
 
 def metagradients(cfg: dict, data, weights, x_t, y_t) -> torch.Tensor:
     """dF_t/dw (T, n) of the run with data weights ``weights`` (None = all 1), F_t = test loss t."""
-    cpu = torch.device("cpu")
-    model = training.new_model(0, cpu, cfg["activation"])
-    replay = utils_if.SgdReplay(model, utils_if.nll_sample_loss, training.sgd_run(cfg, 0, len(data), cpu, weights),
-                                data.images, data.labels)
-    final = replay.forward()
-    trained = training.new_model(0, cpu, cfg["activation"])
-    trained.load_state_dict(final, strict=False)
-    grads = utils_if.InfluenceProblem(trained, utils_if.nll_sample_loss, replay.names).sample_grads(x_t, y_t)
-    return replay.metagradient(grads)
+    return training.run_metagradient(data, cfg, 0, x_t, y_t, torch.device("cpu"), weights)[0]
 
 
 def study(name: str, cfg: dict, data, test, args) -> dict:
@@ -61,12 +53,8 @@ def study(name: str, cfg: dict, data, test, args) -> dict:
     _, predictions = common.evaluate(base, test)
     accuracy = float((predictions == test.labels).float().mean())
     masks = np.stack([lds.drop_mask(n, args.drop, 0, m) for m in range(args.subsets)])
-    states = []
-    for s in range(0, args.subsets, 16):
-        states += training.train_group(data, [{"seed": 0, "weights": torch.as_tensor(m, dtype=torch.float32)}
-                                              for m in masks[s:s + 16]], cfg, cpu, show_progress=False)
     base_loss = np.array(lds.outputs_of(base.state_dict(), x_t, y_t, cfg["activation"])["loss"])
-    measured = np.array([lds.outputs_of(s, x_t, y_t, cfg["activation"])["loss"] for s in states]) - base_loss
+    measured = lds.single_model_loss_changes(data, cfg, 0, masks, x_t, y_t, base_loss, cpu)
     change = torch.as_tensor(masks, dtype=torch.float64) - 1.0                      # (M, n): w_subset - 1
     predicted = {"tangent w=1": (change @ metagradients(cfg, data, None, x_t, y_t).T).numpy(),
                  f"tangent w={1 - args.drop:g}": (change @ metagradients(

@@ -35,6 +35,7 @@ from torch import nn
 import utils_if
 import utils_option as opt
 from ffdnet_test import attribution, common
+from options.blocks import Finetune
 
 RANKINGS = ("m3_window", "m3_whole", "m2_window", "m2_whole", "m1", "random")
 POINT_RANKINGS = ("m3_window", "m2_window", "m1")  # built for one point; the others for the whole image
@@ -192,7 +193,6 @@ def finetune_run(ft: dict, n_train: int, seed: int, weights: torch.Tensor | None
     """The fine-tuning schedule ``ft`` (explain.finetune: epochs, learning_rate, batch_size, and
     eps_root, whose default comes from the settings block when a schedule leaves it out) of one seed
     as an Adam run: what expTest trains and what m3_Test replays."""
-    from options.blocks import Finetune
     steps = finetune_steps(n_train, ft["epochs"], ft["batch_size"])
     return utils_if.AdamRun(learning_rate=ft["learning_rate"],
                             orders=finetune_order(n_train, steps, ft["batch_size"], seed), data_weights=weights,

@@ -198,7 +198,7 @@ class AdamRun:
     (None = 1 for all). The batch loss is sum_i w_i l_i / |B|. ``eps_root`` > 0 puts an epsilon
     inside the square root too (optax's eps_root): theta -= c1 m / (sqrt(c2^2 v + eps_root) + eps),
     which keeps the step smooth where v is near 0 (Engstrom et al. 2025: a metasmooth Adam); that
-    step is :func:`adam_step`, torch.optim.Adam has no such option."""
+    step is :class:`AdamEpsRoot` (:meth:`optimizer`), torch.optim.Adam has no such option."""
     learning_rate: float
     orders: torch.Tensor
     betas: tuple[float, float] = (0.9, 0.999)

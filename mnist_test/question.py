@@ -12,7 +12,7 @@ import torch
 
 import utils_if
 import utils_option as opt
-from mnist_test import common, plotting
+from mnist_test import common, plotting, training
 
 MEASURED_TABLE = os.path.join(opt.REPO_ROOT, "docs", "measured_lds.json")
 NOT_MEASURED = "not measured for this recipe"
@@ -151,7 +151,6 @@ def method3_seconds(settings: dict, tests: int) -> float:
     back over the steps of the attribution window, (1.5 + 0.2 per test image) ms per 8 images of the
     batch. Measured: 92 s for one test image over the quick profile's 37,500 steps; 58 s for 20 test
     images of the attributable recipe (9,380 steps, 469 walked back), with another job beside it."""
-    from mnist_test import training
     cfg = common.mnist_cfg(settings)
     n, batch = cfg["train_subset"] or 60000, cfg["batch_size"]
     steps = cfg["epoch"] * -(-n // batch)

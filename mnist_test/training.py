@@ -54,6 +54,21 @@ REPLAY_RECIPE = ("init: torch.manual_seed(seed); mnist_model(activation). order:
                  "lr of step s from lr_schedule (SgdRun.lr)")
 
 
+def run_metagradient(data: MnistData, cfg: dict, seed: int, x_test: torch.Tensor, y_test: torch.Tensor,
+                     device: torch.device, data_weights: torch.Tensor | None = None,
+                     window_start: int = 0) -> tuple[torch.Tensor, utils_if.SgdRun]:
+    """Method 3 for the run of ``cfg`` and ``seed`` on ``data`` (with ``data_weights`` from
+    ``window_start`` on): dF_t/dw (T, n) float64 of each test loss F_t, the run replayed from its
+    seed (no trained model needed), and the run itself."""
+    run = sgd_run(cfg, seed, len(data), device, data_weights, window_start)
+    replay = utils_if.SgdReplay(new_model(seed, device, cfg.get("activation", "relu")), utils_if.nll_sample_loss, run,
+                                data.images, data.labels)
+    trained = new_model(seed, device, cfg.get("activation", "relu"))
+    trained.load_state_dict(replay.forward(), strict=False)
+    grads = utils_if.InfluenceProblem(trained, utils_if.nll_sample_loss, replay.names).sample_grads(x_test, y_test)
+    return replay.metagradient(grads), run
+
+
 def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
                 grad_mode: str | None = None, layers: tuple[str, ...] = ("fc1", "fc2", "fc3"),
                 skip_first_epoch: bool = True, show_progress: bool = True, desc: str = "train",

@@ -60,18 +60,23 @@ def block(cls: type):
 
 
 @dataclass
-class FfdnetMethod3:
-    """Method 3 of expTest's fine-tuning runs (m3_Test.py)."""
+class SmoothnessCheck:
+    """The metasmoothness check every Method-3 script runs before its replay (influence/smoothness.py)."""
+    smoothness_directions: int = spec(2, "before the replay, measure whether the run is smooth in its data weights "
+                                      "(metasmoothness S_hat) over this many random directions (1 + 2 x this many "
+                                      "trainings; the MNIST MLP trains them side by side); 0 = skip", 'int', (0, 20))
+    smoothness_fraction: float = spec(0.01, "each direction moves this fraction of the training points' weights "
+                                      "(+-1, seeded)", 'float', (1e-5, 1.0))
+    smoothness_step: float = spec(0.25, "h: the weights move by h and 2h along the direction", 'float', (1e-6, 1.0))
+
+
+@dataclass
+class FfdnetMethod3(SmoothnessCheck):
+    """Method 3 of expTest's fine-tuning runs (m3_Test.py; the check on seed 0's fine-tuning)."""
     checkpoint_interval: int = spec(0, "steps between kept (weights, Adam moments) states; 0 = sqrt(steps). Memory:"
                                        " (3 x steps/interval + 4 x interval) x the model's parameters", 'int', (0, None))
     replay_tolerance: float = spec(0.0001, "the replay must end this close (relative) to a real fine-tuning run, "
                                            "else nothing is written", 'float', (0.0, None))
-    smoothness_directions: int = spec(2, "before the replays, measure whether the fine-tuning is smooth in its data "
-                                      "weights (metasmoothness S_hat, seed 0) over this many random directions "
-                                      "(1 + 2 x this many fine-tuning runs); 0 = skip", 'int', (0, 20))
-    smoothness_fraction: float = spec(0.01, "each direction moves this fraction of the training patches' weights "
-                                      "(+-1, seeded)", 'float', (1e-5, 1.0))
-    smoothness_step: float = spec(0.25, "h: the weights move by h and 2h along the direction", 'float', (1e-6, 1.0))
     top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, None))
 
 
@@ -242,7 +247,7 @@ class MnistMethod2(Method2Solve):
 
 
 @dataclass
-class MnistMethod3:
+class MnistMethod3(SmoothnessCheck):
     """Method 3: the exact attribution of the trained run (m3_Test.py)."""
     mode: str = spec('staTest0', "which model (same naming as method1.mode); Train.py's run is replayed", 'str', None)
     target: str = spec('loss', "loss | margin (the test target differentiated)", 'choice', ('loss', 'margin'))
@@ -253,12 +258,6 @@ class MnistMethod3:
                                 " pass)", 'int', (1, 10000))
     replay_tolerance: float = spec(1e-05, "the replayed final weights must match the saved model to this relative "
                                           "error, else nothing is computed", 'float', (0.0, None))
-    smoothness_directions: int = spec(2, "before the replay, measure whether the run is smooth in its data weights "
-                                      "(metasmoothness S_hat) over this many random directions (1 + 2 x this many "
-                                      "trainings, side by side); 0 = skip", 'int', (0, 20))
-    smoothness_fraction: float = spec(0.01, "each direction moves this fraction of the training images' weights "
-                                      "(+-1, seeded)", 'float', (1e-5, 1.0))
-    smoothness_step: float = spec(0.25, "h: the weights move by h and 2h along the direction", 'float', (1e-6, 1.0))
     window: float = spec(0, "the attribution window: the data weights act only in the last `window` window_units of "
                             "the run (0 = the whole run); Method 3 walks back only those steps, and ldsTest's "
                             "single-model removals act only there", 'float', (0.0, None))
