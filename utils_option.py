@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from influence.solvers import SolverSettings, solver_for, solver_names
-from options.blocks import LDS_METHODS, RECIPES, MnistMethod2, defaults, help_lines, schema, typed  # noqa: F401
+from options.blocks import LDS_METHODS, RECIPES, Method2Solve, MnistMethod2, defaults, help_lines, schema, typed  # noqa: F401
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SETTINGS = os.path.join(REPO_ROOT, "Implementation.json")
@@ -432,32 +432,34 @@ def run_stage(module, paths: str | list[str], settings: dict, log: Callable[[str
             module.main(settings)
 
 
-def solver_file_part(m2: dict) -> str:
+def solver_file_part(m2: Method2Solve, fisher: str | None = None) -> str:
     """The solver part of every influence file name (MNIST and FFDNet), from a method2 block:
     the solver, its own settings and the damping it really applies (the registry's
     :meth:`Solver.file_part`), the L2 term and the chosen parameters. Two runs that differ in any of
-    these never share a file."""
-    params = "_p" + "+".join(m2["params"]) if m2["params"] else ""
-    detail = solver_for(m2["solver"]).file_part(solver_settings(m2, 0))
-    return f"{m2['solver']}_{detail}{params}_l2{m2['l2_reg']:g}"
+    these never share a file. ``fisher`` names the Fisher a block without that setting uses."""
+    params = "_p" + "+".join(m2.params) if m2.params else ""
+    detail = solver_for(m2.solver).file_part(solver_settings(m2, 0, fisher))
+    return f"{m2.solver}_{detail}{params}_l2{m2.l2_reg:g}"
 
 
-def solver_settings(m2: dict, seed: int):
-    """The influence engine's solver settings from a ``method2`` block (the original's key names:
-    training_points = LiSSA's depth t, recursion_nums = its repeats r), with the progress bars on
-    and the atomic writer for K-FAC factor files. Keys a block does not have (the denoiser's has no
-    Fisher or TRAK settings) take the MNIST block's defaults (options/blocks.py)."""
+def solver_settings(m2: Method2Solve, seed: int, fisher: str | None = None):
+    """The influence engine's solver settings from a typed ``method2`` block (the original's key
+    names: training_points = LiSSA's depth t, recursion_nums = its repeats r), with the progress bars
+    on and the atomic writer for K-FAC factor files. Settings a block does not have (the denoiser's
+    has no Fisher or TRAK settings) take the MNIST block's defaults (options/blocks.py), ``fisher``
+    when given."""
     default = MnistMethod2()
     return SolverSettings(
-        solver=m2["solver"], damp=float(m2["damp"]), scale=float(m2["scale"]),
-        recursion_depth=m2["training_points"], repeats=m2["recursion_nums"],
-        hvp_batch_size=1 if m2["stochastic"] else m2["hvp_batch_size"], cg_tol=m2["cg_tol"],
-        cg_max_iter=m2["cg_max_iter"], hessian_points=m2["hessian_points"],
-        exact_max_params=m2["exact_max_params"], chunk_size=m2["chunk_size"], seed=seed,
-        fisher=m2.get("fisher", default.fisher), kfac_damp_factor=float(m2.get("kfac_damp_factor", default.kfac_damp_factor)),
-        arnoldi_rank=m2.get("arnoldi_rank", default.arnoldi_rank),
-        arnoldi_iterations=m2.get("arnoldi_iterations", default.arnoldi_iterations),
-        proj_dim=m2.get("proj_dim", default.proj_dim),
+        solver=m2.solver, damp=float(m2.damp), scale=float(m2.scale),
+        recursion_depth=m2.training_points, repeats=m2.recursion_nums,
+        hvp_batch_size=1 if m2.stochastic else m2.hvp_batch_size, cg_tol=m2.cg_tol,
+        cg_max_iter=m2.cg_max_iter, hessian_points=m2.hessian_points,
+        exact_max_params=m2.exact_max_params, chunk_size=m2.chunk_size, seed=seed,
+        fisher=fisher or getattr(m2, "fisher", default.fisher),
+        kfac_damp_factor=float(getattr(m2, "kfac_damp_factor", default.kfac_damp_factor)),
+        arnoldi_rank=getattr(m2, "arnoldi_rank", default.arnoldi_rank),
+        arnoldi_iterations=getattr(m2, "arnoldi_iterations", default.arnoldi_iterations),
+        proj_dim=getattr(m2, "proj_dim", default.proj_dim),
         progress=progress, save=lambda path, state: save_torch(path, state))
 
 
@@ -606,13 +608,14 @@ class quiet_console:
 _ANNOUNCED: set = set()  # (settings file, profile, output, threads) already shown on this process's console
 
 
-def start_script(settings: dict, name: str, cfg: dict, seed: bool = True) -> tuple[logging.Logger, torch.device]:
-    """The opening every script shares: its logger (:func:`make_logger`), its device from
-    ``cfg["use_gpu"]`` (logged), and, with ``seed``, python, numpy and torch seeded from ``cfg["seed"]``."""
+def start_script(settings: dict, name: str, cfg, seed: bool = True) -> tuple[logging.Logger, torch.device]:
+    """The opening every script shares: its logger (:func:`make_logger`), its device from the
+    network's typed block's ``use_gpu`` (logged), and, with ``seed``, python, numpy and torch seeded
+    from its ``seed``."""
     logger = make_logger(settings, name)
-    device = select_device(cfg["use_gpu"], logger)
+    device = select_device(cfg.use_gpu, logger)
     if seed:
-        seed_everything(cfg["seed"])
+        seed_everything(cfg.seed)
     return logger, device
 
 

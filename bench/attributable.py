@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import utils_if  # noqa: E402
 import utils_option as opt  # noqa: E402
 from mnist_test import common, lds, training  # noqa: E402
+from options.blocks import Mnist  # noqa: E402
 
 REPORT = {"learning_rate": 0.003, "momentum": 0.9, "weight_decay": 0.001, "batch_size": 8, "activation": "relu"}
 RECIPES = {
@@ -65,13 +66,14 @@ def recipe_cfg(name: str, epochs: int, directions: int) -> dict:
 def study(name: str, cfg: dict, data, test, args) -> dict:
     cpu, n = torch.device("cpu"), len(data)
     x_t, y_t = test.images[:args.tests], test.labels[:args.tests]
-    start_step = training.attribution_window(cfg, n)
+    block = opt.typed(cfg, Mnist)  # the recipe as the mnist block a script would read
+    start_step = training.attribution_window(block, n)
     with opt.Timer() as train_timer:
         base, _ = training.train_model(data, cfg, 0, cpu, show_progress=False)
     _, predictions = common.evaluate(base, test)
     accuracy = float((predictions == test.labels).float().mean())
     with opt.Timer() as check_timer:
-        smooth = training.metasmoothness(data, x_t, y_t, cfg, cpu, cfg["method3"])
+        smooth = training.metasmoothness(data, x_t, y_t, block, cpu, block.method3)
     with opt.Timer() as replay_timer:
         metagradient, run = training.run_metagradient(data, cfg, 0, x_t, y_t, cpu, window_start=start_step)  # (T, n)
     base_loss = np.array(lds.outputs_of(base.state_dict(), x_t, y_t, cfg["activation"])["loss"])

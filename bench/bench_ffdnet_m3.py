@@ -45,7 +45,7 @@ def main() -> None:
     except opt.MissingFileError:
         base, source = common.new_model(settings, cpu).eval(), "a fresh model (FFDNet_Train has not run)"
     noisy, clean, sigma, _ = attribution.training_triples(settings, cpu)
-    full = explain.finetune_run(cfg["explain"]["finetune"], len(clean), seed=0)
+    full = explain.finetune_run(cfg.explain.finetune, len(clean), seed=0)
     run = utils_if.AdamRun(full.learning_rate, full.orders[:args.steps])
     start = time.perf_counter()
     tuned = explain.finetune(copy.deepcopy(base), noisy, clean, sigma, run)
@@ -58,7 +58,7 @@ def main() -> None:
     problem = utils_if.InfluenceProblem(PackedInput(tuned).eval(), utils_if.mse_sample_loss,
                                         ["net." + n for n in replay.names])
     image = explain.targets(settings, lambda _: None)[0]["image"]
-    grads, _, _ = attribution.target_grads(settings, problem, image, cfg["attribution"]["points"], cpu)
+    grads, _, _ = attribution.target_grads(settings, problem, image, cfg.attribution.points, cpu)
     print(f"threads {torch.get_num_threads()}, model {source}, {replay.num_params:,} parameters, {len(clean)} patches, "
           f"{args.steps} of {full.num_steps} fine-tuning steps (batch {run.orders.shape[1]}); replay vs fine-tuning "
           f"weights: relative error {error:.2g}")

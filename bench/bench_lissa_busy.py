@@ -48,11 +48,11 @@ def main() -> None:
     model, _ = common.load_model(settings, "staTest0", torch.device("cpu"))
     train = common.load_train_data(settings, torch.device("cpu"), lambda *_: None)
     test = common.load_test_data(settings, torch.device("cpu"), lambda *_: None)
-    m2 = common.mnist_cfg(settings)["method2"]
+    m2 = common.mnist_cfg(settings).method2
     cfg = opt.solver_settings(m2, 0)
     cfg.progress = None
     problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, utils_if.select_parameters(model),
-                                        l2_reg=m2["l2_reg"])
+                                        l2_reg=m2.l2_reg)
     grads = problem.sample_grads(test.images[:10], test.labels[:10])
     results = {}
     for busy in (False, True):

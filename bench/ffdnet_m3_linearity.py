@@ -51,8 +51,8 @@ def main() -> None:
     for image in dict.fromkeys(t["image"] for t in targets):
         _, _, test_clean, test_noisy = attribution.test_image(settings, image)
         tests[image] = (common.to_model_order(test_clean, settings), common.to_model_order(test_noisy, settings))
-    window, sigma01 = cfg["method2"]["window"], cfg["test"]["noise_level_img"] / 255.0
-    ft = cfg["explain"]["finetune"]
+    window, sigma01 = cfg.method2.window, cfg.test.noise_level_img / 255.0
+    ft = cfg.explain.finetune
 
     def window_losses(weights):
         run = explain.finetune_run(ft, n, args.seed, weights)

@@ -10,6 +10,7 @@ Usage: python bench/ffdnet_smoothness.py [-opt settings_ffdnet_explain_1seed.jso
        [--threads 2]
 """
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -35,13 +36,13 @@ def main() -> None:
     noisy, clean, sigma, _ = attribution.training_triples(settings, device)
     rows = []
     for eps_root in args.eps_roots:
-        ft = {**cfg["explain"]["finetune"], "eps_root": eps_root}
+        ft = dataclasses.replace(cfg.explain.finetune, eps_root=eps_root)
         with opt.Timer() as timer:
-            found = explain.metasmoothness(base, noisy, clean, sigma, ft, cfg["method3"])
+            found = explain.metasmoothness(base, noisy, clean, sigma, ft, cfg.method3)
         rows.append({"variant": "Adam" if not eps_root else f"Adam, eps_root {eps_root:g}", "s_hat": found["s_hat"],
                      "s_hat_each": found["s_hat_each"], "runs": found["trainings"], "seconds": round(timer.seconds, 1)})
         print(rows[-1], flush=True)
-    print(f"\n{model_path}: {len(clean)} patches, fine-tuning {cfg['explain']['finetune']}, "
+    print(f"\n{model_path}: {len(clean)} patches, fine-tuning {cfg.explain.finetune}, "
           f"{torch.get_num_threads()} thread(s)")
     print(opt.markdown_table(["variant", "S_hat", "fine-tuning runs", "seconds"],
                              [[r["variant"], r["s_hat"], r["runs"], r["seconds"]] for r in rows], ".4g"))

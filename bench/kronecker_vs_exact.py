@@ -46,7 +46,7 @@ def main() -> None:
     train = common.load_train_data(settings, cpu, lambda *_: None)
     test = common.load_test_data(settings, cpu, lambda *_: None)
     x, y, x_t, y_t = train.images, train.labels, test.images[:args.tests], test.labels[:args.tests]
-    l2 = settings["mnist"]["method2"]["l2_reg"]
+    l2 = common.mnist_cfg(settings).method2.l2_reg
     print(f"model {path}; {len(x)} training images, {args.tests} test images, threads {torch.get_num_threads()}")
 
     last = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, ["main.4.weight", "main.4.bias"], l2_reg=l2)

@@ -43,7 +43,7 @@ def main() -> None:
     train = common.load_train_data(s, cpu, lambda *_: None)
     test = common.load_test_data(s, cpu, lambda *_: None)
     x_t, y_t = test.images[ids], test.labels[ids]
-    cfg, act, n = lds.recipe(settings), common.mnist_cfg(settings)["activation"], len(train)
+    cfg, act, n = lds.recipe(settings), common.mnist_cfg(settings).activation, len(train)
     influence = lds.influence_matrix(opt.read_json(common.m3_file(s), "mnist_test/m3_Test.py"), ids, common.m3_file(s))
     model, path = common.load_model(s, "lds0", cpu)
     base = np.array(lds.outputs_of(model.state_dict(), x_t, y_t, act)["loss"])
@@ -53,16 +53,16 @@ def main() -> None:
     for eps in (1e-6, 1e-4, 1e-2):
         w = torch.ones(n)
         w[args.point] -= eps
-        moved, _ = training.train_model(train, cfg, lcfg["ensemble_seeds"][0], cpu, show_progress=False, data_weights=w)
+        moved, _ = training.train_model(train, cfg, lcfg.ensemble_seeds[0], cpu, show_progress=False, data_weights=w)
         change = np.array(lds.outputs_of(moved.state_dict(), x_t, y_t, act)["loss"]) - base
         predicted = influence[:, args.point] * eps / n   # dF = -(influence / n) dw, dw = -eps
         ratio = np.abs(change).mean() / np.abs(predicted).mean()
         print(f"| {eps:g} | {np.abs(change).mean():.3g} | {np.abs(predicted).mean():.3g} | {ratio:.3g} |", flush=True)
-    folder = lds.study_folder(settings, "single_model", f"s{lcfg['ensemble_seeds'][0]}_d{args.drop:g}")
+    folder = lds.study_folder(settings, "single_model", f"s{lcfg.ensemble_seeds[0]}_d{args.drop:g}")
     alone, grouped, masks = [], [], []
     for m in range(args.subsets):
-        mask = lds.drop_mask(n, args.drop, lcfg["seed"], m)
-        trained, _ = training.train_model(train, cfg, lcfg["ensemble_seeds"][0], cpu, show_progress=False,
+        mask = lds.drop_mask(n, args.drop, lcfg.seed, m)
+        trained, _ = training.train_model(train, cfg, lcfg.ensemble_seeds[0], cpu, show_progress=False,
                                           data_weights=torch.as_tensor(mask, dtype=torch.float32))
         alone.append(lds.outputs_of(trained.state_dict(), x_t, y_t, act)["loss"])
         grouped.append(json.load(open(os.path.join(folder, f"m{m}.json")))["loss"][:len(ids)])

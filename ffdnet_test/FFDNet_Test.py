@@ -25,13 +25,13 @@ from ffdnet_test import common, datasets, metrics  # noqa: E402
 def denoise_folder(settings: dict, model, device, logger=None, save_dir: str | None = None) -> list[dict]:
     """PSNR/SSIM rows for every image of ffdnet.test_dir."""
     cfg = common.ffdnet_cfg(settings)
-    test = cfg["test"]
-    sigma = test["noise_level_img"]
-    files, images = datasets.read_folder(common.folder(settings, "test_dir"), cfg["is_gray"])
+    test = cfg.test
+    sigma = test.noise_level_img
+    files, images = datasets.read_folder(common.folder(settings, "test_dir"), cfg.is_gray)
     rows = []
     for k, (path, clean) in enumerate(opt.progress(list(zip(files, images)), desc="denoise",
                                                    disable=logger is None, leave=False)):
-        noisy = common.noisy_test_image(clean, sigma, cfg["seed"] + k, test["is_clip"])
+        noisy = common.noisy_test_image(clean, sigma, cfg.seed + k, test.is_clip)
         with torch.no_grad():
             out = model(common.to_model_order(noisy, settings)[None].to(device),
                         torch.tensor([sigma / 255.0], device=device))[0].cpu()
@@ -39,9 +39,9 @@ def denoise_folder(settings: dict, model, device, logger=None, save_dir: str | N
         reference = metrics.to_uint8(clean)
         noisy8 = metrics.to_uint8(noisy)
         name = os.path.splitext(os.path.basename(path))[0]
-        rows.append({"image": name, "psnr": metrics.psnr(denoised, reference, test["border"]),
-                     "ssim": metrics.ssim(denoised, reference, test["border"]),
-                     "psnr_noisy": metrics.psnr(noisy8, reference, test["border"])})
+        rows.append({"image": name, "psnr": metrics.psnr(denoised, reference, test.border),
+                     "ssim": metrics.ssim(denoised, reference, test.border),
+                     "psnr_noisy": metrics.psnr(noisy8, reference, test.border)})
         if save_dir is not None:
             from PIL import Image
             os.makedirs(save_dir, exist_ok=True)  # made on the first image: a failed run leaves no empty folder
@@ -53,14 +53,14 @@ def denoise_folder(settings: dict, model, device, logger=None, save_dir: str | N
 
 def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
-    test = cfg["test"]
+    test = cfg.test
     logger, device = opt.start_script(settings, "ffdnet_Test", cfg)
     model, model_path = common.load_model(settings, device, logger)
-    set_name = os.path.basename(os.path.normpath(cfg["test_dir"]))
-    stem = (f"{os.path.splitext(os.path.basename(model_path))[0]}_{set_name}_s{test['noise_level_img']:g}"
-            f"{'' if test['is_clip'] else '_noclip'}{'_bgr' if cfg['channel_order'] == 'bgr' else ''}")
+    set_name = os.path.basename(os.path.normpath(cfg.test_dir))
+    stem = (f"{os.path.splitext(os.path.basename(model_path))[0]}_{set_name}_s{test.noise_level_img:g}"
+            f"{'' if test.is_clip else '_noclip'}{'_bgr' if cfg.channel_order == 'bgr' else ''}")
     save_dir = os.path.join(opt.resolve_path(settings["output_dir"]), "fig", "ffdnet_test", stem) \
-        if test["save_images"] else None
+        if test.save_images else None
     try:
         rows = denoise_folder(settings, model, device, logger, save_dir)
     except datasets.ImageFolderError as err:
@@ -70,12 +70,12 @@ def main(settings: dict) -> dict:
         logger.info(f"{row['image']:<14} {row['psnr_noisy']:>9.2f} {row['psnr']:>8.2f} {row['ssim']:>7.4f}")
     average = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "psnr_noisy")}
     logger.info(f"{'average':<14} {average['psnr_noisy']:>9.2f} {average['psnr']:>8.2f} {average['ssim']:>7.4f}"
-                f"   ({set_name}, sigma {test['noise_level_img']:g}, is_clip {test['is_clip']})")
+                f"   ({set_name}, sigma {test.noise_level_img:g}, is_clip {test.is_clip})")
     path = opt.write_json(opt.output_path(settings, "test", "ffdnet", stem + ".json"), {
         "images": rows, "average": average, "meta": {
-            "model_file": model_path, "test_dir": cfg["test_dir"], "sigma": test["noise_level_img"],
-            "is_clip": test["is_clip"], "channel_order": cfg["channel_order"], "seed": cfg["seed"],
-            "border": test["border"], "images_dir": save_dir}}, logger)
+            "model_file": model_path, "test_dir": cfg.test_dir, "sigma": test.noise_level_img,
+            "is_clip": test.is_clip, "channel_order": cfg.channel_order, "seed": cfg.seed,
+            "border": test.border, "images_dir": save_dir}}, logger)
     return {"test_file": path, "average": average, "rows": rows}
 
 

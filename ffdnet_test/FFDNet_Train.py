@@ -23,41 +23,41 @@ from ffdnet_test.training import train_ffdnet  # noqa: E402
 
 def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
-    m1 = cfg["method1"]
+    m1 = cfg.method1
     logger, device = opt.start_script(settings, "ffdnet_Train", cfg)
     try:
         patches = common.train_patches(settings)
-        _, val_images = datasets.read_folder(common.folder(settings, "val_dir"), cfg["is_gray"])
+        _, val_images = datasets.read_folder(common.folder(settings, "val_dir"), cfg.is_gray)
     except datasets.ImageFolderError as err:
         raise opt.SettingsError(str(err)) from None
     model = common.new_model(settings, device)
-    layers = tuple(m1["layers"]) if m1["record"] else ()
+    layers = tuple(m1.layers) if m1.record else ()
     for layer in layers:
         model.conv_index(layer)  # a clear error for a layer the net does not have
-    logger.info(f"{len(patches)} patches {cfg['patch_size']}x{cfg['patch_size']} (stride {cfg['stride']}) "
-                f"from {len(patches.files)} images in {cfg['train_dir']}; model {count_parameters(model)} "
-                f"parameters; noise {'fixed per patch' if cfg['fixed_noise'] else 'fresh each step'} "
-                f"sigma in {cfg['sigma']}; method-1 layers {list(layers)} ({m1['grad_mode']})")
+    logger.info(f"{len(patches)} patches {cfg.patch_size}x{cfg.patch_size} (stride {cfg.stride}) "
+                f"from {len(patches.files)} images in {cfg.train_dir}; model {count_parameters(model)} "
+                f"parameters; noise {'fixed per patch' if cfg.fixed_noise else 'fresh each step'} "
+                f"sigma in {cfg.sigma}; method-1 layers {list(layers)} ({m1.grad_mode})")
 
     def checkpoint(epoch, net, record):
         logger.info(f"epoch {epoch}: train loss {record['train_loss']:.6f}, val PSNR "
-                    f"{record.get('val_psnr', float('nan')):.2f} dB (sigma {cfg['val_sigma']:g})")
-        if epoch % cfg["train_checkpoints"] == 0 and epoch != cfg["epoch"]:
+                    f"{record.get('val_psnr', float('nan')):.2f} dB (sigma {cfg.val_sigma:g})")
+        if epoch % cfg.train_checkpoints == 0 and epoch != cfg.epoch:
             opt.save_torch(common.model_file(settings, epoch), {"model": checkpoint_state(net)}, logger)
 
     to_model = lambda x: common.to_model_order(x, settings)  # noqa: E731
     with opt.Timer() as timer:
         model, norms, history = train_ffdnet(
             model, patches, cfg, device, common.patch_noise(settings, patches),
-            m1["grad_mode"] if layers else None, layers, val_images, to_model, checkpoint)
-    path = opt.save_torch(common.model_file(settings), {"model": checkpoint_state(model), "settings": cfg,
+            m1.grad_mode if layers else None, layers, val_images, to_model, checkpoint)
+    path = opt.save_torch(common.model_file(settings), {"model": checkpoint_state(model), "settings": settings["ffdnet"],
                                                         "history": history}, logger)
     logger.info(f"trained in {timer.seconds:.0f} s; final val PSNR {history[-1].get('val_psnr', 0):.2f} dB")
     result = {"model": path, "history": history, "seconds": timer.seconds}
     if norms:
         table = [[os.path.basename(patches.files[int(k)]), int(r), int(c)]
                  for k, (r, c) in zip(patches.image_index, patches.position.tolist())]
-        meta = {"settings": cfg, "model_file": path, "grad_mode": m1["grad_mode"],
+        meta = {"settings": settings["ffdnet"], "model_file": path, "grad_mode": m1.grad_mode,
                 "layers": {f"l{layer}": {"module": f"main.{model.conv_index(layer)}.weight",
                                          "shape": list(norms[layer].shape)} for layer in layers},
                 "n_train": len(patches), "files": [os.path.basename(f) for f in patches.files],

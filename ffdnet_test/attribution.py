@@ -20,10 +20,10 @@ def test_image(settings: dict, name: str) -> tuple[int, str, torch.Tensor, torch
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     if name not in names:
         raise opt.SettingsError(f"bad setting ffdnet.attribution.images: no test image {name!r} in "
-                                f"{cfg['test_dir']} (names: {names})")
+                                f"{cfg.test_dir} (names: {names})")
     k = names.index(name)
-    clean = datasets.read_image(paths[k], cfg["is_gray"])
-    noisy = common.noisy_test_image(clean, cfg["test"]["noise_level_img"], cfg["seed"] + k, cfg["test"]["is_clip"])
+    clean = datasets.read_image(paths[k], cfg.is_gray)
+    noisy = common.noisy_test_image(clean, cfg.test.noise_level_img, cfg.seed + k, cfg.test.is_clip)
     return k, paths[k], clean, noisy
 
 
@@ -33,7 +33,7 @@ def image_names(settings: dict, log=print) -> list[str]:
     the first as many images of the folder, in name order, with a warning saying so; a list of
     which only some exist is a typo and stops with one line."""
     cfg = common.ffdnet_cfg(settings)
-    wanted = cfg["attribution"]["images"]
+    wanted = cfg.attribution.images
     names = [os.path.splitext(os.path.basename(p))[0]
              for p in datasets.list_images(common.folder(settings, "test_dir"))]
     missing = [n for n in wanted if n not in names]
@@ -41,9 +41,9 @@ def image_names(settings: dict, log=print) -> list[str]:
         return list(wanted)
     if len(missing) < len(wanted):
         raise opt.SettingsError(f"bad setting ffdnet.attribution.images: no test image {missing[0]!r} in "
-                                f"{cfg['test_dir']} (names: {names})")
+                                f"{cfg.test_dir} (names: {names})")
     chosen = names[:len(wanted)]
-    log(f"WARNING: ffdnet.attribution.images {wanted} are not in {cfg['test_dir']}: using its first "
+    log(f"WARNING: ffdnet.attribution.images {wanted} are not in {cfg.test_dir}: using its first "
         f"{len(chosen)} images {chosen} instead (set ffdnet.attribution.images to choose)")
     return chosen
 
@@ -109,7 +109,7 @@ def window_mask(shape: tuple[int, ...], point: list[int], window: int) -> torch.
 def training_triples(settings: dict, device, n: int = 0):
     """(noisy, clean, sigma, patches) of the first n training patches (0 = all), in the model's
     channel order: the fixed (noisy, clean, sigma) triples that influence and retraining share."""
-    if not common.ffdnet_cfg(settings)["fixed_noise"]:
+    if not common.ffdnet_cfg(settings).fixed_noise:
         raise opt.SettingsError("ffdnet.fixed_noise = false: attribution needs one fixed (noisy, clean, "
                                 "sigma) triple per training patch; set it to true (and retrain)")
     patches = common.train_patches(settings)
@@ -123,7 +123,7 @@ def training_triples(settings: dict, device, n: int = 0):
 def training_points(settings: dict, device):
     """Packed noisy inputs and clean targets of the (first max_train_points) training patches."""
     noisy, clean, sigma, patches = training_triples(settings, device,
-                                                    common.ffdnet_cfg(settings)["method2"]["max_train_points"])
+                                                    common.ffdnet_cfg(settings).method2.max_train_points)
     return PackedInput.pack(noisy, sigma), clean, patches
 
 
@@ -133,9 +133,9 @@ def influence_problem(settings: dict, model: FFDNet, solver: "utils_if.SolverSet
     under PackedInput's "net."). Kronecker solvers cover the conv layers only: BatchNorm's scale and
     shift are held fixed (logged), and since the MSE has no label to sample, ``solver`` gets the
     empirical Fisher and the factor file of these settings."""
-    m2 = common.ffdnet_cfg(settings)["method2"]
+    m2 = common.ffdnet_cfg(settings).method2
     try:
-        names = utils_if.select_parameters(model, m2["params"])
+        names = utils_if.select_parameters(model, m2.params)
     except ValueError as err:
         raise opt.solver_error("ffdnet.method2", err) from None
     if solver.solver in utils_if.KRONECKER_SOLVERS:
@@ -147,14 +147,14 @@ def influence_problem(settings: dict, model: FFDNet, solver: "utils_if.SolverSet
         names, solver.fisher = convs, common.FISHER
         solver.factor_file = common.factor_file(settings, solver.solver)
     return utils_if.InfluenceProblem(PackedInput(model).eval(), utils_if.mse_sample_loss, ["net." + n for n in names],
-                                     l2_reg=m2["l2_reg"], batched_hvp=False)
+                                     l2_reg=m2.l2_reg, batched_hvp=False)
 
 
 def packed_test_image(settings: dict, image: str, device) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(packed noisy input (1, C+1, H, W), clean target (1, C, H, W), path) of a test image, in the
     model's channel order, at the test noise level."""
     _, path, clean, noisy = test_image(settings, image)
-    sigma01 = common.ffdnet_cfg(settings)["test"]["noise_level_img"] / 255.0
+    sigma01 = common.ffdnet_cfg(settings).test.noise_level_img / 255.0
     x = PackedInput.pack(common.to_model_order(noisy, settings)[None], torch.tensor([sigma01]))
     return x.to(device), common.to_model_order(clean, settings)[None].to(device), path
 
@@ -164,7 +164,7 @@ def target_grads(settings: dict, problem: "utils_if.InfluenceProblem", image: st
     """The gradients (1 + len(points), p) of one test image's targets over ``problem``'s parameters:
     the whole-image MSE, then the squared error of the ffdnet.method2.window window around each
     point; with their (entry label, point) and the image's path."""
-    window = common.ffdnet_cfg(settings)["method2"]["window"]
+    window = common.ffdnet_cfg(settings).method2.window
     x, y, path = packed_test_image(settings, image, device)
     rows, labels = [problem.sample_grads(x, y)], [("whole", None)]
     for point in points:

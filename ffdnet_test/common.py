@@ -10,34 +10,36 @@ import utils_option as opt
 from ffdnet_test import datasets
 from ffdnet_test.checkpoints import load_checkpoint
 from ffdnet_test.model import FFDNet, orthogonal_init
+from options.blocks import Ffdnet
 
 
-def ffdnet_cfg(settings: dict) -> dict:
-    return settings["ffdnet"]
+def ffdnet_cfg(settings: dict) -> Ffdnet:
+    """The ``ffdnet`` block of checked settings, typed (options/blocks.py): ``ffdnet_cfg(s).method2.solver``."""
+    return opt.typed(settings["ffdnet"], Ffdnet)
 
 
 def run_tag(settings: dict) -> str:
     """FFDNet_{gray|rgb}_{layout}_e{E}b{B}s{seed}p{patch}st{stride} (+ nN, fn fixed noise, ft fine-tune)."""
     cfg = ffdnet_cfg(settings)
-    tag = (f"FFDNet_{'gray' if cfg['is_gray'] else 'rgb'}_{cfg['layout']}_e{cfg['epoch']}"
-           f"b{cfg['batch_size']}s{cfg['seed']}p{cfg['patch_size']}st{cfg['stride']}"
-           f"sg{cfg['sigma'][0]:g}-{cfg['sigma'][1]:g}")
-    if cfg["max_patches"]:
-        tag += f"n{cfg['max_patches']}"
-    if cfg["fixed_noise"]:
+    tag = (f"FFDNet_{'gray' if cfg.is_gray else 'rgb'}_{cfg.layout}_e{cfg.epoch}"
+           f"b{cfg.batch_size}s{cfg.seed}p{cfg.patch_size}st{cfg.stride}"
+           f"sg{cfg.sigma[0]:g}-{cfg.sigma[1]:g}")
+    if cfg.max_patches:
+        tag += f"n{cfg.max_patches}"
+    if cfg.fixed_noise:
         tag += "fn"
-    if cfg["lr_decay_epochs"]:
-        tag += "d" + "-".join(map(str, cfg["lr_decay_epochs"]))
-    if cfg["learning_rate"] != 1e-3:
-        tag += f"lr{cfg['learning_rate']:g}"
-    if cfg["init_checkpoint"]:
+    if cfg.lr_decay_epochs:
+        tag += "d" + "-".join(map(str, cfg.lr_decay_epochs))
+    if cfg.learning_rate != 1e-3:
+        tag += f"lr{cfg.learning_rate:g}"
+    if cfg.init_checkpoint:
         tag += "ft"
-    if cfg["residual"]:
+    if cfg.residual:
         tag += "res"
-    if cfg["bn_recalibrate_batches"]:
-        tag += f"bnr{cfg['bn_recalibrate_batches']}"
-    if os.path.normpath(opt.resolve_path(cfg["train_dir"])) != opt.resolve_path("data/ffdnet/train"):
-        tag += "_" + os.path.basename(os.path.normpath(cfg["train_dir"]))
+    if cfg.bn_recalibrate_batches:
+        tag += f"bnr{cfg.bn_recalibrate_batches}"
+    if os.path.normpath(opt.resolve_path(cfg.train_dir)) != opt.resolve_path("data/ffdnet/train"):
+        tag += "_" + os.path.basename(os.path.normpath(cfg.train_dir))
     return tag
 
 
@@ -47,9 +49,9 @@ def model_file(settings: dict, epoch: int | None = None) -> str:
 
 
 def grad_norm_file(settings: dict) -> str:
-    m1 = ffdnet_cfg(settings)["method1"]
+    m1 = ffdnet_cfg(settings).method1
     return opt.output_path(settings, "grad_norm", "ffdnet",
-                           f"{run_tag(settings)}_{m1['grad_mode']}.json")
+                           f"{run_tag(settings)}_{m1.grad_mode}.json")
 
 
 M1_MODES = ("raw", "normalized", "remove_out")  # every m1_Test file holds all three
@@ -58,50 +60,50 @@ FISHER = "empirical"  # the MSE has no label to sample: K-FAC/EK-FAC use the emp
 
 def test_noise_part(settings: dict) -> str:
     """The test image's noise: sigma (0-255) and whether the noisy input is clipped to 8 bits."""
-    test = ffdnet_cfg(settings)["test"]
-    return f"s{test['noise_level_img']:g}{'c' if test['is_clip'] else 'u'}"
+    test = ffdnet_cfg(settings).test
+    return f"s{test.noise_level_img:g}{'c' if test.is_clip else 'u'}"
 
 
 def m1_result_file(settings: dict, image: str) -> str:
     """m1_Test's scores for one test image (all modes; outlim decides remove_out)."""
-    m1 = ffdnet_cfg(settings)["method1"]
-    layers = "-".join(map(str, m1["layers"]))
+    m1 = ffdnet_cfg(settings).method1
+    layers = "-".join(map(str, m1.layers))
     return opt.output_path(settings, "act_grad", "ffdnet",
-                           f"{run_tag(settings)}_{m1['grad_mode']}_{image}_{m1['activation']}_l{layers}"
-                           f"_out{m1['outlim']:g}_{test_noise_part(settings)}.json")
+                           f"{run_tag(settings)}_{m1.grad_mode}_{image}_{m1.activation}_l{layers}"
+                           f"_out{m1.outlim:g}_{test_noise_part(settings)}.json")
 
 
 def m2_result_file(settings: dict, image: str) -> str:
     """m2_Test's influences for one test image: the shared solver part, the training patches used,
     the window, the test noise."""
-    m2 = ffdnet_cfg(settings)["method2"]
+    m2 = ffdnet_cfg(settings).method2
     return opt.output_path(settings, "if", "ffdnet",
-                           f"{run_tag(settings)}_{opt.solver_file_part({**m2, 'fisher': FISHER})}_n{m2['max_train_points']}"
-                           f"_w{m2['window']}_{test_noise_part(settings)}_{image}.json")
+                           f"{run_tag(settings)}_{opt.solver_file_part(m2, fisher=FISHER)}_n{m2.max_train_points}"
+                           f"_w{m2.window}_{test_noise_part(settings)}_{image}.json")
 
 
 def m3_result_file(settings: dict, image: str, seed: int) -> str:
     """m3_Test's metagradients for one test image through the fine-tuning run of one seed (the
     schedule ffdnet.explain.finetune, all training patches, the window, the test noise)."""
     cfg = ffdnet_cfg(settings)
-    ft = cfg["explain"]["finetune"]
+    ft = cfg.explain.finetune
     return opt.output_path(settings, "if", "ffdnet",
-                           f"{run_tag(settings)}_m3_ft-e{ft['epochs']:g}lr{ft['learning_rate']:g}b{ft['batch_size']}"
-                           + (f"er{ft['eps_root']:g}" if ft["eps_root"] else "") +
-                           f"_seed{seed}_w{cfg['method2']['window']}_{test_noise_part(settings)}_{image}.json")
+                           f"{run_tag(settings)}_m3_ft-e{ft.epochs:g}lr{ft.learning_rate:g}b{ft.batch_size}"
+                           + (f"er{ft.eps_root:g}" if ft.eps_root else "") +
+                           f"_seed{seed}_w{cfg.method2.window}_{test_noise_part(settings)}_{image}.json")
 
 
 def factor_file(settings: dict, solver: str) -> str:
     """K-FAC/EK-FAC factors of the model over its (first max_train_points) training patches."""
-    m2 = ffdnet_cfg(settings)["method2"]
-    params = "_p" + "+".join(m2["params"]) if m2["params"] else ""
+    m2 = ffdnet_cfg(settings).method2
+    params = "_p" + "+".join(m2.params) if m2.params else ""
     return opt.output_path(settings, "if", "ffdnet", "factors",
-                           f"{run_tag(settings)}_{solver}_{FISHER}{params}_n{m2['max_train_points']}.pt")
+                           f"{run_tag(settings)}_{solver}_{FISHER}{params}_n{m2.max_train_points}.pt")
 
 
 def folder(settings: dict, key: str) -> str:
     """A data folder from the settings; the default ones are filled on first use."""
-    path = opt.resolve_path(ffdnet_cfg(settings)[key])
+    path = opt.resolve_path(getattr(ffdnet_cfg(settings), key))
     if path.startswith(opt.resolve_path("data/ffdnet")) and not os.path.isdir(path):
         from data.ffdnet_data import ensure_ffdnet_images
         ensure_ffdnet_images()
@@ -110,33 +112,33 @@ def folder(settings: dict, key: str) -> str:
 
 def train_patches(settings: dict) -> datasets.PatchSet:
     cfg = ffdnet_cfg(settings)
-    return datasets.PatchSet.from_folder(folder(settings, "train_dir"), cfg["is_gray"],
-                                         cfg["patch_size"], cfg["stride"], cfg["max_patches"])
+    return datasets.PatchSet.from_folder(folder(settings, "train_dir"), cfg.is_gray,
+                                         cfg.patch_size, cfg.stride, cfg.max_patches)
 
 
 def patch_noise(settings: dict, patches: datasets.PatchSet):
     """The fixed per-patch (sigma, noise) of these settings (seeded), or None without fixed_noise."""
     cfg = ffdnet_cfg(settings)
-    if not cfg["fixed_noise"]:
+    if not cfg.fixed_noise:
         return None
-    return datasets.fixed_noise(len(patches), tuple(patches.clean.shape[1:]), tuple(cfg["sigma"]),
-                                cfg["seed"] + 1000003)
+    return datasets.fixed_noise(len(patches), tuple(patches.clean.shape[1:]), tuple(cfg.sigma),
+                                cfg.seed + 1000003)
 
 
 def new_model(settings: dict, device: torch.device) -> FFDNet:
     cfg = ffdnet_cfg(settings)
-    torch.manual_seed(cfg["seed"])
-    model = FFDNet(cfg["is_gray"], cfg["layout"], residual=cfg["residual"])
+    torch.manual_seed(cfg.seed)
+    model = FFDNet(cfg.is_gray, cfg.layout, residual=cfg.residual)
     orthogonal_init(model)
-    if cfg["init_checkpoint"]:
-        pretrained, _ = load_checkpoint(opt.resolve_path(cfg["init_checkpoint"]))
+    if cfg.init_checkpoint:
+        pretrained, _ = load_checkpoint(opt.resolve_path(cfg.init_checkpoint))
         model.load_state_dict(pretrained.state_dict())
     return model.to(device)
 
 
 def resolve_model_path(settings: dict) -> str:
     """The model the test/attribution scripts use: ffdnet.test.model, or the trained one."""
-    choice = ffdnet_cfg(settings)["test"]["model"]
+    choice = ffdnet_cfg(settings).test.model
     if choice == "official":
         from data.ffdnet_data import official_color_weights
         return official_color_weights()
@@ -149,9 +151,9 @@ def load_model(settings: dict, device: torch.device, logger: logging.Logger | No
     path = resolve_model_path(settings)
     model, info = load_checkpoint(path)
     cfg = ffdnet_cfg(settings)
-    if info["is_gray"] != cfg["is_gray"]:
+    if info["is_gray"] != cfg.is_gray:
         raise opt.SettingsError(f"model {path} is {'gray' if info['is_gray'] else 'colour'} but "
-                                f"ffdnet.is_gray = {str(cfg['is_gray']).lower()}: change one of them")
+                                f"ffdnet.is_gray = {str(cfg.is_gray).lower()}: change one of them")
     if logger is not None:
         logger.info(f"model {path}: {info}")
     return model.to(device).eval(), path
@@ -159,7 +161,7 @@ def load_model(settings: dict, device: torch.device, logger: logging.Logger | No
 
 def to_model_order(image: torch.Tensor, settings: dict) -> torch.Tensor:
     """RGB -> the model's channel order (BGR for the original author's checkpoint); an involution."""
-    if ffdnet_cfg(settings)["channel_order"] == "bgr" and image.shape[-3] == 3:
+    if ffdnet_cfg(settings).channel_order == "bgr" and image.shape[-3] == 3:
         return image.flip(-3)
     return image
 

@@ -37,7 +37,7 @@ def summarise(lists: dict[str, dict[tuple, list[int]]], top: int) -> tuple[float
 
 def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
-    if len(cfg["attribution"]["images"]) < 2:
+    if len(cfg.attribution.images) < 2:
         raise opt.SettingsError("ffdnet.attribution.images needs two test images for the diagnosis")
     logger = opt.make_logger(settings, "ffdnet_diagnose")
     images = attribution.image_names(settings, logger.info)[:2]
@@ -56,16 +56,16 @@ def main(settings: dict) -> dict:
         pixel = {img: {tuple(e["point"]): e[kind] for label, e in m2[img]["entries"].items() if e["point"]}
                  for img in images}
         rows.append((f"Method 2, pixel window, {kind}", *summarise(pixel, top)))
-    points = cfg["attribution"]["points"]
+    points = cfg.attribution.points
     lines = [f"Top-{top} overlap (%), test images {images[0]} and {images[1]}, points {points}", "",
              opt.markdown_table(["method", "between points (same image)", "between images (same point)"],
                                 [[name, f"{a:.1f}".replace("nan", "–"), f"{b:.1f}".replace("nan", "–")]
                                  for name, a, b in rows])]
     text = "\n".join(lines)
     logger.info("\n" + text)
-    m1 = common.ffdnet_cfg(settings)["method1"]
+    m1 = common.ffdnet_cfg(settings).method1
     inputs = os.path.basename(common.m2_result_file(settings, "")).removesuffix("_.json")
-    path = opt.output_path(settings, "test", f"ffdnet_diagnosis_{inputs}_{m1['grad_mode']}_{m1['activation']}.md")
+    path = opt.output_path(settings, "test", f"ffdnet_diagnosis_{inputs}_{m1.grad_mode}_{m1.activation}.md")
     opt.write_text(path, text + "\n")
     return {"table": path, "rows": rows}
 

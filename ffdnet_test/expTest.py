@@ -42,10 +42,10 @@ def prerequisites(settings: dict, target_list: list[dict], log) -> None:
     missing (what the rankings and the predictions need), so that this script is the whole study."""
     cfg = common.ffdnet_cfg(settings)
     ecfg = explain.explain_cfg(settings)
-    wanted = set(ecfg["rankings"])
+    wanted = set(ecfg.rankings)
     all_images = attribution.image_names(settings, lambda _: None)
     images = list(dict.fromkeys(t["image"] for t in target_list))
-    if not cfg["test"]["model"]:
+    if not cfg.test.model:
         opt.run_stage(FFDNet_Train, [common.model_file(settings), common.grad_norm_file(settings)], settings, log)
     if "m1" in wanted:
         opt.run_stage(m1_Test, [common.m1_result_file(settings, image) for image in all_images], settings, log)
@@ -53,13 +53,13 @@ def prerequisites(settings: dict, target_list: list[dict], log) -> None:
         opt.run_stage(m2_Test, [common.m2_result_file(settings, image) for image in all_images], settings, log)
     if wanted & set(explain.SEED_RANKINGS):
         opt.run_stage(m3_Test, [common.m3_result_file(settings, image, seed) for image in images
-                                for seed in range(ecfg["seeds"])], settings, log)
+                                for seed in range(ecfg.seeds)], settings, log)
 
 
 def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
     ecfg = explain.explain_cfg(settings)
-    rank, world = opt.distributed_start(cfg["use_gpu"])
+    rank, world = opt.distributed_start(cfg.use_gpu)
     logger, device = opt.start_script(settings, "ffdnet_expTest", cfg, seed=False)
     target_list = explain.targets(settings, logger.info)
     images = list(dict.fromkeys(t["image"] for t in target_list))
@@ -77,7 +77,7 @@ def main(settings: dict) -> dict:
     folder = opt.output_folder(settings, "test", "ffdnet_expTest", tag)
     jobs = explain.plan(settings, target_list, folder)
     pending, mine = opt.pending_share(jobs, rank, world)
-    steps = explain.finetune_steps(len(patches), ecfg["finetune"]["epochs"], ecfg["finetune"]["batch_size"])
+    steps = explain.finetune_steps(len(patches), ecfg.finetune.epochs, ecfg.finetune.batch_size)
     logger.info(f"FFDNet explainability study {tag}: {len(patches)} training patches, {len(target_list)} targets, "
                 f"{len(jobs)} runs of {steps} fine-tuning steps, {len(jobs) - len(pending)} already done; "
                 f"rank {rank}/{world} runs {len(mine)}; torch threads {torch.get_num_threads()}")
@@ -91,8 +91,8 @@ def main(settings: dict) -> dict:
     if rank == 0:
         runs = {job["name"]: opt.read_json(job["path"], "ffdnet_test/expTest.py") for job in jobs
                 if os.path.isfile(job["path"])}
-        base_outcome = explain.evaluate(base, tests, target_list, cfg["method2"]["window"],
-                                        cfg["test"]["noise_level_img"] / 255.0)
+        base_outcome = explain.evaluate(base, tests, target_list, cfg.method2.window,
+                                        cfg.test.noise_level_img / 255.0)
         result.update(explain_study.report(settings, runs, target_list, base_outcome, explain_study.report_tag(settings), ranked, len(patches),
                              device, logger))
         result["model_file"] = model_path

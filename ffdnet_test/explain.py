@@ -35,15 +35,16 @@ from torch import nn
 import utils_if
 import utils_option as opt
 from ffdnet_test import attribution, common
-from options.blocks import Finetune
+from options.blocks import FfdnetExplain, Finetune, SmoothnessCheck
 
 RANKINGS = ("m3_window", "m3_whole", "m2_window", "m2_whole", "m1", "random")
 POINT_RANKINGS = ("m3_window", "m2_window", "m1")  # built for one point; the others for the whole image
 SEED_RANKINGS = ("m3_window", "m3_whole")  # one list per seed: the derivative of that seed's own run
 
 
-def explain_cfg(settings: dict) -> dict:
-    return common.ffdnet_cfg(settings)["explain"]
+def explain_cfg(settings: dict) -> FfdnetExplain:
+    """The ``ffdnet.explain`` block of checked settings, typed (options/blocks.py)."""
+    return common.ffdnet_cfg(settings).explain
 
 
 def point_label(point: list[int]) -> str:
@@ -52,8 +53,8 @@ def point_label(point: list[int]) -> str:
 
 def targets(settings: dict, log=print) -> list[dict]:
     """The configured points of the first explain.test_images test images: {image, point, label}."""
-    images = attribution.image_names(settings, log)[:explain_cfg(settings)["test_images"]]
-    points = common.ffdnet_cfg(settings)["attribution"]["points"]
+    images = attribution.image_names(settings, log)[:explain_cfg(settings).test_images]
+    points = common.ffdnet_cfg(settings).attribution.points
     return [{"image": image, "point": list(p), "label": f"{image} {point_label(p)}"}
             for image in images for p in points]
 
@@ -73,7 +74,7 @@ def method3_influence(settings: dict, target_list: list[dict], n_train: int) -> 
     """{(seed, entry): Method-3 influence of every patch} from m3_Test's files, entry = a target label
     or an image name (its whole-image loss); a file made for another number of patches is refused."""
     out = {}
-    for seed in range(explain_cfg(settings)["seeds"]):
+    for seed in range(explain_cfg(settings).seeds):
         for image in dict.fromkeys(t["image"] for t in target_list):
             path = common.m3_result_file(settings, image, seed)
             record = opt.read_json(opt.require_file(path, "ffdnet_test/m3_Test.py"), "ffdnet_test/m3_Test.py")
@@ -95,7 +96,7 @@ def read_rankings(settings: dict, target_list: list[dict], n_train: int) -> dict
     """{ranking_key(ranking, target label or image, seed): training patch indices, best first} from the
     m1/m2/m3 files; a file made for another number of patches is refused (all patches must be scored)."""
     ecfg = explain_cfg(settings)
-    wanted = set(ecfg["rankings"])
+    wanted = set(ecfg.rankings)
     out: dict[str, np.ndarray] = {}
     if wanted & set(SEED_RANKINGS):
         for (seed, owner), values in method3_influence(settings, target_list, n_train).items():
@@ -123,10 +124,10 @@ def read_rankings(settings: dict, target_list: list[dict], n_train: int) -> dict
             m1_path = common.m1_result_file(settings, image)
             record = opt.read_json(opt.require_file(m1_path, "ffdnet_test/m1_Test.py"), "ffdnet_test/m1_Test.py")
             for t in (t for t in target_list if t["image"] == image):
-                rows = [e for e in record["entries"] if e["layer"] == ecfg["m1_layer"]
-                        and e["mode"] == ecfg["m1_mode"] and list(e["point"]) == t["point"]]
+                rows = [e for e in record["entries"] if e["layer"] == ecfg.m1_layer
+                        and e["mode"] == ecfg.m1_mode and list(e["point"]) == t["point"]]
                 if not rows:
-                    raise opt.SettingsError(f"{m1_path} has no layer {ecfg['m1_layer']} / point {t['point']}: set "
+                    raise opt.SettingsError(f"{m1_path} has no layer {ecfg.m1_layer} / point {t['point']}: set "
                                             f"ffdnet.explain.m1_layer to one of ffdnet.method1.layers and run "
                                             f"ffdnet_test/m1_Test.py again")
                 scores = np.array([-np.inf if s is None else s for s in rows[0]["scores"]])
@@ -141,14 +142,14 @@ def plan(settings: dict, target_list: list[dict], folder: str) -> list[dict]:
     """Every job of the study: the control per seed, then manipulation x ranking x target x k x seed."""
     ecfg = explain_cfg(settings)
     jobs = [{"name": f"control_s{seed}", "ranking": None, "target": None, "manipulation": None, "k": 0,
-             "seed": seed} for seed in range(ecfg["seeds"])]
+             "seed": seed} for seed in range(ecfg.seeds)]
     images = list(dict.fromkeys(t["image"] for t in target_list))
-    for manipulation in ecfg["manipulations"]:  # all removals first: what the predictions need
-        for ranking in ecfg["rankings"]:
+    for manipulation in ecfg.manipulations:  # all removals first: what the predictions need
+        for ranking in ecfg.rankings:
             owners = ([t["label"] for t in target_list] if ranking in POINT_RANKINGS else images)
             for owner in owners:
-                for k in ecfg["k_values"]:
-                    for seed in range(ecfg["seeds"]):
+                for k in ecfg.k_values:
+                    for seed in range(ecfg.seeds):
                         name = f"{ranking}_{owner.replace(' ', '_').replace(',', '-')}_{manipulation}_k{k}_s{seed}"
                         jobs.append({"name": name, "ranking": ranking, "target": owner,
                                      "manipulation": manipulation, "k": k, "seed": seed})
@@ -189,14 +190,14 @@ def removal_weights(n_train: int, removed: np.ndarray) -> torch.Tensor | None:
     return weights
 
 
-def finetune_run(ft: dict, n_train: int, seed: int, weights: torch.Tensor | None = None) -> utils_if.AdamRun:
+def finetune_run(ft: Finetune, n_train: int, seed: int, weights: torch.Tensor | None = None) -> utils_if.AdamRun:
     """The fine-tuning schedule ``ft`` (explain.finetune: epochs, learning_rate, batch_size, and
     eps_root, whose default comes from the settings block when a schedule leaves it out) of one seed
     as an Adam run: what expTest trains and what m3_Test replays."""
-    steps = finetune_steps(n_train, ft["epochs"], ft["batch_size"])
-    return utils_if.AdamRun(learning_rate=ft["learning_rate"],
-                            orders=finetune_order(n_train, steps, ft["batch_size"], seed), data_weights=weights,
-                            eps_root=ft.get("eps_root", Finetune().eps_root))
+    steps = finetune_steps(n_train, ft.epochs, ft.batch_size)
+    return utils_if.AdamRun(learning_rate=ft.learning_rate,
+                            orders=finetune_order(n_train, steps, ft.batch_size, seed), data_weights=weights,
+                            eps_root=ft.eps_root)
 
 
 def finetune_steps(n_train: int, epochs: float, batch: int) -> int:
@@ -401,8 +402,8 @@ def specificity_matrix(rows: list[dict], target_list: list[dict], ranking: str, 
     return matrix
 
 
-def metasmoothness(base: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor, ft: dict,
-                   m3: dict) -> dict:
+def metasmoothness(base: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor, ft: Finetune,
+                   m3: SmoothnessCheck) -> dict:
     """Is the fine-tuning (seed 0's order) smooth in the patches' data weights? It is run with the
     data weights of :func:`utils_if.weight_sets` (1 + 2 x ffdnet.method3.smoothness_directions runs)
     and S_hat is computed from the final weights (:mod:`influence.smoothness`)."""
@@ -415,5 +416,5 @@ def metasmoothness(base: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, si
             tuned = finetune(copy.deepcopy(base), noisy, clean, sigma, finetune_run(ft, n, 0, weights=w.float()))
             finals.append(torch.cat([p.detach().reshape(-1).cpu() for p in tuned.parameters()]))
         return finals, None
-    count = max(1, int(round(m3["smoothness_fraction"] * n)))
-    return smoothness.measure(train, n, m3["smoothness_directions"], count, m3["smoothness_step"], 0)
+    count = max(1, int(round(m3.smoothness_fraction * n)))
+    return smoothness.measure(train, n, m3.smoothness_directions, count, m3.smoothness_step, 0)

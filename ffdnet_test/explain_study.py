@@ -20,12 +20,13 @@ def study_tag(settings: dict) -> str:
     """The model's tag + a hash of everything a run's outcome depends on besides its own job."""
     cfg = common.ffdnet_cfg(settings)
     ecfg = explain.explain_cfg(settings)
-    finetune = {k: v for k, v in ecfg["finetune"].items() if k != "eps_root" or v}  # torch's Adam keeps its tags
-    key = {"finetune": finetune, "m1": [ecfg["m1_layer"], ecfg["m1_mode"], cfg["method1"]],
-           "m2": os.path.basename(common.m2_result_file(settings, "")), "points": cfg["attribution"]["points"],
-           "model": common.resolve_model_path(settings), "test_images": ecfg["test_images"],
+    written = settings["ffdnet"]  # hashed as the settings file holds them
+    finetune = {k: v for k, v in written["explain"]["finetune"].items() if k != "eps_root" or v}  # torch's Adam keeps its tags
+    key = {"finetune": finetune, "m1": [ecfg.m1_layer, ecfg.m1_mode, written["method1"]],
+           "m2": os.path.basename(common.m2_result_file(settings, "")), "points": cfg.attribution.points,
+           "model": common.resolve_model_path(settings), "test_images": ecfg.test_images,
            "removal": "weight0"}  # removed patches keep their place with weight 0 (earlier studies skipped them)
-    if set(ecfg["rankings"]) & set(explain.SEED_RANKINGS):
+    if set(ecfg.rankings) & set(explain.SEED_RANKINGS):
         key["m3"] = os.path.basename(common.m3_result_file(settings, "", 0))
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return f"{common.run_tag(settings)}_{digest}"
@@ -36,7 +37,7 @@ def report_tag(settings: dict) -> str:
     not any one run (rankings, manipulations, k values, seeds, maps), so that two tables made with other
     choices never overwrite each other."""
     ecfg = explain.explain_cfg(settings)
-    plan = {k: ecfg[k] for k in ("rankings", "manipulations", "k_values", "seeds", "maps")}
+    plan = {k: getattr(ecfg, k) for k in ("rankings", "manipulations", "k_values", "seeds", "maps")}
     return f"{study_tag(settings)}_r{hashlib.sha1(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:6]}"
 
 
@@ -53,11 +54,11 @@ def run_job(job: dict, base, data, ranked, images, tests, target_list, settings,
         targets_used = clean.clone()
         index = torch.as_tensor(chosen, dtype=torch.long, device=device)
         targets_used[index] = noisy[index]
-    run = explain.finetune_run(ecfg["finetune"], n, job["seed"], weights)
+    run = explain.finetune_run(ecfg.finetune, n, job["seed"], weights)
     with opt.Timer() as timer:
         model = explain.finetune(copy.deepcopy(base), noisy, targets_used, sigma, run)
-        outcome = explain.evaluate(model, tests, target_list, cfg["method2"]["window"],
-                                   cfg["test"]["noise_level_img"] / 255.0)
+        outcome = explain.evaluate(model, tests, target_list, cfg.method2.window,
+                                   cfg.test.noise_level_img / 255.0)
     return {"job": {k: v for k, v in job.items() if k != "path"}, "outcome": outcome,
             "chosen": [int(i) for i in chosen], "steps": run.num_steps, "seconds": round(timer.seconds, 2)}
 
@@ -66,9 +67,9 @@ def influence_map_rows(settings: dict, target_list, ranked, device, logger) -> l
     """For each target, its top explain.maps patches by pixel-window influence, with where inside each
     patch that influence sits (conv inner products split per position, upsampled 2x to pixels)."""
     cfg = common.ffdnet_cfg(settings)
-    count = explain.explain_cfg(settings)["maps"]
-    solver = opt.solver_settings(cfg["method2"], cfg["seed"])
-    if not count or solver.solver not in utils_if.KRONECKER_SOLVERS or "m2_window" not in explain.explain_cfg(settings)["rankings"]:
+    count = explain.explain_cfg(settings).maps
+    solver = opt.solver_settings(cfg.method2, cfg.seed)
+    if not count or solver.solver not in utils_if.KRONECKER_SOLVERS or "m2_window" not in explain.explain_cfg(settings).rankings:
         logger.info("influence maps: skipped (they need ffdnet.explain.maps > 0, ranking m2_window and a "
                     "kfac/ekfac solver, whose parameters are the conv layers only)")
         return []
@@ -79,7 +80,7 @@ def influence_map_rows(settings: dict, target_list, ranked, device, logger) -> l
     for t in target_list:
         x, y, _ = attribution.packed_test_image(settings, t["image"], device)
         loss = utils_if.masked_mse_sample_loss(attribution.window_mask(tuple(y.shape[1:]), t["point"],
-                                                                       cfg["method2"]["window"]).to(device))
+                                                                       cfg.method2.window).to(device))
         grads.append(problem.sample_grads(x, y, loss=loss))
     s_test, _ = utils_if.inverse_hvp(problem, torch.cat(grads), x_train, y_train, solver, show_progress=False)
     rows = []
@@ -101,7 +102,7 @@ def predictors(settings: dict, target_list: list[dict], n_train: int) -> dict[st
     and every image's whole-image loss."""
     out: dict[str, explain.Predictions] = {}
     if all(os.path.isfile(common.m3_result_file(settings, t["image"], seed))
-           for t in target_list for seed in range(explain.explain_cfg(settings)["seeds"])):
+           for t in target_list for seed in range(explain.explain_cfg(settings).seeds)):
         out["m3"] = explain.method3_influence(settings, target_list, n_train)
     m2 = {}
     for image in dict.fromkeys(t["image"] for t in target_list):
@@ -132,10 +133,10 @@ def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: di
     predictions = explain.prediction_table(rows, target_list)
     controls = {name: run["outcome"]["window_loss"] for name, run in runs.items() if run["job"]["ranking"] is None}
     table = explain.summary_table(rows, target_list)
-    k_max = max(ecfg["k_values"])
+    k_max = max(ecfg.k_values)
     verdicts = []
-    for ranking in (r for r in ("m3_window", "m2_window") if r in ecfg["rankings"]):
-        for manipulation in ecfg["manipulations"]:
+    for ranking in (r for r in ("m3_window", "m2_window") if r in ecfg.rankings):
+        for manipulation in ecfg.manipulations:
             window = next((r for r in table if r["ranking"] == ranking and r["manipulation"] == manipulation
                            and r["k"] == k_max), None)
             if window is None:
@@ -158,8 +159,8 @@ def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: di
                             f"ratio within 2x): met at {len(good)} of {len(points)} points; " + "; ".join(
                                 f"{r['over']} Pearson {r.get('pearson', float('nan')):.3f}, size ratio "
                                 f"{r.get('size_ratio', float('nan')):.3g}" for r in points))
-    for ranking in (r for r in explain.POINT_RANKINGS if r in ecfg["rankings"]):
-        for manipulation in ecfg["manipulations"]:
+    for ranking in (r for r in explain.POINT_RANKINGS if r in ecfg.rankings):
+        for manipulation in ecfg.manipulations:
             matrix = explain.specificity_matrix(rows, target_list, ranking, manipulation, k_max)
             done = [i for i in range(len(matrix)) if np.isfinite(matrix[i]).all()]
             specific = [target_list[i]["label"] for i in done if matrix[i, i] == matrix[i].max()]
@@ -169,7 +170,7 @@ def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: di
               "own_over_others", "psnr_change"]
     seconds = [run["seconds"] for run in runs.values()]
     text = opt.markdown_table(header, [[r[h] for h in header] for r in table]) + (
-        f"\n\nown = mean change of the window loss ({2 * common.ffdnet_cfg(settings)['method2']['window'] + 1}^2 "
+        f"\n\nown = mean change of the window loss ({2 * common.ffdnet_cfg(settings).method2.window + 1}^2 "
         f"pixels) at the target the list was built for (m2_whole, random: at every target of the image), vs the "
         f"control of the same seed; others = at the image's other targets; own_seed_spread = std over seeds of "
         f"the per-seed mean; own_positive = the fraction of those changes above 0; psnr_change in dB. Window losses before fine-tuning: "
@@ -187,7 +188,7 @@ def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: di
     opt.write_json(opt.output_path(settings, "test", f"ffdnet_expTest_{tag}.json"),
                    {"table": table, "effects": rows, "base": base_outcome, "verdicts": verdicts,
                     "predictions": predictions, "controls": controls,
-                    "settings": common.ffdnet_cfg(settings)}, logger)
+                    "settings": settings["ffdnet"]}, logger)
     for v in verdicts:
         logger.info(v)
     figures = []
@@ -200,7 +201,7 @@ def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: di
                                    f"FFDNet explainability test, {image}: effect of manipulating the top-k patches")
         figures.append(opt.save_figure(fig, opt.output_path(settings, "fig", f"ffdnet_expTest_{tag}_effects_{image}.png"), logger))
     matrices = {f"{ranking}, {manipulation} top {k_max}": explain.specificity_matrix(rows, target_list, ranking, manipulation, k_max)
-                for ranking in explain.POINT_RANKINGS if ranking in ecfg["rankings"] for manipulation in ecfg["manipulations"]}
+                for ranking in explain.POINT_RANKINGS if ranking in ecfg.rankings for manipulation in ecfg.manipulations}
     if matrices:
         fig = plotting.specificity(matrices, labels, "specificity: window loss change (rows: list built for, "
                                                      "columns: measured at)")

@@ -24,7 +24,7 @@ MODES = common.M1_MODES
 
 def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
-    m1, att = cfg["method1"], cfg["attribution"]
+    m1, att = cfg.method1, cfg.attribution
     logger, device = opt.start_script(settings, "ffdnet_m1_Test", cfg, seed=False)
     images = attribution.image_names(settings, logger.info)
     model, model_path = common.load_model(settings, device, logger)
@@ -35,29 +35,29 @@ def main(settings: dict) -> dict:
     outputs = {}
     for image in images:
         _, path, clean, noisy = attribution.test_image(settings, image)
-        for point in att["points"]:
+        for point in att.points:
             attribution.check_point(point, clean)
         with opt.Timer() as timer:
             acts = attribution.activations_at(model, common.to_model_order(noisy, settings),
-                                              cfg["test"]["noise_level_img"] / 255.0, layers, att["points"],
-                                              m1["activation"])
+                                              cfg.test.noise_level_img / 255.0, layers, att.points,
+                                              m1.activation)
             entries = []
             for layer in layers:
                 for mode in MODES:
-                    scores = attribution.mode_scores(acts[layer], norms[layer], mode, m1["outlim"])
-                    for point, row in zip(att["points"], scores):
+                    scores = attribution.mode_scores(acts[layer], norms[layer], mode, m1.outlim)
+                    for point, row in zip(att.points, scores):
                         entries.append({"layer": layer, "mode": mode, "point": point,
                                         "scores": [s if s != float("-inf") else None for s in row.tolist()],
-                                        "top": utils_if.top_indices(row, m1["top_k"])})
-        logger.info(f"{image}: {len(att['points'])} points x {len(layers)} layers x {len(MODES)} modes "
+                                        "top": utils_if.top_indices(row, m1.top_k)})
+        logger.info(f"{image}: {len(att.points)} points x {len(layers)} layers x {len(MODES)} modes "
                     f"scored over {meta['n_train']} patches in {timer.seconds:.2f} s")
         for e in entries:
             if e["mode"] == "raw":
                 logger.info(f"  layer {e['layer']} point {e['point']}: top {e['top'][:5]}")
         outputs[image] = opt.write_json(common.m1_result_file(settings, image), {"entries": entries, "meta": {
             "model_file": model_path, "test_image": path, "grad_norm_file": common.grad_norm_file(settings),
-            "grad_mode": meta["grad_mode"], "activation": m1["activation"], "outlim": m1["outlim"],
-            "n_train": meta["n_train"], "sigma": cfg["test"]["noise_level_img"], "seconds": timer.seconds,
+            "grad_mode": meta["grad_mode"], "activation": m1.activation, "outlim": m1.outlim,
+            "n_train": meta["n_train"], "sigma": cfg.test.noise_level_img, "seconds": timer.seconds,
             "point_convention": "points are full-image (row, col); features read at (row // 2, col // 2)"}},
             logger)
     return {"files": outputs}

@@ -18,7 +18,7 @@ from ffdnet_test import attribution, common, plotting  # noqa: E402
 
 def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
-    att = cfg["attribution"]
+    att = cfg.attribution
     logger = opt.make_logger(settings, "ffdnet_m1_vis")
     images = attribution.image_names(settings, logger.info)
     patches = common.train_patches(settings)
@@ -26,7 +26,7 @@ def main(settings: dict) -> dict:
     tag = common.run_tag(settings)
     figures = []
     for layer, g in norms.items():
-        fig = plotting.histogram(g.sum(1).numpy(), cfg["method1"]["outlim"],
+        fig = plotting.histogram(g.sum(1).numpy(), cfg.method1.outlim,
                                  f"layer {layer}: total gradient norm per patch ({len(g)} patches)")
         figures.append(opt.save_figure(fig, opt.output_path(settings, "fig", "ffdnet_m1", f"{tag}_l{layer}_hist.png"), logger))
     for image in images:
@@ -35,7 +35,7 @@ def main(settings: dict) -> dict:
         entries = record["entries"]
 
         def row(entry, title):
-            top = entry["top"][:att["vis_num"]]
+            top = entry["top"][:att.vis_num]
             return {"image": clean, "point": entry["point"], "title": title,
                     "patches": [patches.clean[i] for i in top],
                     "captions": [f"#{i} / {entry['scores'][i]:.3g}" if entry["scores"][i] is not None
@@ -43,11 +43,11 @@ def main(settings: dict) -> dict:
         for layer in sorted({e["layer"] for e in entries}):
             for mode in common.M1_MODES:
                 rows = [row(e, f"{image} {e['point']}") for e in entries if e["layer"] == layer and e["mode"] == mode]
-                fig = plotting.patch_rows(rows, f"Method 1: top {att['vis_num']} training patches, {image}, "
+                fig = plotting.patch_rows(rows, f"Method 1: top {att.vis_num} training patches, {image}, "
                                                 f"layer {layer}, {mode} ({record['meta']['activation']} activation)")
                 figures.append(opt.save_figure(fig, opt.output_path(
                     settings, "fig", "ffdnet_m1", f"{tag}_{image}_l{layer}_{mode}.png"), logger))
-        first = att["points"][0]
+        first = att.points[0]
         rows = [row(e, f"layer {e['layer']}") for e in entries if e["mode"] == "normalized" and e["point"] == first]
         fig = plotting.patch_rows(rows, f"Method 1 across layers: {image} point {first} (normalized)")
         figures.append(opt.save_figure(fig, opt.output_path(settings, "fig", "ffdnet_m1", f"{tag}_{image}_layers.png"), logger))

@@ -24,17 +24,17 @@ from ffdnet_test import attribution, common  # noqa: E402
 
 def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
-    m2, att = cfg["method2"], cfg["attribution"]
+    m2, att = cfg.method2, cfg.attribution
     logger, device = opt.start_script(settings, "ffdnet_m2_Test", cfg)
     images = attribution.image_names(settings, logger.info)
     model, model_path = common.load_model(settings, device, logger)
-    solver = opt.solver_settings(m2, cfg["seed"])
+    solver = opt.solver_settings(m2, cfg.seed)
     problem = attribution.influence_problem(settings, model, solver, logger.info)
     x_train, y_train, patches = attribution.training_points(settings, device)
     rows, targets = [], []
     with opt.Timer() as grad_timer:
         for image in images:
-            grads, labels, path = attribution.target_grads(settings, problem, image, att["points"], device)
+            grads, labels, path = attribution.target_grads(settings, problem, image, att.points, device)
             rows.append(grads)
             targets += [(image, path, label, point) for label, point in labels]
     logger.info(f"influence of {len(x_train)} training patches on {len(targets)} targets "
@@ -54,12 +54,12 @@ def main(settings: dict) -> dict:
             if img != image:
                 continue
             entries[label] = {"point": point, "influence": row.tolist(),
-                              "helpful": utils_if.top_indices(row, m2["top_k"], True),
-                              "harmful": utils_if.top_indices(row, m2["top_k"], False)}
+                              "helpful": utils_if.top_indices(row, m2.top_k, True),
+                              "harmful": utils_if.top_indices(row, m2.top_k, False)}
             logger.info(f"{image} {label}: helpful {entries[label]['helpful'][:5]}, harmful {entries[label]['harmful'][:5]}")
         files[image] = opt.write_json(common.m2_result_file(settings, image), {"entries": entries, "meta": {
-            "model_file": model_path, "test_image": path, "sigma": cfg["test"]["noise_level_img"],
-            "n_train": len(x_train), "window": m2["window"], "settings": m2, "solver_info": info,
+            "model_file": model_path, "test_image": path, "sigma": cfg.test.noise_level_img,
+            "n_train": len(x_train), "window": m2.window, "settings": settings["ffdnet"]["method2"], "solver_info": info,
             "sign_convention": utils_if.SIGN_CONVENTION, "patch_size": patches.patch_size,
             "targets": "whole = MSE over the whole image; point r,c = squared error over the "
                        "(2*window+1)^2 pixels around (row r, col c)"}}, logger)

@@ -15,7 +15,7 @@ from ffdnet_test import attribution, common, plotting  # noqa: E402
 
 def main(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
-    att = cfg["attribution"]
+    att = cfg.attribution
     logger = opt.make_logger(settings, "ffdnet_m2_vis")
     images = attribution.image_names(settings, logger.info)
     patches = common.train_patches(settings)
@@ -27,7 +27,7 @@ def main(settings: dict) -> dict:
         for kind in ("helpful", "harmful"):
             rows = []
             for label, entry in record["entries"].items():
-                top = entry[kind][:att["vis_num"]]
+                top = entry[kind][:att.vis_num]
                 rows.append({"image": clean, "point": entry["point"], "title": f"{image}: {label}",
                              "patches": [patches.clean[i] for i in top],
                              "captions": [f"#{i} / {entry['influence'][i]:.3g}" for i in top]})

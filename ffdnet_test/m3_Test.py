@@ -40,7 +40,7 @@ def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
     """Method 3 for every seed of ffdnet.explain.seeds whose files are missing; ``share`` = (rank,
     world): this process takes every world-th of them (torchrun)."""
     cfg = common.ffdnet_cfg(settings)
-    m3, ft = cfg["method3"], cfg["explain"]["finetune"]
+    m3, ft = cfg.method3, cfg.explain.finetune
     logger, device = opt.start_script(settings, "ffdnet_m3_Test", cfg, seed=False)
     target_list = explain.targets(settings, logger.info)
     images = list(dict.fromkeys(t["image"] for t in target_list))
@@ -49,15 +49,15 @@ def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
     n = len(clean)
     files, infos = {}, []
     pending = [{"seed": seed, "paths": [common.m3_result_file(settings, image, seed) for image in images]}
-               for seed in range(cfg["explain"]["seeds"])]
+               for seed in range(cfg.explain.seeds)]
     pending = [job for job in pending if not all(os.path.isfile(p) for p in job["paths"])]
     if share[1] > 1:
         opt.distributed_barrier()  # every process lists the pending seeds before any writes one
     mine = opt.partition(pending, *share)
-    logger.info(f"{cfg['explain']['seeds'] - len(pending)} seed(s) already done; this process: seeds "
+    logger.info(f"{cfg.explain.seeds - len(pending)} seed(s) already done; this process: seeds "
                 f"{[job['seed'] for job in mine]}")
     smooth = None
-    if mine and m3["smoothness_directions"]:
+    if mine and m3.smoothness_directions:
         with opt.Timer() as check_timer:
             smooth = explain.metasmoothness(base, noisy, clean, sigma, ft, m3)
         smooth["seconds"] = round(check_timer.seconds, 2)
@@ -65,15 +65,15 @@ def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
     for seed in (job["seed"] for job in mine):
         run = explain.finetune_run(ft, n, seed)
         replay = utils_if.AdamReplay(copy.deepcopy(base).eval(), utils_if.mse_sample_loss, run, (noisy, sigma), clean)
-        logger.info(f"Method 3, seed {seed}: replaying {run.num_steps} Adam steps of {ft['batch_size']} patches "
+        logger.info(f"Method 3, seed {seed}: replaying {run.num_steps} Adam steps of {ft.batch_size} patches "
                     f"({n} patches, {replay.num_params:,} parameters), then walking back for "
                     f"{len(target_list) + len(images)} targets")
         with opt.Timer() as total:
             with opt.Timer() as finetune_timer:
                 tuned = explain.finetune(copy.deepcopy(base), noisy, clean, sigma, run, show_progress=True)
             try:
-                _, error, seconds_forward = utils_if.forward_checked(replay, tuned, m3["checkpoint_interval"],
-                                                                     m3["replay_tolerance"], progress=opt.progress)
+                _, error, seconds_forward = utils_if.forward_checked(replay, tuned, m3.checkpoint_interval,
+                                                                     m3.replay_tolerance, progress=opt.progress)
             except utils_if.ReplayMismatch as mismatch:
                 raise opt.SettingsError(f"seed {seed}: {mismatch} (ffdnet.method3.replay_tolerance): the replay does "
                                         f"not describe this run, nothing written") from None
@@ -83,7 +83,7 @@ def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
                                                 ["net." + name for name in replay.names])
             grads, targets = [], []
             for image in images:
-                rows, labels, path = attribution.target_grads(settings, problem, image, cfg["attribution"]["points"], device)
+                rows, labels, path = attribution.target_grads(settings, problem, image, cfg.attribution.points, device)
                 grads.append(rows)
                 targets += [(image, path, label, point) for label, point in labels]
             with opt.Timer() as backward_timer:
@@ -104,12 +104,13 @@ def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
             for (img, path, label, point), row in zip(targets, influence):
                 if img == image:
                     entries[label] = {"point": point, "influence": row.tolist(),
-                                      "helpful": utils_if.top_indices(row, m3["top_k"], True),
-                                      "harmful": utils_if.top_indices(row, m3["top_k"], False)}
+                                      "helpful": utils_if.top_indices(row, m3.top_k, True),
+                                      "harmful": utils_if.top_indices(row, m3.top_k, False)}
             files[f"{image} seed {seed}"] = opt.write_json(common.m3_result_file(settings, image, seed), {
                 "entries": entries, "meta": {
-                    "model_file": model_path, "test_image": path, "sigma": cfg["test"]["noise_level_img"], "n_train": n,
-                    "window": cfg["method2"]["window"], "seed": seed, "finetune": ft, "settings": m3, "solver_info": info,
+                    "model_file": model_path, "test_image": path, "sigma": cfg.test.noise_level_img, "n_train": n,
+                    "window": cfg.method2.window, "seed": seed, "finetune": settings["ffdnet"]["explain"]["finetune"],
+                    "settings": settings["ffdnet"]["method3"], "solver_info": info,
                     "sign_convention": utils_if.METHOD3_SIGN_CONVENTION, "patch_size": patches.patch_size,
                     "targets": "whole = MSE over the whole image; point r,c = squared error over the "
                                "(2*window+1)^2 pixels around (row r, col c), after the seed's fine-tuning run"}}, logger)
@@ -118,7 +119,7 @@ def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
 
 def distributed_main(settings: dict) -> dict:
     """The script's entry: under torchrun each process takes its share of the seeds."""
-    rank, world = opt.distributed_start(common.ffdnet_cfg(settings)["use_gpu"])
+    rank, world = opt.distributed_start(common.ffdnet_cfg(settings).use_gpu)
     try:
         return main(settings, (rank, world))
     finally:

@@ -22,7 +22,7 @@ TRAINING_KEYS = ("is_gray", "layout", "residual", "train_dir", "patch_size", "st
 
 def best_settings(settings: dict) -> dict:
     """The settings of the best measured ranking: ffdnet.question.best_solver over all training patches."""
-    best = settings["ffdnet"]["question"]["best_solver"]
+    best = common.ffdnet_cfg(settings).question.best_solver
     return opt.deep_merge(settings, {"ffdnet": {"method2": {"solver": best, "max_train_points": 0}}})
 
 
@@ -30,7 +30,7 @@ def counterfactual_trust(settings: dict) -> dict[str, str]:
     """{point label: one trust line} from an expTest report of the same model in the output folder:
     removing the pixel-window ranking's top-k raises the point's own window loss x times a random
     removal, and Method 2's predicted vs measured Pearson there. Empty when none exists."""
-    mine = {k: common.ffdnet_cfg(settings)[k] for k in TRAINING_KEYS}
+    mine = {k: settings["ffdnet"][k] for k in TRAINING_KEYS}  # compared with the block as a report stores it
     for path in sorted(glob.glob(opt.output_path(settings, "test", "ffdnet_expTest_*.json")), reverse=True):
         try:
             with open(path, encoding="utf-8") as f:
@@ -60,13 +60,13 @@ def point_maps(settings: dict, image: str, point: list[int], top: list[int], dev
     """(k, H, W) where inside each of the ``top`` training patches its influence on the point's
     window sits (per conv output position, upsampled 2x to pixels; they sum to its influence)."""
     cfg = common.ffdnet_cfg(settings)
-    solver = opt.solver_settings(cfg["method2"], cfg["seed"])
+    solver = opt.solver_settings(cfg.method2, cfg.seed)
     model, _ = common.load_model(settings, device)
     problem = attribution.influence_problem(settings, model, solver)
     x_train, y_train, _ = attribution.training_points(settings, device)
     x, y, _ = attribution.packed_test_image(settings, image, device)
     loss = utils_if.masked_mse_sample_loss(attribution.window_mask(tuple(y.shape[1:]), point,
-                                                                   cfg["method2"]["window"]).to(device))
+                                                                   cfg.method2.window).to(device))
     s_test, _ = utils_if.inverse_hvp(problem, problem.sample_grads(x, y, loss=loss), x_train, y_train, solver,
                                      show_progress=False)
     maps = utils_if.conv_position_influence(problem, s_test[0], x_train[top], y_train[top]).cpu()

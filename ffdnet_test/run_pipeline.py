@@ -33,7 +33,7 @@ def main(settings: dict) -> dict:
     trust = question.counterfactual_trust(settings)
     patches = common.train_patches(best)
     logger, device = opt.start_script(settings, "ffdnet_question", cfg, seed=False)
-    k, solver = cfg["attribution"]["vis_num"], common.ffdnet_cfg(best)["method2"]["solver"]
+    k, solver = cfg.attribution.vis_num, common.ffdnet_cfg(best).method2.solver
     figures, lines = [], []
     for image, path in files.items():
         record = opt.read_json(path, "ffdnet_test/m2_Test.py")
@@ -52,7 +52,7 @@ def main(settings: dict) -> dict:
             line = trust.get(label, question.NOT_MEASURED)
             lines.append(f"{image} {label}: {line}")
             fig = plotting.question_maps(rows, f"Which training patches made the denoiser output this pixel? "
-                                               f"{image} {label}, window {2 * cfg['method2']['window'] + 1}^2 "
+                                               f"{image} {label}, window {2 * cfg.method2.window + 1}^2 "
                                                f"({solver} over all {len(entry['influence'])} patches)\n"
                                                f"red: this part of the patch helped; blue: it hurt. Trust: {line}")
             stem = os.path.splitext(os.path.basename(path))[0]

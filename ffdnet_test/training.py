@@ -10,6 +10,7 @@ import utils_option as opt
 from ffdnet_test import metrics
 from ffdnet_test.datasets import PatchSet, draw_noise
 from ffdnet_test.model import FFDNet
+from options.blocks import Ffdnet
 
 
 
@@ -34,16 +35,16 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> None:
     model.train(was_training)
 
 
-def _noisy_batches(clean_all: torch.Tensor, fixed, cfg: dict, generator: torch.Generator,
+def _noisy_batches(clean_all: torch.Tensor, fixed, cfg: Ffdnet, generator: torch.Generator,
                    device: torch.device):
     """``bn_recalibrate_batches`` random training batches (x + noise, sigma), as in training."""
-    for _ in range(cfg["bn_recalibrate_batches"]):
-        idx = torch.randint(len(clean_all), (cfg["batch_size"],), generator=generator)
+    for _ in range(cfg.bn_recalibrate_batches):
+        idx = torch.randint(len(clean_all), (cfg.batch_size,), generator=generator)
         clean = clean_all[idx.to(device)]
         if fixed is not None:
             yield clean + fixed[1][idx].to(device), fixed[0][idx].to(device)
         else:
-            sigma, noise = draw_noise(len(idx), tuple(clean.shape[1:]), tuple(cfg["sigma"]), generator)
+            sigma, noise = draw_noise(len(idx), tuple(clean.shape[1:]), tuple(cfg.sigma), generator)
             yield clean + noise.to(device), sigma.to(device)
 
 
@@ -63,7 +64,7 @@ def validate(model: FFDNet, images: list[torch.Tensor], sigma255: float, seed: i
     return float(np.mean(scores))
 
 
-def train_ffdnet(model: FFDNet, patches: PatchSet, cfg: dict, device: torch.device,
+def train_ffdnet(model: FFDNet, patches: PatchSet, cfg: Ffdnet, device: torch.device,
                  fixed: tuple[torch.Tensor, torch.Tensor] | None = None, grad_mode: str | None = None,
                  layers: tuple[int, ...] = (), val_images: list[torch.Tensor] | None = None,
                  to_model=lambda x: x, on_epoch=None, show_progress: bool = True):
@@ -76,11 +77,11 @@ def train_ffdnet(model: FFDNet, patches: PatchSet, cfg: dict, device: torch.devi
     ``per_sample``: of each patch's own share of the gradient (times the batch size, so that it is
     on the scale of a single patch's loss gradient).
     """
-    generator = torch.Generator().manual_seed(cfg["seed"])
+    generator = torch.Generator().manual_seed(cfg.seed)
     params = list(model.parameters())
-    optimizer = torch.optim.Adam(params, lr=cfg["learning_rate"])
+    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
     convs = {layer: model.main[model.conv_index(layer)] for layer in layers}
-    n, batch = len(patches), cfg["batch_size"]
+    n, batch = len(patches), cfg.batch_size
     norms = {layer: torch.zeros(n, conv.out_channels, dtype=torch.float64, device=device)
              for layer, conv in convs.items()} if grad_mode else None
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -89,11 +90,11 @@ def train_ffdnet(model: FFDNet, patches: PatchSet, cfg: dict, device: torch.devi
     clean_all = patches.clean.to(device)
     history = []
     steps = (n + batch - 1) // batch
-    bar = opt.progress(total=cfg["epoch"] * steps, desc="FFDNet train", unit="step", disable=not show_progress)
+    bar = opt.progress(total=cfg.epoch * steps, desc="FFDNet train", unit="step", disable=not show_progress)
     model.train()
     try:
-        for epoch in range(cfg["epoch"]):
-            if epoch in cfg["lr_decay_epochs"]:
+        for epoch in range(cfg.epoch):
+            if epoch in cfg.lr_decay_epochs:
                 for group in optimizer.param_groups:
                     group["lr"] *= 0.1
             order = torch.randperm(n, generator=generator)
@@ -104,7 +105,7 @@ def train_ffdnet(model: FFDNet, patches: PatchSet, cfg: dict, device: torch.devi
                 if fixed is not None:
                     sigma, noise = fixed[0][idx].to(device), fixed[1][idx].to(device)
                 else:
-                    sigma, noise = draw_noise(len(idx), tuple(clean.shape[1:]), tuple(cfg["sigma"]), generator)
+                    sigma, noise = draw_noise(len(idx), tuple(clean.shape[1:]), tuple(cfg.sigma), generator)
                     sigma, noise = sigma.to(device), noise.to(device)
                 loss = nn.functional.mse_loss(model(clean + noise, sigma), clean)
                 outputs = [captured[layer][1] for layer in convs] if hooks else []
@@ -126,16 +127,16 @@ def train_ffdnet(model: FFDNet, patches: PatchSet, cfg: dict, device: torch.devi
                 total += loss.item() * len(idx)
                 bar.update(1)
                 if start // batch % 50 == 0:  # epoch, running loss and the last validation PSNR, as it goes
-                    bar.set_postfix(epoch=f"{epoch + 1}/{cfg['epoch']}", loss=f"{total / (start + len(idx)):.5f}",
+                    bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epoch}", loss=f"{total / (start + len(idx)):.5f}",
                                     psnr=f"{history[-1]['val_psnr']:.2f}" if history and "val_psnr" in history[-1]
                                     else "-", refresh=False)
-            if cfg.get("bn_recalibrate_batches"):  # a partial recipe (tests, explain) may leave it out
+            if cfg.bn_recalibrate_batches:
                 recalibrate_batchnorm(model, _noisy_batches(clean_all, fixed, cfg, generator, device))
             record = {"epoch": epoch + 1, "train_loss": total / n}
             if val_images:
-                record["val_psnr"] = validate(model, val_images, cfg["val_sigma"], cfg["seed"], device, to_model)
+                record["val_psnr"] = validate(model, val_images, cfg.val_sigma, cfg.seed, device, to_model)
             history.append(record)
-            bar.set_postfix(epoch=f"{epoch + 1}/{cfg['epoch']}", loss=f"{record['train_loss']:.5f}",
+            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epoch}", loss=f"{record['train_loss']:.5f}",
                             psnr=f"{record.get('val_psnr', float('nan')):.2f}")
             if on_epoch is not None:
                 on_epoch(epoch + 1, model, record)

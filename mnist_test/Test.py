@@ -28,19 +28,19 @@ def choose_by_loss_rank(losses: torch.Tensor, count: int, step: int) -> list[int
 
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
-    mode = cfg["method1"]["mode"]
+    mode = cfg.method1.mode
     logger, device = opt.start_script(settings, "mnist_Test", cfg)
     model, model_path = common.load_model(settings, mode, device, logger)
     test = common.load_test_data(settings, device, logger.info)
     losses, preds = common.evaluate(model, test)
     accuracy = (preds == test.labels).double().mean().item()
-    if cfg["test_ids"] == "loss_rank":
-        ids = choose_by_loss_rank(losses, cfg["test_num"], cfg["test_rank_step"])
-        rule = f"loss rank 0, {cfg['test_rank_step']}, ... (descending loss under {model_path})"
-    elif cfg["test_ids"] == "all":
+    if cfg.test_ids == "loss_rank":
+        ids = choose_by_loss_rank(losses, cfg.test_num, cfg.test_rank_step)
+        rule = f"loss rank 0, {cfg.test_rank_step}, ... (descending loss under {model_path})"
+    elif cfg.test_ids == "all":
         ids, rule = list(range(len(test))), "all test images (mnist.test_ids = \"all\")"
     else:
-        ids, rule = list(cfg["test_ids"]), "explicit list in the settings (mnist.test_ids)"
+        ids, rule = list(cfg.test_ids), "explicit list in the settings (mnist.test_ids)"
     rank_of = torch.empty(len(losses), dtype=torch.long)
     rank_of[torch.sort(losses.cpu(), descending=True, stable=True).indices] = torch.arange(len(losses))
     images = [{"test_id_num": i, "label": int(test.labels[i]), "prediction": int(preds[i]),
@@ -57,7 +57,7 @@ def main(settings: dict) -> dict:
     selection = common.test_selection_part(settings)
     opt.write_json(path, {"test_ids": ids, "selection": selection, "images": images, "meta": {
         "model_file": model_path, "selection_rule": rule, "test_accuracy": accuracy,
-        "mean_test_loss": float(losses.mean()), "settings": cfg}}, logger)
+        "mean_test_loss": float(losses.mean()), "settings": settings["mnist"]}}, logger)
     return {"test_file": path, "test_ids": ids, "test_accuracy": accuracy}
 
 

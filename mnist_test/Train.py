@@ -21,35 +21,35 @@ from mnist_test.training import REPLAY_RECIPE, train_model  # noqa: E402
 
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
-    m1 = cfg["method1"]
+    m1 = cfg.method1
     logger, device = opt.start_script(settings, "mnist_Train", cfg)
     train, test = common.load_data(settings, device, logger.info)
-    logger.info(f"training on {len(train)} images, {cfg['epoch']} epochs, batch {cfg['batch_size']}, "
-                f"seed {cfg['seed']}, gradient norms: {m1['grad_mode']} "
-                f"(first epoch {'skipped' if m1['skip_first_epoch'] else 'included'})")
+    logger.info(f"training on {len(train)} images, {cfg.epoch} epochs, batch {cfg.batch_size}, "
+                f"seed {cfg.seed}, gradient norms: {m1.grad_mode} "
+                f"(first epoch {'skipped' if m1.skip_first_epoch else 'included'})")
     layers = tuple(LAYER_MODULES)  # all three weight matrices are always recorded
     def save_checkpoint(epoch: int, state: dict) -> None:  # TracIn's checkpoints
-        opt.save_torch(common.checkpoint_file(settings, m1["mode"], epoch),
-                       {"model": state, "epoch": epoch, "learning_rate": cfg["learning_rate"]})
+        opt.save_torch(common.checkpoint_file(settings, m1.mode, epoch),
+                       {"model": state, "epoch": epoch, "learning_rate": cfg.learning_rate})
 
     with opt.Timer() as timer:
-        model, norms = train_model(train, cfg, cfg["seed"], device, m1["grad_mode"], layers,
-                                   m1["skip_first_epoch"], checkpoint_every=cfg["checkpoint_every"],
+        model, norms = train_model(train, cfg, cfg.seed, device, m1.grad_mode, layers,
+                                   m1.skip_first_epoch, checkpoint_every=cfg.checkpoint_every,
                                    on_checkpoint=save_checkpoint)
     losses, preds = common.evaluate(model, test)
     accuracy = (preds == test.labels).double().mean().item()
     logger.info(f"trained in {timer.seconds:.1f} s; test accuracy {accuracy:.4f} on all "
                 f"{len(test)} test images, mean test loss {losses.mean().item():.4f}")
 
-    model_path = common.model_file(settings, m1["mode"])
-    replay = {"recipe": REPLAY_RECIPE, "seed": cfg["seed"], "n_train": len(train), "device": str(device),
+    model_path = common.model_file(settings, m1.mode)
+    replay = {"recipe": REPLAY_RECIPE, "seed": cfg.seed, "n_train": len(train), "device": str(device),
               "threads": torch.get_num_threads(), "torch": str(torch.__version__)}  # what m3_Test's replay needs
-    opt.save_torch(model_path, {"model": model.state_dict(), "settings": cfg, "replay": replay,
+    opt.save_torch(model_path, {"model": model.state_dict(), "settings": settings["mnist"], "replay": replay,
                                 "test_accuracy": accuracy}, logger)
     grad_path = common.grad_norm_file(settings)
     meta = {
-        "settings": cfg, "profile": settings["profile"], "model_file": model_path,
-        "grad_mode": m1["grad_mode"], "skip_first_epoch": m1["skip_first_epoch"],
+        "settings": settings["mnist"], "profile": settings["profile"], "model_file": model_path,
+        "grad_mode": m1.grad_mode, "skip_first_epoch": m1.skip_first_epoch,
         "layers": {name: {"module": f"{LAYER_MODULES[name]}.weight",
                           "shape": [len(train), norms[name].shape[1]]} for name in layers},
         "n_train": len(train), "train_indices": "0..n_train-1 (original MNIST order)",

@@ -16,17 +16,19 @@ import utils_if
 import utils_option as opt
 from mnist_test.datasets import MnistData, load_mnist
 from mnist_test.model import mnist_model
+from options.blocks import Mnist, MnistMethod3
 
 ORIGINAL_RECIPE = {"learning_rate": 0.003, "momentum": 0.9, "weight_decay": 0.001}
 
 
-def mnist_cfg(settings: dict) -> dict:
-    return settings["mnist"]
+def mnist_cfg(settings: dict) -> Mnist:
+    """The ``mnist`` block of checked settings, typed (options/blocks.py): ``mnist_cfg(s).method2.solver``."""
+    return opt.typed(settings["mnist"], Mnist)
 
 
 def stability_settings(settings: dict, seed: int, test_ids=None) -> dict:
     """The settings of model staTest{index}: its seed and its mode name (and the shared test ids)."""
-    index = settings["mnist"]["stability"]["seeds"].index(seed)
+    index = mnist_cfg(settings).stability.seeds.index(seed)
     mode = f"staTest{index}"
     mnist = {"seed": seed, "method1": {"mode": mode}, "method2": {"mode": mode}, "method3": {"mode": mode}}
     if test_ids is not None:
@@ -40,19 +42,19 @@ def run_tag(settings: dict) -> str:
     """e20b8s0 (+ n1000 for a training subset, + softplus, + t2 for threads other than 1 (t0 = all
     cores), + optimiser values off the original recipe)."""
     cfg = mnist_cfg(settings)
-    tag = f"e{cfg['epoch']}b{cfg['batch_size']}s{cfg['seed']}"
-    if cfg["train_subset"]:
-        tag += f"n{cfg['train_subset']}"
-    if cfg["activation"] != "relu":
-        tag += cfg["activation"]
-    if cfg["lr_schedule"] != "constant":
-        tag += cfg["lr_schedule"]
+    tag = f"e{cfg.epoch}b{cfg.batch_size}s{cfg.seed}"
+    if cfg.train_subset:
+        tag += f"n{cfg.train_subset}"
+    if cfg.activation != "relu":
+        tag += cfg.activation
+    if cfg.lr_schedule != "constant":
+        tag += cfg.lr_schedule
     if settings.get("threads", 1) != 1:  # another thread count sums in another order: other weights, other files
         tag += f"t{settings['threads']}"
     short = {"learning_rate": "lr", "momentum": "mom", "weight_decay": "wd"}
     for key, default in ORIGINAL_RECIPE.items():
-        if cfg[key] != default:
-            tag += f"{short[key]}{cfg[key]:g}"
+        if getattr(cfg, key) != default:
+            tag += f"{short[key]}{getattr(cfg, key):g}"
     return tag
 
 
@@ -61,11 +63,11 @@ def model_file(settings: dict, mode: str) -> str:
 
 
 def grad_norm_file(settings: dict, mode: str | None = None) -> str:
-    m1 = mnist_cfg(settings)["method1"]
-    mode = mode or m1["mode"]
-    suffix = "" if m1["skip_first_epoch"] else "_allep"
+    m1 = mnist_cfg(settings).method1
+    mode = mode or m1.mode
+    suffix = "" if m1.skip_first_epoch else "_allep"
     return opt.output_path(settings, "grad_norm", mode,
-                           f"mnist_{run_tag(settings)}_{m1['grad_mode']}{suffix}.json")
+                           f"mnist_{run_tag(settings)}_{m1.grad_mode}{suffix}.json")
 
 
 def test_file(settings: dict, mode: str) -> str:
@@ -78,9 +80,9 @@ def test_selection_part(settings: dict, count: int | None = None) -> str:
     explicit list; ``count`` (method2.test_sample_num) when only the first ones are used."""
     import hashlib
     cfg = mnist_cfg(settings)
-    ids = cfg["test_ids"]
+    ids = cfg.test_ids
     if ids == "loss_rank":
-        part = f"lr{cfg['test_num']}x{cfg['test_rank_step']}"
+        part = f"lr{cfg.test_num}x{cfg.test_rank_step}"
     elif ids == "all":
         part = "all"
     else:
@@ -89,37 +91,37 @@ def test_selection_part(settings: dict, count: int | None = None) -> str:
 
 
 def m1_file(settings: dict, mode: str | None = None) -> str:
-    m1 = mnist_cfg(settings)["method1"]
-    mode = mode or m1["mode"]
+    m1 = mnist_cfg(settings).method1
+    mode = mode or m1.mode
     stem = os.path.basename(grad_norm_file(settings, mode))[:-len(".json")]
-    layers = "-".join(m1["layers"])
+    layers = "-".join(m1.layers)
     return opt.output_path(settings, "act_grad", mode,
-                           f"{stem}_{layers}_{test_selection_part(settings)}_top{m1['top_k']}_scores.json")
+                           f"{stem}_{layers}_{test_selection_part(settings)}_top{m1.top_k}_scores.json")
 
 
 def m2_file(settings: dict, mode: str | None = None) -> str:
     """Influence file: the solver part (utils_option.solver_file_part), the run tag and mode."""
     cfg = mnist_cfg(settings)
-    m2 = cfg["method2"]
-    mode = mode or m2["mode"]
-    extra = f"_ce{cfg['checkpoint_every']}" if utils_if.solver_for(m2["solver"]).needs_checkpoints else ""
-    tests = test_selection_part(settings, m2["test_sample_num"])
-    name = f"if_{opt.solver_file_part(m2)}{extra}_{run_tag(settings)}_{mode}_{tests}_top{m2['top_k']}.json"
-    return opt.output_path(settings, m2["if_dir"], name)
+    m2 = cfg.method2
+    mode = mode or m2.mode
+    extra = f"_ce{cfg.checkpoint_every}" if utils_if.solver_for(m2.solver).needs_checkpoints else ""
+    tests = test_selection_part(settings, m2.test_sample_num)
+    name = f"if_{opt.solver_file_part(m2)}{extra}_{run_tag(settings)}_{mode}_{tests}_top{m2.top_k}.json"
+    return opt.output_path(settings, m2.if_dir, name)
 
 
 def m3_file(settings: dict, mode: str | None = None) -> str:
     """Method-3 file: target, checkpoint interval-free (the result does not depend on it), run tag, mode."""
-    m3 = mnist_cfg(settings)["method3"]
-    mode = mode or m3["mode"]
-    tests = test_selection_part(settings, m3["test_sample_num"])
-    name = f"m3_replay_{m3['target']}_{run_tag(settings)}{window_part(m3)}_{mode}_{tests}_top{m3['top_k']}.json"
-    return opt.output_path(settings, m3["if_dir"], name)
+    m3 = mnist_cfg(settings).method3
+    mode = mode or m3.mode
+    tests = test_selection_part(settings, m3.test_sample_num)
+    name = f"m3_replay_{m3.target}_{run_tag(settings)}{window_part(m3)}_{mode}_{tests}_top{m3.top_k}.json"
+    return opt.output_path(settings, m3.if_dir, name)
 
 
-def window_part(m3: dict) -> str:
+def window_part(m3: MnistMethod3) -> str:
     """"" for the whole run, else the attribution window: _w1epochs, _w500steps, _w0.1fraction."""
-    return f"_w{m3['window']:g}{m3['window_unit']}" if m3["window"] else ""
+    return f"_w{m3.window:g}{m3.window_unit}" if m3.window else ""
 
 
 def attribution_file(settings: dict, method: str) -> tuple[str, str, str]:
@@ -137,11 +139,11 @@ def checkpoint_file(settings: dict, mode: str, epoch: int) -> str:
 
 def checkpoint_files(settings: dict, mode: str) -> list[str]:
     """The checkpoints Train.py wrote with the current settings, in epoch order (error if none)."""
-    every = mnist_cfg(settings)["checkpoint_every"]
+    every = mnist_cfg(settings).checkpoint_every
     if not every:
-        raise opt.SettingsError(f"mnist.method2.solver = {mnist_cfg(settings)['method2']['solver']!r} needs "
+        raise opt.SettingsError(f"mnist.method2.solver = {mnist_cfg(settings).method2.solver!r} needs "
                                 f"checkpoints: set mnist.checkpoint_every (e.g. 1) and run mnist_test/Train.py again")
-    epochs = range(every, mnist_cfg(settings)["epoch"] + 1, every)
+    epochs = range(every, mnist_cfg(settings).epoch + 1, every)
     return [opt.require_file(checkpoint_file(settings, mode, e), "mnist_test/Train.py (mnist.checkpoint_every > 0)")
             for e in epochs]
 
@@ -149,12 +151,12 @@ def checkpoint_files(settings: dict, mode: str) -> list[str]:
 def factor_file(settings: dict, mode: str | None = None) -> str:
     """K-FAC/EK-FAC factors of a model (they depend on the model, data, Fisher kind and seed only,
     not on the damping or the test images): written once, reused by later runs."""
-    m2 = mnist_cfg(settings)["method2"]
-    mode = mode or m2["mode"]
-    params = "_p" + "+".join(m2["params"]) if m2["params"] else ""
-    solver = utils_if.solver_for(m2["solver"]).factor_name  # K-FAC factored reads K-FAC's factors
-    name = f"mnist_{run_tag(settings)}_{mode}_{solver}_{m2['fisher']}{params}_l2{m2['l2_reg']:g}.pt"
-    return opt.output_path(settings, m2["if_dir"], "factors", name)
+    m2 = mnist_cfg(settings).method2
+    mode = mode or m2.mode
+    params = "_p" + "+".join(m2.params) if m2.params else ""
+    solver = utils_if.solver_for(m2.solver).factor_name  # K-FAC factored reads K-FAC's factors
+    name = f"mnist_{run_tag(settings)}_{mode}_{solver}_{m2.fisher}{params}_l2{m2.l2_reg:g}.pt"
+    return opt.output_path(settings, m2.if_dir, "factors", name)
 
 
 def read_result(path: str, made_by: str, settings: dict, block: str) -> dict:
@@ -163,7 +165,7 @@ def read_result(path: str, made_by: str, settings: dict, block: str) -> dict:
     in one line, never silently used."""
     record = opt.read_json(path, made_by)
     made = record.get("meta", {}).get("settings", {})
-    now = mnist_cfg(settings)
+    now = settings["mnist"]  # compared with the block as the file stored it (a dict, as written)
     ignored = {"mode", "chunk_size", "if_dir"}  # names and memory bounds, not content
     for key in ("seed", "epoch", "batch_size", "learning_rate", "momentum", "weight_decay", "train_subset",
                 "activation"):
@@ -189,12 +191,12 @@ def load_grad_norms(settings: dict, mode: str | None = None,
 
 def load_train_data(settings: dict, device: torch.device, log=print) -> MnistData:
     cfg = mnist_cfg(settings)
-    data = load_mnist(opt.data_path(cfg["data_dir"]), train=True, log=log)
-    return data.subset(cfg["train_subset"]).to(device)
+    data = load_mnist(opt.data_path(cfg.data_dir), train=True, log=log)
+    return data.subset(cfg.train_subset).to(device)
 
 
 def load_test_data(settings: dict, device: torch.device, log=print) -> MnistData:
-    return load_mnist(opt.data_path(mnist_cfg(settings)["data_dir"]), train=False, log=log).to(device)
+    return load_mnist(opt.data_path(mnist_cfg(settings).data_dir), train=False, log=log).to(device)
 
 
 def load_data(settings: dict, device: torch.device, log=print) -> tuple[MnistData, MnistData]:
@@ -206,7 +208,7 @@ def load_model(settings: dict, mode: str, device: torch.device,
                logger: logging.Logger | None = None) -> tuple[torch.nn.Module, str]:
     """The trained MLP of ``mode`` under the current settings, in eval mode."""
     path = model_file(settings, mode)
-    model = mnist_model(mnist_cfg(settings)["activation"]).to(device)
+    model = mnist_model(mnist_cfg(settings).activation).to(device)
     state = opt.load_torch(path, "mnist_test/Train.py", map_location=device)
     try:
         model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)
@@ -222,11 +224,11 @@ def load_model(settings: dict, mode: str, device: torch.device,
 def selected_test_ids(settings: dict, mode: str | None = None) -> list[int]:
     """The chosen test images: the settings' explicit list, or those Test.py chose by loss rank."""
     cfg = mnist_cfg(settings)
-    if isinstance(cfg["test_ids"], list):
-        return list(cfg["test_ids"])
-    if cfg["test_ids"] == "all":
+    if isinstance(cfg.test_ids, list):
+        return list(cfg.test_ids)
+    if cfg.test_ids == "all":
         return list(range(10000))
-    path = test_file(settings, mode or cfg["method1"]["mode"])
+    path = test_file(settings, mode or cfg.method1.mode)
     record = opt.read_json(path, "mnist_test/Test.py")
     made_for, wanted = record.get("selection", "an unnamed selection"), test_selection_part(settings)
     if made_for != wanted:
@@ -253,7 +255,7 @@ def attribution_record(settings: dict, model: torch.nn.Module, model_path: str, 
     with torch.no_grad():
         out = model(x_test)
     losses = -out.gather(1, y_test[:, None]).squeeze(1)
-    result = {"meta": {"settings": mnist_cfg(settings), "profile": settings["profile"], "model_file": model_path,
+    result = {"meta": {"settings": settings["mnist"], "profile": settings["profile"], "model_file": model_path,
                        "n_train": influence.shape[1], "sign_convention": sign_convention, "solver_info": info,
                        "threads": torch.get_num_threads(), "test_ids": ids}}
     influence = influence.cpu()

@@ -27,7 +27,7 @@ from mnist_test import common, explain, training  # noqa: E402
 
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
-    rank, world = opt.distributed_start(cfg["use_gpu"])
+    rank, world = opt.distributed_start(cfg.use_gpu)
     logger, device = opt.start_script(settings, "mnist_expTrain", cfg, seed=False)
     ranked = explain.ranked_points(settings)
     jobs = explain.plan(settings, ranked)
@@ -36,12 +36,12 @@ def main(settings: dict) -> dict:
                 f"rank {rank}/{world} trains {len(mine)}")
     if mine:
         train = common.load_train_data(settings, device, logger.info)
-        group = cfg["explain"]["group_size"]
+        group = cfg.explain.group_size
         # every model trains on all n items (a removal weights its points 0), so any jobs share a group
         chunks = [mine[i:i + group] for i in range(0, len(mine), group)]
         start = 0
         for chunk in chunks:
-            specs = [explain.training_spec(job, ranked, train, cfg["seed"]) for job in chunk]
+            specs = [explain.training_spec(job, ranked, train, cfg.seed) for job in chunk]
             with opt.Timer() as timer:
                 states = training.train_group(train, specs, cfg, device,
                                      desc=f"rank {rank}: models {start + 1}-{start + len(chunk)}/{len(mine)}",
@@ -57,7 +57,7 @@ def main(settings: dict) -> dict:
         done = [job for job in jobs if os.path.isfile(job["path"])]
         summary = opt.write_json(opt.output_path(settings, "test", f"expTrain_{common.run_tag(settings)}_summary.json"),
                                  {"jobs": done, "missing": [j["name"] for j in jobs if j not in done],
-                                  "world_size": world, "settings": cfg}, logger)
+                                  "world_size": world, "settings": settings["mnist"]}, logger)
     opt.distributed_end()
     return {"summary": summary, "trained": len(mine), "jobs": len(jobs)}
 

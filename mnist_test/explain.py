@@ -23,6 +23,7 @@ import utils_if
 import utils_option as opt
 from mnist_test import common
 from mnist_test.datasets import MnistData
+from options.blocks import Mnist
 
 REMOVAL_FOLDER = "{manipulation}_weight0"  # removals by weight 0: their own folder, never an older file
 
@@ -31,11 +32,11 @@ def as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def method_lists(cfg: dict) -> list[str]:
-    """e.g. ["method1", "method2_helpful", "method3_helpful"] from the settings' method and explain.m2_lists."""
+def method_lists(cfg: Mnist) -> list[str]:
+    """e.g. ["method1", "method2_helpful", "method3_helpful"] from the mnist block's method and explain.m2_lists."""
     out = []
-    for method in as_list(cfg["method"]):
-        out += ["method1"] if method == "method1" else [f"{method}_{k}" for k in cfg["explain"]["m2_lists"]]
+    for method in as_list(cfg.method):
+        out += ["method1"] if method == "method1" else [f"{method}_{k}" for k in cfg.explain.m2_lists]
     return out
 
 
@@ -75,12 +76,12 @@ def plan(settings: dict, ranked: dict | None = None) -> list[dict]:
              "manipulation": None, "n": 0, "test_id": None, "test_label": None}]
     ranked = ranked if ranked is not None else ranked_points(settings)
     for method, per_test in ranked.items():
-        for manipulation in as_list(cfg["newData"]):
-            for n in cfg["explain"]["n_values"]:
+        for manipulation in as_list(cfg.newData):
+            for n in cfg.explain.n_values:
                 if n == 0:
                     continue
                 # a removal acts in method3.window only (the question Method 3 answers): its own folder
-                folder = REMOVAL_FOLDER.format(manipulation=manipulation) + common.window_part(cfg["method3"]) \
+                folder = REMOVAL_FOLDER.format(manipulation=manipulation) + common.window_part(cfg.method3) \
                     if manipulation.startswith("remove") else manipulation
                 for test_id, (label, _) in per_test.items():
                     jobs.append({"name": f"{method}/{manipulation}/n{n}/t{test_id}",

@@ -27,53 +27,55 @@ import utils_if
 import utils_option as opt
 from mnist_test import common, training
 from mnist_test.model import mnist_model
+from options.blocks import Lds
 
 
 # ---- settings of the study ---------------------------------------------------------------------
-def lds_cfg(settings: dict) -> dict:
-    return settings["mnist"]["lds"]
+def lds_cfg(settings: dict) -> Lds:
+    """The ``mnist.lds`` block of checked settings, typed (options/blocks.py)."""
+    return common.mnist_cfg(settings).lds
 
 
 def recipe(settings: dict) -> dict:
     """The training recipe of every model of the study: the mnist block's optimiser, lds.epoch."""
     cfg = common.mnist_cfg(settings)
-    smooth = {} if cfg["activation"] == "relu" else {"activation": cfg["activation"]}  # ReLU studies keep their tags
+    smooth = {} if cfg.activation == "relu" else {"activation": cfg.activation}  # ReLU studies keep their tags
     lds = lds_cfg(settings)
-    start = training.attribution_window(cfg, lds["train_subset"], lds["epoch"])
+    start = training.attribution_window(cfg, lds.train_subset, lds.epoch)
     # the window acts on data weights: the single-model removals; whole-run, constant-rate studies keep their tags
-    extra = {"window_start": start} if start and lds["setting"] == "single_model" else {}
-    if cfg["lr_schedule"] != "constant":
-        extra["lr_schedule"] = cfg["lr_schedule"]
-    return {"learning_rate": cfg["learning_rate"], "momentum": cfg["momentum"],
-            "weight_decay": cfg["weight_decay"], "batch_size": cfg["batch_size"],
-            "epoch": lds["epoch"], **smooth, **extra}
+    extra = {"window_start": start} if start and lds.setting == "single_model" else {}
+    if cfg.lr_schedule != "constant":
+        extra["lr_schedule"] = cfg.lr_schedule
+    return {"learning_rate": cfg.learning_rate, "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
+            "epoch": lds.epoch, **smooth, **extra}
 
 
 def test_ids(settings: dict) -> list[int]:
-    ids = lds_cfg(settings)["test_ids"]
+    ids = lds_cfg(settings).test_ids
     return list(range(ids)) if isinstance(ids, int) else list(ids)
 
 
 def study_tag(settings: dict) -> str:
     """Readable parts plus a short hash of everything that changes the retrained models' outputs."""
     lds = lds_cfg(settings)
-    key = {"recipe": recipe(settings), "train_subset": lds["train_subset"], "test_ids": test_ids(settings),
-           "fraction": lds["subset_fraction"], "seed": lds["seed"],
+    key = {"recipe": recipe(settings), "train_subset": lds.train_subset, "test_ids": test_ids(settings),
+           "fraction": lds.subset_fraction, "seed": lds.seed,
            **({"threads": settings["threads"]} if settings.get("threads", 1) != 1 else {})}  # 1 keeps its old tags
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    return f"n{lds['train_subset']}e{lds['epoch']}f{lds['subset_fraction']:g}_{digest}"
+    return f"n{lds.train_subset}e{lds.epoch}f{lds.subset_fraction:g}_{digest}"
 
 
 def report_tag(settings: dict) -> str:
     """The report's files: the study, the setting, and a short hash of what changes the table but not
     the retrained models (methods, ensemble seeds, LOO plan, drop fractions, M, test counts), so that
     two tables made with other choices never overwrite each other."""
-    lds = lds_cfg(settings)
+    lds, written = lds_cfg(settings), settings["mnist"]["lds"]  # hashed as the settings file holds it
     keys = ("setting", "methods", "ensemble_seeds", "loo", "drop_fractions", "num_subsets", "seeds_per_subset",
             "solver_test_num", "method3_test_num", "lissa_deep", "cg_damps", "cg_max_iter", "ekfac_damp_factors",
             "kfac_factored_damp_factors", "bootstrap")
-    digest = hashlib.sha1(json.dumps({k: lds[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:6]
-    return f"{study_tag(settings)}{'_single' if lds['setting'] == 'single_model' else ''}_r{digest}"
+    digest = hashlib.sha1(json.dumps({k: written[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:6]
+    return f"{study_tag(settings)}{'_single' if lds.setting == 'single_model' else ''}_r{digest}"
 
 
 def study_folder(settings: dict, *parts: str) -> str:
@@ -141,7 +143,7 @@ def train_and_store(jobs: list[dict], train, x_test, y_test, cfg: dict, group_si
         for job, state in zip(group, states):
             record = {**job["record"], "seed": job["seed"],
                       **outputs_of({k: v.to(device) for k, v in state.items()}, x_test, y_test,
-                                   cfg.get("activation", "relu"))}
+                                   training.Recipe.of(cfg).activation)}
             if keep_weights:
                 opt.save_torch(job["path"][:-len(".json")] + ".pth", {"model": state, "job": job["record"]})
             opt.write_json(job["path"], record)
@@ -158,7 +160,7 @@ def single_model_loss_changes(data, cfg: dict, seed: int, masks: np.ndarray, x_t
         states += training.train_group(data, [{"seed": seed, "weights": torch.as_tensor(m, dtype=torch.float32)}
                                               for m in masks[s:s + group_size]], cfg, device, show_progress=False,
                                        window_start=window_start)
-    activation = cfg.get("activation", "relu")
+    activation = training.Recipe.of(cfg).activation
     return np.array([outputs_of(state, x_test, y_test, activation)["loss"] for state in states]) - base_loss
 
 
@@ -176,10 +178,10 @@ def model_settings(settings: dict, index: int, ids: list[int], grad_mode: str = 
     Method 1 per_sample norms get their own model name (Train.py writes one model per mode)."""
     lds = lds_cfg(settings)
     mode = f"lds{index}" + ("ps" if grad_mode == "per_sample" else "")
-    mnist = {"seed": lds["ensemble_seeds"][index], "epoch": lds["epoch"], "train_subset": lds["train_subset"],
+    mnist = {"seed": lds.ensemble_seeds[index], "epoch": lds.epoch, "train_subset": lds.train_subset,
              "test_ids": ids, "method1": {"mode": mode, "grad_mode": grad_mode},
              "method2": {"mode": mode, "test_sample_num": len(ids), **(method2 or {})},
-             "method3": {"mode": mode, "test_sample_num": min(len(ids), lds["method3_test_num"])}}
+             "method3": {"mode": mode, "test_sample_num": min(len(ids), lds.method3_test_num)}}
     merged = opt.deep_merge(settings, {"mnist": mnist})
     opt.validate(merged, opt.SCHEMA)
     return merged
@@ -189,11 +191,11 @@ def method1_attributions(settings: dict, device) -> dict[str, np.ndarray]:
     """Method 1 scores (T, n) of the model of ``settings``, raw and normalized (each training
     point's gradient-norm vector divided by its sum), from Train.py's gradient-norm file."""
     cfg = common.mnist_cfg(settings)
-    model, _ = common.load_model(settings, cfg["method1"]["mode"], device)
+    model, _ = common.load_model(settings, cfg.method1.mode, device)
     norms, _ = common.load_grad_norms(settings, device=device)
     test = common.load_test_data(settings, device, lambda *_: None)
-    layers = cfg["method1"]["layers"]
-    activations = model.layer_activations(test.images[cfg["test_ids"]], layers)
+    layers = cfg.method1.layers
+    activations = model.layer_activations(test.images[cfg.test_ids], layers)
     raw = utils_if.method1_scores(activations, {name: norms[name] for name in layers})
     normalized = utils_if.method1_scores(activations, {name: utils_if.normalize_rows(norms[name])
                                                        for name in layers})
@@ -231,17 +233,17 @@ def loo_changes(plan: dict, loo_jobs: list[dict], loo_loss: np.ndarray) -> dict[
     return out
 
 
-def score_rows(methods: dict, masks: np.ndarray, measured: dict, plan: dict, changes: dict, lcfg: dict
+def score_rows(methods: dict, masks: np.ndarray, measured: dict, plan: dict, changes: dict, lcfg: Lds
                ) -> tuple[list[dict], dict]:
     """One row per method (LDS on loss with its bootstrap interval, LDS on the margin, LDS over the
     first solver_test_num and method3_test_num test images, LOO Pearson/Spearman), best first; and
     {method: per-test LDS}."""
     rows, per_test = [], {}
-    few, few3 = lcfg["solver_test_num"], lcfg["method3_test_num"]
+    few, few3 = lcfg.solver_test_num, lcfg.method3_test_num
     for name, entry in methods.items():
         matrix, t = entry["matrix"], len(entry["ids"])
         scores = {target: utils_if.lds(matrix, masks, measured[target][:, :t], target) for target in ("loss", "margin")}
-        mean, low, high = utils_if.bootstrap_mean(scores["loss"], lcfg["bootstrap"], seed=lcfg["seed"])
+        mean, low, high = utils_if.bootstrap_mean(scores["loss"], lcfg.bootstrap, seed=lcfg.seed)
         loo_p, loo_s = [], []
         for test in plan["tests"]:
             position = test["position"]
@@ -262,9 +264,9 @@ def score_rows(methods: dict, masks: np.ndarray, measured: dict, plan: dict, cha
     return rows, per_test
 
 
-def markdown_table(rows: list[dict], failed: dict, lcfg: dict) -> str:
+def markdown_table(rows: list[dict], failed: dict, lcfg: Lds) -> str:
     """The study's table; a failed row is marked and its reason given on a line of its own below."""
-    few, few3 = lcfg["solver_test_num"], lcfg["method3_test_num"]
+    few, few3 = lcfg.solver_test_num, lcfg.method3_test_num
     header = ["method", "test images", "LDS (loss) [95% CI]", "LDS (margin)", f"LDS, first {few}", f"LDS, first {few3}",
               "LOO Pearson", "LOO Spearman", "seconds", "note"]
     cells = [[r["method"], r["test_images"], f"{r['lds']:.3f} [{r['lds_low']:.3f}, {r['lds_high']:.3f}]",

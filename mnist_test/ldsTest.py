@@ -41,21 +41,21 @@ STAGES = {"Train": Train, "m2_Test": m2_Test, "m3_Test": m3_Test}  # what the st
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
     lcfg = lds.lds_cfg(settings)
-    rank, world = opt.distributed_start(cfg["use_gpu"])
+    rank, world = opt.distributed_start(cfg.use_gpu)
     logger, device = opt.start_script(settings, "mnist_ldsTest", cfg, seed=False)
     ids = lds.test_ids(settings)
-    full = load_mnist(opt.data_path(cfg["data_dir"]), train=True, log=logger.info)
-    train = full.subset(lcfg["train_subset"]).to(device)
+    full = load_mnist(opt.data_path(cfg.data_dir), train=True, log=logger.info)
+    train = full.subset(lcfg.train_subset).to(device)
     n = len(train)
-    test = load_mnist(opt.data_path(cfg["data_dir"]), train=False, log=logger.info).to(device)
+    test = load_mnist(opt.data_path(cfg.data_dir), train=False, log=logger.info).to(device)
     x_test, y_test = test.images[ids], test.labels[ids]
     recipe = lds.recipe(settings)
     studies = lds_study.subset_studies(settings, n)
-    logger.info(f"LDS study {lds.study_tag(settings)}, {lcfg['setting']} setting: {n} training images, {len(ids)} "
+    logger.info(f"LDS study {lds.study_tag(settings)}, {lcfg.setting} setting: {n} training images, {len(ids)} "
                 f"test images, {recipe['epoch']} epochs; " + (
-                    f"{lcfg['num_subsets']} subsets x {lcfg['seeds_per_subset']} seeds" if lcfg["setting"] == "algorithm"
-                    else f"{lcfg['num_subsets']} subsets per drop fraction {lcfg['drop_fractions']}, the base run "
-                         f"(seed {lcfg['ensemble_seeds'][0]}) with the dropped points weighted 0")
+                    f"{lcfg.num_subsets} subsets x {lcfg.seeds_per_subset} seeds" if lcfg.setting == "algorithm"
+                    else f"{lcfg.num_subsets} subsets per drop fraction {lcfg.drop_fractions}, the base run "
+                         f"(seed {lcfg.ensemble_seeds[0]}) with the dropped points weighted 0")
                 + f"; torch threads {torch.get_num_threads()}; rank {rank}/{world}")
 
     # 1. subset models
@@ -64,7 +64,7 @@ def main(settings: dict) -> dict:
     logger.info(f"subset models: {len(jobs)} in all, {len(jobs) - len(pending)} done; rank {rank} trains {len(mine)}")
     trained = {"subsets": len(mine)}
     with opt.Timer() as subset_timer:
-        lds.train_and_store(mine, train, x_test, y_test, recipe, lcfg["group_size"], lcfg["keep_weights"],
+        lds.train_and_store(mine, train, x_test, y_test, recipe, lcfg.group_size, lcfg.keep_weights,
                             device, f"rank {rank}: subset models")
     if mine:
         logger.info(f"rank {rank}: {len(mine)} subset models in {subset_timer.seconds:.1f} s")
@@ -85,7 +85,7 @@ def main(settings: dict) -> dict:
     logger.info(f"LOO models: {len(loo)} in all, {len(loo) - len(pending)} done; rank {rank} trains {len(mine)}")
     trained["loo"] = len(mine)
     with opt.Timer() as loo_timer:
-        lds.train_and_store(mine, train, x_test, y_test, recipe, lcfg["group_size"], False, device,
+        lds.train_and_store(mine, train, x_test, y_test, recipe, lcfg.group_size, False, device,
                             f"rank {rank}: LOO models")
     opt.distributed_barrier()
     result = None

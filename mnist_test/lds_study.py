@@ -4,6 +4,7 @@ JSON). The stages a study runs (Train, m2_Test, m3_Test) are passed in by the dr
 library never imports a script."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -20,21 +21,20 @@ from mnist_test import common, lds
 SOLVERS = dict(sorted(((solver.lds_name, {"solver": name, **solver.lds_settings})
                        for name, solver in utils_if.SOLVERS.items() if solver.lds_row and "mnist" in solver.networks),
                       key=lambda row: opt.LDS_METHODS.index(row[0])))
-ENSEMBLE_SOURCES = {"ensemble_m1_batch_raw": "m1_batch_raw", "ensemble_if_ekfac": "if_ekfac",
-                    "ensemble_if_kfac_factored": "if_kfac_factored", "ensemble_grad_dot": "grad_dot",
-                    "ensemble_trak": "trak"}
+# ensemble row -> the row it averages over lds.ensemble_seeds (every "ensemble_" row of opt.LDS_METHODS)
+ENSEMBLE_SOURCES = {row: row[len("ensemble_"):] for row in opt.LDS_METHODS if row.startswith("ensemble_")}
 
 
 def solver_variants(settings: dict) -> dict:
     """LDS row -> (method2 overrides, whether it runs on the first lds.solver_test_num test images only)."""
     lcfg = lds.lds_cfg(settings)
     variants = dict(SOLVERS)
-    variants["if_lissa_deep"] = {**SOLVERS["if_lissa"], **lcfg["lissa_deep"]}
+    variants["if_lissa_deep"] = {**SOLVERS["if_lissa"], **dataclasses.asdict(lcfg.lissa_deep)}
     for row in ("if_ekfac", "if_kfac_factored"):  # the heuristic's factor: which damping predicts best
-        for factor in lcfg[f"{row[3:]}_damp_factors"]:
+        for factor in getattr(lcfg, f"{row[3:]}_damp_factors"):
             variants[f"{row}_df{factor:g}"] = {**SOLVERS[row], "kfac_damp_factor": factor}
-    for damp in lcfg["cg_damps"]:
-        variants[f"if_cg_d{damp:g}"] = {"solver": utils_if.ConjugateGradient.name, "damp": damp, "cg_max_iter": lcfg["cg_max_iter"],
+    for damp in lcfg.cg_damps:
+        variants[f"if_cg_d{damp:g}"] = {"solver": utils_if.ConjugateGradient.name, "damp": damp, "cg_max_iter": lcfg.cg_max_iter,
                                         "write_unconverged": True}
     return {name: (overrides, utils_if.solver_for(overrides["solver"]).slow_per_test)
             for name, overrides in variants.items()}
@@ -45,12 +45,12 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
     {method that failed: why}). ``stages``: the scripts it runs when their files are missing
     ({"Train": ..., "m2_Test": ..., "m3_Test": ...})."""
     lcfg = lds.lds_cfg(settings)
-    wanted = set(lcfg["methods"])
+    wanted = set(lcfg.methods)
     out: dict[str, dict] = {}
-    few = ids[:lcfg["solver_test_num"]]
+    few = ids[:lcfg.solver_test_num]
     ensemble: dict[str, list[np.ndarray]] = {name: [] for name in ENSEMBLE_SOURCES}
     failed: dict[str, str] = {}
-    for k in range(len(lcfg["ensemble_seeds"])):
+    for k in range(len(lcfg.ensemble_seeds)):
         s = lds.model_settings(settings, k, ids)
         opt.run_stage(stages["Train"], common.grad_norm_file(s), s, opt.detail_log(logger))
         with opt.Timer() as timer:
@@ -93,7 +93,7 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
         out["m1_per_sample_normalized"] = {"matrix": m1["normalized"], "ids": ids, "seconds": timer.seconds}
     if "m3_replay" in wanted:
         s = lds.model_settings(settings, 0, ids)
-        if s["mnist"]["method3"]["window"] and lcfg["setting"] == "algorithm":
+        if s["mnist"]["method3"]["window"] and lcfg.setting == "algorithm":
             logger.warning("WARNING: m3_replay attributes the last steps of the base run (mnist.method3.window), while "
                            "the algorithm setting's subsets are retrained from scratch: that row answers another "
                            "question (use lds.setting single_model)")
@@ -105,7 +105,7 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
                             "seconds": record["meta"]["solver_info"]["seconds_total"], "note": "exact, this run",
                             "smoothness": record["meta"]["solver_info"].get("metasmoothness")}
     for ens, matrices in ensemble.items():
-        if len(matrices) == len(lcfg["ensemble_seeds"]) > 1:
+        if len(matrices) == len(lcfg.ensemble_seeds) > 1:
             out[ens] = {"matrix": np.mean(matrices, axis=0), "ids": ids, "seconds": float("nan"),
                         "note": f"mean over {len(matrices)} models"}
     return {name: value for name, value in out.items() if base_name(name) in wanted}, failed
@@ -123,7 +123,7 @@ def cosine(settings: dict, dot: np.ndarray, ids: list[int], device) -> dict:
     """Gradient cosine: the dot product divided by both gradients' norms (closed form)."""
     cfg = common.mnist_cfg(settings)
     with opt.Timer() as timer:
-        model, _ = common.load_model(settings, cfg["method2"]["mode"], device)
+        model, _ = common.load_model(settings, cfg.method2.mode, device)
         problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, utils_if.select_parameters(model))
         train = common.load_train_data(settings, device, lambda *_: None)
         test = common.load_test_data(settings, device, lambda *_: None)
@@ -135,23 +135,23 @@ def cosine(settings: dict, dot: np.ndarray, ids: list[int], device) -> dict:
 
 def loo_plan(settings: dict, methods: dict, n_train: int, logger) -> dict:
     """The points removed for each LOO test image (top-k helpful, top-k harmful by rank_by, k random)."""
-    loo = lds.lds_cfg(settings)["loo"]
-    if not loo["test_num"]:  # no leave-one-out: no ranking needed (rank_by may name a method not computed)
-        return {"rank_by": loo["rank_by"], "k": loo["k"], "tests": []}
-    if loo["rank_by"] not in methods:
-        raise opt.SettingsError(f"mnist.lds.loo.rank_by = {loo['rank_by']!r} is not among the computed "
+    loo = lds.lds_cfg(settings).loo
+    if not loo.test_num:  # no leave-one-out: no ranking needed (rank_by may name a method not computed)
+        return {"rank_by": loo.rank_by, "k": loo.k, "tests": []}
+    if loo.rank_by not in methods:
+        raise opt.SettingsError(f"mnist.lds.loo.rank_by = {loo.rank_by!r} is not among the computed "
                                 f"methods {sorted(methods)}")
-    scores = methods[loo["rank_by"]]["matrix"]
-    plan = {"rank_by": loo["rank_by"], "k": loo["k"], "tests": []}
-    for position in range(loo["test_num"]):
-        generator = torch.Generator().manual_seed(lds.lds_cfg(settings)["seed"] * 7919 + position)
+    scores = methods[loo.rank_by]["matrix"]
+    plan = {"rank_by": loo.rank_by, "k": loo.k, "tests": []}
+    for position in range(loo.test_num):
+        generator = torch.Generator().manual_seed(lds.lds_cfg(settings).seed * 7919 + position)
         plan["tests"].append({
             "position": position,
-            "helpful": utils_if.top_indices(scores[position], loo["k"], largest=True),
-            "harmful": utils_if.top_indices(scores[position], loo["k"], largest=False),
-            "random": torch.randperm(n_train, generator=generator)[:loo["k"]].tolist()})
-    path = os.path.join(lds.study_folder(settings), f"loo_plan_{loo['rank_by']}"
-                                                     f"_k{loo['k']}_t{loo['test_num']}.json")
+            "helpful": utils_if.top_indices(scores[position], loo.k, largest=True),
+            "harmful": utils_if.top_indices(scores[position], loo.k, largest=False),
+            "random": torch.randperm(n_train, generator=generator)[:loo.k].tolist()})
+    path = os.path.join(lds.study_folder(settings), f"loo_plan_{loo.rank_by}"
+                                                     f"_k{loo.k}_t{loo.test_num}.json")
     opt.write_json(path, plan, logger)
     return plan
 
@@ -165,21 +165,21 @@ def subset_studies(settings: dict, n: int) -> dict[str, dict]:
     own seed) or {"drop{f}": ...} per drop fraction (the base run, dropped points weighted 0).
     Each value: {"drop": fraction, "masks": (M, n) kept, "jobs": [...]}."""
     lcfg = lds.lds_cfg(settings)
-    if lcfg["setting"] == "algorithm":
-        masks = np.stack([lds.subset_mask(n, lcfg["subset_fraction"], lcfg["seed"], m) for m in range(lcfg["num_subsets"])])
+    if lcfg.setting == "algorithm":
+        masks = np.stack([lds.subset_mask(n, lcfg.subset_fraction, lcfg.seed, m) for m in range(lcfg.num_subsets)])
         folder = lds.study_folder(settings, "subsets")
-        jobs = [{"seed": lds.subset_model_seed(lcfg["seed"], m, r), "keep": np.flatnonzero(masks[m]).tolist(),
+        jobs = [{"seed": lds.subset_model_seed(lcfg.seed, m, r), "keep": np.flatnonzero(masks[m]).tolist(),
                  "path": os.path.join(folder, f"m{m}_s{r}.json"), "record": {"subset": m, "replicate": r}}
-                for m in range(lcfg["num_subsets"]) for r in range(lcfg["seeds_per_subset"])]
-        return {"algorithm": {"drop": 1 - lcfg["subset_fraction"], "masks": masks, "jobs": jobs}}
-    base_seed, everyone = lcfg["ensemble_seeds"][0], list(range(n))
+                for m in range(lcfg.num_subsets) for r in range(lcfg.seeds_per_subset)]
+        return {"algorithm": {"drop": 1 - lcfg.subset_fraction, "masks": masks, "jobs": jobs}}
+    base_seed, everyone = lcfg.ensemble_seeds[0], list(range(n))
     studies = {}
-    for drop in lcfg["drop_fractions"]:
-        masks = np.stack([lds.drop_mask(n, drop, lcfg["seed"], m) for m in range(lcfg["num_subsets"])])
+    for drop in lcfg.drop_fractions:
+        masks = np.stack([lds.drop_mask(n, drop, lcfg.seed, m) for m in range(lcfg.num_subsets)])
         folder = lds.study_folder(settings, "single_model", f"s{base_seed}_d{drop:g}")
         studies[f"drop{drop:g}"] = {"drop": drop, "masks": masks, "jobs": [
             {"seed": base_seed, "keep": everyone, "weights": masks[m], "path": os.path.join(folder, f"m{m}.json"),
-             "record": {"subset": m, "replicate": 0, "drop": drop}} for m in range(lcfg["num_subsets"])]}
+             "record": {"subset": m, "replicate": 0, "drop": drop}} for m in range(lcfg.num_subsets)]}
     return studies
 
 
@@ -189,8 +189,8 @@ def loo_jobs(settings: dict, plan: dict, n: int) -> list[dict]:
     lcfg = lds.lds_cfg(settings)
     if not plan["tests"]:  # lds.loo.test_num = 0: no leave-one-out models at all
         return []
-    if lcfg["setting"] == "single_model":
-        folder, seed = lds.study_folder(settings, "single_model", f"s{lcfg['ensemble_seeds'][0]}_loo"), lcfg["ensemble_seeds"][0]
+    if lcfg.setting == "single_model":
+        folder, seed = lds.study_folder(settings, "single_model", f"s{lcfg.ensemble_seeds[0]}_loo"), lcfg.ensemble_seeds[0]
 
         def weights(point):
             w = np.ones(n, dtype=bool)
@@ -200,12 +200,12 @@ def loo_jobs(settings: dict, plan: dict, n: int) -> list[dict]:
         return [{"seed": seed, "keep": list(range(n)), "weights": weights(p), "record": {"removed": p, "replicate": 0},
                  "path": os.path.join(folder, "base.json" if p is None else f"p{p}.json")}
                 for p in [None, *loo_points(plan)]]
-    folder, seeds = lds.study_folder(settings, "loo"), lcfg["loo"]["seeds"]
-    jobs = [{"seed": lds.loo_model_seed(lcfg["seed"], r), "keep": list(range(n)),
+    folder, seeds = lds.study_folder(settings, "loo"), lcfg.loo.seeds
+    jobs = [{"seed": lds.loo_model_seed(lcfg.seed, r), "keep": list(range(n)),
              "path": os.path.join(folder, f"base_s{r}.json"), "record": {"removed": None, "replicate": r}}
             for r in range(seeds)]
     for point in loo_points(plan):
-        jobs += [{"seed": lds.loo_model_seed(lcfg["seed"], r), "keep": [i for i in range(n) if i != point],
+        jobs += [{"seed": lds.loo_model_seed(lcfg.seed, r), "keep": [i for i in range(n) if i != point],
                   "path": os.path.join(folder, f"p{point}_s{r}.json"), "record": {"removed": point, "replicate": r}}
                  for r in range(seeds)]
     return jobs
@@ -214,8 +214,8 @@ def loo_jobs(settings: dict, plan: dict, n: int) -> list[dict]:
 def report(settings, methods, failed, studies, plan, loo, ids, device, logger, seconds) -> dict:
     """The table (Markdown, CSV), the figures and the JSON of a finished study (rank 0)."""
     lcfg = lds.lds_cfg(settings)
-    single = lcfg["setting"] == "single_model"
-    replicates = 1 if single else lcfg["seeds_per_subset"]
+    single = lcfg.setting == "single_model"
+    replicates = 1 if single else lcfg.seeds_per_subset
     loo_loss = lds.read_outputs([j["path"] for j in loo])["loss"] if loo else np.zeros((0, len(ids)))
     changes = lds.loo_changes(plan, loo, loo_loss) if loo else {}
     curves, per_study, noise = {}, {}, {}
@@ -231,11 +231,11 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
     main_key = min(studies, key=lambda k: abs(studies[k]["drop"] - 0.05)) if single else "algorithm"
     main = per_study[main_key]
     tag = lds.report_tag(settings)
-    loo_cfg = lcfg["loo"]
+    loo_cfg = lcfg.loo
     if single:
         noise.update(single_model_noise(settings, ids, loo, loo_loss, device, main))
         replica = noise.get("replica_mean_abs_loss_change")
-        noise_line = (f"Single-model setting: every subset model is the base run (seed {lcfg['ensemble_seeds'][0]}, same "
+        noise_line = (f"Single-model setting: every subset model is the base run (seed {lcfg.ensemble_seeds[0]}, same "
                       f"order) with the dropped points weighted 0, trained by the grouped trainer. Its replica of the base "
                       + (f"run (all weights 1) differs from Train.py's model by {replica:.2g} in test loss on average "
                          f"(rounding, grown through training); " if replica is not None else
@@ -247,7 +247,7 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
                          else "(not measured: lds.seeds_per_subset = 1)."))
         base_rows = [i for i, j in enumerate(loo) if j["record"]["removed"] is None]
         if len(base_rows) > 1:  # the LOO noise floor: the loss's spread over seeds with nothing removed
-            spread = loo_loss[base_rows].std(0, ddof=1)[:loo_cfg["test_num"]]
+            spread = loo_loss[base_rows].std(0, ddof=1)[:loo_cfg.test_num]
             noise["loo_base_loss_std_over_seeds"] = spread.tolist()
             noise_line += (f" LOO noise floor (std of the loss over {len(base_rows)} seeds, nothing removed): "
                            f"{', '.join(f'{v:.4f}' for v in spread)}; spread of the measured effects "
@@ -261,9 +261,9 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
         f"\n\nLDS: Spearman over {len(main['masks'])} subsets ({main_key}: {main['masks'][0].sum()} of "
         f"{main['masks'].shape[1]} images kept) between predicted and measured test loss; mean over test images, "
         f"bootstrap 95% interval. {noise_line}\n" + (
-            f"LOO: {len(plan['tests'])} test images x {3 * loo_cfg['k']} removals (top-{loo_cfg['k']} helpful/harmful "
-            f"by {plan['rank_by']}, {loo_cfg['k']} random), "
-            + ("the base run with the point weighted 0." if single else f"{loo_cfg['seeds']} seeds each.")
+            f"LOO: {len(plan['tests'])} test images x {3 * loo_cfg.k} removals (top-{loo_cfg.k} helpful/harmful "
+            f"by {plan['rank_by']}, {loo_cfg.k} random), "
+            + ("the base run with the point weighted 0." if single else f"{loo_cfg.seeds} seeds each.")
             if plan["tests"] else "LOO: not run (lds.loo.test_num = 0)."))
     if single and len(curves) > 1:
         text += "\n\nSingle-model LDS (loss) per drop fraction:\n\n" + lds.curve_table(curves)
@@ -273,10 +273,10 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
                         [{"study": key, **row} for key, value in per_study.items() for row in value["rows"]], logger)
     figure = lds.draw(settings, main["rows"], methods, main["masks"], main["measured"], main["lds_per_test"], tag,
                       f"MNIST MLP, {main['masks'].shape[1]} training images, {len(main['masks'])} subsets, "
-                      f"{lcfg['setting']} setting ({main_key}; {tag})", logger, failed)
+                      f"{lcfg.setting} setting ({main_key}; {tag})", logger, failed)
     curve = lds.draw_curve(settings, curves, tag, logger) if single and len(curves) > 1 else None
     path = opt.write_json(opt.output_path(settings, "test", f"lds_{tag}.json"), {
-        "meta": {"settings": settings["mnist"], "study": tag, "setting": lcfg["setting"], "main_study": main_key,
+        "meta": {"settings": settings["mnist"], "study": tag, "setting": lcfg.setting, "main_study": main_key,
                  "test_ids": ids, "n_train": int(main["masks"].shape[1]), "threads": torch.get_num_threads(),
                  "seconds": seconds, "training_noise": noise, "sign_convention": utils_if.SIGN_CONVENTION},
         "rows": main["rows"], "failed": failed, "lds_per_test": main["lds_per_test"],
@@ -296,6 +296,6 @@ def single_model_noise(settings, ids, loo, loo_loss, device, main) -> dict:
         model, _ = common.load_model(lds.model_settings(settings, 0, ids), "lds0", device)
         test = common.load_test_data(settings, device, lambda *_: None)
         base = np.array(lds.outputs_of(model.state_dict(), test.images[ids], test.labels[ids],
-                                      common.mnist_cfg(settings)["activation"])["loss"])
+                                      common.mnist_cfg(settings).activation)["loss"])
         out["replica_mean_abs_loss_change"] = float(np.mean(np.abs(loo_loss[base_rows[0]] - base)))
     return out

@@ -23,32 +23,32 @@ from mnist_test import common  # noqa: E402
 
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
-    m1 = cfg["method1"]
+    m1 = cfg.method1
     logger, device = opt.start_script(settings, "mnist_m1_Test", cfg)
-    model, model_path = common.load_model(settings, m1["mode"], device, logger)
+    model, model_path = common.load_model(settings, m1.mode, device, logger)
     with opt.Timer() as read_timer:
         norms, norm_meta = common.load_grad_norms(settings, device=device)
     logger.info(f"gradient norms {common.grad_norm_file(settings)} read in {read_timer.seconds:.1f} s")
     test = common.load_test_data(settings, device, logger.info)
-    if cfg["test_ids"] == "all":
+    if cfg.test_ids == "all":
         raise opt.SettingsError('mnist.test_ids = "all" is for m2_Test with a fast solver; Method 1 scores of '
                                 'every test x training image would be a 600-million-number JSON: give a list')
-    ids = common.selected_test_ids(settings, m1["mode"])
+    ids = common.selected_test_ids(settings, m1.mode)
     x, labels = test.images[ids], test.labels[ids]
-    activations = model.layer_activations(x, m1["layers"])
+    activations = model.layer_activations(x, m1.layers)
     with opt.Timer() as score_timer:
-        scores = utils_if.method1_scores(activations, {l: norms[l] for l in m1["layers"]}).cpu()
+        scores = utils_if.method1_scores(activations, {l: norms[l] for l in m1.layers}).cpu()
     predictions = model(x).argmax(1).tolist()
     logger.info(f"scored {scores.shape[1]} training images for {len(ids)} test images in "
-                f"{score_timer.seconds:.2f} s (layers {m1['layers']})")
+                f"{score_timer.seconds:.2f} s (layers {m1.layers})")
     result = {"meta": {
-        "settings": cfg, "profile": settings["profile"], "model_file": model_path,
+        "settings": settings["mnist"], "profile": settings["profile"], "model_file": model_path,
         "grad_norm_file": common.grad_norm_file(settings), "grad_mode": norm_meta["grad_mode"],
-        "layers": m1["layers"], "n_train": scores.shape[1], "test_ids": ids,
+        "layers": m1.layers, "n_train": scores.shape[1], "test_ids": ids,
         "definition": "score[i] = sum_l a_l . G_l[i]; a_l post-ReLU activations (fc3: logits); "
                       "top = indices of the largest scores", "seconds_scores": score_timer.seconds}}
     for position, test_id in enumerate(ids):
-        top = utils_if.top_indices(scores[position], m1["top_k"])
+        top = utils_if.top_indices(scores[position], m1.top_k)
         result[str(position)] = {"test_id_num": test_id, "label": int(labels[position]),
                                  "prediction": predictions[position],
                                  "scores": scores[position].tolist(), "top": top}

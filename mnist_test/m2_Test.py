@@ -24,25 +24,25 @@ from mnist_test import common  # noqa: E402
 
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
-    m2 = cfg["method2"]
+    m2 = cfg.method2
     logger, device = opt.start_script(settings, "mnist_m2_Test", cfg)
-    model, model_path = common.load_model(settings, m2["mode"], device, logger)
+    model, model_path = common.load_model(settings, m2.mode, device, logger)
     train, test = common.load_data(settings, device, logger.info)
-    solver = opt.solver_settings(m2, cfg["seed"])
+    solver = opt.solver_settings(m2, cfg.seed)
     method = utils_if.solver_for(solver.solver)
     if method.kronecker:
         solver.factor_file = common.factor_file(settings)
     try:
         problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss,
-                                            utils_if.select_parameters(model, m2["params"]),
-                                            l2_reg=m2["l2_reg"])
+                                            utils_if.select_parameters(model, m2.params),
+                                            l2_reg=m2.l2_reg)
     except ValueError as err:
         raise opt.solver_error("mnist.method2", err) from None
     if method.needs_checkpoints:
         solver.checkpoints = tracin_checkpoints(settings, problem, device, logger)
-    if cfg["test_ids"] == "all":
+    if cfg.test_ids == "all":
         return all_pairs(settings, model, model_path, problem, solver, train, test, logger)
-    ids = common.selected_test_ids(settings, m2["mode"])[:m2["test_sample_num"]]
+    ids = common.selected_test_ids(settings, m2.mode)[:m2.test_sample_num]
     shown = ids if len(ids) <= 10 else f"{ids[:10]}... ({len(ids)})"
     logger.info(f"influence of {len(train)} training images on test images {shown}: solver "
                 f"{solver.solver}, {problem.num_params} parameters, effective damping "
@@ -58,12 +58,12 @@ def main(settings: dict) -> dict:
         logger.warning(f"WARNING: {info['lissa_mlp_check']}")
     if not info.get("converged", True):
         logger.warning(f"WARNING: {info['warning']}")
-        if not m2["write_unconverged"] and info.get("cg_relative_residual", 0.0) > 1e-2:
+        if not m2.write_unconverged and info.get("cg_relative_residual", 0.0) > 1e-2:
             raise opt.SettingsError(f"{info['warning']}; nothing written (set mnist.method2."
                                     f"write_unconverged = true to write it anyway, marked in meta)")
     logger.info(", ".join(f"{key[len('seconds_'):].replace('_', ' ')} {value} s"
                           for key, value in info.items() if key.startswith("seconds_")))
-    result = common.attribution_record(settings, model, model_path, x_test, y_test, ids, influence, m2["top_k"],
+    result = common.attribution_record(settings, model, model_path, x_test, y_test, ids, influence, m2.top_k,
                                        info, utils_if.SIGN_CONVENTION, logger)
     path = common.m2_file(settings)
     opt.write_json(path, result, logger)
@@ -74,9 +74,9 @@ def tracin_checkpoints(settings, problem, device, logger) -> list:
     """(influence problem at each of Train.py's checkpoints, its learning rate) for TracIn."""
     from mnist_test.model import mnist_model
     out = []
-    for path in common.checkpoint_files(settings, common.mnist_cfg(settings)["method2"]["mode"]):
+    for path in common.checkpoint_files(settings, common.mnist_cfg(settings).method2.mode):
         state = opt.load_torch(path, "mnist_test/Train.py (mnist.checkpoint_every > 0)", map_location=device)
-        model = mnist_model(common.mnist_cfg(settings)["activation"]).to(device)
+        model = mnist_model(common.mnist_cfg(settings).activation).to(device)
         model.load_state_dict(state["model"])
         out.append((utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, problem.param_names),
                     float(state["learning_rate"])))
@@ -91,31 +91,31 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
     method2.save_matrix asks (written chunk by chunk into a memory-mapped file, never held twice).
     With method2.self_influence, the self-influence of every training image is written too."""
     import numpy as np
-    m2 = common.mnist_cfg(settings)["method2"]
+    m2 = common.mnist_cfg(settings).method2
     if not utils_if.solver_for(solver.solver).all_pairs:
         fast = [name for name, s in utils_if.SOLVERS.items() if s.all_pairs]
         raise opt.SettingsError(f'mnist.test_ids = "all" needs a fast solver: set mnist.method2.solver to one of '
                                 f'{", ".join(fast)} (now {solver.solver!r}, which would take hours)')
-    n_test, n_train, k = len(test), len(train), m2["top_k"]
+    n_test, n_train, k = len(test), len(train), m2.top_k
     path = common.m2_file(settings)
-    save = m2["save_matrix"] != "none"
-    matrix_path = path[:-len(".json")] + f"_{m2['save_matrix']}.npy"
+    save = m2.save_matrix != "none"
+    matrix_path = path[:-len(".json")] + f"_{m2.save_matrix}.npy"
     helpful = torch.empty(n_test, k, dtype=torch.long)
     harmful = torch.empty(n_test, k, dtype=torch.long)
     logger.info(f"all pairs: {n_test} test x {n_train} training images, solver {solver.solver}, chunks of "
-                f"{m2['test_chunk']} test images{', matrix ' + m2['save_matrix'] if save else ''}")
+                f"{m2.test_chunk} test images{', matrix ' + m2.save_matrix if save else ''}")
 
     def sweep(tmp: str | None) -> None:  # tmp: the matrix's temporary file (atomic_write renames it)
         matrix = None if tmp is None else np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=m2["save_matrix"], shape=(n_test, n_train))
+            tmp, mode="w+", dtype=m2.save_matrix, shape=(n_test, n_train))
         bar = opt.progress(total=n_test, desc="all pairs", unit="test image")
         for start, chunk in utils_if.influence_chunks(problem, test.images, test.labels, train.images, train.labels,
-                                                      solver, m2["test_chunk"], log=logger.info):
+                                                      solver, m2.test_chunk, log=logger.info):
             rows = slice(start, start + len(chunk))
             helpful[rows] = torch.topk(chunk, k, dim=1).indices.cpu()
             harmful[rows] = torch.topk(chunk, k, dim=1, largest=False).indices.cpu()
             if matrix is not None:
-                matrix[rows] = chunk.cpu().numpy().astype(m2["save_matrix"])
+                matrix[rows] = chunk.cpu().numpy().astype(m2.save_matrix)
             bar.update(len(chunk))
         bar.close()
         if matrix is not None:
@@ -129,14 +129,14 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
     logger.info(f"all {n_test * n_train:,} pairs in {timer.seconds:.1f} s")
     with torch.no_grad():
         out = model(test.images)
-    result = {"meta": {"settings": common.mnist_cfg(settings), "profile": settings["profile"],
+    result = {"meta": {"settings": settings["mnist"], "profile": settings["profile"],
                        "model_file": model_path, "n_train": n_train, "test_ids": "all",
                        "sign_convention": utils_if.SIGN_CONVENTION, "seconds_all_pairs": round(timer.seconds, 2),
                        "solver_info": {"solver": solver.solver, "factor_file": solver.factor_file}}}
     if save:
         result["meta"]["matrix_file"] = matrix_path
         logger.info(f"wrote {matrix_path}")
-    if m2["self_influence"]:
+    if m2.self_influence:
         with opt.Timer() as self_timer:
             values = utils_if.solver_for(solver.solver).self_influence(problem, train.images, train.labels, solver,
                                                                        logger.info)

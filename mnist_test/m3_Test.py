@@ -28,29 +28,29 @@ TARGETS = {"loss": utils_if.nll_sample_loss, "margin": utils_if.negative_margin_
 
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
-    m3 = cfg["method3"]
+    m3 = cfg.method3
     logger, device = opt.start_script(settings, "mnist_m3_Test", cfg)
-    model, model_path = common.load_model(settings, m3["mode"], device, logger)
+    model, model_path = common.load_model(settings, m3.mode, device, logger)
     train, test = common.load_data(settings, device, logger.info)
-    ids = common.selected_test_ids(settings, m3["mode"])[:m3["test_sample_num"]]
+    ids = common.selected_test_ids(settings, m3.mode)[:m3.test_sample_num]
     smoothness = None
-    if m3["smoothness_directions"]:
+    if m3.smoothness_directions:
         with opt.Timer() as check_timer:
             smoothness = training.metasmoothness(train, test.images[ids], test.labels[ids], cfg, device, m3)
         smoothness["seconds"] = round(check_timer.seconds, 2)
         print(utils_if.verdict(smoothness["s_hat"]) + f" [{smoothness['trainings']} trainings, {check_timer.seconds:.0f} s]")
-    run = training.sgd_run(cfg, cfg["seed"], len(train), device,
+    run = training.sgd_run(cfg, cfg.seed, len(train), device,
                            window_start=training.attribution_window(cfg, len(train)))
-    replay = utils_if.SgdReplay(training.new_model(cfg["seed"], device, cfg["activation"]), utils_if.nll_sample_loss, run,
+    replay = utils_if.SgdReplay(training.new_model(cfg.seed, device, cfg.activation), utils_if.nll_sample_loss, run,
                                 train.images, train.labels)
-    logger.info(f"Method 3: replaying {run.num_steps:,} SGD steps ({cfg['epoch']} epochs x {run.steps_per_epoch} "
+    logger.info(f"Method 3: replaying {run.num_steps:,} SGD steps ({cfg.epoch} epochs x {run.steps_per_epoch} "
                 f"batches of {run.batch_size}, {len(train)} images), then walking back "
                 + (f"the window's last {run.num_steps - run.window_start:,} steps " if run.window_start else "")
-                + f"for {len(ids)} test images (target {m3['target']}, {m3['test_chunk']} per walk)")
+                + f"for {len(ids)} test images (target {m3.target}, {m3.test_chunk} per walk)")
     with opt.Timer() as total:
         try:
-            _, error, seconds_forward = utils_if.forward_checked(replay, model, m3["checkpoint_interval"],
-                                                                 m3["replay_tolerance"], progress=opt.progress)
+            _, error, seconds_forward = utils_if.forward_checked(replay, model, m3.checkpoint_interval,
+                                                                 m3.replay_tolerance, progress=opt.progress)
         except utils_if.ReplayMismatch as mismatch:
             raise opt.SettingsError(
                 f"{model_path}: replaying its run ends {mismatch.error:.2g} (relative) away from the saved weights "
@@ -60,25 +60,25 @@ def main(settings: dict) -> dict:
         logger.info(f"forward replay {seconds_forward:.1f} s; final weights vs {model_path}: relative error {error:.2g}")
         x_test, y_test = test.images[ids], test.labels[ids]
         problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, replay.names)
-        target_grads = problem.sample_grads(x_test, y_test, loss=TARGETS[m3["target"]])
+        target_grads = problem.sample_grads(x_test, y_test, loss=TARGETS[m3.target])
         chunks = []
         with opt.Timer() as backward_timer:
-            for start in range(0, len(ids), m3["test_chunk"]):
-                chunks.append(replay.metagradient(target_grads[start:start + m3["test_chunk"]], progress=opt.progress))
+            for start in range(0, len(ids), m3.test_chunk):
+                chunks.append(replay.metagradient(target_grads[start:start + m3.test_chunk], progress=opt.progress))
         influence = -len(train) * torch.cat(chunks)
     if "closed_form_check" in replay.info:
         logger.warning(f"WARNING: {replay.info['closed_form_check']}")
-    info = {"solver": "method3", "target": m3["target"], "path": replay.info["path"], "steps": run.num_steps, "window_start": run.window_start,
+    info = {"solver": "method3", "target": m3.target, "path": replay.info["path"], "steps": run.num_steps, "window_start": run.window_start,
             "checkpoint_interval": replay.interval, "replay_relative_error": error, "converged": True,
             "seconds_forward": round(seconds_forward, 3), "seconds_backward": round(backward_timer.seconds, 3),
             "seconds_total": round(total.seconds, 3), "metasmoothness": smoothness,
             "peak_state_floats": replay.interval * replay.num_params + 2 * len(replay.checkpoints) * replay.num_params
-            + 2 * min(len(ids), m3["test_chunk"]) * replay.num_params}
+            + 2 * min(len(ids), m3.test_chunk) * replay.num_params}
     logger.info(f"forward {info['seconds_forward']} s, backward {info['seconds_backward']} s "
                 f"({info['path']}), total {info['seconds_total']} s")
     path = common.m3_file(settings)
     opt.write_json(path, common.attribution_record(settings, model, model_path, x_test, y_test, ids, influence,
-                                                   m3["top_k"], info, utils_if.METHOD3_SIGN_CONVENTION, logger), logger)
+                                                   m3.top_k, info, utils_if.METHOD3_SIGN_CONVENTION, logger), logger)
     return {"if_file": path, "info": info}
 
 

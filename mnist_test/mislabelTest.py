@@ -15,6 +15,7 @@ and 20% of each ranking, and the ROC AUC. The trained model, its norms and check
 
 Writes: test/mislabel_{tag}.{md,csv,json}, fig/mislabel_{tag}.png
 """
+import dataclasses
 import os
 import sys
 
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 
 import utils_if  # noqa: E402
 import utils_option as opt  # noqa: E402
-from mnist_test import common  # noqa: E402
+from mnist_test import common, training  # noqa: E402
 from mnist_test.datasets import MnistData  # noqa: E402
 from mnist_test.model import LAYER_MODULES, mnist_model  # noqa: E402
 from mnist_test.training import train_model  # noqa: E402
@@ -48,23 +49,25 @@ def flipped_labels(labels: torch.Tensor, fraction: float, seed: int) -> tuple[to
 
 
 def study_tag(settings: dict) -> str:
-    cfg, mis = common.mnist_cfg(settings), settings["mnist"]["mislabel"]
-    return (f"n{mis['train_subset'] or 60000}f{mis['fraction']:g}e{mis['epoch']}s{mis['seed']}"
-            f"ce{mis['checkpoint_every']}b{cfg['batch_size']}" + ("" if cfg["activation"] == "relu" else cfg["activation"]))
+    cfg = common.mnist_cfg(settings)
+    mis = cfg.mislabel
+    return (f"n{mis.train_subset or 60000}f{mis.fraction:g}e{mis.epoch}s{mis.seed}"
+            f"ce{mis.checkpoint_every}b{cfg.batch_size}" + ("" if cfg.activation == "relu" else cfg.activation))
 
 
 def trained(settings: dict, data: MnistData, device, logger) -> dict:
     """The model trained on the flipped set, with its Method-1 norms and checkpoints (cached)."""
-    cfg, mis = common.mnist_cfg(settings), settings["mnist"]["mislabel"]
+    cfg = common.mnist_cfg(settings)
+    mis = cfg.mislabel
     path = opt.output_path(settings, "model_zoo", "mislabel", f"mislabel_{study_tag(settings)}.pth")
     if os.path.isfile(path):
         logger.info(f"reuse {path}")
         return opt.load_torch(path, "mnist_test/mislabelTest.py", map_location=device)
     checkpoints = []
-    recipe = {**cfg, "epoch": mis["epoch"]}
+    recipe = dataclasses.replace(training.Recipe.of(cfg), epoch=mis.epoch)
     with opt.Timer() as timer:
-        model, norms = train_model(data, recipe, mis["seed"], device, "batch", tuple(LAYER_MODULES), False,
-                                   checkpoint_every=mis["checkpoint_every"],
+        model, norms = train_model(data, recipe, mis.seed, device, "batch", tuple(LAYER_MODULES), False,
+                                   checkpoint_every=mis.checkpoint_every,
                                    on_checkpoint=lambda epoch, state: checkpoints.append(state))
     logger.info(f"trained on the flipped set in {timer.seconds:.1f} s ({len(checkpoints)} checkpoints)")
     record = {"model": model.state_dict(), "norms": norms, "checkpoints": checkpoints,
@@ -74,43 +77,44 @@ def trained(settings: dict, data: MnistData, device, logger) -> dict:
 
 
 def main(settings: dict) -> dict:
-    cfg, mis = common.mnist_cfg(settings), settings["mnist"]["mislabel"]
+    cfg = common.mnist_cfg(settings)
+    mis = cfg.mislabel
     logger, device = opt.start_script(settings, "mnist_mislabelTest", cfg, seed=False)
-    clean = common.load_train_data(opt.deep_merge(settings, {"mnist": {"train_subset": mis["train_subset"]}}),
+    clean = common.load_train_data(opt.deep_merge(settings, {"mnist": {"train_subset": mis.train_subset}}),
                                    device, logger.info)
-    labels, flipped = flipped_labels(clean.labels, mis["fraction"], mis["seed"])
+    labels, flipped = flipped_labels(clean.labels, mis.fraction, mis.seed)
     data = MnistData(clean.images, labels, clean.indices)
-    logger.info(f"{int(flipped.sum())} of {len(data)} training labels flipped (seed {mis['seed']})")
+    logger.info(f"{int(flipped.sum())} of {len(data)} training labels flipped (seed {mis.seed})")
     record = trained(settings, data, device, logger)
-    model = mnist_model(cfg["activation"]).to(device)
+    model = mnist_model(cfg.activation).to(device)
     model.load_state_dict(record["model"])
     model.eval()
     problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, utils_if.select_parameters(model),
-                                        l2_reg=cfg["weight_decay"])
+                                        l2_reg=cfg.weight_decay)
     scores, seconds = {}, {}
     with opt.Timer() as t:
         curvature = utils_if.KroneckerCurvature(problem, data.images, data.labels, eigen_corrected=True,
-                                                fisher="true", damp_factor=cfg["method2"]["kfac_damp_factor"],
-                                                seed=mis["seed"])
+                                                fisher="true", damp_factor=cfg.method2.kfac_damp_factor,
+                                                seed=mis.seed)
         scores["EK-FAC self-influence"] = curvature.self_influence(data.images, data.labels)
     seconds["EK-FAC self-influence"] = t.seconds
     with opt.Timer() as t:
         curvature = utils_if.KroneckerCurvature(problem, data.images, data.labels, eigen_corrected=False,
-                                                fisher="true", damp_factor=cfg["method2"]["kfac_damp_factor"],
-                                                seed=mis["seed"], factored_damping=True)
+                                                fisher="true", damp_factor=cfg.method2.kfac_damp_factor,
+                                                seed=mis.seed, factored_damping=True)
         scores["K-FAC (factored damping) self-influence"] = curvature.self_influence(data.images, data.labels)
     seconds["K-FAC (factored damping) self-influence"] = t.seconds
     with opt.Timer() as t:
-        trak = utils_if.Trak(problem, data.images, data.labels, cfg["method2"]["proj_dim"], mis["seed"])
+        trak = utils_if.Trak(problem, data.images, data.labels, cfg.method2.proj_dim, mis.seed)
         scores["TRAK self-influence"] = trak.self_influence()
     seconds["TRAK self-influence"] = t.seconds
     with opt.Timer() as t:
         checkpoints = []
         for state in record["checkpoints"]:
-            m = mnist_model(cfg["activation"]).to(device)
+            m = mnist_model(cfg.activation).to(device)
             m.load_state_dict(state)
             checkpoints.append((utils_if.InfluenceProblem(m, utils_if.nll_sample_loss, problem.param_names),
-                                cfg["learning_rate"]))
+                                cfg.learning_rate))
         if checkpoints:
             scores["TracIn self-influence"] = utils_if.tracin_self_influence(checkpoints, data.images, data.labels)
     seconds["TracIn self-influence"] = t.seconds
@@ -120,7 +124,7 @@ def main(settings: dict) -> dict:
     with opt.Timer() as t, torch.no_grad():
         scores["training loss"] = utils_if.nll_sample_loss(model(data.images), data.labels)
     seconds["training loss"] = t.seconds
-    generator = torch.Generator().manual_seed(mis["seed"] + 1)
+    generator = torch.Generator().manual_seed(mis.seed + 1)
     scores["random"] = torch.rand(len(data), generator=generator, dtype=torch.float64)
     seconds["random"] = 0.0
     rows, curves = [], {}
@@ -135,14 +139,14 @@ def main(settings: dict) -> dict:
     lines = [opt.markdown_table(["ranking", *(f"top {int(f * 100)}%" for f in INSPECTED), "ROC AUC", "seconds"],
                                 [[r["ranking"], *(f"{r[f'found_top{int(f * 100)}%']:.3f}" for f in INSPECTED),
                                   f"{r['roc_auc']:.4f}", f"{r['seconds']:.1f}"] for r in rows])]
-    text = "\n".join(lines) + (f"\n\nFraction of the {int(flipped.sum())} flipped labels ({mis['fraction']:g} of "
+    text = "\n".join(lines) + (f"\n\nFraction of the {int(flipped.sum())} flipped labels ({mis.fraction:g} of "
                                f"{len(data)}) found when inspecting the top of each ranking.")
     logger.info("\n" + text)
     md = opt.write_text(opt.output_path(settings, "test", f"mislabel_{tag}.md"), text + "\n", logger)
     csv = opt.write_csv(opt.output_path(settings, "test", f"mislabel_{tag}.csv"), rows, logger)
     figure = draw(settings, grid, curves, flipped, tag, logger)
     path = opt.write_json(opt.output_path(settings, "test", f"mislabel_{tag}.json"), {
-        "meta": {"settings": cfg, "tag": tag, "n_train": len(data), "n_flipped": int(flipped.sum()),
+        "meta": {"settings": settings["mnist"], "tag": tag, "n_train": len(data), "n_flipped": int(flipped.sum()),
                  "flipped": np.flatnonzero(flipped).tolist(), "curvature": curvature.info(),
                  "train_seconds": float(record["train_seconds"])},
         "rows": rows, "curves": {"inspected": grid.tolist(), **curves}}, logger)

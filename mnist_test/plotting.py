@@ -65,7 +65,7 @@ def ranked_figure(settings: dict, record: dict, list_key: str, value_key: str, t
     rows = []
     for key in sorted((k for k in record if k != "meta"), key=int):
         entry = record[key]
-        top = entry[list_key][:cfg["vis_num"]]
+        top = entry[list_key][:cfg.vis_num]
         values = [entry[value_key][i] for i in top]
         rows.append(test_row(test.images[entry["test_id_num"]], entry["test_id_num"], entry["label"],
                              entry["prediction"], train.images[top], top, train.labels[top].tolist(), values,
@@ -80,7 +80,7 @@ def stability_figures(settings: dict, source: str, list_key: str, value_key: str
     label as the test image's true label; ``source`` is "m1" or "m2". Returns the figure paths."""
     from mnist_test import common
     cfg = common.mnist_cfg(settings)
-    seeds = cfg["stability"]["seeds"]
+    seeds = cfg.stability.seeds
     base = common.stability_settings(settings, seeds[0])
     test_ids = common.selected_test_ids(base, "staTest0")
     records = []
@@ -94,15 +94,15 @@ def stability_figures(settings: dict, source: str, list_key: str, value_key: str
     figures = []
     for test_id in test_ids:
         label = int(test.labels[test_id])
-        rows = [[None] * (cfg["vis_num"] // 2) + [{"image": test.images[test_id], "bold": True,
+        rows = [[None] * (cfg.vis_num // 2) + [{"image": test.images[test_id], "bold": True,
                                                    "caption": f"test {test_id} / label {label}"}]]
         for k, record in enumerate(records):
             entry = next(v for key, v in record.items() if key != "meta" and v["test_id_num"] == test_id)
-            top = entry[list_key][:cfg["vis_num"]]
+            top = entry[list_key][:cfg.vis_num]
             rows.append([{"image": train.images[i], "red": int(train.labels[i]) == label,
                           "caption": f"m{k}: {i} / {int(train.labels[i])}\n{entry[value_key][i]:{value_fmt}}"}
                          for i in top])
-        fig = digit_grid(rows, f"Stability, {name}: top {cfg['vis_num']} per model (row k = staTest k; "
+        fig = digit_grid(rows, f"Stability, {name}: top {cfg.vis_num} per model (row k = staTest k; "
                                         f"caption: model: train id / label, value)\nred: same label as the test image")
         figures.append(opt.save_figure(fig, opt.output_path(
             settings, "fig", f"staTest_{common.run_tag(base)}_{name}_t{test_id}.png"), logger))

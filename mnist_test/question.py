@@ -22,17 +22,17 @@ def lds_row(method: str, settings: dict) -> str:
     """The ldsTest row that scores a method as these settings run it."""
     cfg = common.mnist_cfg(settings)
     if method == "method1":
-        return f"m1_{cfg['method1']['grad_mode']}_raw"
+        return f"m1_{cfg.method1.grad_mode}_raw"
     if method == "method3":
         return "m3_replay"
-    return utils_if.solver_for(cfg["method2"]["solver"]).lds_name
+    return utils_if.solver_for(cfg.method2.solver).lds_name
 
 
 def model_recipe(settings: dict) -> dict:
     """What makes the trained network and the question Method 3 answers: size, epochs, optimiser,
     schedule, activation and attribution window (the last two only when off the report's, so that
     the shipped table's entries, measured before they existed, still match)."""
-    cfg = common.mnist_cfg(settings)
+    cfg = settings["mnist"]  # read as a result's meta stores it (_study_recipe): one function for both
     return _recipe(cfg, cfg["train_subset"] or 60000, cfg["epoch"])
 
 
@@ -152,8 +152,8 @@ def method3_seconds(settings: dict, tests: int) -> float:
     batch. Measured: 92 s for one test image over the quick profile's 37,500 steps; 58 s for 20 test
     images of the attributable recipe (9,380 steps, 469 walked back), with another job beside it."""
     cfg = common.mnist_cfg(settings)
-    n, batch = cfg["train_subset"] or 60000, cfg["batch_size"]
-    steps = cfg["epoch"] * -(-n // batch)
+    n, batch = cfg.train_subset or 60000, cfg.batch_size
+    steps = cfg.epoch * -(-n // batch)
     walked = steps - training.attribution_window(cfg, n)
     return (steps * max(0.7, 0.0156 * batch) + walked * batch / 8 * (1.5 + 0.2 * tests)) / 1000.0
 
@@ -168,6 +168,6 @@ def best_solver_settings(settings: dict) -> dict | None:
     """The settings with Method 2's best measured solver (mnist.question.best_solver), or None when
     the settings already use it. The user's own solver still runs: this one is added, not swapped."""
     best = settings["mnist"]["question"]["best_solver"]  # a registry name: checked with the settings
-    if settings["mnist"]["method2"]["solver"] == best:
+    if common.mnist_cfg(settings).method2.solver == best:
         return None
     return opt.deep_merge(settings, {"mnist": {"method2": {"solver": best}}})

@@ -28,8 +28,8 @@ from mnist_test import Test, Train, common, m1_Test, m2_Test, m3_Test, question,
 def main(settings: dict) -> dict:
     start = time.perf_counter()
     cfg = common.mnist_cfg(settings)
-    wanted = cfg["question"]["methods"]
-    opt.run_stage(Train, [common.model_file(settings, cfg["method1"]["mode"]), common.grad_norm_file(settings)],
+    wanted = cfg.question.methods
+    opt.run_stage(Train, [common.model_file(settings, cfg.method1.mode), common.grad_norm_file(settings)],
                   settings, print)
     with opt.quiet_console():  # each stage's full log is in its log file; the console tells the story
         ids = Test.main(settings)["test_ids"]
@@ -41,17 +41,17 @@ def main(settings: dict) -> dict:
         if "method2" in wanted:
             for variant in (settings, question.best_solver_settings(settings)):
                 if variant is not None:
-                    solver = common.mnist_cfg(variant)["method2"]["solver"]
+                    solver = common.mnist_cfg(variant).method2.solver
                     methods.append((f"Method 2 ({solver})", m2_Test.main(variant)["if_file"],
                                     question.lds_row("method2", variant)))
         if "method3" in wanted:
-            tests = min(cfg["method3"]["test_sample_num"], len(ids))
+            tests = min(cfg.method3.test_sample_num, len(ids))
             estimate = question.method3_seconds(settings, tests)
-            if estimate <= cfg["question"]["method3_budget_s"]:
+            if estimate <= cfg.question.method3_budget_s:
                 methods.append(("Method 3 (exact, this run)", m3_Test.main(settings)["if_file"], "m3_replay"))
             else:
                 print(f"Method 3 skipped: its replay would take about {estimate / 60:.0f} min for {tests} test "
-                      f"image(s), above mnist.question.method3_budget_s = {cfg['question']['method3_budget_s']:g} s "
+                      f"image(s), above mnist.question.method3_budget_s = {cfg.question.method3_budget_s:g} s "
                       f"(raise it, or run mnist_test/m3_Test.py)")
         figures = {name: module.main(settings)["figure" if name != "vis_m2" else "figures"]
                    for name, module in (("vis_m1_grad", vis_m1_grad), ("vis_m1", vis_m1), ("vis_m2", vis_m2))}
@@ -65,7 +65,7 @@ def main(settings: dict) -> dict:
     shown = [i for i in ids if all(any(k != "meta" and v["test_id_num"] == i for k, v in r.items())
                                    for _, r, _ in records)]
     for test_id in shown:
-        fig = question.question_figure(settings, test_id, records, trust, cfg["vis_num"], test, train)
+        fig = question.question_figure(settings, test_id, records, trust, cfg.vis_num, test, train)
         answers.append(opt.save_figure(fig, opt.output_path(
             settings, "fig", f"question_{common.run_tag(settings)}_t{test_id}.png"), logger))
     lines = question.trust_lines(methods, trust)

@@ -59,7 +59,8 @@ def agreement(record_0: dict, record_k: dict, key: str, largest: bool, top: int)
 
 
 def tables(settings: dict, seeds: list[int], test_ids: list[int], logger) -> dict:
-    top, methods = settings["mnist"]["stability"]["top"], settings["mnist"]["stability"]["methods"]
+    stability = common.mnist_cfg(settings).stability
+    top, methods = stability.top, stability.methods
     results = {}
     loaded = {}
     for seed in seeds:
@@ -100,8 +101,8 @@ def tables(settings: dict, seeds: list[int], test_ids: list[int], logger) -> dic
 
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
-    seeds = cfg["stability"]["seeds"]
-    rank, world = opt.distributed_start(cfg["use_gpu"])
+    seeds = cfg.stability.seeds
+    rank, world = opt.distributed_start(cfg.use_gpu)
     logger = opt.make_logger(settings, "mnist_staTest")
     mine = opt.partition(seeds, rank, world)
     for seed in mine:  # stage 1: train
@@ -115,7 +116,7 @@ def main(settings: dict) -> dict:
     test_ids = common.selected_test_ids(base, "staTest0")
     for seed in mine:  # stage 3: every method on every model, same test images
         s = common.stability_settings(settings, seed, test_ids)
-        for method in cfg["stability"]["methods"]:
+        for method in cfg.stability.methods:
             opt.run_stage(SCRIPTS[method], result_file(s, method)[0], s, logger.info)
     opt.distributed_barrier()
     results = tables(settings, seeds, test_ids, logger) if rank == 0 else None

@@ -5,6 +5,9 @@ model is fully defined by (seed, data, settings).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +16,7 @@ import utils_if
 import utils_option as opt
 from mnist_test.datasets import MnistData
 from mnist_test.model import LAYER_MODULES, mnist_model
+from options.blocks import Mnist, SmoothnessCheck
 
 
 def new_model(seed: int, device: torch.device, activation: str = "relu") -> torch.nn.Module:
@@ -28,22 +32,51 @@ def epoch_orders(n: int, epochs: int, seed: int) -> torch.Tensor:
     return torch.stack([torch.randperm(n, generator=generator) for _ in range(epochs)])
 
 
-def sgd_run(cfg: dict, seed: int, n: int, device: torch.device,
+@dataclass(frozen=True)
+class Recipe:
+    """One training recipe of the MLP: what Train.py's trainer, the grouped trainer and Method 3's
+    replay need besides the seed and the data. Made from the ``mnist`` block or from a study's recipe
+    (:func:`mnist_test.lds.recipe`, a bench's): :meth:`of`."""
+    learning_rate: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    epoch: int
+    activation: str = "relu"
+    lr_schedule: str = "constant"
+
+    @classmethod
+    def of(cls, source: "Recipe | Mnist | Mapping[str, Any]") -> "Recipe":
+        """The recipe of a typed ``mnist`` block, or of a mapping with these keys (a study's recipe;
+        keys it leaves out take the defaults above, other keys are not the recipe's)."""
+        if isinstance(source, Recipe):
+            return source
+        if isinstance(source, Mnist):
+            return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
+        return cls(**{f.name: source[f.name] for f in fields(cls) if f.name in source})
+
+    def run(self, seed: int, n: int, device: torch.device, data_weights: torch.Tensor | None = None,
+            window_start: int = 0) -> utils_if.SgdRun:
+        """The run :func:`train_model` makes with this recipe and ``seed`` on n points, as Method 3 replays it."""
+        return utils_if.SgdRun(self.learning_rate, self.momentum, self.weight_decay, self.batch_size,
+                               epoch_orders(n, self.epoch, seed).to(device), data_weights, window_start,
+                               self.lr_schedule)
+
+
+def sgd_run(recipe: "Recipe | Mnist | Mapping[str, Any]", seed: int, n: int, device: torch.device,
             data_weights: torch.Tensor | None = None, window_start: int = 0) -> utils_if.SgdRun:
-    """The run :func:`train_model` makes with ``cfg`` and ``seed`` on n points, as Method 3 replays it."""
-    return utils_if.SgdRun(cfg["learning_rate"], cfg["momentum"], cfg["weight_decay"], cfg["batch_size"],
-                           epoch_orders(n, cfg["epoch"], seed).to(device), data_weights, window_start,
-                           cfg.get("lr_schedule", "constant"))
+    """The run :func:`train_model` makes with ``recipe`` and ``seed`` on n points (:meth:`Recipe.run`)."""
+    return Recipe.of(recipe).run(seed, n, device, data_weights, window_start)
 
 
-def attribution_window(cfg: dict, n: int, epochs: int | None = None) -> int:
-    """The first step of ``method3.window`` in the run of ``cfg`` on n images (``epochs`` epochs, else
-    cfg["epoch"]): data weights act from this step on (0 = the whole run)."""
-    steps_per_epoch = -(-n // cfg["batch_size"])
-    m3 = cfg["method3"]
+def attribution_window(cfg: Mnist, n: int, epochs: int | None = None) -> int:
+    """The first step of ``method3.window`` in the run of the ``mnist`` block on n images (``epochs``
+    epochs, else its ``epoch``): data weights act from this step on (0 = the whole run)."""
+    steps_per_epoch = -(-n // cfg.batch_size)
+    m3 = cfg.method3
     try:
-        return utils_if.window_start((epochs or cfg["epoch"]) * steps_per_epoch, steps_per_epoch,
-                                     m3["window"], m3["window_unit"])
+        return utils_if.window_start((epochs or cfg.epoch) * steps_per_epoch, steps_per_epoch,
+                                     m3.window, m3.window_unit)
     except ValueError as error:
         raise opt.SettingsError(f"mnist.method3.window: {error}") from None
 
@@ -54,27 +87,29 @@ REPLAY_RECIPE = ("init: torch.manual_seed(seed); mnist_model(activation). order:
                  "lr of step s from lr_schedule (SgdRun.lr)")
 
 
-def run_metagradient(data: MnistData, cfg: dict, seed: int, x_test: torch.Tensor, y_test: torch.Tensor,
-                     device: torch.device, data_weights: torch.Tensor | None = None,
+def run_metagradient(data: MnistData, recipe: "Recipe | Mnist | Mapping[str, Any]", seed: int, x_test: torch.Tensor,
+                     y_test: torch.Tensor, device: torch.device, data_weights: torch.Tensor | None = None,
                      window_start: int = 0) -> tuple[torch.Tensor, utils_if.SgdRun]:
-    """Method 3 for the run of ``cfg`` and ``seed`` on ``data`` (with ``data_weights`` from
+    """Method 3 for the run of ``recipe`` and ``seed`` on ``data`` (with ``data_weights`` from
     ``window_start`` on): dF_t/dw (T, n) float64 of each test loss F_t, the run replayed from its
     seed (no trained model needed), and the run itself."""
-    run = sgd_run(cfg, seed, len(data), device, data_weights, window_start)
-    replay = utils_if.SgdReplay(new_model(seed, device, cfg.get("activation", "relu")), utils_if.nll_sample_loss, run,
+    recipe = Recipe.of(recipe)
+    run = recipe.run(seed, len(data), device, data_weights, window_start)
+    replay = utils_if.SgdReplay(new_model(seed, device, recipe.activation), utils_if.nll_sample_loss, run,
                                 data.images, data.labels)
-    trained = new_model(seed, device, cfg.get("activation", "relu"))
+    trained = new_model(seed, device, recipe.activation)
     trained.load_state_dict(replay.forward(), strict=False)
     grads = utils_if.InfluenceProblem(trained, utils_if.nll_sample_loss, replay.names).sample_grads(x_test, y_test)
     return replay.metagradient(grads), run
 
 
-def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
+def train_model(data: MnistData, recipe: "Recipe | Mnist | Mapping[str, Any]", seed: int, device: torch.device,
                 grad_mode: str | None = None, layers: tuple[str, ...] = ("fc1", "fc2", "fc3"),
                 skip_first_epoch: bool = True, show_progress: bool = True, desc: str = "train",
                 checkpoint_every: int = 0, on_checkpoint=None, data_weights: torch.Tensor | None = None,
                 window_start: int = 0):
-    """Train a fresh seeded MLP on ``data`` with NLL + SGD(lr, momentum, weight_decay).
+    """Train a fresh seeded MLP on ``data`` with NLL + SGD(lr, momentum, weight_decay) of ``recipe``
+    (a :class:`Recipe`, or what :meth:`Recipe.of` reads).
 
     ``data_weights`` (n,) weight each image's loss: the batch loss is sum_i w_i NLL_i / |B|
     (:func:`utils_if.weighted_batch_loss`; None = the plain mean, the same model as w = 1 bit for
@@ -90,18 +125,19 @@ def train_model(data: MnistData, cfg: dict, seed: int, device: torch.device,
     (TracIn sums over these checkpoints).
     Returns (model, {layer: (n, out) float64 tensor} or None).
     """
-    model = new_model(seed, device, cfg.get("activation", "relu"))
+    recipe = Recipe.of(recipe)
+    model = new_model(seed, device, recipe.activation)
     params = list(model.parameters())
-    n, batch = len(data), cfg["batch_size"]
-    run = sgd_run(cfg, seed, n, device, data_weights, window_start)  # order, weights, window: as the replay reads them
+    n, batch = len(data), recipe.batch_size
+    run = recipe.run(seed, n, device, data_weights, window_start)  # order, weights, window: as the replay reads them
     optimizer = torch.optim.SGD(params, lr=run.learning_rate, momentum=run.momentum, weight_decay=run.weight_decay)
     weights = {name: model.get_submodule(LAYER_MODULES[name]).weight for name in layers}
     norms = {name: torch.zeros(n, w.shape[0], dtype=torch.float64, device=device)
              for name, w in weights.items()} if grad_mode else None
     steps_per_epoch = (n + batch - 1) // batch
-    bar = opt.progress(total=cfg["epoch"] * steps_per_epoch, desc=desc, unit="step",
+    bar = opt.progress(total=recipe.epoch * steps_per_epoch, desc=desc, unit="step",
                        disable=not show_progress)
-    for epoch in range(cfg["epoch"]):
+    for epoch in range(recipe.epoch):
         record = grad_mode is not None and (epoch >= 1 or not skip_first_epoch)
         running = torch.zeros((), device=device)
         for step, start in enumerate(range(0, n, batch)):
@@ -159,9 +195,9 @@ def linear_stack(model: nn.Module) -> list[str]:
     return layers
 
 
-def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.device,
+def train_group(data: MnistData, jobs: list[dict], recipe: "Recipe | Mnist | Mapping[str, Any]", device: torch.device,
                 show_progress: bool = True, desc: str = "train group", window_start: int = 0) -> list[dict]:
-    """Train many independent MLPs at once, each exactly as :func:`train_model` trains it alone:
+    """Train many independent MLPs at once with ``recipe``, each exactly as :func:`train_model` trains it alone:
     its own seed (init and data order), its own labels (``job["labels"]``: (n,) for all of
     ``data``, or None), its own kept items (``job["keep"]``: original positions, or None) and its
     own data weights (``job["weights"]``: (n,) for all of ``data``, or None; the batch loss is then
@@ -175,7 +211,8 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
     its :func:`sgd_run`, the one definition Train.py's trainer and Method 3's replay read too.
     Returns one ``state_dict`` per job (on the CPU).
     """
-    k_models, batch = len(jobs), cfg["batch_size"]
+    recipe = Recipe.of(recipe)
+    k_models, batch = len(jobs), recipe.batch_size
     kept = [torch.arange(len(data), device=device) if job.get("keep") is None
             else torch.as_tensor(job["keep"], device=device) for job in jobs]
     n = len(kept[0])
@@ -187,7 +224,7 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
     data_weights = torch.stack([torch.ones(len(data), device=device) if job.get("weights") is None else
                                 torch.as_tensor(job["weights"], dtype=torch.float32, device=device)
                                 for job in jobs]) if weighted else None
-    activation = cfg.get("activation", "relu")
+    activation = recipe.activation
     models = [new_model(job["seed"], device, activation) for job in jobs]
     layers = linear_stack(models[0])
     smooth = activation == "softplus"  # softplus: derivative sigmoid(z); ReLU: [z > 0]
@@ -196,16 +233,16 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
               for name in names}
     buffers = {name: torch.zeros_like(p) for name, p in params.items()}
     # each job's run as train_model and the replay define it: its seed's order (over its kept items), the window
-    runs = [sgd_run(cfg, job["seed"], n, device, window_start=window_start) for job in jobs]
+    runs = [recipe.run(job["seed"], n, device, window_start=window_start) for job in jobs]
     orders = torch.stack([kept[m][run.orders] for m, run in enumerate(runs)])   # (K, epochs, n)
     rows = torch.arange(k_models, device=device)[:, None]
     mom, wd = runs[0].momentum, runs[0].weight_decay
     weights = [params[f"{layer}.weight"] for layer in layers]
     biases = [params[f"{layer}.bias"] for layer in layers]
     steps = (n + batch - 1) // batch
-    bar = opt.progress(total=cfg["epoch"] * steps, desc=desc, unit="step", disable=not show_progress)
+    bar = opt.progress(total=recipe.epoch * steps, desc=desc, unit="step", disable=not show_progress)
     first_step = True
-    for epoch in range(cfg["epoch"]):
+    for epoch in range(recipe.epoch):
         for start in range(0, n, batch):
             step = epoch * steps + start // batch
             in_window, lr = step >= runs[0].window_start, runs[0].lr(step)
@@ -244,25 +281,25 @@ def train_group(data: MnistData, jobs: list[dict], cfg: dict, device: torch.devi
     return [{name: params[name][m].detach().cpu().clone() for name in names} for m in range(k_models)]
 
 
-def metasmoothness(data: MnistData, x_test: torch.Tensor, y_test: torch.Tensor, cfg: dict, device: torch.device,
-                   m3: dict) -> dict:
-    """Is this run smooth in its data weights? The run of ``cfg`` (its seed and order) retrained with
+def metasmoothness(data: MnistData, x_test: torch.Tensor, y_test: torch.Tensor, cfg: Mnist, device: torch.device,
+                   m3: SmoothnessCheck) -> dict:
+    """Is this run smooth in its data weights? The run of the ``mnist`` block (its seed and order) retrained with
     the data weights of :func:`utils_if.weight_sets` (1 + 2 x method3.smoothness_directions trainings,
     side by side in one group), then S_hat and the curvature of the test losses
     (:mod:`influence.smoothness`)."""
     from influence import smoothness
 
     def train(weight_sets: list[torch.Tensor]):
-        jobs = [{"seed": cfg["seed"], "weights": w.float()} for w in weight_sets]
+        jobs = [{"seed": cfg.seed, "weights": w.float()} for w in weight_sets]
         states = train_group(data, jobs, cfg, device, desc="metasmoothness",
                              window_start=attribution_window(cfg, len(data)))
         finals = [torch.cat([state[name].reshape(-1) for name in state]) for state in states]
         outputs = []
         for state in states:
-            model = new_model(cfg["seed"], device, cfg["activation"])
+            model = new_model(cfg.seed, device, cfg.activation)
             model.load_state_dict(state)
             with torch.no_grad():
                 outputs.append(utils_if.nll_sample_loss(model(x_test), y_test).double().cpu())
         return finals, outputs
-    count = max(1, int(round(m3["smoothness_fraction"] * len(data))))
-    return smoothness.measure(train, len(data), m3["smoothness_directions"], count, m3["smoothness_step"], cfg["seed"])
+    count = max(1, int(round(m3.smoothness_fraction * len(data))))
+    return smoothness.measure(train, len(data), m3.smoothness_directions, count, m3.smoothness_step, cfg.seed)

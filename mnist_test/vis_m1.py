@@ -22,12 +22,12 @@ def main(settings: dict) -> dict:
     record = common.read_result(source, "mnist_test/m1_Test.py", settings, "method1")
     meta = record["meta"]
     fig = plotting.ranked_figure(settings, record, "top", "scores",
-                        f"Method 1: top {cfg['vis_num']} training images per test image "
+                        f"Method 1: top {cfg.vis_num} training images per test image "
                         f"(layers {'+'.join(meta['layers'])}, {meta['grad_mode']} norms)\n"
                         f"caption: train id / label / score; red: same label as the test image",
                         ".0f")
     stem = os.path.basename(source)[:-len(".json")]
-    path = opt.save_figure(fig, opt.output_path(settings, "fig", f"{stem}_top{cfg['vis_num']}.png"),
+    path = opt.save_figure(fig, opt.output_path(settings, "fig", f"{stem}_top{cfg.vis_num}.png"),
                            logger)
     return {"figure": path}
 

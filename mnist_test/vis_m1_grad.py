@@ -20,23 +20,23 @@ from mnist_test import common, plotting  # noqa: E402
 
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
-    m1 = cfg["method1"]
+    m1 = cfg.method1
     logger = opt.make_logger(settings, "mnist_vis_m1_grad")
     norms, _meta = common.load_grad_norms(settings)
     train = common.load_train_data(settings, torch.device("cpu"), logger.info)
     rows = []
     for node in range(10):
-        top = utils_if.top_indices(norms["fc3"][:, node], cfg["vis_num"])
+        top = utils_if.top_indices(norms["fc3"][:, node], cfg.vis_num)
         rows.append([{"image": train.images[i], "red": int(train.labels[i]) == node,
                       "caption": f"{i} / {int(train.labels[i])} / {norms['fc3'][i, node]:.2f}"}
                      for i in top])
         logger.info(f"node {node}: top {top}", extra=opt.DETAIL)
-    fig = plotting.digit_grid(rows, f"Top {cfg['vis_num']} training images per output node by fc3 "
-                              f"gradient norm ({m1['grad_mode']}, e{cfg['epoch']} b{cfg['batch_size']})"
+    fig = plotting.digit_grid(rows, f"Top {cfg.vis_num} training images per output node by fc3 "
+                              f"gradient norm ({m1.grad_mode}, e{cfg.epoch} b{cfg.batch_size})"
                               f"\nrows: nodes 0-9; caption: train id / label / norm (red: label = node)",
                               row_labels=[f"node {node}" for node in range(10)])
     stem = os.path.basename(common.grad_norm_file(settings))[:-len(".json")]
-    path = opt.save_figure(fig, opt.output_path(settings, "fig", f"{stem}_{m1['mode']}_m1_grad_nodes.png"),
+    path = opt.save_figure(fig, opt.output_path(settings, "fig", f"{stem}_{m1.mode}_m1_grad_nodes.png"),
                            logger)
     return {"figure": path}
 

@@ -19,7 +19,7 @@ from mnist_test import common, plotting  # noqa: E402
 def main(settings: dict) -> dict:
     cfg = common.mnist_cfg(settings)
     logger = opt.make_logger(settings, "mnist_vis_m2")
-    source, made_by, block = common.attribution_file(settings, cfg["vis_method"])
+    source, made_by, block = common.attribution_file(settings, cfg.vis_method)
     record = common.read_result(source, made_by, settings, block)
     solver = record["meta"]["solver_info"]["solver"]
     name = "Method 3 (exact, this run)" if block == "method3" else f"Method 2 ({solver})"
@@ -28,11 +28,11 @@ def main(settings: dict) -> dict:
     for kind, meaning in (("helpful", "most positive: removing it raises the test loss"),
                           ("harmful", "most negative: removing it lowers the test loss")):
         fig = plotting.ranked_figure(settings, record, kind, "influence",
-                            f"{name}: top {cfg['vis_num']} {kind} training images "
+                            f"{name}: top {cfg.vis_num} {kind} training images "
                             f"({meaning})\ncaption: train id / label / influence; red: same label "
                             f"as the test image", ".3g")
         paths[kind] = opt.save_figure(
-            fig, opt.output_path(settings, "fig", f"{stem}_{kind}_top{cfg['vis_num']}.png"), logger)
+            fig, opt.output_path(settings, "fig", f"{stem}_{kind}_top{cfg.vis_num}.png"), logger)
     return {"figures": paths}
 
 

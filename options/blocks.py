@@ -15,13 +15,13 @@ import copy
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
-from influence.solvers import Ekfac, KfacFactored, Lissa  # the defaults below name solvers of the registry
+from influence.solvers import Ekfac, KfacFactored, Lissa, TrakSolver  # the defaults below name solvers of the registry
 
 # every attribution ldsTest.py scores (mnist.lds.methods); if_cg runs once per lds.cg_damps value
 LDS_METHODS = ("m1_batch_raw", "m1_batch_normalized", "m1_per_sample_raw", "m1_per_sample_normalized",
                "if_ekfac", "if_kfac", "if_kfac_factored", "if_exact_last", "if_lissa", "if_lissa_deep", "if_cg",
                "grad_dot", "grad_cos", "ensemble_m1_batch_raw", "ensemble_if_ekfac", "ensemble_if_kfac_factored",
-               "ensemble_grad_dot", "m3_replay", "if_arnoldi", "trak", "ensemble_trak")
+               "ensemble_grad_dot", "m3_replay", "if_arnoldi", TrakSolver.lds_name, f"ensemble_{TrakSolver.lds_name}")
 
 
 # mnist.recipe: every value of a training recipe, as dotted keys. A preset replaces the defaults of
@@ -336,7 +336,7 @@ class Lds:
     group_size: int = spec(16, "models trained at once by the grouped trainer", 'int', (1, 10000))
     keep_weights: bool = spec(False, "true: also keep every retrained model's weights (.pth beside its outputs)", 'bool', None)
     methods: list[str] = spec(
-        ['m1_batch_raw', 'm1_batch_normalized', 'm1_per_sample_raw', 'm1_per_sample_normalized', 'if_ekfac', 'if_kfac', 'if_kfac_factored', 'if_exact_last', 'if_lissa', 'if_lissa_deep', 'if_cg', 'grad_dot', 'grad_cos', 'ensemble_m1_batch_raw', 'ensemble_if_ekfac', 'ensemble_if_kfac_factored', 'ensemble_grad_dot', 'm3_replay', 'trak', 'ensemble_trak', 'if_arnoldi'],
+        ['m1_batch_raw', 'm1_batch_normalized', 'm1_per_sample_raw', 'm1_per_sample_normalized', 'if_ekfac', 'if_kfac', 'if_kfac_factored', 'if_exact_last', 'if_lissa', 'if_lissa_deep', 'if_cg', 'grad_dot', 'grad_cos', 'ensemble_m1_batch_raw', 'ensemble_if_ekfac', 'ensemble_if_kfac_factored', 'ensemble_grad_dot', 'm3_replay', TrakSolver.lds_name, f'ensemble_{TrakSolver.lds_name}', 'if_arnoldi'],
         "the attributions ldsTest scores (see docs/scripts.md: ground truth)", 'subset', LDS_METHODS)
     ensemble_seeds: list[int] = spec([0, 1, 2, 3, 4, 5], "base models (the first is THE base model); ensembles "
                                                          "average over all", 'int_list', None)

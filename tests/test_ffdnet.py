@@ -11,6 +11,7 @@ from ffdnet_test import datasets
 from ffdnet_test.checkpoints import load_checkpoint
 from ffdnet_test.model import FFDNet, count_parameters
 from ffdnet_test.training import train_ffdnet
+from options.blocks import Ffdnet
 
 
 
@@ -129,8 +130,8 @@ def test_training_norms_equal_brute_force_loop(tmp_path):
     _write_images(tmp_path, {"a.png": (32, 32), "b.png": (16, 32)})
     patches = datasets.PatchSet.from_folder(str(tmp_path), True, 16, 16)
     fixed = datasets.fixed_noise(len(patches), (1, 16, 16), (0, 75), 1)
-    cfg = {"seed": 4, "learning_rate": 1e-3, "batch_size": 3, "epoch": 2, "sigma": [0, 75],
-           "lr_decay_epochs": [], "val_sigma": 25}
+    cfg = opt.typed({"seed": 4, "learning_rate": 1e-3, "batch_size": 3, "epoch": 2, "sigma": [0, 75],
+                     "lr_decay_epochs": [], "val_sigma": 25}, Ffdnet)
     for mode in ("batch", "per_sample"):
         torch.manual_seed(0)
         net = FFDNet(True, "plain", num_layers=3, channels=4)

@@ -8,6 +8,7 @@ import torch
 
 import utils_option as opt
 from ffdnet_test import explain
+from options.blocks import Finetune
 
 TARGETS = [{"image": "01", "point": [1, 1], "label": "01 1,1"}, {"image": "01", "point": [5, 5], "label": "01 5,5"}]
 
@@ -24,11 +25,11 @@ def test_manipulated_patches_are_exactly_k_distinct_and_seeded():
 
 
 def test_finetune_runs_are_paired_and_removal_is_weight_zero_in_place():
-    control = explain.finetune_run({"epochs": 1.6, "learning_rate": 1e-3, "batch_size": 4}, 50, seed=5)
+    control = explain.finetune_run(Finetune(epochs=1.6, learning_rate=1e-3, batch_size=4), 50, seed=5)
     assert control.orders.shape == (20, 4) and control.data_weights is None
     removed = np.array([0, 7, 13, 21, 49])
     weights = explain.removal_weights(50, removed)
-    run = explain.finetune_run({"epochs": 1.6, "learning_rate": 1e-3, "batch_size": 4}, 50, seed=5, weights=weights)
+    run = explain.finetune_run(Finetune(epochs=1.6, learning_rate=1e-3, batch_size=4), 50, seed=5, weights=weights)
     # the same order (seeded permutations, the second one cut), the removed patches weighted 0 where they stand
     generator = torch.Generator().manual_seed(5)
     perms = torch.cat([torch.randperm(50, generator=generator) for _ in range(2)]).tolist()

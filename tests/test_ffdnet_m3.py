@@ -10,8 +10,9 @@ import utils_if as U
 from conftest import central_differences
 from ffdnet_test import attribution, explain
 from ffdnet_test.model import FFDNet, PackedInput
+from options.blocks import Finetune
 
-SCHEDULE = {"epochs": 2, "learning_rate": 0.01, "batch_size": 3}  # 4 steps over 6 patches
+SCHEDULE = Finetune(epochs=2, learning_rate=0.01, batch_size=3)  # 4 steps over 6 patches
 
 
 def tiny_ffdnet() -> FFDNet:

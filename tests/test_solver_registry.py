@@ -1,6 +1,7 @@
 """The solver registry: one class per solver is the only place its name, file part and damping live;
 the settings check, file names and -h read it; adding a solver is one class; TracIn and TRAK report
 what they computed."""
+import dataclasses
 import subprocess
 import sys
 
@@ -23,12 +24,12 @@ def test_settings_check_file_names_and_help_read_the_registry():
     settings = opt.load_settings()
     for name in names:
         opt.validate(opt.deep_merge(settings, {"mnist": {"method2": {"solver": name}}}), opt.SCHEMA)
-        part = opt.solver_file_part({**settings["mnist"]["method2"], "solver": name})
+        part = opt.solver_file_part(dataclasses.replace(opt.typed(settings).mnist.method2, solver=name))
         assert part.startswith(f"{name}_") and part.endswith("_l20.001")
     with pytest.raises(opt.SettingsError, match="arnoldi"):  # MNIST only
         opt.validate(opt.deep_merge(settings, {"ffdnet": {"method2": {"solver": "arnoldi"}}}), opt.SCHEMA)
     # LiSSA's file part carries the damping it really applies: damp x scale
-    assert "_lam1_" in opt.solver_file_part({**settings["mnist"]["method2"], "solver": "lissa"}) + "_"
+    assert "_lam1_" in opt.solver_file_part(dataclasses.replace(opt.typed(settings).mnist.method2, solver="lissa")) + "_"
     text = subprocess.run([sys.executable, "mnist_test/m2_Test.py", "-h"], cwd=ROOT, capture_output=True,
                           text=True).stdout
     assert all(f"  {name} " in text for name in names), text

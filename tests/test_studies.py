@@ -116,7 +116,7 @@ def test_a_removal_is_the_base_run_with_the_points_weighted_zero(study):
     train = common.load_train_data(study, torch.device("cpu"), lambda *_: None)
     weights = torch.ones(len(train))
     weights[top] = 0.0
-    alone, _ = train_model(train, cfg, cfg["seed"], torch.device("cpu"), show_progress=False, data_weights=weights)
+    alone, _ = train_model(train, cfg, cfg.seed, torch.device("cpu"), show_progress=False, data_weights=weights)
     state = torch.load(job["path"], weights_only=True)["model"]
     for name, value in alone.state_dict().items():
         assert torch.allclose(state[name], value, atol=1e-6)
