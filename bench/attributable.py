@@ -46,6 +46,10 @@ RECIPES = {
     "window_last_epoch": {"window": 1, "window_unit": "epochs"},
     "window_last_10pct": {"window": 0.1, "window_unit": "fraction"},
     "softplus_window_last_epoch": {"activation": "softplus", "window": 1, "window_unit": "epochs"},
+    # scaled-down logits (mnist.logit_scale; Engstrom et al. 2025): the same layers, a flatter softmax
+    "logits0.1": {"logit_scale": 0.1},
+    "logits0.3": {"logit_scale": 0.3},
+    "softplus_logits0.1": {"activation": "softplus", "logit_scale": 0.1},
     # the frontier (full scale): accurate (a large step decaying to 0), attributed whole or in a window
     "decay": {"activation": "softplus", "batch_size": 128, "learning_rate": 0.05, "weight_decay": 5e-4,
               "lr_schedule": "linear", "epoch": 20},

@@ -49,6 +49,8 @@ def run_tag(settings: dict) -> str:
         tag += cfg.activation
     if cfg.lr_schedule != "constant":
         tag += cfg.lr_schedule
+    if cfg.logit_scale != 1.0:
+        tag += f"ls{cfg.logit_scale:g}"
     if settings.get("threads", 1) != 1:  # another thread count sums in another order: other weights, other files
         tag += f"t{settings['threads']}"
     short = {"learning_rate": "lr", "momentum": "mom", "weight_decay": "wd"}
@@ -208,7 +210,8 @@ def load_model(settings: dict, mode: str, device: torch.device,
                logger: logging.Logger | None = None) -> tuple[torch.nn.Module, str]:
     """The trained MLP of ``mode`` under the current settings, in eval mode."""
     path = model_file(settings, mode)
-    model = mnist_model(mnist_cfg(settings).activation).to(device)
+    cfg = mnist_cfg(settings)
+    model = mnist_model(cfg.activation, cfg.logit_scale).to(device)
     state = opt.load_torch(path, "mnist_test/Train.py", map_location=device)
     try:
         model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)

@@ -25,7 +25,8 @@ PANELS = (("relabel", "algo", "random"), ("remove", "remove_algo", "remove_rando
 def evaluate_jobs(settings: dict, device) -> list[dict]:
     test = common.load_test_data(settings, device, lambda *_: None)
     jobs = explain.plan(settings)
-    model = mnist_model(common.mnist_cfg(settings).activation).to(device).eval()
+    cfg = common.mnist_cfg(settings)
+    model = mnist_model(cfg.activation, cfg.logit_scale).to(device).eval()
 
     def run(path, test_id):
         model.load_state_dict(opt.load_torch(path, "mnist_test/expTrain.py", map_location=device)["model"])

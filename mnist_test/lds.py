@@ -46,6 +46,8 @@ def recipe(settings: dict) -> dict:
     extra = {"window_start": start} if start and lds.setting == "single_model" else {}
     if cfg.lr_schedule != "constant":
         extra["lr_schedule"] = cfg.lr_schedule
+    if cfg.logit_scale != 1.0:
+        extra["logit_scale"] = cfg.logit_scale
     return {"learning_rate": cfg.learning_rate, "momentum": cfg.momentum,
             "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
             "epoch": lds.epoch, **smooth, **extra}
@@ -111,10 +113,11 @@ def loo_model_seed(seed: int, replicate: int) -> int:
 
 # ---- the retrained models: train a group, store each model's outputs -----------------------------
 @torch.no_grad()
-def outputs_of(state: dict, x_test: torch.Tensor, y_test: torch.Tensor, activation: str = "relu") -> dict:
+def outputs_of(state: dict, x_test: torch.Tensor, y_test: torch.Tensor, activation: str = "relu",
+               logit_scale: float = 1.0) -> dict:
     """Loss and margin (correct-class logit minus the best other; log-probabilities give the
     same difference) of each test image under one model."""
-    model = mnist_model(activation).to(x_test.device)
+    model = mnist_model(activation, logit_scale).to(x_test.device)
     model.load_state_dict(state)
     model.eval()
     logp = model(x_test)
@@ -143,7 +146,7 @@ def train_and_store(jobs: list[dict], train, x_test, y_test, cfg: dict, group_si
         for job, state in zip(group, states):
             record = {**job["record"], "seed": job["seed"],
                       **outputs_of({k: v.to(device) for k, v in state.items()}, x_test, y_test,
-                                   training.Recipe.of(cfg).activation)}
+                                   training.Recipe.of(cfg).activation, training.Recipe.of(cfg).logit_scale)}
             if keep_weights:
                 opt.save_torch(job["path"][:-len(".json")] + ".pth", {"model": state, "job": job["record"]})
             opt.write_json(job["path"], record)
@@ -160,8 +163,9 @@ def single_model_loss_changes(data, cfg: dict, seed: int, masks: np.ndarray, x_t
         states += training.train_group(data, [{"seed": seed, "weights": torch.as_tensor(m, dtype=torch.float32)}
                                               for m in masks[s:s + group_size]], cfg, device, show_progress=False,
                                        window_start=window_start)
-    activation = training.Recipe.of(cfg).activation
-    return np.array([outputs_of(state, x_test, y_test, activation)["loss"] for state in states]) - base_loss
+    recipe = training.Recipe.of(cfg)
+    return np.array([outputs_of(state, x_test, y_test, recipe.activation, recipe.logit_scale)["loss"]
+                     for state in states]) - base_loss
 
 
 def read_outputs(paths: list[str]) -> dict[str, np.ndarray]:

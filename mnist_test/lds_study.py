@@ -295,7 +295,8 @@ def single_model_noise(settings, ids, loo, loo_loss, device, main) -> dict:
     if base_rows:
         model, _ = common.load_model(lds.model_settings(settings, 0, ids), "lds0", device)
         test = common.load_test_data(settings, device, lambda *_: None)
+        cfg = common.mnist_cfg(settings)
         base = np.array(lds.outputs_of(model.state_dict(), test.images[ids], test.labels[ids],
-                                      common.mnist_cfg(settings).activation)["loss"])
+                                      cfg.activation, cfg.logit_scale)["loss"])
         out["replica_mean_abs_loss_change"] = float(np.mean(np.abs(loo_loss[base_rows[0]] - base)))
     return out

@@ -76,7 +76,7 @@ def tracin_checkpoints(settings, problem, device, logger) -> list:
     out = []
     for path in common.checkpoint_files(settings, common.mnist_cfg(settings).method2.mode):
         state = opt.load_torch(path, "mnist_test/Train.py (mnist.checkpoint_every > 0)", map_location=device)
-        model = mnist_model(common.mnist_cfg(settings).activation).to(device)
+        model = mnist_model(common.mnist_cfg(settings).activation, common.mnist_cfg(settings).logit_scale).to(device)
         model.load_state_dict(state["model"])
         out.append((utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, problem.param_names),
                     float(state["learning_rate"])))

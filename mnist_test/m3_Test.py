@@ -41,7 +41,7 @@ def main(settings: dict) -> dict:
         print(utils_if.verdict(smoothness["s_hat"]) + f" [{smoothness['trainings']} trainings, {check_timer.seconds:.0f} s]")
     run = training.sgd_run(cfg, cfg.seed, len(train), device,
                            window_start=training.attribution_window(cfg, len(train)))
-    replay = utils_if.SgdReplay(training.new_model(cfg.seed, device, cfg.activation), utils_if.nll_sample_loss, run,
+    replay = utils_if.SgdReplay(training.new_model(cfg.seed, device, cfg.activation, cfg.logit_scale), utils_if.nll_sample_loss, run,
                                 train.images, train.labels)
     logger.info(f"Method 3: replaying {run.num_steps:,} SGD steps ({cfg.epoch} epochs x {run.steps_per_epoch} "
                 f"batches of {run.batch_size}, {len(train)} images), then walking back "

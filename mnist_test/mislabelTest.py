@@ -86,7 +86,7 @@ def main(settings: dict) -> dict:
     data = MnistData(clean.images, labels, clean.indices)
     logger.info(f"{int(flipped.sum())} of {len(data)} training labels flipped (seed {mis.seed})")
     record = trained(settings, data, device, logger)
-    model = mnist_model(cfg.activation).to(device)
+    model = mnist_model(cfg.activation, cfg.logit_scale).to(device)
     model.load_state_dict(record["model"])
     model.eval()
     problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, utils_if.select_parameters(model),
@@ -111,7 +111,7 @@ def main(settings: dict) -> dict:
     with opt.Timer() as t:
         checkpoints = []
         for state in record["checkpoints"]:
-            m = mnist_model(cfg.activation).to(device)
+            m = mnist_model(cfg.activation, cfg.logit_scale).to(device)
             m.load_state_dict(state)
             checkpoints.append((utils_if.InfluenceProblem(m, utils_if.nll_sample_loss, problem.param_names),
                                 cfg.learning_rate))

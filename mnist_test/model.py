@@ -1,6 +1,7 @@
 """The original MNIST classifier: MLP 784-128-64-10, ReLU, LogSoftmax (109,386 parameters).
 
 Module names match the original checkpoints: ``main.0`` = fc1, ``main.2`` = fc2, ``main.4`` = fc3.
+``logit_scale`` (mnist.logit_scale) multiplies the logits by a constant before the log-softmax.
 ``activation="softplus"`` (mnist.activation) swaps both ReLUs for softplus: the same parameters, but a
 training run whose gradient is continuous in the weights, so that the trained model is a smooth
 function of the data weights (README, "Method 3: what makes the prediction exact").
@@ -14,13 +15,26 @@ LAYER_MODULES = {"fc1": "main.0", "fc2": "main.2", "fc3": "main.4"}  # Method-1 
 ACTIVATIONS = {"relu": (nn.ReLU, torch.relu), "softplus": (nn.Softplus, nn.functional.softplus)}
 
 
+class LogitScale(nn.Module):
+    """Logits times a constant c (mnist.logit_scale): no parameters, so the state dict is the report's."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = float(scale)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.scale
+
+
 class mnist_model(nn.Module):  # noqa: N801  (the original's class name)
-    def __init__(self, activation: str = "relu") -> None:
+    def __init__(self, activation: str = "relu", logit_scale: float = 1.0) -> None:
         super().__init__()
         module, self.act = ACTIVATIONS[activation]
-        self.activation = activation
-        self.main = nn.Sequential(nn.Linear(784, 128), module(), nn.Linear(128, 64), module(),
-                                  nn.Linear(64, 10))
+        self.activation, self.logit_scale = activation, float(logit_scale)
+        layers = [nn.Linear(784, 128), module(), nn.Linear(128, 64), module(), nn.Linear(64, 10)]
+        if self.logit_scale != 1.0:  # main.5; the report's network has none (and its hand-written fast paths)
+            layers.append(LogitScale(self.logit_scale))
+        self.main = nn.Sequential(*layers)
         self.log_softmax = nn.LogSoftmax(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +52,7 @@ class mnist_model(nn.Module):  # noqa: N801  (the original's class name)
             z = self.main[index](h)
             layers[name] = (h, z)
             h = self.act(z) if name != "fc3" else z
-        return self.log_softmax(h), layers
+        return self.log_softmax(h * self.logit_scale if self.logit_scale != 1.0 else h), layers
 
 
     @torch.no_grad()

@@ -48,6 +48,8 @@ def _recipe(mnist: dict, train_size: int, epoch: int) -> dict:
               "weight_decay": mnist["weight_decay"], "activation": mnist.get("activation", "relu")}
     if mnist.get("lr_schedule", "constant") != "constant":
         recipe["lr_schedule"] = mnist["lr_schedule"]
+    if mnist.get("logit_scale", 1.0) != 1.0:
+        recipe["logit_scale"] = mnist["logit_scale"]
     window = mnist.get("method3", {}).get("window", 0)
     if window:
         recipe["window"] = f"{window:g} {mnist['method3']['window_unit']}"

@@ -5,6 +5,7 @@ model is fully defined by (seed, data, settings).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -19,10 +20,11 @@ from mnist_test.model import LAYER_MODULES, mnist_model
 from options.blocks import Mnist, SmoothnessCheck
 
 
-def new_model(seed: int, device: torch.device, activation: str = "relu") -> torch.nn.Module:
-    """A freshly initialised MLP; the initial weights depend only on ``seed`` (not on the activation)."""
+def new_model(seed: int, device: torch.device, activation: str = "relu", logit_scale: float = 1.0) -> torch.nn.Module:
+    """A freshly initialised MLP; the initial weights depend only on ``seed`` (not on the activation
+    or the logit scale)."""
     torch.manual_seed(seed)
-    return mnist_model(activation).to(device)
+    return mnist_model(activation, logit_scale).to(device)
 
 
 def epoch_orders(n: int, epochs: int, seed: int) -> torch.Tensor:
@@ -44,6 +46,7 @@ class Recipe:
     epoch: int
     activation: str = "relu"
     lr_schedule: str = "constant"
+    logit_scale: float = 1.0
 
     @classmethod
     def of(cls, source: "Recipe | Mnist | Mapping[str, Any]") -> "Recipe":
@@ -81,7 +84,7 @@ def attribution_window(cfg: Mnist, n: int, epochs: int | None = None) -> int:
         raise opt.SettingsError(f"mnist.method3.window: {error}") from None
 
 
-REPLAY_RECIPE = ("init: torch.manual_seed(seed); mnist_model(activation). order: epoch_orders(n, epoch, seed) "
+REPLAY_RECIPE = ("init: torch.manual_seed(seed); mnist_model(activation, logit_scale). order: epoch_orders(n, epoch, seed) "
                  "(torch.randperm(n) per epoch from a CPU generator seeded by seed). step: torch.optim.SGD "
                  "(lr, momentum, weight_decay) on sum_i w_i NLL_i / |B| over consecutive slices of batch_size; "
                  "lr of step s from lr_schedule (SgdRun.lr)")
@@ -95,9 +98,9 @@ def run_metagradient(data: MnistData, recipe: "Recipe | Mnist | Mapping[str, Any
     seed (no trained model needed), and the run itself."""
     recipe = Recipe.of(recipe)
     run = recipe.run(seed, len(data), device, data_weights, window_start)
-    replay = utils_if.SgdReplay(new_model(seed, device, recipe.activation), utils_if.nll_sample_loss, run,
-                                data.images, data.labels)
-    trained = new_model(seed, device, recipe.activation)
+    replay = utils_if.SgdReplay(new_model(seed, device, recipe.activation, recipe.logit_scale),
+                                utils_if.nll_sample_loss, run, data.images, data.labels)
+    trained = new_model(seed, device, recipe.activation, recipe.logit_scale)
     trained.load_state_dict(replay.forward(), strict=False)
     grads = utils_if.InfluenceProblem(trained, utils_if.nll_sample_loss, replay.names).sample_grads(x_test, y_test)
     return replay.metagradient(grads), run
@@ -126,7 +129,7 @@ def train_model(data: MnistData, recipe: "Recipe | Mnist | Mapping[str, Any]", s
     Returns (model, {layer: (n, out) float64 tensor} or None).
     """
     recipe = Recipe.of(recipe)
-    model = new_model(seed, device, recipe.activation)
+    model = new_model(seed, device, recipe.activation, recipe.logit_scale)
     params = list(model.parameters())
     n, batch = len(data), recipe.batch_size
     run = recipe.run(seed, n, device, data_weights, window_start)  # order, weights, window: as the replay reads them
@@ -187,6 +190,9 @@ def batch_loss(log_probs: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
 def linear_stack(model: nn.Module) -> list[str]:
     """Names of the model's Linear layers in order when it is Linear (act Linear)* then log-softmax,
     act = ReLU or softplus (:func:`utils_if.mlp_layers`): the shapes the grouped trainer computes by hand."""
+    if getattr(model, "logit_scale", 1.0) != 1.0:  # the scale is computed by hand below: check the rest
+        model = copy.deepcopy(model)
+        model.main = model.main[:-1]
     found = utils_if.mlp_layers(model)
     layers = found[0] if found is not None else None
     if layers is None:
@@ -224,8 +230,8 @@ def train_group(data: MnistData, jobs: list[dict], recipe: "Recipe | Mnist | Map
     data_weights = torch.stack([torch.ones(len(data), device=device) if job.get("weights") is None else
                                 torch.as_tensor(job["weights"], dtype=torch.float32, device=device)
                                 for job in jobs]) if weighted else None
-    activation = recipe.activation
-    models = [new_model(job["seed"], device, activation) for job in jobs]
+    activation, scale = recipe.activation, recipe.logit_scale
+    models = [new_model(job["seed"], device, activation, scale) for job in jobs]
     layers = linear_stack(models[0])
     smooth = activation == "softplus"  # softplus: derivative sigmoid(z); ReLU: [z > 0]
     names = [f"{layer}.{kind}" for layer in layers for kind in ("weight", "bias")]
@@ -254,8 +260,12 @@ def train_group(data: MnistData, jobs: list[dict], recipe: "Recipe | Mnist | Map
                 z = torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
                 outputs.append(z)
                 h = (F.softplus(z) if smooth else torch.relu(z)) if i < len(weights) - 1 else z
+            if scale != 1.0:
+                h = h * scale                                                     # logits = c z_L
             delta = torch.softmax(h, dim=2)                                       # d(mean NLL)/d logits
             delta.scatter_add_(2, y[..., None], torch.full_like(y[..., None], -1.0, dtype=delta.dtype))
+            if scale != 1.0:
+                delta.mul_(scale)                                                 # d/d z_L = c d/d logits
             if data_weights is not None and in_window:
                 delta.mul_(data_weights[rows, idx][..., None])
             delta.div_(idx.shape[1])
@@ -296,7 +306,7 @@ def metasmoothness(data: MnistData, x_test: torch.Tensor, y_test: torch.Tensor, 
         finals = [torch.cat([state[name].reshape(-1) for name in state]) for state in states]
         outputs = []
         for state in states:
-            model = new_model(cfg.seed, device, cfg.activation)
+            model = new_model(cfg.seed, device, cfg.activation, cfg.logit_scale)
             model.load_state_dict(state)
             with torch.no_grad():
                 outputs.append(utils_if.nll_sample_loss(model(x_test), y_test).double().cpu())

@@ -370,3 +370,37 @@ def test_scheduled_training_is_what_the_replay_and_the_grouped_trainer_do(mnist_
         assert torch.equal(replay[name], value)
         assert torch.allclose(grouped[0][name], value, atol=1e-6)
     assert (alone.state_dict()["main.0.weight"] - constant.state_dict()["main.0.weight"]).abs().max() > 1e-5
+
+
+# ---- scaled logits (mnist.logit_scale): the same layers, logits x c before the log-softmax ------------
+def test_scaled_logits_replay_equals_unrolled_autograd():
+    """A scaled-logit MLP is not the hand-written shape: the replay takes the generic path, exactly."""
+    from mnist_test.model import LogitScale
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Softplus(), nn.Linear(5, 3), LogitScale(0.25), nn.LogSoftmax(dim=1)).double()
+    (x, y), (x_t, y_t) = data(), data(3, seed=11)
+    mine, replay = replay_metagradient(model, sgd_run(len(x)), x, y, x_t, y_t)
+    reference = unrolled_metagradient(model, sgd_run(len(x)), x, y, x_t, y_t)
+    assert replay.info["path"] == "torch_func"
+    assert (mine - reference).abs().max() / reference.abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("activation", ["relu", "softplus"])
+def test_scaled_logits_train_the_same_in_the_trainer_the_grouped_trainer_and_the_replay(mnist_train, activation):
+    """mnist.logit_scale: Train.py's trainer, the grouped trainer (by hand) and the replay make one model,
+    and a scale of 0.1 makes another model than the report's network (same parameter names)."""
+    from mnist_test import training
+    data, cpu = mnist_train.subset(96), torch.device("cpu")
+    cfg = {**MNIST_CFG, "activation": activation, "logit_scale": 0.1}
+    w = torch.ones(len(data))
+    w[[3, 40]] = 0.0
+    alone, _ = training.train_model(data, cfg, 4, cpu, show_progress=False, data_weights=w)
+    grouped = training.train_group(data, [{"seed": 4, "weights": w}], cfg, cpu, show_progress=False)
+    replay = U.SgdReplay(training.new_model(4, cpu, activation, 0.1), U.nll_sample_loss,
+                         training.sgd_run(cfg, 4, len(data), cpu, w), data.images, data.labels).forward()
+    plain, _ = training.train_model(data, {**cfg, "logit_scale": 1.0}, 4, cpu, show_progress=False, data_weights=w)
+    assert set(alone.state_dict()) == set(plain.state_dict())
+    for name, value in alone.state_dict().items():
+        assert torch.allclose(grouped[0][name], value, atol=1e-6)
+        assert torch.equal(replay[name], value)
+    assert (alone.state_dict()["main.4.weight"] - plain.state_dict()["main.4.weight"]).abs().max() > 1e-4

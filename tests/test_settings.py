@@ -214,7 +214,7 @@ def test_the_attributable_preset_sets_its_recipe_and_keeps_every_value_the_user_
     preset = RECIPES["attributable"]
     assert preset == {"mnist.epoch": 20, "mnist.batch_size": 128, "mnist.learning_rate": 0.05, "mnist.momentum": 0.9,
                       "mnist.weight_decay": 0.0005, "mnist.lr_schedule": "linear", "mnist.activation": "softplus",
-                      "mnist.method3.window": 1, "mnist.method3.window_unit": "epochs", "mnist.lds.epoch": 20}
+                      "mnist.logit_scale": 1.0, "mnist.method3.window": 1, "mnist.method3.window_unit": "epochs", "mnist.lds.epoch": 20}
     report = opt.load_settings()
     assert report["recipe_changed"] == [] and report["recipe_kept"] == []
     for key, value in RECIPES["report"].items():
