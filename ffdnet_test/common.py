@@ -89,7 +89,8 @@ def m3_result_file(settings: dict, image: str, seed: int) -> str:
     ft = cfg.explain.finetune
     return opt.output_path(settings, "if", "ffdnet",
                            f"{run_tag(settings)}_m3_ft-e{ft.epochs:g}lr{ft.learning_rate:g}b{ft.batch_size}"
-                           + (f"er{ft.eps_root:g}" if ft.eps_root else "") +
+                           + (f"er{ft.eps_root:g}" if ft.eps_root and ft.optimizer == "adam" else "")
+                           + (f"sgd{ft.momentum:g}" if ft.optimizer == "sgd" else "") +
                            f"_seed{seed}_w{cfg.method2.window}_{test_noise_part(settings)}_{image}.json")
 
 

@@ -190,14 +190,25 @@ def removal_weights(n_train: int, removed: np.ndarray) -> torch.Tensor | None:
     return weights
 
 
-def finetune_run(ft: Finetune, n_train: int, seed: int, weights: torch.Tensor | None = None) -> utils_if.AdamRun:
-    """The fine-tuning schedule ``ft`` (explain.finetune: epochs, learning_rate, batch_size, and
-    eps_root, whose default comes from the settings block when a schedule leaves it out) of one seed
-    as an Adam run: what expTest trains and what m3_Test replays."""
+def finetune_run(ft: Finetune, n_train: int, seed: int,
+                 weights: torch.Tensor | None = None) -> utils_if.AdamRun | utils_if.SgdRun:
+    """The fine-tuning schedule ``ft`` (explain.finetune: epochs, learning_rate, batch_size, the
+    optimizer with its eps_root or momentum) of one seed as an Adam or SGD run: what expTest trains
+    and what m3_Test replays (:func:`method3_replay`)."""
     steps = finetune_steps(n_train, ft.epochs, ft.batch_size)
-    return utils_if.AdamRun(learning_rate=ft.learning_rate,
-                            orders=finetune_order(n_train, steps, ft.batch_size, seed), data_weights=weights,
-                            eps_root=ft.eps_root)
+    orders = finetune_order(n_train, steps, ft.batch_size, seed)
+    if ft.optimizer == "sgd":
+        return utils_if.SgdRun(ft.learning_rate, ft.momentum, 0.0, ft.batch_size, orders, weights, num_points=n_train)
+    return utils_if.AdamRun(learning_rate=ft.learning_rate, orders=orders, data_weights=weights, eps_root=ft.eps_root)
+
+
+def method3_replay(base: nn.Module, run: utils_if.AdamRun | utils_if.SgdRun, noisy: torch.Tensor, sigma: torch.Tensor,
+                   clean: torch.Tensor) -> utils_if.Replay:
+    """Method 3's replay of the fine-tuning ``run`` of ``base`` (BN held in eval mode): through Adam
+    (:class:`utils_if.AdamReplay`) or SGD with momentum (:class:`utils_if.SgdReplay`), the parameter
+    names of the network itself in both."""
+    replay = utils_if.AdamReplay if isinstance(run, utils_if.AdamRun) else utils_if.SgdReplay
+    return replay(copy.deepcopy(base).eval(), utils_if.mse_sample_loss, run, (noisy, sigma), clean)
 
 
 def finetune_steps(n_train: int, epochs: float, batch: int) -> int:
@@ -205,8 +216,8 @@ def finetune_steps(n_train: int, epochs: float, batch: int) -> int:
 
 
 def finetune(model: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor,
-             run: utils_if.AdamRun, show_progress: bool = False) -> nn.Module:
-    """Adam (``run``: learning rate, betas, the batches) on the weighted MSE sum_i w_i l_i / |B| of
+             run: utils_if.AdamRun | utils_if.SgdRun, show_progress: bool = False) -> nn.Module:
+    """Adam or SGD (``run``: its optimiser and the batches) on the weighted MSE sum_i w_i l_i / |B| of
     each batch, BatchNorm held in eval mode (its running statistics fixed, its scale and shift
     trained): the network that influence describes, and the run m3_Test replays."""
     model.eval()

@@ -21,7 +21,9 @@ def study_tag(settings: dict) -> str:
     cfg = common.ffdnet_cfg(settings)
     ecfg = explain.explain_cfg(settings)
     written = settings["ffdnet"]  # hashed as the settings file holds them
-    finetune = {k: v for k, v in written["explain"]["finetune"].items() if k != "eps_root" or v}  # torch's Adam keeps its tags
+    finetune = dict(written["explain"]["finetune"])
+    if finetune.get("optimizer", "adam") == "adam":  # torch's Adam keeps the tags it had before these keys
+        finetune = {k: v for k, v in finetune.items() if k not in ("optimizer", "momentum") and (k != "eps_root" or v)}
     key = {"finetune": finetune, "m1": [ecfg.m1_layer, ecfg.m1_mode, written["method1"]],
            "m2": os.path.basename(common.m2_result_file(settings, "")), "points": cfg.attribution.points,
            "model": common.resolve_model_path(settings), "test_images": ecfg.test_images,

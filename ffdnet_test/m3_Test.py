@@ -64,8 +64,8 @@ def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
         print(utils_if.verdict(smooth["s_hat"], "fine-tune with ffdnet.explain.finetune.eps_root 1e-6 (docs/methods.md)") + f" [{smooth['trainings']} fine-tuning runs, {check_timer.seconds:.0f} s]")
     for seed in (job["seed"] for job in mine):
         run = explain.finetune_run(ft, n, seed)
-        replay = utils_if.AdamReplay(copy.deepcopy(base).eval(), utils_if.mse_sample_loss, run, (noisy, sigma), clean)
-        logger.info(f"Method 3, seed {seed}: replaying {run.num_steps} Adam steps of {ft.batch_size} patches "
+        replay = explain.method3_replay(base, run, noisy, sigma, clean)
+        logger.info(f"Method 3, seed {seed}: replaying {run.num_steps} {ft.optimizer} steps of {ft.batch_size} patches "
                     f"({n} patches, {replay.num_params:,} parameters), then walking back for "
                     f"{len(target_list) + len(images)} targets")
         with opt.Timer() as total:

@@ -23,7 +23,9 @@ class SgdRun:
     """One SGD run as replay needs it (torch.optim.SGD: momentum, weight decay, no dampening).
 
     ``orders`` (epochs, n) holds each epoch's permutation of the training points; step s reads the
-    s-th slice of ``batch_size`` of its epoch (the last one may be shorter). ``data_weights`` (n,)
+    s-th slice of ``batch_size`` of its epoch (the last one may be shorter). With ``num_points`` > 0
+    ``orders`` is (steps, batch) instead, one row per step over that many points (the denoiser's
+    fine-tuning: concatenated permutations cut into batches). ``data_weights`` (n,)
     weight each point's loss (None = 1 for all) in the steps of the attribution window, s >=
     ``window_start`` (0 = the whole run); before it every weight is 1 (:func:`window_start`).
     ``schedule`` sets step s's learning rate eta_s (:meth:`lr`): constant, or a decay from
@@ -36,10 +38,11 @@ class SgdRun:
     data_weights: torch.Tensor | None = None
     window_start: int = 0
     schedule: str = "constant"
+    num_points: int = 0
 
     @property
     def n(self) -> int:
-        return self.orders.shape[1]
+        return self.num_points or self.orders.shape[1]
 
     @property
     def steps_per_epoch(self) -> int:
@@ -47,9 +50,11 @@ class SgdRun:
 
     @property
     def num_steps(self) -> int:
-        return self.orders.shape[0] * self.steps_per_epoch
+        return self.orders.shape[0] if self.num_points else self.orders.shape[0] * self.steps_per_epoch
 
     def batch(self, step: int) -> torch.Tensor:
+        if self.num_points:
+            return self.orders[step]
         epoch, position = divmod(step, self.steps_per_epoch)
         return self.orders[epoch, position * self.batch_size:(position + 1) * self.batch_size]
 
@@ -69,6 +74,10 @@ class SgdRun:
         if self.data_weights is None or step < self.window_start:
             return None
         return self.data_weights[idx]
+
+    def optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        """torch.optim.SGD of this run (the learning rate of step s: set it from :meth:`lr` before the step)."""
+        return torch.optim.SGD(params, lr=self.learning_rate, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
 WINDOW_UNITS = ("epochs", "steps", "fraction")

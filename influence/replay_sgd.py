@@ -42,13 +42,15 @@ class SgdReplay(Replay):
     batches, so it reproduces a run made the same way to the last bit on the same machine.
     """
 
-    def __init__(self, model: nn.Module, sample_loss: SampleLoss, run: SgdRun, x: torch.Tensor,
+    def __init__(self, model: nn.Module, sample_loss: SampleLoss, run: SgdRun, x: torch.Tensor | tuple[torch.Tensor, ...],
                  y: torch.Tensor, closed_form: bool | None = None, fold_steps: int = 32) -> None:
+        # x: the model's input, or a tuple of its inputs, each indexed by the batch (FFDNet: (noisy, sigma))
         self.model, self.sample_loss, self.run, self.x, self.y = model, sample_loss, run, x, y
+        self.inputs = x if isinstance(x, tuple) else (x,)
         self.fold_steps = fold_steps  # MLP path: steps per folded block of the first weight (1 = step by step)
         self._keep(model, [n for n, _ in model.named_parameters()])
         self.buffers = dict(model.named_buffers())
-        found = mlp_layers(model) if sample_loss is nll_sample_loss else None
+        found = mlp_layers(model) if sample_loss is nll_sample_loss and len(self.inputs) == 1 else None
         self.mlp = None
         if found is not None and closed_form is not False:
             self.mlp = MlpHvp(InfluenceProblem(model, nll_sample_loss, self.names), *found)
@@ -66,8 +68,7 @@ class SgdReplay(Replay):
         step's theta_s. Returns the flat (theta, b) after step stop-1."""
         run, (params, buffer) = self.run, state
         leaves = [t.clone().requires_grad_(True) for t in self._split(params)]
-        optimizer = torch.optim.SGD(leaves, lr=run.learning_rate, momentum=run.momentum,
-                                    weight_decay=run.weight_decay)
+        optimizer = run.optimizer(leaves)
         if buffer is not None:
             for leaf, b in zip(leaves, self._split(buffer)):
                 optimizer.state[leaf]["momentum_buffer"] = b.clone()
@@ -76,7 +77,7 @@ class SgdReplay(Replay):
                 torch.cat([t.detach().reshape(-1) for t in leaves], out=store[step - start])
             idx = run.batch(step)
             losses = self.sample_loss(functional_call(self.model, {**dict(zip(self.names, leaves)), **self.buffers},
-                                                      (self.x[idx],)), self.y[idx])
+                                                      self._inputs(idx)), self.y[idx])
             weights = run.step_weights(step, idx)
             optimizer.param_groups[0]["lr"] = run.lr(step)
             loss = losses.mean() if weights is None else weighted_batch_loss(losses, weights)
@@ -86,14 +87,18 @@ class SgdReplay(Replay):
         buffers = [optimizer.state[leaf].get("momentum_buffer") for leaf in leaves]
         return self._flat(leaves), None if buffers[0] is None else self._flat(buffers)
 
+    def _inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t[idx] for t in self.inputs)
+
     # ---- backward: the metagradient ---------------------------------------------------------------
-    def _products_generic(self, params: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
+    def _products_generic(self, params: list[torch.Tensor], xb: tuple[torch.Tensor, ...], yb: torch.Tensor,
                           wb: torch.Tensor | None, v: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(v . grad l_i for each batch member (k, B), H v without the L2 term, per parameter (k, ...))."""
-        weights = torch.ones(len(xb), dtype=xb.dtype, device=xb.device) if wb is None else wb
+        """(v . grad l_i for each batch member (k, B), H v without the L2 term, per parameter (k, ...)),
+        ``xb`` the batch's model inputs."""
+        weights = torch.ones(len(yb), dtype=params[0].dtype, device=yb.device) if wb is None else wb
 
         def loss_and_samples(p: dict):
-            losses = self.sample_loss(functional_call(self.model, {**p, **self.buffers}, (xb,)), yb)
+            losses = self.sample_loss(functional_call(self.model, {**p, **self.buffers}, xb), yb)
             return weighted_batch_loss(losses, weights), losses
         grad_and_samples = grad(loss_and_samples, has_aux=True)
         primal = self._jvp_primal(params)
@@ -190,7 +195,7 @@ class SgdReplay(Replay):
         """The hand-written products against torch.func on one step; on a mismatch use torch.func."""
         few = [t[:2] for t in v]
         d_hand, hv_hand = self._products_mlp(params, xb, yb, wb, few)
-        d_ref, hv_ref = self._products_generic(params, xb, yb, wb, few)
+        d_ref, hv_ref = self._products_generic(params, (xb,), yb, wb, few)
         error, warning = mlp_check([d_hand, *hv_hand], [d_ref, *hv_ref],
                                    "the hand-written MLP products differ from torch.func", "torch.func")
         self.info["closed_form_check_relative_error"] = error
@@ -211,7 +216,7 @@ class SgdReplay(Replay):
         a = [t.clone() for t in self._split(target_grads.detach().to(self.initial[0].dtype))]
         v = [t * -run.lr(total - 1) for t in a]
         scores = torch.zeros(len(target_grads), run.n, dtype=torch.float64, device=target_grads.device)
-        store = torch.empty(self.interval, self.num_params, dtype=self.initial[0].dtype, device=self.x.device)
+        store = torch.empty(self.interval, self.num_params, dtype=self.initial[0].dtype, device=self.y.device)
         checked = self.mlp is None
         bar = step_bar(progress, total - run.window_start, "replay backward")
         for start in sorted(self.checkpoints, reverse=True):
@@ -234,9 +239,11 @@ class SgdReplay(Replay):
             for step in walk:
                 params = self._split(store[step - start])
                 idx = run.batch(step)
-                xb, yb, wb = self.x[idx], self.y[idx], run.step_weights(step, idx)
-                products = self._products_mlp if self.mlp is not None else self._products_generic
-                directional, hv = products(params, xb, yb, wb, v)
+                yb, wb = self.y[idx], run.step_weights(step, idx)
+                if self.mlp is not None:
+                    directional, hv = self._products_mlp(params, self.x[idx], yb, wb, v)
+                else:
+                    directional, hv = self._products_generic(params, self._inputs(idx), yb, wb, v)
                 scores.index_add_(1, idx, directional.to(torch.float64) / len(idx))
                 lr = run.lr(step - 1)
                 for a_p, v_p, hv_p in zip(a, v, hv):  # a_s = a_{s+1} + (H_s + lambda) v_s; v_{s-1} = mu v_s - eta_{s-1} a_s

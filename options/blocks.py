@@ -82,12 +82,16 @@ class FfdnetMethod3(SmoothnessCheck):
 
 @dataclass
 class Finetune:
-    """The fine-tuning schedule of every expTest run (Adam, BN statistics fixed)."""
+    """The fine-tuning schedule of every expTest run (Adam or SGD with momentum, BN statistics fixed)."""
     epochs: float = spec(0.5, "fine-tuning length in epochs of the training patches (fractions allowed)", 'float', (1e-06, None))
     learning_rate: float = spec(0.0001, "fine-tuning Adam learning rate", 'float', (0.0, None))
     batch_size: int = spec(32, "fine-tuning batch size", 'int', (1, None))
     eps_root: float = spec(0.0, "Adam with this epsilon inside the square root too (0 = torch.optim.Adam; 1e-6 or more: "
                                 "a run smooth in its data weights, docs/methods.md)", 'float', (0.0, None))
+    optimizer: str = spec('adam', "adam (torch.optim.Adam, or with eps_root) | sgd: torch.optim.SGD with momentum "
+                                  "(no division by the root of the second moment; set a larger learning_rate)",
+                          'choice', ('adam', 'sgd'))
+    momentum: float = spec(0.9, "sgd: its momentum", 'float', (0.0, 0.999))
 
 
 @dataclass

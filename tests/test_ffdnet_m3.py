@@ -100,3 +100,36 @@ def test_per_patch_terms_equal_the_conv_closed_form_per_sample_gradients():
     assert torch.allclose(directional, tangents @ per_sample.T, rtol=1e-10, atol=1e-12)
     assert torch.allclose(per_sample.mean(0), g, rtol=1e-10, atol=1e-14)  # and they sum to the batch gradient
     assert torch.isfinite(hv).all() and hv.abs().max() > 0
+
+
+def test_sgd_finetuning_replay_reproduces_it_and_equals_finite_differences():
+    """ffdnet.explain.finetune.optimizer = sgd: SGD with momentum on the fine-tuning's per-step batches;
+    SgdReplay (the model's two inputs, generic path) ends on the fine-tuned weights and its metagradient
+    equals central finite differences of the fine-tuning itself."""
+    schedule = Finetune(epochs=2, learning_rate=0.05, batch_size=3, optimizer="sgd", momentum=0.9)
+    base = tiny_ffdnet()
+    noisy, clean, sigma = patches()
+    run = explain.finetune_run(schedule, len(clean), seed=0)
+    assert isinstance(run, U.SgdRun) and run.num_steps == 4 and run.n == 6
+    replay = explain.method3_replay(base, run, noisy, sigma, clean)
+    assert isinstance(replay, U.SgdReplay) and replay.info["path"] == "torch_func"
+    final = replay.forward(2)
+    tuned = explain.finetune(copy.deepcopy(base), noisy, clean, sigma, run)
+    assert U.replay_error(final, tuned) < 1e-13
+    adam = explain.finetune(copy.deepcopy(base), noisy, clean, sigma, explain.finetune_run(SCHEDULE, len(clean), seed=0))
+    assert U.replay_error(final, adam) > 1e-3  # another optimiser, another network
+    problem = U.InfluenceProblem(PackedInput(tuned).eval(), U.mse_sample_loss, ["net." + n for n in replay.names])
+    x, y, c = probe_image()
+    packed = PackedInput.pack(x, y)
+    grads = torch.cat([problem.sample_grads(packed, c), problem.sample_grads(packed, c, loss=U.masked_mse_sample_loss(WINDOW))])
+    mine = replay.metagradient(grads)
+    assert mine.shape == (2, 6) and mine.abs().max() > 1e-5
+
+    def targets_at(w):
+        moved = explain.finetune_run(schedule, len(clean), seed=0, weights=w)
+        tuned_w = explain.finetune(copy.deepcopy(base), noisy, clean, sigma, moved)
+        with torch.no_grad():
+            return targets(tuned_w, x, y, c)
+    fd = central_differences(targets_at, len(clean))
+    for i in range(len(clean)):
+        assert torch.allclose(mine[:, i], fd[:, i], rtol=1e-4, atol=1e-4 * mine.abs().max().item()), i

@@ -121,3 +121,17 @@ def test_adam_eps_root_gets_its_own_method3_files_and_study():
     assert "er1e-06" in fcommon.m3_result_file(other, "01", 0)
     official = {"ffdnet": {"test": {"model": "official"}}}  # the study's key names its base model: no training needed
     assert explain_study.study_tag(opt.deep_merge(other, official)) != explain_study.study_tag(opt.deep_merge(BASE, official))
+
+
+def test_sgd_finetuning_gets_its_own_method3_files_and_study_and_adam_keeps_its_tags():
+    from ffdnet_test import common as fcommon, explain_study
+    sgd = opt.deep_merge(BASE, {"ffdnet": {"explain": {"finetune": {"optimizer": "sgd", "learning_rate": 0.01}}}})
+    assert "sgd0.9" in fcommon.m3_result_file(sgd, "01", 0) and "sgd" not in fcommon.m3_result_file(BASE, "01", 0)
+    official = {"ffdnet": {"test": {"model": "official"}}}
+    tags = {explain_study.study_tag(opt.deep_merge(s, official)) for s in
+            (BASE, sgd, opt.deep_merge(sgd, {"ffdnet": {"explain": {"finetune": {"momentum": 0.5}}}}))}
+    assert len(tags) == 3
+    # Adam's momentum setting is not part of its run: it changes nothing
+    unused = opt.deep_merge(BASE, {"ffdnet": {"explain": {"finetune": {"momentum": 0.5}}}})
+    assert explain_study.study_tag(opt.deep_merge(unused, official)) == explain_study.study_tag(opt.deep_merge(BASE, official))
+    assert fcommon.m3_result_file(unused, "01", 0) == fcommon.m3_result_file(BASE, "01", 0)
