@@ -15,10 +15,13 @@ file is missing), on the first --patches training patches:
              -sum_{i removed} dF_t/dw_i. Pearson over all removal runs of the variant, and measured /
              predicted for the top-k at the largest k per target (goal: Pearson >= 0.9 and every
              ratio within 2x, for a variant that still lowers the window losses)
+  small step the top --ks[0] of each target weighted 1 - --alpha instead of 0: measured / predicted
+             there says whether the derivative itself is right (about 1) and the full removal is too
+             large a step for a first-order prediction, or whether it is off even for a small step
 Prints a Markdown table; writes results/bench/ffdnet_variants_*.json (one row per variant, resumable).
 
 Usage: python bench/ffdnet_variants.py [-opt settings_shared.json] [--patches 2000] [--train_epochs 3]
-       [--ft_epochs 1] [--ks 25 50 100 200] [--variants adam,adam_er1e-6,sgd] [--threads 2]
+       [--ft_epochs 1] [--ks 25 50 100 200] [--variants adam,adam_er1e-6,sgd] [--alpha 0.05] [--threads 2]
 """
 import argparse
 import copy
@@ -70,7 +73,7 @@ def study(name: str, ft: Finetune, settings: dict, base, data, tests, targets, a
         grads, _, _ = attribution.target_grads(settings, problem, targets[0]["image"], [t["point"] for t in targets],
                                                torch.device("cpu"))
         metagradient = replay.metagradient(grads[1:]).numpy()        # (4, n): dF_t/dw_i, the window losses
-    rows = []
+    rows, small = [], []
     for t, target in enumerate(targets):
         helpful = np.argsort(metagradient[t])                          # most negative dF/dw: removal raises F
         for k in args.ks:
@@ -80,13 +83,19 @@ def study(name: str, ft: Finetune, settings: dict, base, data, tests, targets, a
                 measured = float(window_losses(model, tests, [target], window, sigma01)[0] - after[t])
                 rows.append({"target": target["label"], "k": k, "kind": kind, "measured": measured,
                              "predicted": float(-metagradient[t, removed].sum())})
+        weights = torch.ones(n)
+        weights[torch.as_tensor(helpful[:args.ks[0]].copy())] = 1.0 - args.alpha
+        model = explain.finetune(copy.deepcopy(base), noisy, clean, sigma, explain.finetune_run(ft, n, 0, weights))
+        small.append(float(window_losses(model, tests, [target], window, sigma01)[0] - after[t])
+                     / float(-args.alpha * metagradient[t, helpful[:args.ks[0]]].sum()))
     measured, predicted = np.array([r["measured"] for r in rows]), np.array([r["predicted"] for r in rows])
     largest = [r for r in rows if r["kind"] == "top" and r["k"] == max(args.ks)]
     return {"variant": name, "finetune": vars(ft), "steps": run.num_steps, "window_loss_before": before.tolist(),
             "window_loss_after": after.tolist(), "lowers": bool(after.mean() < before.mean()),
             "s_hat": smooth["s_hat"], "s_hat_each": smooth["s_hat_each"], "replay_relative_error": error,
             "pearson": float(np.corrcoef(measured, predicted)[0, 1]),
-            "ratio_at_largest_k": [r["measured"] / r["predicted"] for r in largest], "removals": rows,
+            "ratio_at_largest_k": [r["measured"] / r["predicted"] for r in largest],
+            "ratio_small_step": small, "removals": rows,
             "seconds_finetune": round(ft_timer.seconds, 2), "seconds_check": round(check_timer.seconds, 2),
             "seconds_replay": round(replay_timer.seconds, 2)}
 
@@ -99,6 +108,7 @@ def main() -> None:
     parser.add_argument("--ft_epochs", type=float, default=1.0)
     parser.add_argument("--ks", type=int, nargs="+", default=[25, 50, 100, 200])
     parser.add_argument("--variants", default="adam,adam_er1e-6,sgd")
+    parser.add_argument("--alpha", type=float, default=0.05, help="the small step: weights 1 - alpha")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,7 +123,7 @@ def main() -> None:
         _, _, test_clean, test_noisy = attribution.test_image(settings, image)
         tests[image] = (common.to_model_order(test_clean, settings), common.to_model_order(test_noisy, settings))
     path = opt.output_path(settings, "bench", f"ffdnet_variants_p{args.patches}e{args.train_epochs}"
-                                              f"ft{args.ft_epochs:g}_k{'-'.join(map(str, args.ks))}.json")
+                                              f"ft{args.ft_epochs:g}_k{'-'.join(map(str, args.ks))}_a{args.alpha:g}.json")
     done = {r["variant"]: r for r in (opt.read_json(path, "bench/ffdnet_variants.py")["results"]
                                       if os.path.isfile(path) else [])}
     for name in args.variants.split(","):
@@ -125,12 +135,14 @@ def main() -> None:
     print(f"\n{model_path}: {len(clean)} patches; fine-tuning {args.ft_epochs:g} epoch(s), batch 32; "
           f"removals k = {args.ks} per target (top by Method 3, random); {torch.get_num_threads()} thread(s)")
     print("| variant | window loss before -> after | S_hat | Pearson (predicted, measured) | measured / predicted, "
-          f"top {max(args.ks)} per target | fine-tune / check / replay (s) |")
-    print("|---|---|---|---|---|---|")
+          f"top {max(args.ks)} per target | the same, top {args.ks[0]} weighted {1 - args.alpha:g} | "
+          "fine-tune / check / replay (s) |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.variants.split(","):
         r = done[name]
         print(f"| {name} | {np.mean(r['window_loss_before']):.3g} -> {np.mean(r['window_loss_after']):.3g} | "
               f"{r['s_hat']:.3f} | {r['pearson']:.3f} | {', '.join(f'{x:.2f}' for x in r['ratio_at_largest_k'])} | "
+              f"{', '.join(f'{x:.2f}' for x in r['ratio_small_step'])} | "
               f"{r['seconds_finetune']:.0f} / {r['seconds_check']:.0f} / {r['seconds_replay']:.0f} |")
 
 

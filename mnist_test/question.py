@@ -169,7 +169,7 @@ def load_sets(settings: dict):
 def best_solver_settings(settings: dict) -> dict | None:
     """The settings with Method 2's best measured solver (mnist.question.best_solver), or None when
     the settings already use it. The user's own solver still runs: this one is added, not swapped."""
-    best = settings["mnist"]["question"]["best_solver"]  # a registry name: checked with the settings
+    best = common.mnist_cfg(settings).question.best_solver  # a registry name: checked with the settings
     if common.mnist_cfg(settings).method2.solver == best:
         return None
     return opt.deep_merge(settings, {"mnist": {"method2": {"solver": best}}})
