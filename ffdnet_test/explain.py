@@ -42,6 +42,12 @@ POINT_RANKINGS = ("m3_window", "m2_window", "m1")  # built for one point; the ot
 SEED_RANKINGS = ("m3_window", "m3_whole")  # one list per seed: the derivative of that seed's own run
 
 
+# the one-line verdict's advice when the fine-tuning is not smooth: no variant measured is, and SGD with
+# momentum predicted the removals best (docs/results.md, "Can the denoiser's fine-tuning be attributed?")
+SMOOTHNESS_REMEDY = ("the closest measured is ffdnet.explain.finetune.optimizer \"sgd\" with a larger learning_rate "
+                     "(removals: Pearson 0.92, sizes 0.4-0.65x the prediction; docs/results.md)")
+
+
 def explain_cfg(settings: dict) -> FfdnetExplain:
     """The ``ffdnet.explain`` block of checked settings, typed (options/blocks.py)."""
     return common.ffdnet_cfg(settings).explain

@@ -61,7 +61,7 @@ def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
         with opt.Timer() as check_timer:
             smooth = explain.metasmoothness(base, noisy, clean, sigma, ft, m3)
         smooth["seconds"] = round(check_timer.seconds, 2)
-        print(utils_if.verdict(smooth["s_hat"], "fine-tune with ffdnet.explain.finetune.eps_root 1e-6 (docs/methods.md)") + f" [{smooth['trainings']} fine-tuning runs, {check_timer.seconds:.0f} s]")
+        print(utils_if.verdict(smooth["s_hat"], explain.SMOOTHNESS_REMEDY) + f" [{smooth['trainings']} fine-tuning runs, {check_timer.seconds:.0f} s]")
     for seed in (job["seed"] for job in mine):
         run = explain.finetune_run(ft, n, seed)
         replay = explain.method3_replay(base, run, noisy, sigma, clean)
