@@ -139,6 +139,7 @@ def train_and_store(jobs: list[dict], train, x_test, y_test, cfg: dict, group_si
             groups[-1].append(job)
         else:
             groups.append([job])
+    recipe = training.Recipe.of(cfg)
     for number, group in enumerate(opt.progress(groups, desc=desc, unit="group")):
         states = training.train_group(train, [{"seed": j["seed"], "keep": j["keep"], "weights": j.get("weights")}
                                               for j in group], cfg, device, show_progress=False,
@@ -146,7 +147,7 @@ def train_and_store(jobs: list[dict], train, x_test, y_test, cfg: dict, group_si
         for job, state in zip(group, states):
             record = {**job["record"], "seed": job["seed"],
                       **outputs_of({k: v.to(device) for k, v in state.items()}, x_test, y_test,
-                                   training.Recipe.of(cfg).activation, training.Recipe.of(cfg).logit_scale)}
+                                   recipe.activation, recipe.logit_scale)}
             if keep_weights:
                 opt.save_torch(job["path"][:-len(".json")] + ".pth", {"model": state, "job": job["record"]})
             opt.write_json(job["path"], record)

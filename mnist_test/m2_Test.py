@@ -73,10 +73,10 @@ def main(settings: dict) -> dict:
 def tracin_checkpoints(settings, problem, device, logger) -> list:
     """(influence problem at each of Train.py's checkpoints, its learning rate) for TracIn."""
     from mnist_test.model import mnist_model
-    out = []
-    for path in common.checkpoint_files(settings, common.mnist_cfg(settings).method2.mode):
+    cfg, out = common.mnist_cfg(settings), []
+    for path in common.checkpoint_files(settings, cfg.method2.mode):
         state = opt.load_torch(path, "mnist_test/Train.py (mnist.checkpoint_every > 0)", map_location=device)
-        model = mnist_model(common.mnist_cfg(settings).activation, common.mnist_cfg(settings).logit_scale).to(device)
+        model = mnist_model(cfg.activation, cfg.logit_scale).to(device)
         model.load_state_dict(state["model"])
         out.append((utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, problem.param_names),
                     float(state["learning_rate"])))

@@ -48,6 +48,27 @@ def targets(model, noisy, sigma, clean) -> torch.Tensor:
     return torch.stack([U.mse_sample_loss(out, clean)[0], U.masked_mse_sample_loss(WINDOW)(out, clean)[0]])
 
 
+def assert_metagradient_equals_finite_differences(replay, tuned, base, schedule: Finetune) -> None:
+    """The replay's metagradient of :func:`targets` on the probe image, at the fine-tuned weights, equals
+    central finite differences of ``explain.finetune`` with ``schedule`` in every patch weight (1e-4)."""
+    noisy, clean, sigma = patches()
+    problem = U.InfluenceProblem(PackedInput(tuned).eval(), U.mse_sample_loss, ["net." + n for n in replay.names])
+    x, y, c = probe_image()
+    packed = PackedInput.pack(x, y)
+    grads = torch.cat([problem.sample_grads(packed, c), problem.sample_grads(packed, c, loss=U.masked_mse_sample_loss(WINDOW))])
+    mine = replay.metagradient(grads)
+    assert mine.shape == (2, 6) and mine.abs().max() > 1e-5
+
+    def targets_at(w):
+        moved = explain.finetune_run(schedule, len(clean), seed=0, weights=w)
+        tuned_w = explain.finetune(copy.deepcopy(base), noisy, clean, sigma, moved)
+        with torch.no_grad():
+            return targets(tuned_w, x, y, c)
+    fd = central_differences(targets_at, len(clean))
+    for i in range(len(clean)):
+        assert torch.allclose(mine[:, i], fd[:, i], rtol=1e-4, atol=1e-4 * mine.abs().max().item()), i
+
+
 def test_replay_reproduces_finetune_and_equals_finite_differences_of_it():
     base = tiny_ffdnet()
     noisy, clean, sigma = patches()
@@ -57,21 +78,7 @@ def test_replay_reproduces_finetune_and_equals_finite_differences_of_it():
     final = replay.forward(2)
     tuned = explain.finetune(copy.deepcopy(base), noisy, clean, sigma, run)
     assert U.replay_error(final, tuned) < 1e-13  # module training and functional replay agree
-    problem = U.InfluenceProblem(PackedInput(tuned).eval(), U.mse_sample_loss, ["net." + n for n in replay.names])
-    x, y, c = probe_image()
-    packed = PackedInput.pack(x, y)
-    grads = torch.cat([problem.sample_grads(packed, c), problem.sample_grads(packed, c, loss=U.masked_mse_sample_loss(WINDOW))])
-    mine = replay.metagradient(grads)
-    assert mine.shape == (2, 6) and mine.abs().max() > 1e-5
-
-    def targets_at(w):
-        moved = explain.finetune_run(SCHEDULE, len(clean), seed=0, weights=w)
-        tuned_w = explain.finetune(copy.deepcopy(base), noisy, clean, sigma, moved)
-        with torch.no_grad():
-            return targets(tuned_w, x, y, c)
-    fd = central_differences(targets_at, len(clean))
-    for i in range(len(clean)):
-        assert torch.allclose(mine[:, i], fd[:, i], rtol=1e-4, atol=1e-4 * mine.abs().max().item()), i
+    assert_metagradient_equals_finite_differences(replay, tuned, base, SCHEDULE)
 
 
 def test_per_patch_terms_equal_the_conv_closed_form_per_sample_gradients():
@@ -118,18 +125,4 @@ def test_sgd_finetuning_replay_reproduces_it_and_equals_finite_differences():
     assert U.replay_error(final, tuned) < 1e-13
     adam = explain.finetune(copy.deepcopy(base), noisy, clean, sigma, explain.finetune_run(SCHEDULE, len(clean), seed=0))
     assert U.replay_error(final, adam) > 1e-3  # another optimiser, another network
-    problem = U.InfluenceProblem(PackedInput(tuned).eval(), U.mse_sample_loss, ["net." + n for n in replay.names])
-    x, y, c = probe_image()
-    packed = PackedInput.pack(x, y)
-    grads = torch.cat([problem.sample_grads(packed, c), problem.sample_grads(packed, c, loss=U.masked_mse_sample_loss(WINDOW))])
-    mine = replay.metagradient(grads)
-    assert mine.shape == (2, 6) and mine.abs().max() > 1e-5
-
-    def targets_at(w):
-        moved = explain.finetune_run(schedule, len(clean), seed=0, weights=w)
-        tuned_w = explain.finetune(copy.deepcopy(base), noisy, clean, sigma, moved)
-        with torch.no_grad():
-            return targets(tuned_w, x, y, c)
-    fd = central_differences(targets_at, len(clean))
-    for i in range(len(clean)):
-        assert torch.allclose(mine[:, i], fd[:, i], rtol=1e-4, atol=1e-4 * mine.abs().max().item()), i
+    assert_metagradient_equals_finite_differences(replay, tuned, base, schedule)
