@@ -40,7 +40,9 @@ from influence.replay import (METHOD3_SIGN_CONVENTION, WINDOW_UNITS, AdamRun, Re
                               SgdRun, forward_checked, replay_error, step_bar, window_start)
 from influence.replay_adam import AdamReplay  # noqa: F401
 from influence.replay_sgd import SgdReplay  # noqa: F401
-from influence.smoothness import SMOOTH_ENOUGH, metasmoothness, random_direction, verdict, weight_sets  # noqa: F401
+from influence.smoothness import DEFAULT_STEP as SMOOTHNESS_STEP  # noqa: F401
+from influence.smoothness import (SMOOTH_ENOUGH, decision, metasmoothness, random_direction, verdict,  # noqa: F401
+                                  weight_sets)
 from influence.solvers import (SOLVERS, ConjugateGradient, Solver, SolverSettings, compute_influences,  # noqa: F401
                                influence_chunks, influences_from_test_grads, inverse_hvp, kronecker_curvature,
                                register, solver_for, solver_help, solver_names)

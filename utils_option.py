@@ -229,6 +229,9 @@ def check_written(partial: dict, where: str) -> None:
             raise SettingsError(f"{err} (in {where})") from None
 
 
+# Keys the toolkit no longer reads, each with why (a file that still sets one is told, not ignored).
+RETIRED_KEYS = {"method3.smoothness_fraction": "metasmoothness directions are Gaussian over all points "
+                                               "(Definition 2); the step smoothness_step sets how far they move"}
 STRUCTURAL_KEYS = ("extends", "profile", "profiles", "settings_file", "profile_changed", "recipe_changed", "recipe_kept")
 
 
@@ -248,6 +251,9 @@ def check_known_keys(raw: dict, path: str) -> None:
     parts += [(f"profiles.{name}.", body) for name, body in raw.get("profiles", {}).items() if isinstance(body, dict)]
     for where, body in parts:
         for key in _leaf_keys(body):
+            retired = next((why for suffix, why in RETIRED_KEYS.items() if key.endswith(suffix)), None)
+            if retired and key not in SCHEMA:
+                raise SettingsError(f"{path}: '{where}{key}' is no longer a setting: {retired}; delete it")
             if key not in SCHEMA:
                 close = difflib.get_close_matches(key, list(SCHEMA), n=1, cutoff=0.6)
                 hint = f"; did you mean {close[0]!r}?" if close else "; see the README's settings table"
@@ -766,15 +772,24 @@ class UnreadableFileError(SettingsError):
     """An input that exists but cannot be read (truncated, corrupt, foreign). One line for the user."""
 
 
-def read_json(path: str, made_by: str) -> Any:
-    """Read a JSON result, with a one-line error naming the script that writes it (missing) or
-    saying what to do (truncated or corrupt)."""
+def read_json(path: str, made_by: str, shape: tuple[str, ...] = ()) -> Any:
+    """Read a JSON result, with a one-line error naming the script that writes it (missing), saying
+    what to do (truncated or corrupt), or naming the first of the dotted keys of ``shape`` that a
+    well-formed file of another shape lacks."""
     with open(require_file(path, made_by), encoding="utf-8") as f:
         try:
-            return json.load(f)
+            record = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UnreadableFileError(f"{path} is not readable JSON ({type(err).__name__}: truncated or corrupt): "
                                       f"delete it and run {made_by} again") from None
+    for dotted in shape:
+        node = record
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise UnreadableFileError(f"{path} is not a result of {made_by} (it has no '{dotted}'): delete it "
+                                          f"and run {made_by} again")
+            node = node[part]
+    return record
 
 
 def load_torch(path: str, made_by: str, map_location: Any = "cpu", weights_only: bool = True) -> Any:

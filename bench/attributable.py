@@ -56,6 +56,21 @@ RECIPES = {
 }
 for _size in (1, 2):
     RECIPES[f"decay_window{_size}"] = {**RECIPES["decay"], "window": _size, "window_unit": "epochs"}
+# Near the boundary between attributable and not (issue 34), chosen before they were measured: softplus at
+# constant rates 0.02-0.05, batches 64-256, scaled logits, windows of 2-5 epochs (momentum 0.9 as the report's).
+_SP = {"activation": "softplus", "weight_decay": 5e-4}
+RECIPES.update({
+    "sp_b128_lr0.02": {**_SP, "batch_size": 128, "learning_rate": 0.02},
+    "sp_b64_lr0.05": {**_SP, "batch_size": 64, "learning_rate": 0.05},
+    "sp_b256_lr0.05": {**_SP, "batch_size": 256, "learning_rate": 0.05},
+    "sp_b64_lr0.02_logits0.3": {**_SP, "batch_size": 64, "learning_rate": 0.02, "logit_scale": 0.3},
+    "sp_b128_lr0.05_window2": {**_SP, "batch_size": 128, "learning_rate": 0.05, "window": 2, "window_unit": "epochs"},
+    "sp_b64_lr0.03_window5": {**_SP, "batch_size": 64, "learning_rate": 0.03, "window": 5, "window_unit": "epochs"},
+    "relu_b128_lr0.02_logits0.1": {"batch_size": 128, "learning_rate": 0.02, "weight_decay": 5e-4, "logit_scale": 0.1},
+    "sp_b256_lr0.03_window3_logits0.3": {**_SP, "batch_size": 256, "learning_rate": 0.03, "logit_scale": 0.3,
+                                         "window": 3, "window_unit": "epochs"},
+})
+NEW_NEAR_BOUNDARY = [name for name in RECIPES if name.startswith(("sp_", "relu_"))]
 DROPS = (0.01, 0.05)
 
 
@@ -63,8 +78,7 @@ def recipe_cfg(name: str, epochs: int, directions: int) -> dict:
     values = {**REPORT, **RECIPES[name]}
     window = {"window": values.pop("window", 0), "window_unit": values.pop("window_unit", "epochs")}
     return {"epoch": epochs, **values, "seed": 0,
-            "method3": {**window, "smoothness_directions": directions, "smoothness_fraction": 0.01,
-                        "smoothness_step": 0.25}}
+            "method3": {**window, "smoothness_directions": directions, "smoothness_step": utils_if.SMOOTHNESS_STEP}}
 
 
 def study(name: str, cfg: dict, data, test, args) -> dict:
@@ -78,6 +92,12 @@ def study(name: str, cfg: dict, data, test, args) -> dict:
     accuracy = float((predictions == test.labels).float().mean())
     with opt.Timer() as check_timer:
         smooth = training.metasmoothness(data, x_t, y_t, block, cpu, block.method3)
+    check = {"s_hat": smooth["s_hat"], "s_hat_interval": smooth["s_hat_interval"], "s_hat_range": smooth["s_hat_range"],
+             "s_hat_each": smooth["s_hat_each"], "s_hat_outputs": smooth["s_hat_outputs"], "h": smooth["h"],
+             "curvature": smooth["curvature"], "seconds_check": round(check_timer.seconds, 2)}
+    if args.check_only:  # the LDS of this recipe was measured before (its command in docs/results.md)
+        return {"recipe": name, "cfg": cfg, "window_start": start_step, "test_accuracy": accuracy,
+                "seconds_train": round(train_timer.seconds, 2), **check}
     with opt.Timer() as replay_timer:
         metagradient, run = training.run_metagradient(data, cfg, 0, x_t, y_t, cpu, window_start=start_step)  # (T, n)
     base_loss = np.array(lds.outputs_of(base.state_dict(), x_t, y_t, cfg["activation"])["loss"])
@@ -89,10 +109,8 @@ def study(name: str, cfg: dict, data, test, args) -> dict:
         per_test = utils_if.spearman_columns(predicted, measured)
         scores[f"{drop:g}"] = utils_if.bootstrap_mean(per_test)
     return {"recipe": name, "cfg": cfg, "window_start": start_step, "steps": run.num_steps,
-            "test_accuracy": accuracy, "s_hat": smooth["s_hat"], "s_hat_each": smooth["s_hat_each"],
-            "s_hat_outputs": smooth["s_hat_outputs"],
-            "curvature": smooth["curvature"], "lds": scores, "seconds_train": round(train_timer.seconds, 2),
-            "seconds_check": round(check_timer.seconds, 2), "seconds_replay": round(replay_timer.seconds, 2)}
+            "test_accuracy": accuracy, **check, "lds": scores, "seconds_train": round(train_timer.seconds, 2),
+            "seconds_replay": round(replay_timer.seconds, 2)}
 
 
 # The full-scale points measured before these recipes existed (issue 29's probes and the report's model,
@@ -150,8 +168,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--subsets", type=int, default=20)
     parser.add_argument("--tests", type=int, default=20)
-    parser.add_argument("--directions", type=int, default=2)
-    parser.add_argument("--recipes", default=",".join(r for r in RECIPES if not r.startswith("decay")),
+    parser.add_argument("--directions", type=int, default=16)
+    parser.add_argument("--check_only", action="store_true",
+                        help="measure S_hat only (recipes whose LDS was measured before, e.g. the full-scale frontier)")
+    parser.add_argument("--recipes", default=",".join(r for r in RECIPES if not r.startswith("decay")
+                                                      and r not in NEW_NEAR_BOUNDARY),
                         help="comma-separated names of RECIPES (the decay* recipes are the full-scale frontier)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--figure", default="", help="also draw the frontier figure to this PNG path")
@@ -161,11 +182,9 @@ def main() -> None:
     data = common.load_train_data(opt.deep_merge(settings, {"mnist": {"train_subset": args.train_subset}}),
                                   torch.device("cpu"), lambda *_: None)
     test = common.load_test_data(settings, torch.device("cpu"), lambda *_: None)
-    default = ",".join(r for r in RECIPES if not r.startswith("decay"))
     path = opt.output_path(settings, "bench", f"attributable_n{args.train_subset}e{args.epochs}m{args.subsets}"
-                                              f"t{args.tests}d{args.directions}"
-                                              f"{'' if args.recipes == default else '_' + args.recipes.replace(',', '+')}"
-                                              ".json")
+                                              f"t{args.tests}d{args.directions}h{utils_if.SMOOTHNESS_STEP:g}"
+                                              f"{'_check' if args.check_only else ''}.json")  # rows by recipe: resumable
     done = {r["recipe"]: r for r in (opt.read_json(path, "bench/attributable.py")["results"]
                                      if os.path.isfile(path) else [])}
     for name in args.recipes.split(","):
@@ -175,22 +194,25 @@ def main() -> None:
         print(json.dumps({k: v for k, v in done[name].items() if k != "cfg"}), flush=True)
     results = [done[name] for name in args.recipes.split(",")]
     print(f"\n{args.train_subset} images x {args.epochs} epochs, seed 0; {args.subsets} subsets per drop, "
-          f"{args.tests} test images; S_hat over {args.directions} directions; {torch.get_num_threads()} thread(s)")
-    print("| recipe | S_hat | S_hat on the test losses | Method 3 LDS, 1% drop [95% CI] | 5% drop [95% CI] | test accuracy | steps (window) "
-          "| training s | check s | replay s |")
+          f"{args.tests} test images; S_hat over {args.directions} Gaussian directions, h {utils_if.SMOOTHNESS_STEP:g}; "
+          f"{torch.get_num_threads()} thread(s)")
+    print("| recipe | S_hat [95% CI] | S_hat on the test losses | Method 3 LDS, 1% drop [95% CI] | 5% drop [95% CI] "
+          "| test accuracy | steps (window) | training s | check s | replay s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        cells = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in (r["lds"][f"{d:g}"] for d in DROPS)]
-        window = f"{r['steps']:,}" + (f" (last {r['steps'] - r['window_start']:,})" if r["window_start"] else "")
-        print(f"| {r['recipe']} | {r['s_hat']:.3f} | {r['s_hat_outputs']:.3f} | {cells[0]} | {cells[1]} | {100 * r['test_accuracy']:.2f}% | "
-              f"{window} | {r['seconds_train']:.0f} | {r['seconds_check']:.0f} | {r['seconds_replay']:.0f} |")
-    if len(results) >= 3:
-        rho = utils_if.spearman_columns(np.array([[r["s_hat"]] for r in results]),
-                                        np.array([[r["lds"]["0.01"][0]] for r in results]))[0]
-        rho_outputs = utils_if.spearman_columns(np.array([[r["s_hat_outputs"]] for r in results]),
-                                                np.array([[r["lds"]["0.01"][0]] for r in results]))[0]
-        print(f"Spearman(S_hat, LDS at 1%) over {len(results)} recipes: {rho:.3f}; "
-              f"Spearman(S_hat on the test losses, LDS at 1%): {rho_outputs:.3f}")
+        lds_cells = ([f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in (r["lds"][f"{d:g}"] for d in DROPS)]
+                     if "lds" in r else ["(measured before)"] * 2)
+        steps = r.get("steps")
+        window = (f"{steps:,}" + (f" (last {steps - r['window_start']:,})" if r["window_start"] else "")) if steps else "-"
+        low, high = r["s_hat_interval"]
+        print(f"| {r['recipe']} | {r['s_hat']:.3f} [{low:.3f}, {high:.3f}] | {r['s_hat_outputs']:.3f} | {lds_cells[0]} | "
+              f"{lds_cells[1]} | {100 * r['test_accuracy']:.2f}% | {window} | {r['seconds_train']:.0f} | "
+              f"{r['seconds_check']:.0f} | {r.get('seconds_replay', 0):.0f} |")
+    scored = [r for r in results if "lds" in r]
+    if len(scored) >= 3:
+        rho = utils_if.spearman_columns(np.array([[r["s_hat"]] for r in scored]),
+                                        np.array([[r["lds"]["0.01"][0]] for r in scored]))[0]
+        print(f"Spearman(S_hat, LDS at 1%) over {len(scored)} recipes: {rho:.3f}")
     print(f"written: {path}")
     if args.figure:
         print(f"figure: {draw_frontier(results, args.tests, args.figure)}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import json
 import os
 
 import torch
@@ -64,13 +65,21 @@ def test_noise_part(settings: dict) -> str:
     return f"s{test.noise_level_img:g}{'c' if test.is_clip else 'u'}"
 
 
+def points_part(settings: dict) -> str:
+    """Which pixels a per-image result explains (ffdnet.attribution.points): a short hash of the list,
+    so that a run for other points never replaces this one's file."""
+    import hashlib
+    points = ffdnet_cfg(settings).attribution.points
+    return "pts" + hashlib.sha1(json.dumps([list(p) for p in points]).encode()).hexdigest()[:6]
+
+
 def m1_result_file(settings: dict, image: str) -> str:
     """m1_Test's scores for one test image (all modes; outlim decides remove_out)."""
     m1 = ffdnet_cfg(settings).method1
     layers = "-".join(map(str, m1.layers))
     return opt.output_path(settings, "act_grad", "ffdnet",
                            f"{run_tag(settings)}_{m1.grad_mode}_{image}_{m1.activation}_l{layers}"
-                           f"_out{m1.outlim:g}_{test_noise_part(settings)}.json")
+                           f"_out{m1.outlim:g}_{test_noise_part(settings)}_{points_part(settings)}.json")
 
 
 def m2_result_file(settings: dict, image: str) -> str:
@@ -79,7 +88,7 @@ def m2_result_file(settings: dict, image: str) -> str:
     m2 = ffdnet_cfg(settings).method2
     return opt.output_path(settings, "if", "ffdnet",
                            f"{run_tag(settings)}_{opt.solver_file_part(m2, fisher=FISHER)}_n{m2.max_train_points}"
-                           f"_w{m2.window}_{test_noise_part(settings)}_{image}.json")
+                           f"_w{m2.window}_{test_noise_part(settings)}_{points_part(settings)}_{image}.json")
 
 
 def m3_result_file(settings: dict, image: str, seed: int) -> str:
@@ -91,7 +100,8 @@ def m3_result_file(settings: dict, image: str, seed: int) -> str:
                            f"{run_tag(settings)}_m3_ft-e{ft.epochs:g}lr{ft.learning_rate:g}b{ft.batch_size}"
                            + (f"er{ft.eps_root:g}" if ft.eps_root and ft.optimizer == "adam" else "")
                            + (f"sgd{ft.momentum:g}" if ft.optimizer == "sgd" else "") +
-                           f"_seed{seed}_w{cfg.method2.window}_{test_noise_part(settings)}_{image}.json")
+                           f"_seed{seed}_w{cfg.method2.window}_{test_noise_part(settings)}_{points_part(settings)}"
+                           f"_{image}.json")
 
 
 def factor_file(settings: dict, solver: str) -> str:

@@ -83,7 +83,7 @@ def method3_influence(settings: dict, target_list: list[dict], n_train: int) -> 
     for seed in range(explain_cfg(settings).seeds):
         for image in dict.fromkeys(t["image"] for t in target_list):
             path = common.m3_result_file(settings, image, seed)
-            record = opt.read_json(opt.require_file(path, "ffdnet_test/m3_Test.py"), "ffdnet_test/m3_Test.py")
+            record = opt.read_json(path, "ffdnet_test/m3_Test.py", shape=("entries", "meta"))
             if record["meta"]["n_train"] != n_train:
                 raise opt.SettingsError(f"{path} scores {record['meta']['n_train']} patches, the training set has "
                                         f"{n_train}: run ffdnet_test/m3_Test.py again")
@@ -112,7 +112,7 @@ def read_rankings(settings: dict, target_list: list[dict], n_train: int) -> dict
     for image in dict.fromkeys(t["image"] for t in target_list):
         m2_path = common.m2_result_file(settings, image)
         if wanted & {"m2_window", "m2_whole"}:
-            record = opt.read_json(opt.require_file(m2_path, "ffdnet_test/m2_Test.py"), "ffdnet_test/m2_Test.py")
+            record = opt.read_json(m2_path, "ffdnet_test/m2_Test.py", shape=("entries",))
             if record["meta"]["n_train"] != n_train:
                 raise opt.SettingsError(
                     f"{m2_path} scores {record['meta']['n_train']} patches, the training set has {n_train}: "
@@ -433,5 +433,4 @@ def metasmoothness(base: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, si
             tuned = finetune(copy.deepcopy(base), noisy, clean, sigma, finetune_run(ft, n, 0, weights=w.float()))
             finals.append(torch.cat([p.detach().reshape(-1).cpu() for p in tuned.parameters()]))
         return finals, None
-    count = max(1, int(round(m3.smoothness_fraction * n)))
-    return smoothness.measure(train, n, m3.smoothness_directions, count, m3.smoothness_step, 0)
+    return smoothness.measure(train, n, m3.smoothness_directions, m3.smoothness_step, 0)

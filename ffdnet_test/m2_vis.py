@@ -22,7 +22,7 @@ def main(settings: dict) -> dict:
     figures = []
     for image in images:
         path = common.m2_result_file(settings, image)
-        record = opt.read_json(path, "ffdnet_test/m2_Test.py")
+        record = opt.read_json(path, "ffdnet_test/m2_Test.py", shape=("entries",))
         _, _, clean, _ = attribution.test_image(settings, image)
         for kind in ("helpful", "harmful"):
             rows = []

@@ -13,11 +13,9 @@ import torch
 import utils_if
 import utils_option as opt
 from ffdnet_test import attribution, common
+from options.blocks import score_fields
 
-NOT_MEASURED = "not measured for this recipe (run ffdnet_test/expTest.py: the counterfactual study)"
-TRAINING_KEYS = ("is_gray", "layout", "residual", "train_dir", "patch_size", "stride", "max_patches", "sigma",
-                 "fixed_noise", "epoch", "batch_size", "learning_rate", "lr_decay_epochs", "bn_recalibrate_batches",
-                 "seed", "init_checkpoint")
+NOT_MEASURED = "not measured for these settings (run ffdnet_test/expTest.py: the counterfactual study)"
 
 
 def best_settings(settings: dict) -> dict:
@@ -26,18 +24,35 @@ def best_settings(settings: dict) -> dict:
     return opt.deep_merge(settings, {"ffdnet": {"method2": {"solver": best, "max_train_points": 0}}})
 
 
-def counterfactual_trust(settings: dict) -> dict[str, str]:
-    """{point label: one trust line} from an expTest report of the same model in the output folder:
+def trust_key(settings: dict) -> dict:
+    """Every setting that changes the pixel-window ranking's scores: the model's training (the
+    ffdnet block's fields that change scores, options.blocks.score_fields) and Method 2's solver part
+    of its file name with its training patches and pixel window. An expTest report is quoted only
+    when its own settings give the same key."""
+    cfg = common.ffdnet_cfg(settings)
+    m2 = cfg.method2
+    return {"model": score_fields(cfg),
+            "method2": {"solver": opt.solver_file_part(m2, fisher=common.FISHER),
+                        "max_train_points": m2.max_train_points, "window": m2.window}}
+
+
+def counterfactual_trust(settings: dict) -> tuple[dict[str, str], list[str]]:
+    """({point label: one trust line}, []) from an expTest report whose trust key is these settings':
     removing the pixel-window ranking's top-k raises the point's own window loss x times a random
-    removal, and Method 2's predicted vs measured Pearson there. Empty when none exists."""
-    mine = {k: settings["ffdnet"][k] for k in TRAINING_KEYS}  # compared with the block as a report stores it
+    removal, and Method 2's predicted vs measured Pearson there. Else ({}, the keys in which the
+    newest expTest report in the output folder differs; [] when there is none)."""
+    wanted = trust_key(settings)
+    differs: list[str] = []
     for path in sorted(glob.glob(opt.output_path(settings, "test", "ffdnet_expTest_*.json")), reverse=True):
         try:
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)
-            if {k: record["settings"][k] for k in TRAINING_KEYS} != mine:
-                continue
-        except (OSError, ValueError, KeyError, TypeError):
+            found = trust_key({"ffdnet": opt.deep_merge(settings["ffdnet"], record["settings"])})
+        except (OSError, ValueError, KeyError, TypeError, opt.SettingsError):
+            continue
+        if found != wanted:
+            differs = differs or [f"{part}.{k} ({wanted[part][k]!r} here, {found[part][k]!r} measured)"
+                                  for part in wanted for k in wanted[part] if wanted[part][k] != found[part].get(k)]
             continue
         k_max = max(r["k"] for r in record["table"])
         lines = {}
@@ -52,8 +67,8 @@ def counterfactual_trust(settings: dict) -> dict[str, str]:
         for row in record["predictions"]:
             if row.get("predictor") == "m2" and row.get("over") in lines:
                 lines[row["over"]] += f"; predicted vs measured Pearson {row.get('pearson', float('nan')):.2f}"
-        return {label: f"{line} ({path})" for label, line in lines.items()}
-    return {}
+        return {label: f"{line} ({path})" for label, line in lines.items()}, []
+    return {}, differs
 
 
 def point_maps(settings: dict, image: str, point: list[int], top: list[int], device) -> torch.Tensor:

@@ -30,13 +30,13 @@ def main(settings: dict) -> dict:
     best = question.best_settings(settings)
     with opt.quiet_console():
         files = m2_Test.main(best)["files"]
-    trust = question.counterfactual_trust(settings)
+    trust, differs = question.counterfactual_trust(best)  # quoted only for the ranking shown, these settings
     patches = common.train_patches(best)
     logger, device = opt.start_script(settings, "ffdnet_question", cfg, seed=False)
     k, solver = cfg.attribution.vis_num, common.ffdnet_cfg(best).method2.solver
     figures, lines = [], []
     for image, path in files.items():
-        record = opt.read_json(path, "ffdnet_test/m2_Test.py")
+        record = opt.read_json(path, "ffdnet_test/m2_Test.py", shape=("entries",))
         _, _, clean, _ = attribution.test_image(settings, image)
         for label, entry in record["entries"].items():
             if entry["point"] is None:
@@ -49,7 +49,8 @@ def main(settings: dict) -> dict:
                 rows.append({"title": f"{image} {label}\n{kind}", "image": crop, "point": at,
                              "patches": [patches.clean[i] for i in top], "maps": list(maps),
                              "captions": [f"#{i}: {entry['influence'][i]:.3g}" for i in top]})
-            line = trust.get(label, question.NOT_MEASURED)
+            line = trust.get(label, question.NOT_MEASURED + (f"; the newest expTest report differs in {'; '.join(differs)}"
+                                                             if differs else ""))
             lines.append(f"{image} {label}: {line}")
             fig = plotting.question_maps(rows, f"Which training patches made the denoiser output this pixel? "
                                                f"{image} {label}, window {2 * cfg.method2.window + 1}^2 "

@@ -165,8 +165,8 @@ def read_result(path: str, made_by: str, settings: dict, block: str) -> dict:
     """Read an m1/m2 result and check that it was made with the current settings of ``block``
     ("method1" or "method2") and the current training recipe: a stale or foreign file is refused
     in one line, never silently used."""
-    record = opt.read_json(path, made_by)
-    made = record.get("meta", {}).get("settings", {})
+    record = opt.read_json(path, made_by, shape=("meta.settings",) + (("meta.solver_info",) if block != "method1" else ()))
+    made = record["meta"]["settings"]
     now = settings["mnist"]  # compared with the block as the file stored it (a dict, as written)
     ignored = {"mode", "chunk_size", "if_dir"}  # names and memory bounds, not content
     for key in ("seed", "epoch", "batch_size", "learning_rate", "momentum", "weight_decay", "train_subset",

@@ -12,7 +12,7 @@ import torch
 
 import utils_if
 import utils_option as opt
-from mnist_test import common, lds
+from mnist_test import common, lds, question, training
 
 
 # Method 2 variants: LDS row -> method2 overrides, from the registry (a solver whose cost grows with
@@ -56,8 +56,9 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
         with opt.Timer() as timer:
             m1 = lds.method1_attributions(s, device)
         if k == 0:
-            out["m1_batch_raw"] = {"matrix": m1["raw"], "ids": ids, "seconds": timer.seconds}
-            out["m1_batch_normalized"] = {"matrix": m1["normalized"], "ids": ids, "seconds": timer.seconds}
+            key = question.trust_key(s, "method1")
+            out["m1_batch_raw"] = {"matrix": m1["raw"], "ids": ids, "seconds": timer.seconds, "key": key}
+            out["m1_batch_normalized"] = {"matrix": m1["normalized"], "ids": ids, "seconds": timer.seconds, "key": key}
         ensemble["ensemble_m1_batch_raw"].append(m1["raw"])
         for name, (overrides, limited) in solver_variants(settings).items():
             if k > 0 and name not in ENSEMBLE_SOURCES.values() or base_name(name) not in wanted:
@@ -71,14 +72,15 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
                 logger.warning(f"WARNING: {name} failed and is left out of the table: {err}")
                 failed[name] = str(err)
                 continue
-            record = opt.read_json(path, "mnist_test/m2_Test.py")
+            record = opt.read_json(path, "mnist_test/m2_Test.py", shape=("meta.solver_info",))
             matrix = lds.influence_matrix(record, method_ids, path)
             info = record["meta"]["solver_info"]
             note = "" if info.get("converged", True) else "NOT CONVERGED (" + (
                 f"residual {info['cg_relative_residual']:.2g}" if "cg_relative_residual" in info else
                 f"moved {info.get('lissa_last_change', float('nan')):.1%} over the last 10% of its steps") + ")"
             if k == 0:
-                out[name] = {"matrix": matrix, "ids": method_ids, "seconds": info["seconds_total"], "note": note}
+                out[name] = {"matrix": matrix, "ids": method_ids, "seconds": info["seconds_total"], "note": note,
+                             "key": question.trust_key(sm, "method2")}
             for ens, source in ENSEMBLE_SOURCES.items():
                 if source == name:
                     ensemble[ens].append(matrix)
@@ -89,8 +91,9 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
         opt.run_stage(stages["Train"], common.grad_norm_file(s), s, opt.detail_log(logger))
         with opt.Timer() as timer:
             m1 = lds.method1_attributions(s, device)
-        out["m1_per_sample_raw"] = {"matrix": m1["raw"], "ids": ids, "seconds": timer.seconds}
-        out["m1_per_sample_normalized"] = {"matrix": m1["normalized"], "ids": ids, "seconds": timer.seconds}
+        key = question.trust_key(s, "method1")
+        out["m1_per_sample_raw"] = {"matrix": m1["raw"], "ids": ids, "seconds": timer.seconds, "key": key}
+        out["m1_per_sample_normalized"] = {"matrix": m1["normalized"], "ids": ids, "seconds": timer.seconds, "key": key}
     if "m3_replay" in wanted:
         s = lds.model_settings(settings, 0, ids)
         if s["mnist"]["method3"]["window"] and lcfg.setting == "algorithm":
@@ -99,11 +102,12 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
                            "question (use lds.setting single_model)")
         path = common.m3_file(s)
         opt.run_stage(stages["m3_Test"], path, s, opt.detail_log(logger))
-        record = opt.read_json(path, "mnist_test/m3_Test.py")
+        record = opt.read_json(path, "mnist_test/m3_Test.py", shape=("meta.solver_info",))
         m3_ids = ids[:s["mnist"]["method3"]["test_sample_num"]]
         out["m3_replay"] = {"matrix": lds.influence_matrix(record, m3_ids, path), "ids": m3_ids,
                             "seconds": record["meta"]["solver_info"]["seconds_total"], "note": "exact, this run",
-                            "smoothness": record["meta"]["solver_info"].get("metasmoothness")}
+                            "smoothness": record["meta"]["solver_info"].get("metasmoothness"),
+                            "key": question.trust_key(s, "method3")}
     for ens, matrices in ensemble.items():
         if len(matrices) == len(lcfg.ensemble_seeds) > 1:
             out[ens] = {"matrix": np.mean(matrices, axis=0), "ids": ids, "seconds": float("nan"),
@@ -223,6 +227,8 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
         outputs = lds.read_outputs([j["path"] for j in study["jobs"]])
         measured = {k: v.reshape(len(study["masks"]), replicates, -1).mean(1) for k, v in outputs.items()}
         rows, per_test = lds.score_rows(methods, study["masks"], measured, plan, changes, lcfg)
+        for row in rows:  # the settings each row was measured with: the trust table quotes a row only for them
+            row["key"] = methods.get(row["method"], {}).get("key")
         curves[study["drop"]] = rows
         per_study[key] = {"rows": rows, "lds_per_test": per_test, "measured": measured, "masks": study["masks"]}
         if replicates > 1:  # training noise: two seeds of the same subset (the ceiling an attribution can reach)
@@ -253,10 +259,11 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
                            f"{', '.join(f'{v:.4f}' for v in spread)}; spread of the measured effects "
                            f"{', '.join(f'{np.std(changes[p]):.4f}' for p in sorted(changes))}.")
     smooth = methods.get("m3_replay", {}).get("smoothness")
-    noise_line += (f" Metasmoothness of the base run: S_hat = {smooth['s_hat']:.3f} over {smooth['directions']} "
-                   f"directions ({'smooth' if smooth['s_hat'] >= utils_if.SMOOTH_ENOUGH else 'not smooth'} in its data "
-                   f"weights; threshold {utils_if.SMOOTH_ENOUGH}, docs/results.md)." if smooth else
-                   " Metasmoothness of the base run: not measured (it comes with m3_replay).")
+    question_words = training_question(settings)
+    noise_line += (" " + utils_if.verdict(smooth, question=question_words) + "." if smooth and "s_hat_interval" in smooth
+                   else " Metasmoothness of the base run: not measured (it comes with m3_replay).")
+    if single:
+        noise_line += f" Single-model LDS: the question is {question_words}."
     text = lds.markdown_table(main["rows"], failed, lcfg) + (
         f"\n\nLDS: Spearman over {len(main['masks'])} subsets ({main_key}: {main['masks'][0].sum()} of "
         f"{main['masks'].shape[1]} images kept) between predicted and measured test loss; mean over test images, "
@@ -285,6 +292,13 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
         "loo_plan": plan}, logger)
     return {"json": path, "markdown": md, "csv": csv, "figure": figure, "curve": curve, "rows": main["rows"],
             "studies": {key: value["rows"] for key, value in per_study.items()}}
+
+
+def training_question(settings: dict) -> str:
+    """What the study's single-model removals (and Method 3) answer, in words, for its base model."""
+    lcfg = lds.lds_cfg(settings)
+    base = common.mnist_cfg(lds.model_settings(settings, 0, list(range(1))))
+    return training.removal_question(base, lcfg.train_subset)
 
 
 def single_model_noise(settings, ids, loo, loo_loss, device, main) -> dict:

@@ -10,7 +10,9 @@ influence / n_train = the first-order change of F_t if image i is removed from t
 Reads:  model_zoo/mnist_{tag}_{method3.mode}.pth (Train.py), the test ids (Test.py or the settings)
 Writes: {if_dir}/m3_replay_{target}_{tag}_{mode}_{tests}_top{k}.json, in m2_Test's shape: per test
         image test_id_num, label, prediction, loss, influence (n_train floats), helpful, harmful.
-Refuses (one line, nothing written) a model whose run the replay does not reproduce.
+Refuses (one line, nothing written) a model whose run the replay does not reproduce. Skips the
+replay (one line, nothing written) when the metasmoothness check says no, unless
+method3.replay_when_not_smooth.
 """
 import os
 import sys
@@ -33,12 +35,21 @@ def main(settings: dict) -> dict:
     model, model_path = common.load_model(settings, m3.mode, device, logger)
     train, test = common.load_data(settings, device, logger.info)
     ids = common.selected_test_ids(settings, m3.mode)[:m3.test_sample_num]
+    asked = training.removal_question(cfg, len(train))  # what Method 3's scores answer, in words
     smoothness = None
     if m3.smoothness_directions:
         with opt.Timer() as check_timer:
             smoothness = training.metasmoothness(train, test.images[ids], test.labels[ids], cfg, device, m3)
         smoothness["seconds"] = round(check_timer.seconds, 2)
-        print(utils_if.verdict(smoothness["s_hat"]) + f" [{smoothness['trainings']} trainings, {check_timer.seconds:.0f} s]")
+        print(utils_if.verdict(smoothness, question=asked) + f" [{smoothness['trainings']} trainings, "
+              f"{check_timer.seconds:.0f} s]")
+        if smoothness["decision"] == "no" and not m3.replay_when_not_smooth:
+            skipped = (f"Method 3's replay skipped: the check says its removal predictions cannot be vouched for "
+                       f"(set mnist.method3.replay_when_not_smooth = true to replay anyway)")
+            print(skipped)
+            logger.info(skipped)
+            return {"if_file": None, "info": {"solver": "method3", "skipped": skipped, "question": asked,
+                                              "metasmoothness": smoothness}}
     run = training.sgd_run(cfg, cfg.seed, len(train), device,
                            window_start=training.attribution_window(cfg, len(train)))
     replay = utils_if.SgdReplay(training.new_model(cfg.seed, device, cfg.activation, cfg.logit_scale), utils_if.nll_sample_loss, run,
@@ -68,7 +79,8 @@ def main(settings: dict) -> dict:
         influence = -len(train) * torch.cat(chunks)
     if "closed_form_check" in replay.info:
         logger.warning(f"WARNING: {replay.info['closed_form_check']}")
-    info = {"solver": "method3", "target": m3.target, "path": replay.info["path"], "steps": run.num_steps, "window_start": run.window_start,
+    info = {"solver": "method3", "target": m3.target, "question": asked, "path": replay.info["path"],
+            "steps": run.num_steps, "window_start": run.window_start,
             "checkpoint_interval": replay.interval, "replay_relative_error": error, "converged": True,
             "seconds_forward": round(seconds_forward, 3), "seconds_backward": round(backward_timer.seconds, 3),
             "seconds_total": round(total.seconds, 3), "metasmoothness": smoothness,
@@ -78,7 +90,8 @@ def main(settings: dict) -> dict:
                 f"({info['path']}), total {info['seconds_total']} s")
     path = common.m3_file(settings)
     opt.write_json(path, common.attribution_record(settings, model, model_path, x_test, y_test, ids, influence,
-                                                   m3.top_k, info, utils_if.METHOD3_SIGN_CONVENTION, logger), logger)
+                                                   m3.top_k, info, utils_if.METHOD3_SIGN_CONVENTION
+                                                   + f"; the question: {asked}", logger), logger)
     return {"if_file": path, "info": info}
 
 

@@ -1,21 +1,25 @@
 """The question in one step: which training images made the network do this, by each method, and
-how far to trust each list. Used by run_pipeline.py; the trust numbers are measured LDS, from an
-ldsTest study of the same recipe in the output folder, else from the project's own measured table
-(docs/measured_lds.json), else "not measured for this recipe"."""
+how far to trust each list. Used by run_pipeline.py; the trust numbers are measured LDS whose every
+score-changing setting matches this run's (trust_key): from an ldsTest study in the output folder,
+else from the project's own measured table (docs/measured_lds.json), else "not measured for these
+settings", with the keys in which the nearest measured row differs."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
+import textwrap
 
 import torch
 
 import utils_if
 import utils_option as opt
 from mnist_test import common, plotting, training
+from options.blocks import score_fields
 
 MEASURED_TABLE = os.path.join(opt.REPO_ROOT, "docs", "measured_lds.json")
-NOT_MEASURED = "not measured for this recipe"
+NOT_MEASURED = "not measured for these settings"
 
 
 def lds_row(method: str, settings: dict) -> str:
@@ -28,91 +32,132 @@ def lds_row(method: str, settings: dict) -> str:
     return utils_if.solver_for(cfg.method2.solver).lds_name
 
 
-def model_recipe(settings: dict) -> dict:
-    """What makes the trained network and the question Method 3 answers: size, epochs, optimiser,
-    schedule, activation and attribution window (the last two only when off the report's, so that
-    the shipped table's entries, measured before they existed, still match)."""
-    cfg = settings["mnist"]  # read as a result's meta stores it (_study_recipe): one function for both
-    return _recipe(cfg, cfg["train_subset"] or 60000, cfg["epoch"])
+def trust_key(settings: dict, method: str) -> dict:
+    """Every setting that changes the scores of ``method`` ("method1" | "method2" | "method3") for the
+    model these settings train, the key a measured LDS must match to be quoted as this run's:
+    the training recipe (the fields of training.Recipe, the seed, the number of training images and
+    the attribution window), then the method's own settings: Method 2's solver part of its file
+    name (the registry's own list of what a solver reads, its damping and parameters included),
+    Method 1's and Method 3's block fields that change scores (options.blocks.score_fields)."""
+    cfg = common.mnist_cfg(settings)
+    m3 = cfg.method3
+    recipe = {**dataclasses.asdict(training.Recipe.of(cfg)), "seed": cfg.seed, "train_size": cfg.train_subset or 60000,
+              "window": f"{m3.window:g} {m3.window_unit}" if m3.window else "whole run"}
+    if method == "method2":
+        own = {"solver": opt.solver_file_part(cfg.method2)}
+    else:
+        own = {k: v for k, v in score_fields(getattr(cfg, method)).items() if k not in ("window", "window_unit")}
+    return {"recipe": recipe, method: own}
 
 
-def _study_recipe(mnist: dict) -> dict:
-    """The same for the models of an ldsTest table (its settings, as written in its meta; a table
-    written before a key existed was made with that key's report value)."""
-    return _recipe(mnist, mnist["lds"]["train_subset"], mnist["lds"]["epoch"])
+def key_differences(wanted: dict, found: dict) -> list[str]:
+    """The dotted keys in which two trust keys differ, each with both values (this run's first)."""
+    out = []
+    for part in sorted(set(wanted) | set(found)):
+        mine, theirs = wanted.get(part, {}), found.get(part, {})
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                out.append(f"{part}.{key} ({mine.get(key)!r} here, {theirs.get(key)!r} measured)")
+    return out
 
 
-def _recipe(mnist: dict, train_size: int, epoch: int) -> dict:
-    recipe = {"train_size": train_size, "epoch": epoch, "batch_size": mnist["batch_size"],
-              "learning_rate": mnist["learning_rate"], "momentum": mnist["momentum"],
-              "weight_decay": mnist["weight_decay"], "activation": mnist.get("activation", "relu")}
-    if mnist.get("lr_schedule", "constant") != "constant":
-        recipe["lr_schedule"] = mnist["lr_schedule"]
-    if mnist.get("logit_scale", 1.0) != 1.0:
-        recipe["logit_scale"] = mnist["logit_scale"]
-    window = mnist.get("method3", {}).get("window", 0)
-    if window:
-        recipe["window"] = f"{window:g} {mnist['method3']['window_unit']}"
-    return recipe
-
-
-def measured_lds(settings: dict) -> dict:
-    """{"algorithm": {row: lds}, "single_model": {row: lds}, "source": where, "recipe": its name}
-    for the model these settings train: ldsTest studies of the same recipe in the output folder
-    first, else the shipped table, else empty tables with source NOT_MEASURED."""
-    wanted = model_recipe(settings)
-    found: dict = {"algorithm": {}, "single_model": {}}
-    sources = []
+def _measured_rows(settings: dict, table: str) -> list[dict]:
+    """Every measured LDS row this run could quote: ldsTest tables in the output folder first, then
+    the project's shipped table. Each row: {"setting", "row", "lds", "drop", "key", "source"}."""
+    rows = []
     for path in sorted(glob.glob(opt.output_path(settings, "test", "lds_*.json"))):
         try:
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)
-            if _study_recipe(record["meta"]["settings"]) != wanted:
-                continue
             setting = record["meta"]["setting"]
-            found[setting].update({row["method"]: row["lds"] for row in record["rows"]})
-            sources.append(path)
-        except (OSError, ValueError, KeyError, TypeError):
+            for study in record["studies"].values():
+                for row in study["rows"]:
+                    if row.get("key"):
+                        rows.append({"setting": setting, "row": row["method"], "lds": row["lds"], "key": row["key"],
+                                     "drop": study["drop"] if setting == "single_model" else None,
+                                     "source": f"ldsTest in this output folder: {path}"})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue  # not an ldsTest table of this kind: ignored
-    if sources:
-        return {**found, "source": "ldsTest in this output folder: " + ", ".join(sources), "recipe": "this recipe"}
-    with open(MEASURED_TABLE, encoding="utf-8") as f:
-        table = json.load(f)
-    for entry in table["recipes"]:
-        if entry["recipe"] == wanted:
-            return {"algorithm": entry["algorithm"], "single_model": entry["single_model"],
-                    "source": f"the project's measured table ({entry['source']})", "recipe": entry["name"]}
-    optimiser = ("batch_size", "learning_rate", "momentum", "weight_decay", "activation", "lr_schedule", "window")
-    same = [e for e in table["recipes"] if all(e["recipe"].get(k) == wanted.get(k) for k in optimiser)]
-    nearest = min(same, key=lambda e: abs(e["recipe"]["train_size"] - wanted["train_size"]) / 60000
-                  + abs(e["recipe"]["epoch"] - wanted["epoch"]) / 20) if same else None
-    return {**found, "source": NOT_MEASURED, "recipe": "", "nearest": nearest}
+    with open(table, encoding="utf-8") as f:
+        for entry in json.load(f)["entries"]:
+            for row, value in entry["rows"].items():
+                rows.append({"setting": entry["setting"], "row": row, "lds": value["lds"], "key": value["key"],
+                             "drop": entry.get("drop"), "source": f"the project's measured table ({entry['source']})",
+                             "name": entry["name"]})
+    return rows
 
 
-def trust_lines(methods: list[tuple[str, str, str]], trust: dict) -> list[str]:
-    """A short table: each method, its measured LDS in both settings, and where the numbers come from.
-    ``methods``: (title, file, ldsTest row)."""
-    def fmt(value) -> str:
-        return f"{value:+.3f}" if isinstance(value, (int, float)) else "-"
-    lines = ["How far to trust each list: measured LDS (1 = predicts retraining exactly, 0 = no better than "
-             "chance)", f"  {'method':<34} {'what training does':>19} {'this network':>13}"]
-    for title, _, row in methods:
-        lines.append(f"  {title:<34} {fmt(trust['algorithm'].get(row)):>19} {fmt(trust['single_model'].get(row)):>13}")
-    lines.append(f"  source: {trust['source']}" + (f" ({trust['recipe']})" if trust.get("recipe") else ""))
-    nearest = trust.get("nearest")
-    if nearest:  # another recipe's numbers, labelled as such: which list to believe, in general
-        lines.append(f"  nearest measured recipe, {nearest['name']} ({nearest['source']}):")
-        for title, _, row in methods:
-            lines.append(f"  {title:<34} {fmt(nearest['algorithm'].get(row)):>19} "
-                         f"{fmt(nearest['single_model'].get(row)):>13}")
+def measured_lds(settings: dict, methods: list[tuple[str, str, dict]], table: str = MEASURED_TABLE) -> dict:
+    """How far to trust each method's list, for exactly these settings. ``methods``: (title, ldsTest
+    row, trust key). Returns {title: {"algorithm": lds or None, "single_model": {drop: lds},
+    "source": where or NOT_MEASURED, "differs": [...], "nearest": a row or None}} and "question":
+    what the single-model numbers answer (removals from the whole run or from its window). A number is
+    quoted only when its row and every setting of its key match; otherwise the nearest measured row
+    of the same method is named with the keys in which it differs. ``table``: the shipped table
+    (tests pass their own)."""
+    cfg = common.mnist_cfg(settings)
+    rows = _measured_rows(settings, table)
+    out: dict = {"question": training.removal_question(cfg, cfg.train_subset or 60000)}
+    for title, row, key in methods:
+        same = [r for r in rows if r["row"] == row and r["key"] == key]
+        found = {"algorithm": None, "single_model": {}, "source": NOT_MEASURED, "differs": [], "nearest": None}
+        for r in same:  # the output folder's tables come first and win
+            if r["setting"] == "algorithm" and found["algorithm"] is None:
+                found["algorithm"] = r["lds"]
+            elif r["setting"] == "single_model":
+                found["single_model"].setdefault(r["drop"], r["lds"])
+        if same:
+            found["source"] = same[0]["source"]
+        else:
+            others = [r for r in rows if r["row"] == row]
+            if others:
+                nearest = min(others, key=lambda r: len(key_differences(key, r["key"])))
+                found["nearest"] = nearest
+                found["differs"] = key_differences(key, nearest["key"])
+        out[title] = found
+    return out
+
+
+def _fmt(value) -> str:
+    return f"{value:+.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def _single_model_text(values: dict) -> str:
+    return ", ".join(f"{_fmt(values[drop])} at a {100 * drop:g}% drop" for drop in sorted(values)) or "-"
+
+
+def trust_lines(methods: list[tuple[str, str, dict]], trust: dict) -> list[str]:
+    """The trust table: each method's measured LDS in both questions, where the numbers come from,
+    and for a method not measured for these settings, the keys in which the nearest measured row
+    differs. ``methods``: (title, ldsTest row, trust key)."""
+    lines = [f"How far to trust each list: measured LDS (Spearman; 1 = predicts the retrained models exactly, 0 = "
+             f"chance). \"What training does\": models retrained from scratch on half the images; \"this network\": "
+             f"{trust['question']}.",
+             f"  {'method':<30} {'what training does':>19}   this network"]
+    for title, _, _ in methods:
+        found = trust[title]
+        lines.append(f"  {title:<30} {_fmt(found['algorithm']):>19}   {_single_model_text(found['single_model'])}")
+    for title, _, _ in methods:
+        found = trust[title]
+        if found["source"] != NOT_MEASURED:
+            lines.append(f"  {title}: {found['source']}")
+        elif found["nearest"]:
+            near = found["nearest"]
+            value = (_fmt(near["lds"]) + (f" at a {100 * near['drop']:g}% drop" if near.get("drop") else "")
+                     + f" ({'what training does' if near['setting'] == 'algorithm' else 'this network'})")
+            lines.append(f"  {title}: {NOT_MEASURED}; it differs from the nearest measured row ({value}, "
+                         f"{near['source']}) in " + "; ".join(found["differs"]))
+        else:
+            lines.append(f"  {title}: {NOT_MEASURED} (no measured row of this method)")
     return lines
 
 
 def question_figure(settings: dict, test_id: int, methods: list[tuple[str, dict, str]], trust: dict,
-                    k: int, test, train):
+                    k: int, test, train, caveats: list[str] = ()):
     """One figure for one test image: the image with its label, prediction and loss, then for each
     method a row of its top-k helpful and a row of its top-k harmful training images (id / label /
-    score; red = the test image's label). ``methods``: (title, result record, ldsTest row)."""
+    score; red = the test image's label), its measured LDS (the trust table's words) and every caveat
+    the console printed. ``methods``: (title, result record, ldsTest row)."""
     rows, labels, titles = [], [], []
     label = int(test.labels[test_id])
     entry0 = None
@@ -126,38 +171,50 @@ def question_figure(settings: dict, test_id: int, methods: list[tuple[str, dict,
                                    "caption": f"{i} / {int(train.labels[i])}\n{scores[i]:.3g}"} for i in top])
             short = "M2 " + title.split("(")[1].rstrip(")") if title.startswith("Method 2 (") else title.split(" (")[0]
             labels.append(f"{short}\n{kind}")
-        algorithm, single = trust["algorithm"].get(row), trust["single_model"].get(row)
-        measured = "; ".join(f"{name} {value:+.3f}" for name, value in (("LDS", algorithm), ("single-model", single))
-                             if isinstance(value, (int, float))) or NOT_MEASURED
-        nearest = trust.get("nearest")
-        if measured == NOT_MEASURED and nearest:
-            near = "; ".join(f"{name} {value:+.3f}" for name, value in
-                             (("LDS", nearest["algorithm"].get(row)), ("single-model", nearest["single_model"].get(row)))
-                             if isinstance(value, (int, float)))
-            measured = f"nearest measured recipe: {near or 'not measured'}"
+        found = trust[title]
+        if found["source"] == NOT_MEASURED:
+            measured = NOT_MEASURED + (f" (differs in {', '.join(d.split(' (')[0] for d in found['differs'])})"
+                                       if found["differs"] else "")
+        else:
+            measured = (f"what training does {_fmt(found['algorithm'])}; this network "
+                        f"{_single_model_text(found['single_model'])}")
         titles.append(f"{title}: {measured}")
-    if trust.get("nearest") and trust["source"] == NOT_MEASURED:
-        titles.insert(0, f"trust (LDS): {NOT_MEASURED}; nearest measured recipe: {trust['nearest']['name']}")
+    titles.append(f"this network = {trust['question']}")
+    titles += [f"caveat: {line}" for line in caveats]
     rows[0][0] = {"image": test.images[test_id], "bold": True,
                   "caption": f"test {test_id}\nlabel {label} / pred {entry0['prediction']}"
                   + (f"\nloss {entry0['loss']:.3g}" if "loss" in entry0 else "")}
     fig = plotting.digit_grid(rows, f"Which training images made the network do this? Test image {test_id} "
-                              f"(caption: train id / label / score; red: label {label})\n" + "\n".join(titles),
+                              f"(caption: train id / label / score; red: label {label})\n"
+                              + "\n".join(textwrap.fill(t, 150) for t in titles),
                               gap_after_first=True, row_labels=labels)
     return fig
 
 
-def method3_seconds(settings: dict, tests: int) -> float:
-    """Method 3's replay time for this run, estimated from its measured cost per step on the MLP (1
-    thread): the forward replay of every step, 0.7 ms at batch 8 and 2.0 ms at batch 128; the walk
-    back over the steps of the attribution window, (1.5 + 0.2 per test image) ms per 8 images of the
-    batch. Measured: 92 s for one test image over the quick profile's 37,500 steps; 58 s for 20 test
-    images of the attributable recipe (9,380 steps, 469 walked back), with another job beside it."""
+def method3_seconds(settings: dict, tests: int) -> tuple[float, float]:
+    """(check, replay) seconds of Method 3 for this run, estimated from measured costs on the MLP (1
+    thread). The check: 1 + 2 x smoothness_directions trainings side by side, at about
+    (0.2 + 0.012 x batch) ms per model and step. The replay: the forward replay of every step, 0.7 ms
+    at batch 8 and 2.0 ms at batch 128; the walk back over the steps of the attribution window,
+    (1.5 + 0.2 per test image) ms per 8 images of the batch. Measured: docs/performance.md."""
     cfg = common.mnist_cfg(settings)
     n, batch = cfg.train_subset or 60000, cfg.batch_size
     steps = cfg.epoch * -(-n // batch)
     walked = steps - training.attribution_window(cfg, n)
-    return (steps * max(0.7, 0.0156 * batch) + walked * batch / 8 * (1.5 + 0.2 * tests)) / 1000.0
+    trainings = 1 + 2 * cfg.method3.smoothness_directions if cfg.method3.smoothness_directions else 0
+    check = trainings * steps * (0.2 + 0.012 * batch) / 1000.0
+    replay = (steps * max(0.7, 0.0156 * batch) + walked * batch / 8 * (1.5 + 0.2 * tests)) / 1000.0
+    return check, replay
+
+
+def run_part(settings: dict, methods: list[tuple[str, str, str, dict]]) -> str:
+    """A short hash of what one question's answer holds: each method shown with its trust key (every
+    setting that changes its scores), the figure's length and the test selection. Two runs that
+    differ in any of these never share a figure or a JSON."""
+    import hashlib
+    cfg = common.mnist_cfg(settings)
+    content = {"methods": [(title, row, key) for title, _, row, key in methods], "vis_num": cfg.vis_num}
+    return "q" + hashlib.sha1(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def load_sets(settings: dict):

@@ -84,6 +84,19 @@ def attribution_window(cfg: Mnist, n: int, epochs: int | None = None) -> int:
         raise opt.SettingsError(f"mnist.method3.window: {error}") from None
 
 
+def removal_question(cfg: Mnist, n: int) -> str:
+    """The question Method 3 and the single-model LDS answer for the run of the ``mnist`` block on n
+    images, in words: removing images from the whole run, or from its attribution window."""
+    steps = cfg.epoch * -(-n // cfg.batch_size)
+    start = attribution_window(cfg, n)
+    if not start:
+        return f"removing images from the whole run (steps 1-{steps:,})"
+    m3 = cfg.method3
+    span = (f"the last {100 * m3.window:g}% of the steps" if m3.window_unit == "fraction" else
+            "the last epoch" if (m3.window, m3.window_unit) == (1, "epochs") else f"the last {m3.window:g} {m3.window_unit}")
+    return f"removing images from {span} (steps {start + 1:,}-{steps:,})"
+
+
 REPLAY_RECIPE = ("init: torch.manual_seed(seed); mnist_model(activation, logit_scale). order: epoch_orders(n, epoch, seed) "
                  "(torch.randperm(n) per epoch from a CPU generator seeded by seed). step: torch.optim.SGD "
                  "(lr, momentum, weight_decay) on sum_i w_i NLL_i / |B| over consecutive slices of batch_size; "
@@ -311,5 +324,4 @@ def metasmoothness(data: MnistData, x_test: torch.Tensor, y_test: torch.Tensor, 
             with torch.no_grad():
                 outputs.append(utils_if.nll_sample_loss(model(x_test), y_test).double().cpu())
         return finals, outputs
-    count = max(1, int(round(m3.smoothness_fraction * len(data))))
-    return smoothness.measure(train, len(data), m3.smoothness_directions, count, m3.smoothness_step, cfg.seed)
+    return smoothness.measure(train, len(data), m3.smoothness_directions, m3.smoothness_step, cfg.seed)

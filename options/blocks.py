@@ -46,12 +46,21 @@ def recipe_table() -> str:
     return "\n".join(lines)
 
 
-def spec(default: Any, help: str, kind: str, extra: Any = None):  # noqa: A002  (the settings' own word)
-    """A setting: its default, one help line, and its kind with the kind's extra (range or choices)."""
-    metadata = {"help": help, "kind": kind, "extra": extra}
+def spec(default: Any, help: str, kind: str, extra: Any = None, scores: bool = True):  # noqa: A002
+    """A setting: its default, one help line, and its kind with the kind's extra (range or choices).
+    ``scores=False`` marks a setting that does not change a method's scores (a file name, a list
+    length, a memory bound, a check): :func:`score_fields` leaves it out of the trust table's match."""
+    metadata = {"help": help, "kind": kind, "extra": extra, "scores": scores}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def score_fields(block_value: Any) -> dict:
+    """The settings of a typed block that change its method's scores (every field not marked
+    ``scores=False``; nested blocks left out), as a plain dict: the trust table matches on these."""
+    return {f.name: getattr(block_value, f.name) for f in fields(block_value)
+            if f.metadata.get("scores", True) and not f.metadata.get("block")}
 
 
 def block(cls: type):
@@ -62,12 +71,18 @@ def block(cls: type):
 @dataclass
 class SmoothnessCheck:
     """The metasmoothness check every Method-3 script runs before its replay (influence/smoothness.py)."""
-    smoothness_directions: int = spec(2, "before the replay, measure whether the run is smooth in its data weights "
-                                      "(metasmoothness S_hat) over this many random directions (1 + 2 x this many "
-                                      "trainings; the MNIST MLP trains them side by side); 0 = skip", 'int', (0, 20))
-    smoothness_fraction: float = spec(0.01, "each direction moves this fraction of the training points' weights "
-                                      "(+-1, seeded)", 'float', (1e-5, 1.0))
-    smoothness_step: float = spec(0.25, "h: the weights move by h and 2h along the direction", 'float', (1e-6, 1.0))
+    smoothness_directions: int = spec(8, "before the replay, measure whether the run is smooth in its data weights "
+                                      "(metasmoothness S_hat, Definition 2) over this many Gaussian directions over all "
+                                      "points (1 + 2 x this many trainings; the MNIST MLP trains them side by side); the "
+                                      "verdict needs its interval: 8 is the fewest whose interval is narrower than the gap "
+                                      "between attributable and not (docs/results.md); 0 = skip", 'int', (0, 64),
+                                      scores=False)
+    smoothness_step: float = spec(0.1, "h: the weights move by h v and 2 h v, v ~ N(0, I); 0.1 moves them as far (L2) "
+                                  "as a 1% drop, the question the verdict is calibrated on", 'float', (1e-6, 1.0),
+                                  scores=False)
+    replay_when_not_smooth: bool = spec(False, "false: when the check says no (S_hat's interval below the rule's line),"
+                                        " the replay is skipped and said; true: replay anyway", 'bool', None,
+                                        scores=False)
 
 
 @dataclass
@@ -192,7 +207,7 @@ class FfdnetQuestion:
 class Ffdnet:
     """The FFDNet side: the denoiser, its data and training."""
     seed: int = spec(1, "seeds the init, the data order and the fixed noise", 'int', (0, None))
-    use_gpu: bool = spec(False, "CUDA when true and a GPU exists (logged), else CPU", 'bool', None)
+    use_gpu: bool = spec(False, "CUDA when true and a GPU exists (logged), else CPU", 'bool', None, scores=False)
     is_gray: bool = spec(True, "true: 15 conv x 64 channels, 1 channel; false: 12 x 96, RGB", 'bool', None)
     layout: str = spec('bn', "bn (the original's Conv-BN-ReLU blocks) | plain (the official, BN-free)", 'choice', ('bn', 'plain'))
     residual: bool = spec(False, "true: the net predicts the noise (DnCNN-style); false: the clean image (FFDNet, "
@@ -200,20 +215,20 @@ class Ffdnet:
     channel_order: str = spec('rgb', "rgb | bgr (the original author's checkpoint was trained on BGR)", 'choice', ('rgb', 'bgr'))
     train_dir: str = spec('data/ffdnet/train', "filled by data/ffdnet_data.py on first use (Train400 or "
                                                "scikit-image photos)", 'str', None)
-    val_dir: str = spec('data/ffdnet/test', "folder of validation images (PSNR each epoch)", 'str', None)
+    val_dir: str = spec('data/ffdnet/test', "folder of validation images (PSNR each epoch)", 'str', None, scores=False)
     test_dir: str = spec('data/ffdnet/test', "folder of test images (FFDNet_Test.py, attribution)", 'str', None)
     patch_size: int = spec(64, "the original: 64 x 64 tiles on a non-overlapping grid", 'int', (8, 1024))
     stride: int = spec(64, "patch grid step (the original: 64, no overlap)", 'int', (1, 1024))
     max_patches: int = spec(0, "0 = all patches; n = the first n (small runs, tests)", 'int', (0, None))
     sigma: list[float] = spec([0, 75], "training noise level range (0-255 units), one sigma per patch", 'range', (0.0, 255.0))
     fixed_noise: bool = spec(True, "one seeded noise draw per patch (a well-defined training point)", 'bool', None)
-    val_sigma: float = spec(25.0, "validation noise level (0-255 units)", 'float', (0.0, 255.0))
+    val_sigma: float = spec(25.0, "validation noise level (0-255 units)", 'float', (0.0, 255.0), scores=False)
     epoch: int = spec(20, "training epochs (the original: 20)", 'int', (1, None))
     batch_size: int = spec(8, "training batch size (the original: 8)", 'int', (1, None))
     learning_rate: float = spec(0.001, "Adam, MSE loss, orthogonal conv init (the original recipe)", 'float', (0.0, None))
     lr_decay_epochs: list[int] = spec([], "epochs at which the learning rate is divided by 10 ([] = constant)", 'int_list', None)
     bn_recalibrate_batches: int = spec(0, ">0: re-estimate BatchNorm statistics over this many batches each epoch", 'int', (0, None))
-    train_checkpoints: int = spec(5, "save a checkpoint every k epochs", 'int', (1, None))
+    train_checkpoints: int = spec(5, "save a checkpoint every k epochs", 'int', (1, None), scores=False)
     init_checkpoint: str = spec('', "fine-tune from this checkpoint (\"\" = train from scratch)", 'path_or_empty', None)
     test: FfdnetTest = block(FfdnetTest)
     method1: FfdnetMethod1 = block(FfdnetMethod1)
@@ -253,33 +268,35 @@ class MnistMethod2(Method2Solve):
 @dataclass
 class MnistMethod3(SmoothnessCheck):
     """Method 3: the exact attribution of the trained run (m3_Test.py)."""
-    mode: str = spec('staTest0', "which model (same naming as method1.mode); Train.py's run is replayed", 'str', None)
+    mode: str = spec('staTest0', "which model (same naming as method1.mode); Train.py's run is replayed", 'str', None,
+                     scores=False)
     target: str = spec('loss', "loss | margin (the test target differentiated)", 'choice', ('loss', 'margin'))
-    test_sample_num: int = spec(10, "how many of the selected test images", 'int', (1, 10000))
+    test_sample_num: int = spec(10, "how many of the selected test images", 'int', (1, 10000), scores=False)
     checkpoint_interval: int = spec(0, "steps between kept (weights, momentum) states; 0 = sqrt(steps). Memory: (2 "
-                                       "steps/interval + interval) x 109,386 floats", 'int', (0, None))
+                                       "steps/interval + interval) x 109,386 floats", 'int', (0, None), scores=False)
     test_chunk: int = spec(100, "test images per backward walk (one walk = one forward recomputation + the backward"
-                                " pass)", 'int', (1, 10000))
+                                " pass)", 'int', (1, 10000), scores=False)
     replay_tolerance: float = spec(1e-05, "the replayed final weights must match the saved model to this relative "
-                                          "error, else nothing is computed", 'float', (0.0, None))
+                                          "error, else nothing is computed", 'float', (0.0, None), scores=False)
     window: float = spec(0, "the attribution window: the data weights act only in the last `window` window_units of "
                             "the run (0 = the whole run); Method 3 walks back only those steps, and ldsTest's "
                             "single-model removals act only there", 'float', (0.0, None))
     window_unit: str = spec('epochs', "epochs | steps | fraction (of all steps) for method3.window", 'choice',
                             ('epochs', 'steps', 'fraction'))
-    top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, 60000))
-    if_dir: str = spec('if', "sub-folder of output_dir for Method 3 files", 'str', None)
+    top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, 60000), scores=False)
+    if_dir: str = spec('if', "sub-folder of output_dir for Method 3 files", 'str', None, scores=False)
 
 
 @dataclass
 class MnistMethod1:
     """Method 1: gradient-norm vectors x activations."""
-    mode: str = spec('staTest0', "name of the model/run (staTest0..5 in the stability study)", 'str', None)
+    mode: str = spec('staTest0', "name of the model/run (staTest0..5 in the stability study)", 'str', None,
+                     scores=False)
     grad_mode: str = spec('batch', "batch (the report's) | per_sample (exact per-image norms)", 'choice', ('batch', 'per_sample'))
     skip_first_epoch: bool = spec(True, "the original recorded epochs 2..20 only", 'bool', None)
     layers: list[str] = spec(['fc1', 'fc2'], "layers whose activations score training images (the original: fc1, "
                                              "fc2)", 'subset', ('fc1', 'fc2', 'fc3'))
-    top_k: int = spec(100, "length of the \"top\" list written per test image", 'int', (1, 60000))
+    top_k: int = spec(100, "length of the \"top\" list written per test image", 'int', (1, 60000), scores=False)
 
 
 @dataclass

@@ -92,7 +92,7 @@ def test_explain_script_small_resumes_and_maps_sum_to_the_influence(tmp_path, tw
             "train_dir": str(two_train_images), "val_dir": str(two_test_images), "test_dir": str(two_test_images),
             "max_patches": 40, "patch_size": 32, "stride": 32, "epoch": 1, "batch_size": 8,
             "attribution": {"images": ["01"], "points": [[40, 40], [200, 200]]},
-            "method2": {"solver": "ekfac", "max_train_points": 0, "chunk_size": 16},
+            "method2": {"solver": "ekfac", "max_train_points": 0, "chunk_size": 16}, "method3": {"smoothness_directions": 2},
             "explain": {"k_values": [5], "seeds": 1, "m1_layer": 5, "maps": 3,
                         "finetune": {"epochs": 0.5, "learning_rate": 1e-3, "batch_size": 8}}}})
     result = expTest.main(settings)  # the whole study: trains, runs m1/m2/m3_Test, then the runs
@@ -100,7 +100,8 @@ def test_explain_script_small_resumes_and_maps_sum_to_the_influence(tmp_path, tw
     m2_files = {"01": common.m2_result_file(settings, "01")}
     assert os.path.isfile(common.m1_result_file(settings, "01")) and os.path.isfile(common.m3_result_file(settings, "01", 0))
     smooth = opt.read_json(common.m3_result_file(settings, "01", 0), "m3_Test")["meta"]["solver_info"]["metasmoothness"]
-    assert smooth["trainings"] == 5 and -1 <= smooth["s_hat"] <= 1 and smooth["points"] == 1  # 1% of 40 patches
+    assert smooth["trainings"] == 5 and -1 <= smooth["s_hat"] <= 1 and smooth["h"] == 0.1
+    assert smooth["decision"] in ("yes", "no", "unsure")  # measured whatever it says: the study replays anyway
     # control + (m3_window, m2_window, m1: 2 targets; m3_whole, m2_whole, random: the image) x 2 manipulations
     assert result["jobs"] == 1 + (2 + 2 + 2 + 1 + 1 + 1) * 2 and result["runs"] == result["jobs"]
     assert {r["ranking"] for r in result["table"]} == {"m3_window", "m3_whole", "m2_window", "m2_whole", "m1", "random"}

@@ -1,9 +1,12 @@
 """The question in one step: run_pipeline for one test image writes its figure and a trust table
-whose numbers are the measured LDS of the same recipe (an ldsTest study in the output folder, else
-the project's measured table), and says "not measured for this recipe" otherwise."""
+whose numbers are measured LDS of exactly these settings (an ldsTest study in the output folder,
+else the project's measured table), and says "not measured for these settings" otherwise, naming
+the keys in which the nearest measured row differs."""
+import json
 import os
 
 import numpy as np
+import pytest
 
 import utils_option as opt
 from mnist_test import common, ldsTest, question, run_pipeline
@@ -19,43 +22,108 @@ def _real_picture(path):
     return pixels.ndim == 3 and pixels.shape[0] > 500 and pixels[..., :3].std() > 0.1
 
 
-def test_one_step_for_one_test_image_with_the_trust_of_an_ldstest_study_of_the_same_recipe(tmp_path, mnist_raw,
-                                                                                         capsys):
+def _row(printed: str, title: str) -> str:
+    return next(line for line in printed.splitlines() if line.startswith("  " + title + " "))  # the table's row
+
+
+def test_one_step_for_one_test_image_with_the_trust_of_an_ldstest_study_of_the_same_settings(tmp_path, mnist_raw,
+                                                                                           capsys):
     settings = small_settings(tmp_path, **SMALL)
     first = run_pipeline.main(settings)
     printed = capsys.readouterr().out
     assert first["test_ids"] == [42] and len(first["figures"]) == 1 and _real_picture(first["figures"][0])
     titles = [title for title, _, _ in first["methods"]]
-    assert titles == ["Method 1 (the report's)", "Method 2 (lissa)", "Method 2 (kfac_factored)",
-                      "Method 3 (exact, this run)"]
+    assert titles[:3] == ["Method 1 (the report's)", "Method 2 (lissa)", "Method 2 (kfac_factored)"]
     assert question.NOT_MEASURED in printed and all(t in printed for t in titles)
-    # an ldsTest study of this very recipe (same size, epochs, optimiser) in the output folder
+    assert "this network\": removing images from the whole run (steps 1-76)" in printed
+    # an ldsTest study of these very settings (same size, epochs, optimiser, seed, solvers) in the output folder
     lds = {"train_subset": 300, "epoch": 2, "test_ids": 4, "num_subsets": 4, "seeds_per_subset": 1,
-           "group_size": 4, "methods": ["m1_batch_raw", "if_kfac_factored", "if_lissa"], "ensemble_seeds": [0],
+           "group_size": 4, "methods": ["m1_batch_raw", "if_kfac_factored"], "ensemble_seeds": [0],
            "solver_test_num": 4, "bootstrap": 20, "ekfac_damp_factors": [], "kfac_factored_damp_factors": [],
            "loo": {"test_num": 0}}
     table = {row["method"]: row["lds"] for row in ldsTest.main(small_settings(tmp_path, **SMALL, lds=lds))["rows"]}
     again = run_pipeline.main(settings)
     printed = capsys.readouterr().out
-    assert "ldsTest in this output folder" in again["trust"]["source"]
-    for title, row in (("Method 1 (the report's)", "m1_batch_raw"), ("Method 2 (kfac_factored)", "if_kfac_factored"),
-                       ("Method 2 (lissa)", "if_lissa")):
-        line = next(line for line in printed.splitlines() if line.startswith("  " + title))  # the trust table's row
-        assert np.isclose(float(line.split()[-2]), table[row], atol=5e-4), (line, table[row])
-    name = f"question_{common.run_tag(settings)}_{common.test_selection_part(settings)}.json"
+    assert "ldsTest in this output folder" in again["trust"]["Method 2 (kfac_factored)"]["source"]
+    for title, row in (("Method 1 (the report's)", "m1_batch_raw"), ("Method 2 (kfac_factored)", "if_kfac_factored")):
+        assert np.isclose(float(_row(printed, title).split()[-2]), table[row], atol=5e-4), (printed, table[row])
+    name = f"question_{common.run_tag(settings)}_{question.run_part(settings, again['keyed_methods'])}_" \
+           f"{common.test_selection_part(settings)}.json"
     record = opt.read_json(opt.output_path(settings, "test", name), "mnist_test/run_pipeline.py")
-    kept = {m["lds_row"]: m["lds_algorithm"] for m in record["methods"]}
+    kept = {m["lds_row"]: m["lds_what_training_does"] for m in record["methods"]}
     assert kept["if_kfac_factored"] == table["if_kfac_factored"] and record["test_ids"] == [42]
+    assert record["question"] == "removing images from the whole run (steps 1-76)"
+
+
+# ---- the match key: one negative case per kind of key, against a table the test writes ----------------------
+BASE = {"train_subset": 300, "epoch": 2, "seed": 0, "logit_scale": 1.0}
+FIXTURE = {"m1_batch_raw": 0.111, "if_lissa": 0.222, "m3_replay": 0.333}
+
+
+def _methods(settings):
+    return [("Method 1", "m1_batch_raw", question.trust_key(settings, "method1")),
+            ("Method 2", "if_lissa", question.trust_key(settings, "method2")),
+            ("Method 3", "m3_replay", question.trust_key(settings, "method3"))]
+
+
+@pytest.fixture()
+def fixture_table(tmp_path):
+    """A measured table whose three rows were 'measured' with BASE's settings, at values no real table has."""
+    settings = small_settings(tmp_path, **BASE)
+    keys = {row: key for _, row, key in _methods(settings)}
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps({"entries": [{"name": "fixture", "setting": "single_model", "drop": 0.05,
+                                             "source": "the test's fixture",
+                                             "rows": {row: {"lds": value, "key": keys[row]}
+                                                      for row, value in FIXTURE.items()}}]}))
+    return str(path)
+
+
+def test_the_table_quotes_a_row_for_exactly_its_settings(tmp_path, fixture_table):
+    settings = small_settings(tmp_path, **BASE)
+    trust = question.measured_lds(settings, _methods(settings), fixture_table)
+    lines = "\n".join(question.trust_lines(_methods(settings), trust))
+    for title, row in (("Method 1", "m1_batch_raw"), ("Method 2", "if_lissa"), ("Method 3", "m3_replay")):
+        assert trust[title]["single_model"] == {0.05: FIXTURE[row]} and "the test's fixture" in trust[title]["source"]
+        assert f"{FIXTURE[row]:+.3f} at a 5% drop" in _row(lines, title)
+
+
+@pytest.mark.parametrize("change, method, key", [
+    ({"method2": {"damp": 1.0}}, "Method 2", "method2.solver"),                       # LiSSA's damping
+    ({"method1": {"layers": ["fc1"]}}, "Method 1", "method1.layers"),                  # Method 1's layers
+    ({"method3": {"window": 1, "window_unit": "epochs"}}, "Method 3", "recipe.window"),  # the attribution window
+    ({"logit_scale": 0.1}, "Method 2", "recipe.logit_scale"),                         # the network's logits
+    ({"seed": 3}, "Method 1", "recipe.seed"),                                         # another run
+    ({"method3": {"target": "margin"}}, "Method 3", "method3.target"),                # another test target
+])
+def test_a_run_with_another_setting_is_told_not_measured_and_which_key(tmp_path, fixture_table, capsys, change,
+                                                                        method, key):
+    settings = small_settings(tmp_path, **opt.deep_merge(BASE, change))
+    trust = question.measured_lds(settings, _methods(settings), fixture_table)
+    lines = question.trust_lines(_methods(settings), trust)
+    print("\n".join(lines))
+    found = trust[method]
+    assert found["source"] == question.NOT_MEASURED and found["single_model"] == {}
+    assert any(d.startswith(key + " ") for d in found["differs"]), found["differs"]
+    said = next(line for line in lines if line.startswith(f"  {method}: {question.NOT_MEASURED}"))
+    assert key in said and f"{FIXTURE[dict((t, r) for t, r, _ in _methods(settings))[method]]:+.3f}" in said
+    assert "-" == _row("\n".join(lines), method).split()[-1]  # no number in the table's own columns
 
 
 def test_the_shipped_table_answers_for_the_reports_model_and_says_which():
     report = opt.load_settings(profile="report")
-    trust = question.measured_lds(report)
-    assert "docs/results.md" in trust["source"] and "60,000" in trust["recipe"]
-    assert trust["algorithm"]["if_kfac_factored"] == 0.160 and trust["single_model"]["m3_replay"] == 0.024
+    methods = _methods(report)
+    trust = question.measured_lds(report, methods)
+    assert "docs/results.md" in trust["Method 2"]["source"]
+    assert trust["Method 2"]["algorithm"] == 0.067 and trust["Method 3"]["single_model"] == {0.05: 0.024}
     assert question.lds_row("method1", report) == "m1_batch_raw" and question.lds_row("method2", report) == "if_lissa"
     quick = opt.load_settings(profile="quick")
-    assert question.measured_lds(quick)["source"] == question.NOT_MEASURED  # 5 epochs: not measured
+    found = question.measured_lds(quick, _methods(quick))["Method 1"]
+    assert found["source"] == question.NOT_MEASURED and any(d.startswith("recipe.epoch") for d in found["differs"])
+    attributable = opt.load_settings(profile="report", assignments=["mnist.recipe=attributable"])
+    trust = question.measured_lds(attributable, _methods(attributable))
+    assert trust["Method 3"]["single_model"] == {0.01: 0.974, 0.05: 0.993}
+    assert trust["question"] == "removing images from the last epoch (steps 8,912-9,380)"
 
 
 def test_one_step_for_one_denoiser_pixel(tmp_path, two_test_images, two_train_images, capsys):
@@ -69,7 +137,7 @@ def test_one_step_for_one_denoiser_pixel(tmp_path, two_test_images, two_train_im
     out = ffdnet_pipeline.main(settings)
     printed = capsys.readouterr().out
     assert len(out["figures"]) == 1 and os.path.isfile(out["figures"][0]) and "ekfac" in out["figures"][0]
-    assert "01 point 64,64: not measured for this recipe" in printed
+    assert "01 point 64,64: not measured for these settings" in printed
     record = opt.read_json(out["files"]["01"], "m2_Test")
     assert len(record["entries"]["point 64,64"]["influence"]) == 40  # all patches, not the first max_train_points
     # the maps sum to each patch's influence (the per-position split is exact)
