@@ -7,12 +7,12 @@ file is missing), on the first --patches training patches:
              the first test image, the squared error of the ffdnet.method2.window window): mean before /
              after
   S_hat      metasmoothness of the fine-tuning in its data weights (explain.metasmoothness: the check
-             m3_Test runs, 1 + 2 x 2 fine-tunings)
+             m3_Test runs, 1 + 2 x ffdnet.method3.smoothness_directions fine-tunings), with its interval
   Method 3   the replay's dF_t/dw_i (explain.method3_replay) for the 4 window losses
   removals   for each target, its top-k helpful patches by Method 3 (the removals Method 3 says raise
              its window loss most) and k random ones, for k in --ks, weighted 0 in the same run (same
              order): measured change of the target's window loss against the prediction
-             -sum_{i removed} dF_t/dw_i. Pearson over all removal runs of the variant, and measured /
+             -sum_{i removed} dF_t/dw_i. Pearson over all removal runs of the variant and per target, and measured /
              predicted for the top-k at the largest k per target (goal: Pearson >= 0.9 and every
              ratio within 2x, for a variant that still lowers the window losses)
   small step the top --ks[0] of each target weighted 1 - --alpha instead of 0: measured / predicted
@@ -22,6 +22,7 @@ Prints a Markdown table; writes results/bench/ffdnet_variants_*.json (one row pe
 
 Usage: python bench/ffdnet_variants.py [-opt settings_shared.json] [--patches 2000] [--train_epochs 3]
        [--ft_epochs 1] [--ks 25 50 100 200] [--variants adam,adam_er1e-6,sgd] [--alpha 0.05] [--threads 2]
+       [--seed 1]  (the base model: measure a finding on two seeds before writing it)
 """
 import argparse
 import copy
@@ -89,11 +90,14 @@ def study(name: str, ft: Finetune, settings: dict, base, data, tests, targets, a
         small.append(float(window_losses(model, tests, [target], window, sigma01)[0] - after[t])
                      / float(-args.alpha * metagradient[t, helpful[:args.ks[0]]].sum()))
     measured, predicted = np.array([r["measured"] for r in rows]), np.array([r["predicted"] for r in rows])
+    per_target = [float(np.corrcoef([r["measured"] for r in rows if r["target"] == t["label"]],
+                                    [r["predicted"] for r in rows if r["target"] == t["label"]])[0, 1]) for t in targets]
     largest = [r for r in rows if r["kind"] == "top" and r["k"] == max(args.ks)]
     return {"variant": name, "finetune": vars(ft), "steps": run.num_steps, "window_loss_before": before.tolist(),
             "window_loss_after": after.tolist(), "lowers": bool(after.mean() < before.mean()),
-            "s_hat": smooth["s_hat"], "s_hat_each": smooth["s_hat_each"], "replay_relative_error": error,
-            "pearson": float(np.corrcoef(measured, predicted)[0, 1]),
+            "s_hat": smooth["s_hat"], "s_hat_interval": smooth["s_hat_interval"], "s_hat_each": smooth["s_hat_each"],
+            "replay_relative_error": error, "pearson": float(np.corrcoef(measured, predicted)[0, 1]),
+            "pearson_per_target": per_target,
             "ratio_at_largest_k": [r["measured"] / r["predicted"] for r in largest],
             "ratio_small_step": small, "removals": rows,
             "seconds_finetune": round(ft_timer.seconds, 2), "seconds_check": round(check_timer.seconds, 2),
@@ -110,10 +114,12 @@ def main() -> None:
     parser.add_argument("--variants", default="adam,adam_er1e-6,sgd")
     parser.add_argument("--alpha", type=float, default=0.05, help="the small step: weights 1 - alpha")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1, help="ffdnet.seed of the base model (its init, order, noise)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = opt.load_settings(args.opt, profile="quick", assignments=[
-        f"ffdnet.max_patches={args.patches}", f"ffdnet.epoch={args.train_epochs}", "ffdnet.lr_decay_epochs=[]"])
+        f"ffdnet.max_patches={args.patches}", f"ffdnet.epoch={args.train_epochs}", "ffdnet.lr_decay_epochs=[]",
+        f"ffdnet.seed={args.seed}"])
     opt.run_stage(FFDNet_Train, [common.model_file(settings)], settings)
     base, model_path = common.load_model(settings, torch.device("cpu"))
     noisy, clean, sigma, _ = attribution.training_triples(settings, torch.device("cpu"))
@@ -123,7 +129,8 @@ def main() -> None:
         _, _, test_clean, test_noisy = attribution.test_image(settings, image)
         tests[image] = (common.to_model_order(test_clean, settings), common.to_model_order(test_noisy, settings))
     path = opt.output_path(settings, "bench", f"ffdnet_variants_p{args.patches}e{args.train_epochs}"
-                                              f"ft{args.ft_epochs:g}_k{'-'.join(map(str, args.ks))}_a{args.alpha:g}.json")
+                                              f"ft{args.ft_epochs:g}_k{'-'.join(map(str, args.ks))}_a{args.alpha:g}"
+                                              f"_s{args.seed}_h{utils_if.SMOOTHNESS_STEP:g}.json")
     done = {r["variant"]: r for r in (opt.read_json(path, "bench/ffdnet_variants.py")["results"]
                                       if os.path.isfile(path) else [])}
     for name in args.variants.split(","):
@@ -134,14 +141,17 @@ def main() -> None:
         print(json.dumps({k: v for k, v in done[name].items() if k != "removals"}), flush=True)
     print(f"\n{model_path}: {len(clean)} patches; fine-tuning {args.ft_epochs:g} epoch(s), batch 32; "
           f"removals k = {args.ks} per target (top by Method 3, random); {torch.get_num_threads()} thread(s)")
-    print("| variant | window loss before -> after | S_hat | Pearson (predicted, measured) | measured / predicted, "
+    print("| variant | window loss before -> after | S_hat [95% CI] | Pearson (predicted, measured), pooled | per target "
+          "| measured / predicted, "
           f"top {max(args.ks)} per target | the same, top {args.ks[0]} weighted {1 - args.alpha:g} | "
           "fine-tune / check / replay (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.variants.split(","):
         r = done[name]
         print(f"| {name} | {np.mean(r['window_loss_before']):.3g} -> {np.mean(r['window_loss_after']):.3g} | "
-              f"{r['s_hat']:.3f} | {r['pearson']:.3f} | {', '.join(f'{x:.2f}' for x in r['ratio_at_largest_k'])} | "
+              f"{r['s_hat']:.3f} [{r['s_hat_interval'][0]:.3f}, {r['s_hat_interval'][1]:.3f}] | {r['pearson']:.3f} | "
+              f"{', '.join(f'{x:.2f}' for x in r['pearson_per_target'])} | "
+              f"{', '.join(f'{x:.2f}' for x in r['ratio_at_largest_k'])} | "
               f"{', '.join(f'{x:.2f}' for x in r['ratio_small_step'])} | "
               f"{r['seconds_finetune']:.0f} / {r['seconds_check']:.0f} / {r['seconds_replay']:.0f} |")
 

@@ -52,9 +52,8 @@ def prerequisites(settings: dict, target_list: list[dict], log) -> None:
     if wanted & {"m2_window", "m2_whole"}:
         opt.run_stage(m2_Test, [common.m2_result_file(settings, image) for image in all_images], settings, log)
     if wanted & set(explain.SEED_RANKINGS):
-        measured = opt.deep_merge(settings, {"ffdnet": {"method3": {"replay_when_not_smooth": True}}})
-        opt.run_stage(m3_Test, [common.m3_result_file(settings, image, seed) for image in images  # a study measures
-                                for seed in range(ecfg.seeds)], measured, log)            # it whatever the check says
+        opt.run_stage(m3_Test, [common.m3_result_file(settings, image, seed) for image in images
+                                for seed in range(ecfg.seeds)], settings, log)
 
 
 def main(settings: dict) -> dict:

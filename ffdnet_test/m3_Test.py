@@ -64,12 +64,6 @@ def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
         asked = f"removing patches from the fine-tuning run (steps 1-{explain.finetune_run(ft, n, 0).num_steps:,})"
         print(utils_if.verdict(smooth, explain.SMOOTHNESS_REMEDY, question=asked)
               + f" [{smooth['trainings']} fine-tuning runs, {check_timer.seconds:.0f} s]")
-        if smooth["decision"] == "no" and not m3.replay_when_not_smooth:
-            skipped = ("Method 3's replays skipped: the check says their removal predictions cannot be vouched for "
-                       "(set ffdnet.method3.replay_when_not_smooth = true to replay anyway)")
-            print(skipped)
-            logger.info(skipped)
-            return {"files": {}, "info": [{"skipped": skipped, "metasmoothness": smooth}]}
     for seed in (job["seed"] for job in mine):
         run = explain.finetune_run(ft, n, seed)
         replay = explain.method3_replay(base, run, noisy, sigma, clean)

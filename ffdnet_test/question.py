@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 
 import torch
 
@@ -43,7 +44,8 @@ def counterfactual_trust(settings: dict) -> tuple[dict[str, str], list[str]]:
     newest expTest report in the output folder differs; [] when there is none)."""
     wanted = trust_key(settings)
     differs: list[str] = []
-    for path in sorted(glob.glob(opt.output_path(settings, "test", "ffdnet_expTest_*.json")), reverse=True):
+    pattern = os.path.join(opt.resolve_path(settings["output_dir"]), "test", "ffdnet_expTest_*.json")
+    for path in sorted(glob.glob(pattern), reverse=True):
         try:
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)

@@ -186,8 +186,7 @@ def model_settings(settings: dict, index: int, ids: list[int], grad_mode: str = 
     mnist = {"seed": lds.ensemble_seeds[index], "epoch": lds.epoch, "train_subset": lds.train_subset,
              "test_ids": ids, "method1": {"mode": mode, "grad_mode": grad_mode},
              "method2": {"mode": mode, "test_sample_num": len(ids), **(method2 or {})},
-             "method3": {"mode": mode, "test_sample_num": min(len(ids), lds.method3_test_num),
-                         "replay_when_not_smooth": True}}  # a study measures Method 3 whatever the check says
+             "method3": {"mode": mode, "test_sample_num": min(len(ids), lds.method3_test_num)}}
     merged = opt.deep_merge(settings, {"mnist": mnist})
     opt.validate(merged, opt.SCHEMA)
     return merged

@@ -10,9 +10,9 @@ influence / n_train = the first-order change of F_t if image i is removed from t
 Reads:  model_zoo/mnist_{tag}_{method3.mode}.pth (Train.py), the test ids (Test.py or the settings)
 Writes: {if_dir}/m3_replay_{target}_{tag}_{mode}_{tests}_top{k}.json, in m2_Test's shape: per test
         image test_id_num, label, prediction, loss, influence (n_train floats), helpful, harmful.
-Refuses (one line, nothing written) a model whose run the replay does not reproduce. Skips the
-replay (one line, nothing written) when the metasmoothness check says no, unless
-method3.replay_when_not_smooth.
+Refuses (one line, nothing written) a model whose run the replay does not reproduce. Prints the
+metasmoothness check's verdict first (the replay runs whatever it says; run_pipeline skips it when
+the verdict is no, unless mnist.question.replay_when_not_smooth).
 """
 import os
 import sys
@@ -28,7 +28,9 @@ from mnist_test import common, training  # noqa: E402
 TARGETS = {"loss": utils_if.nll_sample_loss, "margin": utils_if.negative_margin_sample_loss}
 
 
-def main(settings: dict) -> dict:
+def main(settings: dict, check: dict | None = None) -> dict:
+    """``check``: the metasmoothness check already measured for these settings (run_pipeline measures it
+    to decide whether to replay); else it is measured here when method3.smoothness_directions > 0."""
     cfg = common.mnist_cfg(settings)
     m3 = cfg.method3
     logger, device = opt.start_script(settings, "mnist_m3_Test", cfg)
@@ -36,20 +38,9 @@ def main(settings: dict) -> dict:
     train, test = common.load_data(settings, device, logger.info)
     ids = common.selected_test_ids(settings, m3.mode)[:m3.test_sample_num]
     asked = training.removal_question(cfg, len(train))  # what Method 3's scores answer, in words
-    smoothness = None
-    if m3.smoothness_directions:
-        with opt.Timer() as check_timer:
-            smoothness = training.metasmoothness(train, test.images[ids], test.labels[ids], cfg, device, m3)
-        smoothness["seconds"] = round(check_timer.seconds, 2)
-        print(utils_if.verdict(smoothness, question=asked) + f" [{smoothness['trainings']} trainings, "
-              f"{check_timer.seconds:.0f} s]")
-        if smoothness["decision"] == "no" and not m3.replay_when_not_smooth:
-            skipped = (f"Method 3's replay skipped: the check says its removal predictions cannot be vouched for "
-                       f"(set mnist.method3.replay_when_not_smooth = true to replay anyway)")
-            print(skipped)
-            logger.info(skipped)
-            return {"if_file": None, "info": {"solver": "method3", "skipped": skipped, "question": asked,
-                                              "metasmoothness": smoothness}}
+    smoothness = check
+    if smoothness is None and m3.smoothness_directions:
+        smoothness = training.metasmoothness_said(train, test.images[ids], test.labels[ids], cfg, device)
     run = training.sgd_run(cfg, cfg.seed, len(train), device,
                            window_start=training.attribution_window(cfg, len(train)))
     replay = utils_if.SgdReplay(training.new_model(cfg.seed, device, cfg.activation, cfg.logit_scale), utils_if.nll_sample_loss, run,

@@ -65,7 +65,7 @@ def _measured_rows(settings: dict, table: str) -> list[dict]:
     """Every measured LDS row this run could quote: ldsTest tables in the output folder first, then
     the project's shipped table. Each row: {"setting", "row", "lds", "drop", "key", "source"}."""
     rows = []
-    for path in sorted(glob.glob(opt.output_path(settings, "test", "lds_*.json"))):
+    for path in sorted(glob.glob(os.path.join(opt.resolve_path(settings["output_dir"]), "test", "lds_*.json"))):
         try:
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)
@@ -194,7 +194,8 @@ def question_figure(settings: dict, test_id: int, methods: list[tuple[str, dict,
 def method3_seconds(settings: dict, tests: int) -> tuple[float, float]:
     """(check, replay) seconds of Method 3 for this run, estimated from measured costs on the MLP (1
     thread). The check: 1 + 2 x smoothness_directions trainings side by side, at about
-    (0.2 + 0.012 x batch) ms per model and step. The replay: the forward replay of every step, 0.7 ms
+    (0.2 + 0.0065 x batch) ms per model and step (bench/attributable.py: 0.21 ms at batch 8, 0.42 at
+    32, 1.84 at 256). The replay: the forward replay of every step, 0.7 ms
     at batch 8 and 2.0 ms at batch 128; the walk back over the steps of the attribution window,
     (1.5 + 0.2 per test image) ms per 8 images of the batch. Measured: docs/performance.md."""
     cfg = common.mnist_cfg(settings)
@@ -202,9 +203,18 @@ def method3_seconds(settings: dict, tests: int) -> tuple[float, float]:
     steps = cfg.epoch * -(-n // batch)
     walked = steps - training.attribution_window(cfg, n)
     trainings = 1 + 2 * cfg.method3.smoothness_directions if cfg.method3.smoothness_directions else 0
-    check = trainings * steps * (0.2 + 0.012 * batch) / 1000.0
+    check = trainings * steps * (0.2 + 0.0065 * batch) / 1000.0
     replay = (steps * max(0.7, 0.0156 * batch) + walked * batch / 8 * (1.5 + 0.2 * tests)) / 1000.0
     return check, replay
+
+
+def method3_check(settings: dict, ids: list[int]) -> dict:
+    """Method 3's metasmoothness check of the run of these settings, on the test images ``ids``
+    (printed with its verdict), before the pipeline decides whether to spend the replay."""
+    device = torch.device("cpu")
+    train, test = load_sets(settings)
+    cfg = common.mnist_cfg(settings)
+    return training.metasmoothness_said(train, test.images[ids], test.labels[ids], cfg, device)
 
 
 def run_part(settings: dict, methods: list[tuple[str, str, str, dict]]) -> str:

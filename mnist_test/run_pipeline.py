@@ -4,7 +4,7 @@ Trains the MLP if its model is missing, tests it and chooses the test images (mn
 report's loss-rank rule, or a list), then runs the methods of mnist.question.methods on them:
 Method 1 (the report's), Method 2 with method2.solver and with the best measured solver beside it
 (mnist.question.best_solver), and Method 3 when its check and replay fit mnist.question.method3_budget_s
-(the replay is skipped when the check says no: mnist.method3.replay_when_not_smooth).
+(the replay is skipped when the check says no: mnist.question.replay_when_not_smooth).
 Writes one figure per test image (its top helpful and harmful training images by each method) and
 prints how far to trust each list: the measured LDS for this recipe, and where it comes from.
 Also draws the report's Figures 4.1-4.4.
@@ -24,7 +24,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils_option as opt  # noqa: E402
-from mnist_test import Test, Train, common, m1_Test, m2_Test, m3_Test, question, vis_m1, vis_m1_grad, vis_m2  # noqa: E402
+from mnist_test import (Test, Train, common, m1_Test, m2_Test, m3_Test, question, training, vis_m1,  # noqa: E402
+                        vis_m1_grad, vis_m2)
 
 
 def main(settings: dict) -> dict:
@@ -52,17 +53,18 @@ def main(settings: dict) -> dict:
             check, replay = question.method3_seconds(settings, tests)
             budget = cfg.question.method3_budget_s
             if check + replay <= budget:
-                m3 = m3_Test.main(settings)
-                smooth = m3["info"].get("metasmoothness")
+                smooth = question.method3_check(settings, ids[:tests]) if cfg.method3.smoothness_directions else None
                 if smooth:
-                    caveats.append(f"Method 3 check: S_hat {smooth['s_hat']:.3f} [{smooth['s_hat_interval'][0]:.3f}, "
-                                   f"{smooth['s_hat_interval'][1]:.3f}], {smooth['decision']} "
-                                   f"(rule of influence/smoothness.py, docs/results.md)")
-                if m3["if_file"]:
-                    methods.append(("Method 3 (exact, this run)", m3["if_file"], "m3_replay",
-                                    question.trust_key(settings, "method3")))
+                    caveats.append(f"Method 3's check, {training.removal_question(cfg, cfg.train_subset or 60000)}: "
+                                   f"S_hat {smooth['s_hat']:.3f} [{smooth['s_hat_interval'][0]:.3f}, "
+                                   f"{smooth['s_hat_interval'][1]:.3f}], {smooth['decision']} (docs/results.md)")
+                if smooth and smooth["decision"] == "no" and not cfg.question.replay_when_not_smooth:
+                    caveats.append("Method 3's replay skipped: the check says its removal predictions cannot be "
+                                   "vouched for (set mnist.question.replay_when_not_smooth = true to replay anyway)")
+                    print(caveats[-1])
                 else:
-                    caveats.append(m3["info"]["skipped"])
+                    methods.append(("Method 3 (exact, this run)", m3_Test.main(settings, check=smooth)["if_file"],
+                                    "m3_replay", question.trust_key(settings, "method3")))
             else:
                 caveats.append(f"Method 3 skipped: its check and replay would take about {(check + replay) / 60:.0f} "
                                f"min ({check:.0f} s + {replay:.0f} s) for {tests} test image(s), above "

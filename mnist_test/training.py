@@ -97,6 +97,18 @@ def removal_question(cfg: Mnist, n: int) -> str:
     return f"removing images from {span} (steps {start + 1:,}-{steps:,})"
 
 
+def metasmoothness_said(data: MnistData, x_test: torch.Tensor, y_test: torch.Tensor, cfg: Mnist,
+                        device: torch.device) -> dict:
+    """:func:`metasmoothness` of the run of the ``mnist`` block, timed, with its one-line verdict printed
+    (the question it answers named: the whole run or the attribution window)."""
+    with opt.Timer() as timer:
+        found = metasmoothness(data, x_test, y_test, cfg, device, cfg.method3)
+    found["seconds"] = round(timer.seconds, 2)
+    print(utils_if.verdict(found, question=removal_question(cfg, len(data)))
+          + f" [{found['trainings']} trainings, {timer.seconds:.0f} s]", flush=True)
+    return found
+
+
 REPLAY_RECIPE = ("init: torch.manual_seed(seed); mnist_model(activation, logit_scale). order: epoch_orders(n, epoch, seed) "
                  "(torch.randperm(n) per epoch from a CPU generator seeded by seed). step: torch.optim.SGD "
                  "(lr, momentum, weight_decay) on sum_i w_i NLL_i / |B| over consecutive slices of batch_size; "

@@ -80,9 +80,6 @@ class SmoothnessCheck:
     smoothness_step: float = spec(0.1, "h: the weights move by h v and 2 h v, v ~ N(0, I); 0.1 moves them as far (L2) "
                                   "as a 1% drop, the question the verdict is calibrated on", 'float', (1e-6, 1.0),
                                   scores=False)
-    replay_when_not_smooth: bool = spec(False, "false: when the check says no (S_hat's interval below the rule's line),"
-                                        " the replay is skipped and said; true: replay anyway", 'bool', None,
-                                        scores=False)
 
 
 @dataclass
@@ -394,8 +391,12 @@ class Question:
                               "images (method3 only within method3_budget_s)", 'subset', ('method1', 'method2', 'method3'))
     best_solver: str = spec(KfacFactored.name, "Method 2's best measured solver, run beside method2.solver when they "
                             "differ (docs/results.md)", 'solver', 'mnist')
-    method3_budget_s: float = spec(120.0, "run Method 3 when its estimated replay time is at most this many seconds",
+    method3_budget_s: float = spec(300.0, "run Method 3 when its estimated check and replay together take at most "
+                                          "this many seconds (the replay is skipped when the check says no)",
                                    'float', (0.0, None))
+    replay_when_not_smooth: bool = spec(False, "false: when Method 3's check says no (S_hat's interval below the "
+                                               "rule's line), its replay is skipped and said; true: replay anyway",
+                                        'bool', None)
 
 
 @dataclass

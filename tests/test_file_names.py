@@ -1,11 +1,14 @@
 """Result file names are determined by every setting that changes their content."""
+import tempfile
+
 import pytest
 
 import utils_option as opt
 from ffdnet_test import common as fcommon
 from mnist_test import common as mcommon
 
-BASE = opt.load_settings(profile="report")
+# the path builders create their folders: under a temporary output_dir, never the clone's results/
+BASE = opt.load_settings(profile="report", overrides={"output_dir": tempfile.mkdtemp(prefix="toolkit-file-names-")})
 
 MNIST_M2_CHANGES = [
     {"solver": "cg"}, {"solver": "exact"}, {"solver": "ekfac"}, {"solver": "kfac"}, {"solver": "identity"},
@@ -110,8 +113,21 @@ def test_a_result_made_with_other_settings_is_refused(tmp_path):
     opt.write_json(str(path), {"meta": {"settings": opt.deep_merge(settings["mnist"], {"epoch": 3})}})
     with pytest.raises(opt.SettingsError, match="mnist.epoch = 3, not 20"):
         mcommon.read_result(str(path), "mnist_test/m1_Test.py", settings, "method1")
-    opt.write_json(str(path), {"meta": {"settings": settings["mnist"]}})
+    opt.write_json(str(path), {"meta": {"settings": settings["mnist"], "solver_info": {"solver": "lissa"}}})
     assert mcommon.read_result(str(path), "x", settings, "method2")["meta"]["settings"] == settings["mnist"]
+
+
+def test_a_result_of_the_wrong_shape_is_one_line_naming_the_file_and_exit_2(tmp_path, capsys):
+    """A well-formed JSON that is not an influence file (here: no meta.solver_info) is refused in one
+    line that names the file and what to do, exit status 2 (not a KeyError)."""
+    settings = opt.deep_merge(BASE, {"output_dir": str(tmp_path)})
+    path = tmp_path / "r.json"
+    opt.write_json(str(path), {"meta": {"settings": settings["mnist"]}})
+    with pytest.raises(SystemExit) as stopped:
+        opt.settings_or_exit(lambda: mcommon.read_result(str(path), "mnist_test/m2_Test.py", settings, "method2"))
+    said = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(said.splitlines()) == 1
+    assert str(path) in said and "it has no 'meta.solver_info'" in said and "run mnist_test/m2_Test.py again" in said
 
 
 def test_adam_eps_root_gets_its_own_method3_files_and_study():
