@@ -19,7 +19,7 @@ raise t's loss), and score / n_train is the predicted change of t's loss when z 
 | TRAK | influence.trak | phi_t^T (Phi^T Phi)^-1 phi_i (1 - p_i), Kronecker projection of Linear gradients |
 | TracIn | influence.tracin | sum_c lr_c grad L(t; theta_c) . grad L(z; theta_c); self-influence |
 | Method 3 | influence.replay, replay_sgd, replay_adam | dF/dw_i through every SGD or Adam step (exact reverse mode, MAGIC) |
-| metasmoothness | influence.smoothness | can a run be attributed: S_hat from theta(z), theta(z + h v), theta(z + 2 h v) |
+| metasmoothness | influence.smoothness | can a run be attributed: S_hat (Def. 2) from theta(z), theta(z + h v), theta(z + 2 h v), its interval, the three-way verdict |
 | metrics | influence.metrics | Spearman, LDS, bootstrap, Pearson, top-k overlap, ROC AUC |
 """
 from influence.layers import (RULES, LayerRule, capturable_owners, conv_sample_weight_grads,  # noqa: F401
@@ -41,8 +41,8 @@ from influence.replay import (METHOD3_SIGN_CONVENTION, WINDOW_UNITS, AdamRun, Re
 from influence.replay_adam import AdamReplay  # noqa: F401
 from influence.replay_sgd import SgdReplay  # noqa: F401
 from influence.smoothness import DEFAULT_STEP as SMOOTHNESS_STEP  # noqa: F401
-from influence.smoothness import (SMOOTH_ENOUGH, decision, metasmoothness, random_direction, verdict,  # noqa: F401
-                                  weight_sets)
+from influence.smoothness import (REJECT_BELOW, VOUCH_AT, decision, metasmoothness, random_direction,  # noqa: F401
+                                  verdict, weight_sets)
 from influence.solvers import (SOLVERS, ConjugateGradient, Solver, SolverSettings, compute_influences,  # noqa: F401
                                influence_chunks, influences_from_test_grads, inverse_hvp, kronecker_curvature,
                                register, solver_for, solver_help, solver_names)

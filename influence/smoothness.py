@@ -54,8 +54,6 @@ CALIBRATION = {"yes": {"lds": (math.nan, math.nan), "runs": 0},
                "no": {"lds": (math.nan, math.nan), "runs": 0},
                "unsure": {"lds": (math.nan, math.nan), "runs": 0},
                "wrong_yes": 0, "held_out": 0, "source": "docs/results.md#checking-the-check"}
-# Back-compatible name: the threshold a single value is compared with (the vouching end of the rule).
-SMOOTH_ENOUGH = VOUCH_AT
 
 
 def random_direction(n: int, seed: int) -> torch.Tensor:

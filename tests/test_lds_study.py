@@ -117,6 +117,23 @@ def test_single_model_setting_scores_method3_against_the_base_run_with_points_we
     caption = open(result["markdown"]).read()
     assert "metasmoothness of removing images from the whole run (steps 1-76): S_hat 0.99" in caption
     assert ": smooth, yes - " in caption and "held out" in caption
+    # the run the verdict vouches for scores at least what the vouched held-out runs scored (their bound is
+    # at a 1% drop; this study's main fraction is 5% of 300 images)
+    from influence import smoothness
+    assert rows["m3_replay"]["lds"] >= smoothness.CALIBRATION["yes"]["lds"][0]
+
+
+def test_a_run_the_verdict_rejects_is_rejected_and_method3_misses_its_removals(tmp_path, mnist_raw):
+    """The report's ReLU recipe on the same tiny study: the check says no, and Method 3's single-model
+    LDS is below what any vouched run scored (measured here: about 0.65)."""
+    from influence import smoothness
+    result = ldsTest.main(small_settings(tmp_path, lds={**SINGLE, "methods": ["m3_replay"], "drop_fractions": [0.05],
+                                                        "loo": {"test_num": 0, "k": 3, "seeds": 1,
+                                                                "rank_by": "m3_replay"}}))
+    caption = open(result["markdown"]).read()
+    assert ": not smooth, no - " in caption, caption
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["m3_replay"]["lds"] < smoothness.CALIBRATION["yes"]["lds"][0]
     # the subset models are the base run with weights: same seed for all, 5% of 300 = 15 points dropped
     folder = lds.study_folder(settings, "single_model", "s0_d0.05")
     assert json.load(open(os.path.join(folder, "m0.json")))["seed"] == 0

@@ -148,3 +148,24 @@ def test_one_step_for_one_denoiser_pixel(tmp_path, two_test_images, two_train_im
     totals = (maps.sum((1, 2)) / 4).tolist()  # upsampled 2x2
     expected = [record["entries"]["point 64,64"]["influence"][i] for i in top]
     assert np.allclose(totals, expected, rtol=1e-3), (totals, expected)
+
+
+def test_the_denoisers_trust_line_quotes_a_study_only_for_its_settings(tmp_path):
+    """ffdnet_test/question.counterfactual_trust: an expTest report of the same model and ranking is
+    quoted; one made with another pixel window (or another solver) is not, and the key is named."""
+    from ffdnet_test import question as ffdnet_question
+    settings = opt.load_settings(overrides={"output_dir": str(tmp_path / "results")})
+    best = ffdnet_question.best_settings(settings)
+    report = {"settings": best["ffdnet"], "table": [{"k": 500}],
+              "effects": [{"ranking": "m2_window", "manipulation": "remove", "k": 500, "target": "01 point 64,64",
+                           "own": 0.0123},
+                          {"ranking": "random", "manipulation": "remove", "k": 500, "target": "01 whole", "own": 0.001}],
+              "predictions": [{"predictor": "m2", "over": "01 point 64,64", "pearson": 0.42}]}
+    path = opt.output_path(settings, "test", "ffdnet_expTest_fixture.json")
+    opt.write_json(path, report)
+    lines, differs = ffdnet_question.counterfactual_trust(best)
+    assert differs == [] and "raised this window's loss by 0.0123" in lines["01 point 64,64"]
+    assert "Pearson 0.42" in lines["01 point 64,64"]
+    other = opt.deep_merge(best, {"ffdnet": {"method2": {"window": 2}}})
+    lines, differs = ffdnet_question.counterfactual_trust(other)
+    assert lines == {} and any(d.startswith("method2.window (2 here, 1 measured)") for d in differs), differs
