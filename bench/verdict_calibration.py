@@ -109,11 +109,13 @@ def said(run: dict, vouch: float, reject: float) -> str:
 
 
 def direction_widths(runs: list[dict]) -> dict:
-    """{k: (median, max) width of the 95% interval from the first k directions} over the 16-direction runs."""
+    """{k: (median, max) width of the 95% interval from the first k directions} over the 16-direction runs
+    near the boundary (S_hat >= 0.8 with all 16: where the verdict's answer depends on the interval)."""
     out = {}
+    near = [r for r in runs if len(r["each"]) >= 16 and r["s_hat"] >= 0.8]
     for k in (2, 4, 8, 16):
-        widths = [np.subtract(*smoothness.interval(r["each"][:k])[::-1]) for r in runs if len(r["each"]) >= 16]
-        out[k] = (float(np.median(widths)), float(np.max(widths)))
+        widths = [np.subtract(*smoothness.interval(r["each"][:k])[::-1]) for r in near]
+        out[k] = (float(np.median(widths)), float(np.max(widths)), len(near))
     return out
 
 
@@ -150,8 +152,8 @@ def main() -> None:
     good = [r["s_hat"] for r in calibration if r["lds1"] >= GOOD]
     bad = [r["s_hat"] for r in calibration if r["lds1"] < BAD]
     gap = min(good) - max(bad) if good and bad else float("nan")
-    print(f"\ninterval width (median, max over the 16-direction runs) by directions: "
-          + "; ".join(f"{k}: {m:.4f}, {x:.4f}" for k, (m, x) in widths.items())
+    print(f"\ninterval width (median, max over the {widths[2][2]} 16-direction runs with S_hat >= 0.8) by directions: "
+          + "; ".join(f"{k}: {m:.4f}, {x:.4f}" for k, (m, x, _) in widths.items())
           + f"; the gap between the calibration runs at LDS >= {GOOD} and < {BAD}: {gap:.4f}")
     record["widths"], record["gap"] = widths, gap
     print(f"written: {opt.write_json(os.path.join(opt.REPO_ROOT, 'results', 'bench', 'verdict_calibration.json'), record)}")
