@@ -91,7 +91,7 @@ def test_the_verdict_is_three_way_on_the_interval():
     check = {"s_hat": 0.5, "s_hat_interval": [0.45, 0.55], "s_hat_each": [0.45, 0.55], "directions": 2, "h": 0.1}
     line = utils_if.verdict(check, "fine-tune with eps_root", question="the last epoch (steps 8,911-9,380)")
     assert "0.500 [0.450, 0.550]" in line and "no" in line and "eps_root" in line
-    assert "the last epoch (steps 8,911-9,380)" in line and "held out" in line
+    assert "the last epoch (steps 8,911-9,380)" in line and "held-out" in line
 
 
 def test_m3_test_measures_it_the_reports_recipe_is_not_smooth_and_softplus_is(tmp_path, mnist_raw):
