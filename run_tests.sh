@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-MPLBACKEND=Agg python3 -m pytest -q tests "$@"
+MPLBACKEND=Agg python3 -m pytest -q -p no:cacheprovider tests "$@"

@@ -102,6 +102,10 @@ def parse_assignment(text: str) -> dict:
     if not sep or not key:
         raise SettingsError(f"-set {text!r}: expected KEY=VALUE, e.g. -set 'mnist.test_ids=[42]'")
     if key not in SCHEMA:
+        children = sorted(k for k in SCHEMA if k.startswith(key + "."))
+        if children:  # a block, not a setting: name one of its keys
+            raise SettingsError(f"-set {key}: a block of settings, not one; set one of its keys, e.g. "
+                                f"-set {children[0]}=VALUE (the script's -h lists them)")
         import difflib
         close = difflib.get_close_matches(key, list(SCHEMA), n=1, cutoff=0.6)
         raise SettingsError(f"-set {key}: unknown setting" + (f"; did you mean {close[0]!r}?" if close else ""))
@@ -124,6 +128,22 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> dict:
 
 def load_settings(path: str | None = None, profile: str | None = None,
                   overrides: dict | None = None, assignments: list[str] | None = None) -> dict:
+    """:func:`_load_settings`, with one more hint: a file that sets only some keys and extends nothing
+    is told to add ``"extends"``."""
+    try:
+        return _load_settings(path, profile, overrides, assignments)
+    except SettingsError as err:
+        resolved = resolve_path(path or DEFAULT_SETTINGS)
+        if (str(err).startswith("missing setting") and resolved != resolve_path(DEFAULT_SETTINGS)
+                and not any("extends" in raw for _, raw in settings_layers(resolved))):
+            raise SettingsError(f"{resolved}: {err}; a file that sets only some keys takes the rest from the file it "
+                                f"extends: add \"extends\": \"Implementation.json\" (as settings_shared.json does)"
+                                ) from None
+        raise
+
+
+def _load_settings(path: str | None = None, profile: str | None = None,
+                   overrides: dict | None = None, assignments: list[str] | None = None) -> dict:
     """Read, merge and check a settings file; the most specific value wins.
 
     The order, each replacing the one before: the most general file (``Implementation.json``), its

@@ -246,3 +246,13 @@ def test_the_docs_show_the_presets_as_the_code_defines_them():
     from options.blocks import recipe_table
     with open(os.path.join(opt.REPO_ROOT, "docs", "methods.md"), encoding="utf-8") as f:
         assert recipe_table() in f.read()
+
+
+def test_a_block_set_as_a_value_and_a_file_without_extends_are_told_what_to_do(tmp_path):
+    with pytest.raises(opt.SettingsError, match=r"-set mnist.method2: a block of settings, not one; set one of its "
+                                                r"keys, e.g. -set mnist.method2\."):
+        opt.load_settings(assignments=["mnist.method2=3"])
+    partial = tmp_path / "partial.json"
+    partial.write_text('{"mnist": {"epoch": 2}}')
+    with pytest.raises(opt.SettingsError, match=r"partial.json: missing setting .*add \"extends\": \"Implementation.json\""):
+        opt.load_settings(str(partial))
