@@ -37,7 +37,6 @@ Cost: 1 + 2 x directions trainings (z shared), which a grouped trainer runs side
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
