@@ -31,6 +31,8 @@ def main(settings: dict) -> dict:
     with opt.quiet_console():
         files = m2_Test.main(best)["files"]
     trust, differs = question.counterfactual_trust(best)  # quoted only for the ranking shown, these settings
+    caveats: list[str] = []  # a substituted input, said on the console by m2_Test, goes into the figures too
+    attribution.image_names(settings, caveats.append)
     patches = common.train_patches(best)
     logger, device = opt.start_script(settings, "ffdnet_question", cfg, seed=False)
     k, solver = cfg.attribution.vis_num, common.ffdnet_cfg(best).method2.solver
@@ -55,7 +57,8 @@ def main(settings: dict) -> dict:
             fig = plotting.question_maps(rows, f"Which training patches made the denoiser output this pixel? "
                                                f"{image} {label}, window {2 * cfg.method2.window + 1}^2 "
                                                f"({solver} over all {len(entry['influence'])} patches)\n"
-                                               f"red: this part of the patch helped; blue: it hurt. Trust: {line}")
+                                               f"red: this part of the patch helped; blue: it hurt. Trust: {line}"
+                                               + "".join(f"\ncaveat: {c}" for c in caveats))
             stem = os.path.splitext(os.path.basename(path))[0]
             figures.append(opt.save_figure(fig, opt.output_path(
                 settings, "fig", "ffdnet_question", f"{stem}_{entry['point'][0]}-{entry['point'][1]}.png"), logger))
