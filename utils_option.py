@@ -286,14 +286,22 @@ def check_known_keys(raw: dict, path: str) -> None:
 SCHEMA: dict[str, tuple] = schema()  # "a.b.c" -> (kind, extra), made from the typed blocks (options/blocks.py)
 
 
-def _lookup(settings: dict, dotted: str) -> Any:
-    node: Any = settings
+def _walk(tree: Any, dotted: str) -> Any:
+    """The value at the dotted key "a.b.c" of nested dicts; KeyError when a part is missing."""
+    node = tree
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise SettingsError(f"missing setting {dotted!r} (add it to the settings file; "
-                                f"see the README's settings table)")
+            raise KeyError(dotted)
         node = node[part]
     return node
+
+
+def _lookup(settings: dict, dotted: str) -> Any:
+    try:
+        return _walk(settings, dotted)
+    except KeyError:
+        raise SettingsError(f"missing setting {dotted!r} (add it to the settings file; "
+                            f"see the README's settings table)") from None
 
 
 def _bad(key: str, value: Any, expected: str) -> SettingsError:
@@ -803,12 +811,11 @@ def read_json(path: str, made_by: str, shape: tuple[str, ...] = ()) -> Any:
             raise UnreadableFileError(f"{path} is not readable JSON ({type(err).__name__}: truncated or corrupt): "
                                       f"delete it and run {made_by} again") from None
     for dotted in shape:
-        node = record
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise UnreadableFileError(f"{path} is not a result of {made_by} (it has no '{dotted}'): delete it "
-                                          f"and run {made_by} again")
-            node = node[part]
+        try:
+            _walk(record, dotted)
+        except KeyError:
+            raise UnreadableFileError(f"{path} is not a result of {made_by} (it has no '{dotted}'): delete it "
+                                      f"and run {made_by} again") from None
     return record
 
 
