@@ -810,6 +810,12 @@ def read_json(path: str, made_by: str, shape: tuple[str, ...] = ()) -> Any:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UnreadableFileError(f"{path} is not readable JSON ({type(err).__name__}: truncated or corrupt): "
                                       f"delete it and run {made_by} again") from None
+    return require_shape(record, path, made_by, shape)
+
+
+def require_shape(record: Any, path: str, made_by: str, shape: tuple[str, ...]) -> Any:
+    """``record`` (read from ``path``), refused in one line naming the first of the dotted keys of
+    ``shape`` it lacks: a well-formed file of another shape."""
     for dotted in shape:
         try:
             _walk(record, dotted)

@@ -180,7 +180,7 @@ def read_result(path: str, made_by: str, settings: dict, block: str) -> dict:
             raise opt.SettingsError(f"{path} was made with mnist.{block}.{key} = {made[block][key]!r}, not "
                                     f"{value!r}: run {made_by} again with the current settings")
     if block != "method1":  # an influence file's shape: the figures read its solver's record
-        opt.read_json(path, made_by, shape=("meta.solver_info",))
+        opt.require_shape(record, path, made_by, ("meta.solver_info",))
     return record
 
 

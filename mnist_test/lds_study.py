@@ -297,7 +297,7 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
 def training_question(settings: dict) -> str:
     """What the study's single-model removals (and Method 3) answer, in words, for its base model."""
     lcfg = lds.lds_cfg(settings)
-    base = common.mnist_cfg(lds.model_settings(settings, 0, list(range(1))))
+    base = common.mnist_cfg(lds.model_settings(settings, 0, [0]))
     return training.removal_question(base, lcfg.train_subset)
 
 

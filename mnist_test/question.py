@@ -208,13 +208,12 @@ def method3_seconds(settings: dict, tests: int) -> tuple[float, float]:
     return check, replay
 
 
-def method3_check(settings: dict, ids: list[int]) -> dict:
-    """Method 3's metasmoothness check of the run of these settings, on the test images ``ids``
-    (printed with its verdict), before the pipeline decides whether to spend the replay."""
-    device = torch.device("cpu")
-    train, test = load_sets(settings)
+def method3_check(settings: dict, ids: list[int], train, test) -> dict:
+    """Method 3's metasmoothness check of the run of these settings on the CPU, on the test images
+    ``ids`` (printed with its verdict), before the pipeline decides whether to spend the replay;
+    ``train``, ``test``: :func:`load_sets`."""
     cfg = common.mnist_cfg(settings)
-    return training.metasmoothness_said(train, test.images[ids], test.labels[ids], cfg, device)
+    return training.metasmoothness_said(train, test.images[ids], test.labels[ids], cfg, torch.device("cpu"))
 
 
 def run_part(settings: dict, methods: list[tuple[str, str, str, dict]]) -> str:

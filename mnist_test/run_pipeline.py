@@ -35,6 +35,7 @@ def main(settings: dict) -> dict:
     caveats: list[str] = []  # every caveat the console prints goes into the figure too
     opt.run_stage(Train, [common.model_file(settings, cfg.method1.mode), common.grad_norm_file(settings)],
                   settings, print)
+    train, test = question.load_sets(settings)  # on the CPU, once: Method 3's check and the figures
     with opt.quiet_console():  # each stage's full log is in its log file; the console tells the story
         ids = Test.main(settings)["test_ids"]
         print(f"test images: {ids if len(ids) <= 10 else f'{ids[:10]}... ({len(ids)})'}", flush=True)
@@ -53,7 +54,8 @@ def main(settings: dict) -> dict:
             check, replay = question.method3_seconds(settings, tests)
             budget = cfg.question.method3_budget_s
             if check + replay <= budget:
-                smooth = question.method3_check(settings, ids[:tests]) if cfg.method3.smoothness_directions else None
+                smooth = (question.method3_check(settings, ids[:tests], train, test)
+                          if cfg.method3.smoothness_directions else None)
                 if smooth:
                     caveats.append(f"Method 3's check, {training.removal_question(cfg, cfg.train_subset or 60000)}: "
                                    f"S_hat {smooth['s_hat']:.3f} [{smooth['s_hat_interval'][0]:.3f}, "
@@ -81,7 +83,6 @@ def main(settings: dict) -> dict:
         warning = record["meta"].get("solver_info", {}).get("warning")
         if warning:
             caveats.append(f"{title}: {warning}")
-    train, test = question.load_sets(settings)
     logger = opt.make_logger(settings, "mnist_question")
     answers = []
     shown = [i for i in ids if all(any(k != "meta" and v["test_id_num"] == i for k, v in r.items())
