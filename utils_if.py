@@ -12,6 +12,7 @@ raise t's loss), and score / n_train is the predicted change of t's loss when z 
 | Method 1 | influence.method1 | score(t, i) = sum_l a_l(t) . G_l[i], G = gradient-norm vectors (the report's) |
 | the hand-written MLP | influence.mlp | R-operator H v of a ReLU/softplus MLP with NLL, checked against autograd |
 | solvers (registry) | influence.solvers | influence(t, i) = grad L(t)^T (H + lambda I)^-1 grad L(z_i), one class per solver |
+| solver settings | influence.settings | each solver's own settings (declared on its class), what a run hands it |
 | LiSSA | influence.lissa | h_j = v + (1 - damp) h_{j-1} - H_j h_{j-1} / scale, s = h_t / scale |
 | Krylov, exact | influence.krylov | CG on (H + damp I) s = v; Lanczos/Arnoldi top eigenspace; dense solve |
 | Kronecker | influence.kronecker | K-FAC S (x) A, EK-FAC eigenvalue-corrected, factored damping (all pairs in closed form) |
@@ -43,9 +44,10 @@ from influence.replay_sgd import SgdReplay  # noqa: F401
 from influence.smoothness import DEFAULT_STEP as SMOOTHNESS_STEP  # noqa: F401
 from influence.smoothness import (REJECT_BELOW, VOUCH_AT, decision, metasmoothness, random_direction,  # noqa: F401
                                   verdict, weight_sets)
-from influence.solvers import (SOLVERS, ConjugateGradient, Solver, SolverSettings, compute_influences,  # noqa: F401
+from influence.settings import SolverSettings, setting  # noqa: F401
+from influence.solvers import (SOLVERS, ConjugateGradient, Solver, compute_influences,  # noqa: F401
                                influence_chunks, influences_from_test_grads, inverse_hvp, kronecker_curvature,
-                               register, solver_for, solver_help, solver_names)
+                               register, solver_config, solver_for, solver_help, solver_names)
 from influence.sweep import conv_position_influence, influence_sweep  # noqa: F401
 from influence.tracin import sample_grad_sq_norms, tracin, tracin_self_influence  # noqa: F401
 from influence.trak import KroneckerProjection, Trak, trak_scores  # noqa: F401

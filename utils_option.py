@@ -14,13 +14,16 @@ import os
 import random
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
-from influence.solvers import SolverSettings, solver_for, solver_names
-from options.blocks import LDS_METHODS, RECIPES, Method2Solve, MnistMethod2, defaults, help_lines, schema, typed  # noqa: F401
+from influence.settings import SolverSettings
+from influence.solvers import SOLVERS, solver_for
+from options.blocks import RECIPES, defaults, help_lines, schema, typed  # noqa: F401
+from options.method2 import lds_methods, method2_class, offered_solvers  # noqa: F401
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SETTINGS = os.path.join(REPO_ROOT, "Implementation.json")
@@ -101,6 +104,7 @@ def parse_assignment(text: str) -> dict:
     key = key.strip()
     if not sep or not key:
         raise SettingsError(f"-set {text!r}: expected KEY=VALUE, e.g. -set 'mnist.test_ids=[42]'")
+    key = next((key[:-len(old)] + new for old, new in RENAMED_KEYS.items() if key.endswith(old)), key)
     if key not in SCHEMA:
         children = sorted(k for k in SCHEMA if k.startswith(key + "."))
         if children:  # a block, not a setting: name one of its keys
@@ -158,8 +162,15 @@ def _load_settings(path: str | None = None, profile: str | None = None,
     if not os.path.isfile(path):
         raise MissingFileError(f"settings file not found: {path} (pass -opt PATH to a valid file)")
     layers = settings_layers(path)
+    renamed: list[str] = []
     for layer_path, raw in layers:
+        renamed += rename_keys({k: v for k, v in raw.items() if k not in STRUCTURAL_KEYS}, layer_path)
+        for name, body in raw.get("profiles", {}).items():
+            renamed += rename_keys(body, f"{layer_path} (profile {name})") if isinstance(body, dict) else []
         check_known_keys(raw, layer_path)
+    if overrides:
+        overrides = copy.deepcopy(overrides)
+        renamed += rename_keys(overrides, "overrides")
     chosen = profile or next((raw["profile"] for _, raw in reversed(layers) if "profile" in raw), "report")
     defined = {name for _, raw in layers for name in raw.get("profiles", {})}
     if chosen not in defined and chosen != "report":
@@ -181,6 +192,7 @@ def _load_settings(path: str | None = None, profile: str | None = None,
         if layer:
             check_written(layer, where)
             settings = deep_merge(settings, layer)
+    taken = _take_defaults(settings) if resolve_path(layers[0][0]) == resolve_path(DEFAULT_SETTINGS) else []
     written = [raw for _, raw in layers[1:]] + [raw.get("profiles", {}).get(chosen, {}) for _, raw in layers]
     written += [overrides or {}] + [parse_assignment(a) for a in assignments or []]
     settings, recipe_set, recipe_kept = _apply_recipe(settings, layers[0][1], written)
@@ -191,6 +203,7 @@ def _load_settings(path: str | None = None, profile: str | None = None,
     settings["profile"] = chosen
     settings["profile_changed"] = changed
     settings["recipe_changed"], settings["recipe_kept"] = recipe_set, recipe_kept
+    settings["renamed"], settings["defaults_taken"] = renamed, taken
     settings["settings_file"] = path
     validate(settings, SCHEMA)
     return settings
@@ -217,6 +230,17 @@ def _apply_recipe(settings: dict, base: dict, written: list[dict]) -> tuple[dict
             settings = _set_dotted(settings, key, value)
             changed.append(key)
     return settings, changed, kept
+
+
+def _take_defaults(settings: dict) -> list[str]:
+    """Every setting the repository's ``Implementation.json`` (or a profile, a file extending it)
+    leaves out takes its default from the typed blocks, in place (e.g. the setting of a solver
+    registered after the file was written); returns those keys, which the log names."""
+    default = defaults()
+    taken = [key for key in SCHEMA if not _has(settings, key)]
+    for key in taken:
+        _set_dotted(settings, key, _lookup(default, key))
+    return taken
 
 
 def _has(tree: dict, dotted: str) -> bool:
@@ -249,10 +273,35 @@ def check_written(partial: dict, where: str) -> None:
             raise SettingsError(f"{err} (in {where})") from None
 
 
-# Keys the toolkit no longer reads, each with why (a file that still sets one is told, not ignored).
+# The settings' history, in one table each (the checker itself knows no key):
+# keys the toolkit no longer reads, each with why (a file that still sets one is told, not ignored);
 RETIRED_KEYS = {"method3.smoothness_fraction": "metasmoothness directions are Gaussian over all points "
                                                "(Definition 2); the step smoothness_step sets how far they move"}
-STRUCTURAL_KEYS = ("extends", "profile", "profiles", "settings_file", "profile_changed", "recipe_changed", "recipe_kept")
+# keys renamed (old suffix -> new suffix): still read, under the new name, and said in one line;
+RENAMED_KEYS = {"method2.training_points": "method2.recursion_depth", "method2.recursion_nums": "method2.repeats",
+                "lissa_deep.training_points": "lissa_deep.recursion_depth",
+                "lissa_deep.recursion_nums": "lissa_deep.repeats"}
+# keys whose type changed (suffix -> (the old type, what to write now)): named when the old type is found.
+RETYPED_KEYS = {".damp": (bool, "damp is a number now: 0.01 is the original's value, 0 turns it off")}
+
+
+def rename_keys(tree: dict, where: str) -> list[str]:
+    """Move every renamed key of ``tree`` (a settings file's body, a profile, overrides) to its new
+    name, in place; one line per key moved, naming ``where`` (the caller says them)."""
+    said = []
+    for key in _leaf_keys(tree):
+        new = next((key[:-len(old)] + new for old, new in RENAMED_KEYS.items() if key.endswith(old)), None)
+        if new is None or key in SCHEMA:
+            continue
+        value = _walk(tree, key)
+        parent = _walk(tree, key.rpartition(".")[0]) if "." in key else tree
+        del parent[key.rpartition(".")[2]]
+        if not _has(tree, new):
+            _set_dotted(tree, new, value)
+        said.append(f"{where}: {key} is now {new} (read as {new}; rename it there)")
+    return said
+STRUCTURAL_KEYS = ("extends", "profile", "profiles", "settings_file", "profile_changed", "recipe_changed", "recipe_kept",
+                   "renamed", "defaults_taken")
 
 
 def _leaf_keys(node: dict, prefix: str = "") -> list[str]:
@@ -283,7 +332,29 @@ def check_known_keys(raw: dict, path: str) -> None:
 # --------------------------------------------------------------------------------------------
 # validation: one schema entry per key, "a.b.c" -> (kind, extra)
 # --------------------------------------------------------------------------------------------
-SCHEMA: dict[str, tuple] = schema()  # "a.b.c" -> (kind, extra), made from the typed blocks (options/blocks.py)
+class _LiveSchema(Mapping):
+    """{"a.b.c": (kind, extra)} made from the typed blocks (options/blocks.py), made again when the
+    solver registry changes (a solver registered later brings its settings)."""
+
+    def __init__(self) -> None:
+        self._made_for, self._schema = None, {}
+
+    def _current(self) -> dict:
+        if self._made_for != tuple(SOLVERS):
+            self._made_for, self._schema = tuple(SOLVERS), schema()
+        return self._schema
+
+    def __getitem__(self, key: str) -> tuple:
+        return self._current()[key]
+
+    def __iter__(self):
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+
+SCHEMA = _LiveSchema()
 
 
 def _walk(tree: Any, dotted: str) -> Any:
@@ -324,6 +395,12 @@ def _validate_keys(settings: dict, schema: dict[str, tuple]) -> None:
         _check_value(key, kind, extra, _lookup(settings, key))
 
 
+def _retyped_hint(key: str, value: Any) -> str:
+    """" (what to write now)" when ``value`` has a type the key used to take (RETYPED_KEYS)."""
+    return next((f" ({hint})" for suffix, (old, hint) in RETYPED_KEYS.items()
+                 if key.endswith(suffix) and isinstance(value, old)), "")
+
+
 def _check_value(key: str, kind: str, extra: Any, value: Any) -> None:
     """One setting against its kind (options.blocks): a SettingsError naming key and value if bad."""
     if kind == "bool":
@@ -332,9 +409,7 @@ def _check_value(key: str, kind: str, extra: Any, value: Any) -> None:
     elif kind in ("int", "float"):
         ok = isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok:
-            hint = " (damp is a number now: 0.01 is the original's value, 0 turns it off)" \
-                if key.endswith(".damp") and isinstance(value, bool) else ""
-            raise _bad(key, value, f"a{'n integer' if kind == 'int' else ' number'}{hint}")
+            raise _bad(key, value, f"a{'n integer' if kind == 'int' else ' number'}{_retyped_hint(key, value)}")
         low, high = extra
         if (low is not None and value < low) or (high is not None and value > high):
             raise _bad(key, value, f"a value in [{low}, {'inf' if high is None else high}]")
@@ -342,12 +417,14 @@ def _check_value(key: str, kind: str, extra: Any, value: Any) -> None:
         if not isinstance(value, str) or not value:
             raise _bad(key, value, "a non-empty string")
     elif kind == "choice":
+        extra = extra() if callable(extra) else extra  # a list made from the registry when checked
         if value not in extra:
             raise _bad(key, value, f"one of {list(extra)}")
     elif kind == "solver":  # the registry's names, read when checked (a solver registered later counts)
-        if value not in solver_names(extra):
-            raise _bad(key, value, f"one of {list(solver_names(extra))}")
+        if value not in offered_solvers(extra):
+            raise _bad(key, value, f"one of {list(offered_solvers(extra))}")
     elif kind == "subset":
+        extra = extra() if callable(extra) else extra
         if not isinstance(value, list) or not value or any(v not in extra for v in value):
             raise _bad(key, value, f"a non-empty list drawn from {list(extra)}")
     elif kind == "one_or_list":
@@ -466,35 +543,21 @@ def run_stage(module, paths: str | list[str], settings: dict, log: Callable[[str
             module.main(settings)
 
 
-def solver_file_part(m2: Method2Solve, fisher: str | None = None) -> str:
-    """The solver part of every influence file name (MNIST and FFDNet), from a method2 block:
+def solver_file_part(m2) -> str:
+    """The solver part of every influence file name (MNIST and FFDNet), from a typed method2 block:
     the solver, its own settings and the damping it really applies (the registry's
     :meth:`Solver.file_part`), the L2 term and the chosen parameters. Two runs that differ in any of
-    these never share a file. ``fisher`` names the Fisher a block without that setting uses."""
+    these never share a file."""
+    solver = solver_for(m2.solver)
     params = "_p" + "+".join(m2.params) if m2.params else ""
-    detail = solver_for(m2.solver).file_part(solver_settings(m2, 0, fisher))
-    return f"{m2.solver}_{detail}{params}_l2{m2.l2_reg:g}"
+    return f"{m2.solver}_{solver.file_part(solver.settings_from(m2))}{params}_l2{m2.l2_reg:g}"
 
 
-def solver_settings(m2: Method2Solve, seed: int, fisher: str | None = None):
-    """The influence engine's solver settings from a typed ``method2`` block (the original's key
-    names: training_points = LiSSA's depth t, recursion_nums = its repeats r), with the progress bars
-    on and the atomic writer for K-FAC factor files. Settings a block does not have (the denoiser's
-    has no Fisher or TRAK settings) take the MNIST block's defaults (options/blocks.py), ``fisher``
-    when given."""
-    default = MnistMethod2()
-    return SolverSettings(
-        solver=m2.solver, damp=float(m2.damp), scale=float(m2.scale),
-        recursion_depth=m2.training_points, repeats=m2.recursion_nums,
-        hvp_batch_size=1 if m2.stochastic else m2.hvp_batch_size, cg_tol=m2.cg_tol,
-        cg_max_iter=m2.cg_max_iter, hessian_points=m2.hessian_points,
-        exact_max_params=m2.exact_max_params, chunk_size=m2.chunk_size, seed=seed,
-        fisher=fisher or getattr(m2, "fisher", default.fisher),
-        kfac_damp_factor=float(getattr(m2, "kfac_damp_factor", default.kfac_damp_factor)),
-        arnoldi_rank=getattr(m2, "arnoldi_rank", default.arnoldi_rank),
-        arnoldi_iterations=getattr(m2, "arnoldi_iterations", default.arnoldi_iterations),
-        proj_dim=getattr(m2, "proj_dim", default.proj_dim),
-        progress=progress, save=lambda path, state: save_torch(path, state))
+def solver_run(m2, seed: int) -> SolverSettings:
+    """The chosen solver's settings, read from a typed method2 block by their own names, with the
+    run's seed, the progress bars and the atomic writer for K-FAC factor files."""
+    return solver_for(m2.solver).settings_from(m2, seed=seed, progress=progress,
+                                                save=lambda path, state: save_torch(path, state))
 
 
 def solver_error(block: str, err: Exception) -> "SettingsError":
@@ -702,6 +765,13 @@ def make_logger(settings: dict, name: str) -> logging.Logger:
         logger.info(f"mnist.recipe {recipe} set {', '.join(settings['recipe_changed']) or 'nothing'}"
                     + (f"; kept your {'; '.join(settings['recipe_kept'])}" if settings["recipe_kept"] else ""),
                     extra={"header": True})
+    for line in settings.get("renamed", []):
+        logger.info(line, extra={"header": True})
+    if settings.get("defaults_taken"):
+        taken = settings["defaults_taken"]
+        logger.info(f"{settings['settings_file']} leaves out {', '.join(taken[:6])}"
+                    + (f" and {len(taken) - 6} more" if len(taken) > 6 else "") + ": their defaults are used "
+                    "(python3 <script> -h lists them)", extra={"header": True})
     shown = {k: v for k, v in settings.items() if k not in ("profiles",)}
     logger.info("settings: " + json.dumps(shown, sort_keys=True))
     return logger

@@ -43,7 +43,7 @@ def main() -> None:
     problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, utils_if.select_parameters(model),
                                         l2_reg=common.mnist_cfg(settings).weight_decay)
     workdir = tempfile.mkdtemp()
-    cfg = utils_if.SolverSettings(solver=args.solver, seed=0, factor_file=os.path.join(workdir, "factors.pt"))
+    cfg = utils_if.solver_config(args.solver, seed=0, factor_file=os.path.join(workdir, "factors.pt"))
     start = time.perf_counter()
     if args.solver != "identity":
         utils_if.kronecker_curvature(problem, train.images, train.labels, cfg)

@@ -28,7 +28,7 @@ from mnist_test import common, lds  # noqa: E402
 
 
 def curvature(problem, x, y, solver: str, factor: float, factor_file: str = ""):
-    cfg = utils_if.SolverSettings(solver=solver, kfac_damp_factor=factor, factor_file=factor_file, seed=0)
+    cfg = utils_if.solver_config(solver, kfac_damp_factor=factor, factor_file=factor_file, seed=0)
     return utils_if.kronecker_curvature(problem, x, y, cfg)
 
 

@@ -68,7 +68,7 @@ def main() -> None:
     x_t, y_t = test.images[[test_id]].double(), test.labels[[test_id]]
     problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss,
                                         utils_if.select_parameters(model), l2_reg=args.l2)
-    cfg = utils_if.SolverSettings(solver="cg", damp=0.0, cg_tol=1e-10, cg_max_iter=1000)
+    cfg = utils_if.solver_config("cg", damp=0.0, cg_tol=1e-10, cg_max_iter=1000)
     start = time.perf_counter()
     influence, info = utils_if.compute_influences(problem, x_t, y_t, x, y, cfg, False)
     influence = influence[0]

@@ -38,7 +38,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = "8bcc83e"  # the last commit before the influence/ package (issue 27)
 # intended renames since the baseline: {old name: new name}, compared as one file
 RENAMED = {"results/test/mnist_e1b8s0n400_staTest0_test.json":  # Test.py's file names its selection (issue 28)
-           "results/test/mnist_e1b8s0n400_staTest0_lr3x50_test.json"}
+           "results/test/mnist_e1b8s0n400_staTest0_lr3x50_test.json",
+           # the LDS report's hash covers lds.lissa_deep, whose keys are LiSSA's own names now (issue 35)
+           **{f"lds/test/lds_n300e2f0.5_1d7eedea_{old}.{ext}": f"lds/test/lds_n300e2f0.5_1d7eedea_{new}.{ext}"
+              for old, new in (("r717b7d", "r549cf0"), ("single_r0ca257", "single_r24649a")) for ext in ("csv", "json")}}
+# intended renames of settings keys and values (issue 35: the block's keys are the solvers' own names)
+RENAMED_KEYS = {".training_points": ".recursion_depth", ".recursion_nums": ".repeats"}
+RENAMED_VALUES = {"relu_mlp": "folded_mlp"}  # LiSSA's folded path runs softplus MLPs too
+RENAMED_TEXT = {"raise training_points": "raise recursion_depth"}  # within messages
 SKIPPED_KEYS = ("seconds", "time", "date", "when", "path", "file", "log", "peak", "rss", "elapsed", "started",
                 "host", "torch", "threads_used", "git")
 
@@ -185,6 +192,21 @@ def compare(reference: dict, now: dict, rtol: float = 1e-6, atol: float = 1e-9) 
     return problems, added
 
 
+def _renamed_key(key: str) -> str:
+    for old, new in RENAMED_KEYS.items():
+        key = key.replace(old, new)
+    return key
+
+
+def _renamed_value(value):
+    if not isinstance(value, str):
+        return value
+    value = RENAMED_VALUES.get(value, value)
+    for old, new in RENAMED_TEXT.items():
+        value = value.replace(old, new)
+    return value
+
+
 def numbers_at(root: str, out_json: str) -> dict:
     """Run the reference with the code of the tree at ``root`` (a subprocess) and read its numbers."""
     command = [sys.executable, os.path.abspath(__file__), "--write", out_json, "--root", root]
@@ -210,6 +232,7 @@ def main() -> int:
     parser.add_argument("--against", default=BASELINE, help="the commit whose numbers are the reference")
     parser.add_argument("--write", default="", help="only run (with the code at --root) and write the numbers here")
     parser.add_argument("--root", default=ROOT, help=argparse.SUPPRESS)
+    parser.add_argument("--reference", default="", help="numbers written earlier with --write (instead of --against)")
     args = parser.parse_args()
     if args.write:
         sys.path.insert(0, args.root)
@@ -220,13 +243,18 @@ def main() -> int:
             json.dump(found, f)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        base = worktree(args.against, os.path.join(tmp, "baseline"))
-        try:
-            reference = numbers_at(base, os.path.join(tmp, "reference.json"))
-        finally:
-            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", base], check=False)
+        if args.reference:
+            with open(args.reference) as f:
+                reference = json.load(f)
+        else:
+            base = worktree(args.against, os.path.join(tmp, "baseline"))
+            try:
+                reference = numbers_at(base, os.path.join(tmp, "reference.json"))
+            finally:
+                subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", base], check=False)
         now = numbers_at(ROOT, os.path.join(tmp, "now.json"))
-    reference = {RENAMED.get(name, name): values for name, values in reference.items()}
+    reference = {RENAMED.get(name, name): {_renamed_key(k): _renamed_value(v) for k, v in values.items()}
+                 for name, values in reference.items()}
     problems, added = compare(reference, now)
     count = sum(len(v) for v in reference.values())
     for line in added[:10]:

@@ -131,8 +131,8 @@ def influence_problem(settings: dict, model: FFDNet, solver: "utils_if.SolverSet
                       log=lambda _: None) -> "utils_if.InfluenceProblem":
     """The influence problem of ffdnet.method2 over the model's chosen parameters (seen by the engine
     under PackedInput's "net."). Kronecker solvers cover the conv layers only: BatchNorm's scale and
-    shift are held fixed (logged), and since the MSE has no label to sample, ``solver`` gets the
-    empirical Fisher and the factor file of these settings."""
+    shift are held fixed (logged), and ``solver`` gets the factor file of these settings (its Fisher is
+    the empirical one: the denoiser's block offers no other, options/method2.py)."""
     m2 = common.ffdnet_cfg(settings).method2
     try:
         names = utils_if.select_parameters(model, m2.params)
@@ -144,7 +144,7 @@ def influence_problem(settings: dict, model: FFDNet, solver: "utils_if.SolverSet
         if len(convs) < len(names):
             log(f"{solver.solver}: {len(names) - len(convs)} BatchNorm parameters held fixed "
                 f"(not in the Kronecker-factored set)")
-        names, solver.fisher = convs, common.FISHER
+        names = convs
         solver.factor_file = common.factor_file(settings, solver.solver)
     return utils_if.InfluenceProblem(PackedInput(model).eval(), utils_if.mse_sample_loss, ["net." + n for n in names],
                                      l2_reg=m2.l2_reg, batched_hvp=False)

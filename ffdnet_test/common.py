@@ -56,7 +56,6 @@ def grad_norm_file(settings: dict) -> str:
 
 
 M1_MODES = ("raw", "normalized", "remove_out")  # every m1_Test file holds all three
-FISHER = "empirical"  # the MSE has no label to sample: K-FAC/EK-FAC use the empirical Fisher here
 
 
 def test_noise_part(settings: dict) -> str:
@@ -87,7 +86,7 @@ def m2_result_file(settings: dict, image: str) -> str:
     the window, the test noise."""
     m2 = ffdnet_cfg(settings).method2
     return opt.output_path(settings, "if", "ffdnet",
-                           f"{run_tag(settings)}_{opt.solver_file_part(m2, fisher=FISHER)}_n{m2.max_train_points}"
+                           f"{run_tag(settings)}_{opt.solver_file_part(m2)}_n{m2.max_train_points}"
                            f"_w{m2.window}_{test_noise_part(settings)}_{points_part(settings)}_{image}.json")
 
 
@@ -109,7 +108,7 @@ def factor_file(settings: dict, solver: str) -> str:
     m2 = ffdnet_cfg(settings).method2
     params = "_p" + "+".join(m2.params) if m2.params else ""
     return opt.output_path(settings, "if", "ffdnet", "factors",
-                           f"{run_tag(settings)}_{solver}_{FISHER}{params}_n{m2.max_train_points}.pt")
+                           f"{run_tag(settings)}_{solver}_{m2.fisher}{params}_n{m2.max_train_points}.pt")
 
 
 def folder(settings: dict, key: str) -> str:

@@ -33,7 +33,7 @@ def trust_key(settings: dict) -> dict:
     cfg = common.ffdnet_cfg(settings)
     m2 = cfg.method2
     return {"model": score_fields(cfg),
-            "method2": {"solver": opt.solver_file_part(m2, fisher=common.FISHER),
+            "method2": {"solver": opt.solver_file_part(m2),
                         "max_train_points": m2.max_train_points, "window": m2.window}}
 
 
@@ -77,7 +77,7 @@ def point_maps(settings: dict, image: str, point: list[int], top: list[int], dev
     """(k, H, W) where inside each of the ``top`` training patches its influence on the point's
     window sits (per conv output position, upsampled 2x to pixels; they sum to its influence)."""
     cfg = common.ffdnet_cfg(settings)
-    solver = opt.solver_settings(cfg.method2, cfg.seed)
+    solver = opt.solver_run(cfg.method2, cfg.seed)
     model, _ = common.load_model(settings, device)
     problem = attribution.influence_problem(settings, model, solver)
     x_train, y_train, _ = attribution.training_points(settings, device)

@@ -52,8 +52,8 @@ def exact_inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch
     p = problem.num_params
     if p > max_params:
         raise ValueError(f"the dense solve needs a {p} x {p} Hessian, above "
-                         f"exact_max_params = {max_params}: choose fewer params "
-                         f"(e.g. [\"main.4\"]) or an iterative or Kronecker solver (m2_Test.py -h lists them)")
+                         f"exact_max_params = {max_params}: choose fewer parameters "
+                         f"(e.g. the last layer) or an iterative or Kronecker solver")
     hessian = problem.dense_hessian(x, y, chunk_size).double()
     system = hessian + damp * torch.eye(p, dtype=torch.float64, device=hessian.device)
     s = torch.linalg.solve(system, vectors.detach().double().T).T.to(vectors.dtype)

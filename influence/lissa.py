@@ -2,20 +2,36 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
 from influence.losses import nll_sample_loss
 from influence.mlp import MlpHvp, mlp_check, mlp_layers
 from influence.problem import InfluenceProblem
-
-if TYPE_CHECKING:  # annotations only: the registry imports this module
-    from influence.solvers import SolverSettings
+from influence.settings import SolverSettings, setting
 
 
 class LissaDiverged(RuntimeError):
     """LiSSA's recursion blew up: the Hessian has eigenvalues above 2*scale."""
+
+
+@dataclass
+class LissaSettings(SolverSettings):
+    """LiSSA's own settings (the registry's ``Lissa.Settings``)."""
+    scale: float = setting(100.0, "LiSSA scale: the recursion converges while every Hessian eigenvalue is "
+                                  "below 2 x scale (the original's 25 diverges on the MNIST MLP: eigenvalues "
+                                  "up to ~130)", 'float', (1e-12, None))
+    stochastic: bool = setting(False, "LiSSA: true = one training point per step, false = hvp_batch_size",
+                               'bool', None)
+    hvp_batch_size: int = setting(8, "LiSSA: training points per HVP step (stochastic: 1)", 'int', (1, None))
+    recursion_depth: int = setting(1000, "LiSSA t: steps of the recursion", 'int', (1, None))
+    repeats: int = setting(5, "LiSSA r: independent chains, averaged", 'int', (1, None))
+
+    @property
+    def batch(self) -> int:
+        """Training points per step: 1 when stochastic, else hvp_batch_size."""
+        return 1 if self.stochastic else self.hvp_batch_size
 
 
 LISSA_SETTLED = 0.05  # LiSSA counts as converged when its estimate moved < 5% over the last 10% of steps
@@ -23,12 +39,12 @@ LISSA_FOLD_SAMPLES = 256  # folded LiSSA: training points per block (measured be
 
 
 def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-          cfg: SolverSettings, show_progress: bool = True, info: dict | None = None,
+          cfg: LissaSettings, show_progress: bool = True, info: dict | None = None,
           fold: bool = True) -> torch.Tensor:
     """LiSSA estimate of H^-1 v for (k, p) vectors (Agarwal et al. 2017; Koh & Liang 2017).
 
     h_0 = v;  h_j = v + (1 - damp) h_{j-1} - H_j h_{j-1} / scale,  j = 1..t, each H_j on a fresh
-    uniformly drawn batch of ``hvp_batch_size`` training points; the estimate is h_t / scale,
+    uniformly drawn batch of ``cfg.batch`` training points; the estimate is h_t / scale,
     averaged over ``repeats`` independent chains (run side by side). Its fixed point is
     (H + damp*scale*I)^-1 v, so the damping it applies is damp*scale. The recursion converges when
     every Hessian eigenvalue lies in (-damp*scale, (2 - damp)*scale); a blow-up stops it with
@@ -38,7 +54,7 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
 
     A ReLU or softplus MLP with NLL loss (:func:`mlp_layers`) runs the same recursion on the same batches
     with hand-written batched HVPs and its first weight block folded over many steps
-    (:func:`_lissa_relu_mlp`; about 4x faster, and few large operations rather than thousands of
+    (:func:`_lissa_folded_mlp`; about 4x faster, and few large operations rather than thousands of
     small ones, which matters on a busy machine). Before it runs, its HVP is checked against autograd
     on the first batch; ``fold=False`` (or a failed check, reported in ``info``) uses the
     step-by-step autograd loop. ``info["lissa_path"]`` says which ran.
@@ -46,11 +62,11 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
     bar = cfg.progress(total=cfg.recursion_depth, desc="LiSSA", unit="step", leave=False) \
         if cfg.progress and show_progress else None
     try:
-        mlp = _checked_relu_mlp(problem, vectors, x, y, cfg, info) if fold else None
+        mlp = _checked_mlp(problem, vectors, x, y, cfg, info) if fold else None
         if info is not None:
-            info["lissa_path"] = "relu_mlp" if mlp is not None else "autograd"
+            info["lissa_path"] = "folded_mlp" if mlp is not None else "autograd"
         if mlp is not None:
-            return _lissa_relu_mlp(problem, mlp, vectors, x, y, cfg, bar, info)
+            return _lissa_folded_mlp(problem, mlp, vectors, x, y, cfg, bar, info)
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         v = vectors.detach()
         h = v.unsqueeze(0).repeat(cfg.repeats, 1, 1)                      # (r, k, p)
@@ -62,7 +78,7 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
         for j in range(1, cfg.recursion_depth + 1):
             if j == checkpoint:
                 earlier = h.mean(dim=0).norm(dim=1)                       # (k,) norm of the estimate
-            idx = torch.randint(n, (cfg.repeats, cfg.hvp_batch_size), generator=generator).to(x.device)
+            idx = torch.randint(n, (cfg.repeats, cfg.batch), generator=generator).to(x.device)
             problem.hvp_per_batch(x[idx], y[idx], h, out=hv)
             h.mul_(1.0 - cfg.damp).add_(v).sub_(hv, alpha=1.0 / cfg.scale)  # in place: h is big
             _check_diverged(h.norm(dim=2) / v_norm, j, cfg)                 # ||h|| / ||v||, (r, k)
@@ -75,7 +91,7 @@ def lissa(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: 
             bar.close()
 
 
-def _check_diverged(ratio: torch.Tensor, step: int, cfg: SolverSettings) -> None:
+def _check_diverged(ratio: torch.Tensor, step: int, cfg: LissaSettings) -> None:
     """Raise :class:`LissaDiverged` when ||h|| / ||v|| after ``step`` steps is not finite or above
     100 x min(step + 1, 1/damp) (a converging recursion stays below min(step + 1, 1/damp))."""
     bound = 100.0 * min(step + 1, 1.0 / cfg.damp if cfg.damp > 0 else math.inf)
@@ -88,7 +104,7 @@ def _check_diverged(ratio: torch.Tensor, step: int, cfg: SolverSettings) -> None
         f"(now {cfg.scale:g}) for large eigenvalues, or damp for negative curvature")
 
 
-def _settled(info: dict | None, earlier: torch.Tensor | None, final: torch.Tensor, cfg: SolverSettings) -> None:
+def _settled(info: dict | None, earlier: torch.Tensor | None, final: torch.Tensor, cfg: LissaSettings) -> None:
     """Record how much LiSSA's estimate still moved over its last 10% of steps."""
     if info is None or earlier is None:
         return
@@ -96,18 +112,18 @@ def _settled(info: dict | None, earlier: torch.Tensor | None, final: torch.Tenso
     info.update(lissa_last_change=round(change, 5), converged=change < LISSA_SETTLED)
     if change >= LISSA_SETTLED:
         info["warning"] = (f"LiSSA did not settle: its estimate still changed by {change:.1%} over the last "
-                           f"10% of the {cfg.recursion_depth} steps (raise training_points, or damp)")
+                           f"10% of the {cfg.recursion_depth} steps (raise recursion_depth, or damp)")
 
 
-def _checked_relu_mlp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                      cfg: SolverSettings, info: dict | None) -> "MlpHvp | None":
+def _checked_mlp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                      cfg: LissaSettings, info: dict | None) -> "MlpHvp | None":
     """The hand-written MLP HVP for this problem, if its shape is a ReLU or softplus MLP with NLL loss
     and its product matches autograd's on one batch (else None, with a warning in ``info``)."""
     found = mlp_layers(problem.model) if problem.sample_loss is nll_sample_loss else None
     if found is None:
         return None
     mlp = MlpHvp(problem, *found)
-    xb, yb, vb = x[:cfg.hvp_batch_size], y[:cfg.hvp_batch_size], vectors[:2].detach()
+    xb, yb, vb = x[:cfg.batch], y[:cfg.batch], vectors[:2].detach()
     by_hand = mlp.hvp(problem, xb, yb, vb) + problem.l2_reg * vb
     reference = problem.hvp(xb, yb, vb)
     _, warning = mlp_check([by_hand], [reference], "the hand-written MLP HVP differs from autograd",
@@ -125,9 +141,9 @@ def _block_lengths(depth: int, block: int, boundary: int) -> list[int]:
     return [e - s for s, e in zip([0, *ends[:-1]], ends)]
 
 
-def _lissa_relu_mlp(problem: InfluenceProblem, mlp: MlpHvp, vectors: torch.Tensor, x: torch.Tensor,
-                    y: torch.Tensor, cfg: SolverSettings, bar, info: dict | None) -> torch.Tensor:
-    """:func:`lissa`'s recursion for a ReLU MLP with the first weight block folded over steps.
+def _lissa_folded_mlp(problem: InfluenceProblem, mlp: MlpHvp, vectors: torch.Tensor, x: torch.Tensor,
+                    y: torch.Tensor, cfg: LissaSettings, bar, info: dict | None) -> torch.Tensor:
+    """:func:`lissa`'s recursion for a ReLU or softplus MLP with the first weight block folded over steps.
 
     The first weight W_1 holds most parameters, and H_j's W_1 block is R_j^T X_j (X_j the step's batch):
     a rank-B update. Unrolled from a block's start j0, with beta = 1 - damp - l2_reg/scale,
@@ -138,7 +154,7 @@ def _lissa_relu_mlp(problem: InfluenceProblem, mlp: MlpHvp, vectors: torch.Tenso
     (X' X_i^T) R_i, all from products computed once per block; h itself is written once per block.
     The same batches as the step-by-step loop (same generator), so the same estimate up to rounding.
     """
-    r, k, batch = cfg.repeats, len(vectors), cfg.hvp_batch_size
+    r, k, batch = cfg.repeats, len(vectors), cfg.batch
     first = mlp.weight_names[0] if mlp.weight_names[0] in mlp.selected else None
     flat_x = x.reshape(len(x), -1)
     v = problem.unflatten(vectors.detach())

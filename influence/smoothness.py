@@ -137,16 +137,13 @@ def decision(s_hat_interval: tuple[float, float]) -> str:
     return "unsure"
 
 
-MNIST_REMEDY = 'train with mnist.recipe "attributable" or softplus (docs/results.md)'
-
-
 def _measured(kind: str) -> str:
     entry = CALIBRATION[kind]
     low, high = entry["lds"]
     return f"{entry['where']} MNIST runs: LDS {low:.2f}-{high:.2f} at a 1% drop, {entry['runs']} runs"
 
 
-def verdict(check: dict, remedy: str = MNIST_REMEDY, question: str = "removing images from the whole run") -> str:
+def verdict(check: dict, remedy: str, question: str = "removing images from the whole run") -> str:
     """One line: S_hat with its interval for ``question`` (e.g. "removing images from the last epoch
     (steps 8,912-9,380)"), the three-way decision and what it means for Method 3's scores as
     predictions of that, the rule's measured record, and ``remedy`` when the answer is not "yes"."""

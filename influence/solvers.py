@@ -5,7 +5,9 @@ result file name that its settings make, the damping it really applies, and how 
 
 A solver that approximates (H + lambda I)^-1 overrides :meth:`Solver.inverse_hvp`; one that scores
 pairs another way (TRAK's kernel, TracIn's sum over checkpoints) overrides :meth:`Solver.attribute`.
-The settings check, the file names, the ``-h`` text and the study drivers all read :data:`SOLVERS`;
+A solver's own settings are a dataclass nested in its class (``Settings``, fields made by
+:func:`influence.settings.setting`): the settings floor builds each network's Method-2 block from
+them. The settings check, the file names, the ``-h`` text and the LDS rows all read :data:`SOLVERS`;
 adding a solver is one subclass with the :func:`register` decorator (docs/methods.md shows it).
 """
 from __future__ import annotations
@@ -18,56 +20,28 @@ import torch
 
 from influence.kronecker import KroneckerCurvature
 from influence.krylov import arnoldi_inverse_hvp, conjugate_gradient, exact_inverse_hvp, hessian_subset
-from influence.lissa import lissa
+from influence.lissa import LissaSettings, lissa
 from influence.losses import SampleLoss
 from influence.problem import InfluenceProblem
+from influence.settings import SolverSettings, setting
 from influence.sweep import influence_sweep
 from influence.tracin import sample_grad_sq_norms, tracin, tracin_self_influence
 from influence.trak import Trak
 
 
-@dataclass
-class SolverSettings:
-    """What a solver reads: one block for all of them (each uses its own fields)."""
-    solver: str = "lissa"            # a name of SOLVERS
-    damp: float = 0.01
-    scale: float = 100.0
-    recursion_depth: int = 1000      # LiSSA t (method2.training_points)
-    repeats: int = 5                 # LiSSA r (method2.recursion_nums)
-    hvp_batch_size: int = 8          # LiSSA batch per step (1 if stochastic)
-    cg_tol: float = 1e-6
-    cg_max_iter: int = 200
-    hessian_points: int = 0          # cg/exact/arnoldi: training points in H (0 = all)
-    exact_max_params: int = 5000
-    chunk_size: int = 10000
-    seed: int = 0
-    fisher: str = "true"             # kfac/ekfac: true (labels sampled from the model) | empirical
-    kfac_damp_factor: float = 0.1    # kfac/ekfac: lambda per layer = factor * mean eigenvalue
-    factor_file: str = ""            # kfac/ekfac: read/write the factors here ("" = recompute)
-    arnoldi_rank: int = 50           # arnoldi: eigenpairs kept
-    arnoldi_iterations: int = 100    # arnoldi: Lanczos steps (full-data HVPs)
-    proj_dim: int = 2048             # trak: projected gradient dimension
-    checkpoints: list | None = None  # tracin: [(InfluenceProblem at a checkpoint, its learning rate)]
-    progress: Callable | None = None  # a tqdm-like factory for the long passes (None = silent)
-    save: Callable[[str, object], object] | None = None  # writes the factor file (path, state); None = torch.save
-
-    @property
-    def effective_damping(self) -> float | str:
-        """The lambda in (H + lambda I)^-1 that the chosen solver converges to."""
-        return solver_for(self.solver).effective_damping(self)
-
-
 class Solver:
     """One way to attribute. ``name`` is the settings value; ``summary`` one line for ``-h`` and the
-    docs; ``networks`` where it applies; ``all_pairs``: fast enough to stream every test x training
-    pair (m2_Test with test_ids "all", self-influence); ``kronecker``: reads and writes factor files;
-    ``slow_per_test``: its cost grows with the number of test points (HVP-based: LDS runs it on
-    the first few test images only); ``needs_checkpoints``: reads the training run's checkpoints."""
+    docs; ``Settings`` its own settings (a subclass of :class:`SolverSettings`); ``tasks`` the losses
+    it applies to (classification, regression); ``all_pairs``: fast enough to stream every test x
+    training pair (m2_Test with test_ids "all", self-influence); ``kronecker``: reads and writes
+    factor files; ``slow_per_test``: its cost grows with the number of test points (HVP-based: LDS
+    runs it on the first few test images only); ``needs_checkpoints``: reads the training run's
+    checkpoints; ``lds_row``: ldsTest scores it under :attr:`lds_name`."""
     name = ""
     summary = ""
-    networks: tuple[str, ...] = ("mnist", "ffdnet")
-    lds_row = True                 # ldsTest scores it (mnist.lds.methods: lds_name) with lds_settings
-    lds_settings: dict = {}
+    Settings: type[SolverSettings] = SolverSettings
+    tasks: tuple[str, ...] = ("classification", "regression")
+    lds_row = True
     all_pairs = False
     kronecker = False
     slow_per_test = False
@@ -75,8 +49,14 @@ class Solver:
 
     @property
     def lds_name(self) -> str:
-        """The ldsTest row that scores this solver (mnist.lds.methods)."""
+        """The ldsTest row that scores this solver."""
         return f"if_{self.name}"
+
+    def settings_from(self, block, **run) -> SolverSettings:
+        """Its settings read from a Method-2 block by their own names (the block holds every field of
+        :attr:`Settings`: the settings floor builds it from them), with the run's values added."""
+        own = {f.name: getattr(block, f.name) for f in self.Settings.setting_fields()}
+        return self.Settings(**own, solver=self.name, **run)
 
     def file_part(self, cfg: SolverSettings) -> str:
         """What of the settings changes the result (the damping it applies included), for file names."""
@@ -139,14 +119,20 @@ def solver_for(name: str) -> Solver:
     return SOLVERS[name]
 
 
-def solver_names(network: str | None = None) -> tuple[str, ...]:
-    """The registered names, in registration order (those that apply to ``network`` when given)."""
-    return tuple(n for n, s in SOLVERS.items() if network is None or network in s.networks)
+def solver_names() -> tuple[str, ...]:
+    """The registered names, in registration order."""
+    return tuple(SOLVERS)
 
 
-def solver_help(network: str | None = None) -> str:
-    """One line per solver, for ``-h`` texts and the docs."""
-    return "\n".join(f"  {n:<14} {SOLVERS[n].summary}" for n in solver_names(network))
+def solver_help(names: tuple[str, ...] | None = None) -> str:
+    """One line per solver (``names``, default all), for ``-h`` texts and the docs."""
+    return "\n".join(f"  {n:<14} {SOLVERS[n].summary}" for n in (names or solver_names()))
+
+
+def solver_config(name: str, **values) -> SolverSettings:
+    """A solver's settings by keyword (its defaults for the rest): ``solver_config("lissa", repeats=2)``."""
+    solver = solver_for(name)
+    return solver.Settings(solver=name, **values)
 
 
 # ---- the solvers ------------------------------------------------------------------------------
@@ -158,8 +144,10 @@ class Lissa(Solver):
     summary = "LiSSA, the report's: a damped, scaled Neumann recursion on sampled batches (damp x scale)"
     slow_per_test = True
 
+    Settings = LissaSettings  # its settings live beside the recursion (influence/lissa.py)
+
     def file_part(self, cfg):
-        return (f"t{cfg.recursion_depth}r{cfg.repeats}b{cfg.hvp_batch_size}d{cfg.damp:g}sc{cfg.scale:g}"
+        return (f"t{cfg.recursion_depth}r{cfg.repeats}b{cfg.batch}d{cfg.damp:g}sc{cfg.scale:g}"
                 f"_lam{cfg.damp * cfg.scale:g}")
 
     def effective_damping(self, cfg):
@@ -171,6 +159,11 @@ class Lissa(Solver):
 
 class HessianSolver(Solver):
     """A solver on exact HVPs of the training objective over ``hessian_points`` training points."""
+
+    @dataclass
+    class Settings(SolverSettings):
+        hessian_points: int = setting(0, "cg/exact/arnoldi: training points in the Hessian (0 = all)", 'int',
+                                      (0, None))
 
     def inverse_hvp(self, problem, vectors, x, y, cfg, info, show_progress=True):
         xh, yh = hessian_subset(x, y, cfg.hessian_points, cfg.seed)
@@ -188,6 +181,11 @@ class ConjugateGradient(HessianSolver):
     summary = "conjugate gradient on exact HVPs, (H + damp I)^-1; non-convergence is flagged"
     slow_per_test = True
     lds_row = False  # ldsTest runs it once per lds.cg_damps value (rows if_cg_d*)
+
+    @dataclass
+    class Settings(HessianSolver.Settings):
+        cg_tol: float = setting(1e-06, "cg: relative residual at which CG stops", 'float', (0.0, None))
+        cg_max_iter: int = setting(200, "cg: most iterations", 'int', (1, None))
 
     def file_part(self, cfg):
         return f"lam{cfg.damp:g}tol{cfg.cg_tol:g}it{cfg.cg_max_iter}h{cfg.hessian_points}"
@@ -208,9 +206,12 @@ class ConjugateGradient(HessianSolver):
 class Exact(HessianSolver):
     """The dense Hessian, (H + damp I)^-1 by a float64 solve (small parameter sets)."""
     name = "exact"
-    lds_name = "if_exact_last"
-    lds_settings = {"params": ["main.4"]}  # ldsTest runs it on the MNIST MLP's last layer
+    lds_name = "if_exact_last"  # ldsTest runs it on the last layer (the network's side names it)
     summary = "the dense Hessian solved exactly (small parameter sets, e.g. the last layer)"
+
+    @dataclass
+    class Settings(HessianSolver.Settings):
+        exact_max_params: int = setting(5000, "exact: refuse dense Hessians larger than this", 'int', (1, None))
 
     def file_part(self, cfg):
         return f"lam{cfg.damp:g}h{cfg.hessian_points}"
@@ -228,6 +229,13 @@ class Kronecker(Solver):
     all_pairs = True
     eigen_corrected = False
     factored_damping = False
+
+    @dataclass
+    class Settings(SolverSettings):
+        fisher: str = setting('true', "kfac/ekfac: true (labels sampled from the model, seeded) | empirical "
+                                      "(training labels)", 'choice', ('true', 'empirical'))
+        kfac_damp_factor: float = setting(0.1, "kfac/ekfac: damping per layer = factor x its mean eigenvalue "
+                                               "(kronfluence's heuristic), plus l2_reg", 'float', (0.0, None))
 
     @property
     def factor_name(self) -> str:
@@ -310,8 +318,12 @@ class Arnoldi(HessianSolver):
     """Arnoldi influence (Schioppa et al. 2022): (H + damp I)^-1 on the top-rank eigenspace of H."""
     name = "arnoldi"
     summary = "Arnoldi: (H + damp I)^-1 on H's top eigenspace from Lanczos on exact HVPs"
-    networks = ("mnist",)
-    lds_settings = {"damp": 0.01}
+
+    @dataclass
+    class Settings(HessianSolver.Settings):
+        arnoldi_rank: int = setting(50, "arnoldi: eigenpairs of H kept (largest |eigenvalue|); influence = g_t U "
+                                        "(Lambda + damp)^-1 U^T g_i", 'int', (1, None))
+        arnoldi_iterations: int = setting(100, "arnoldi: Lanczos steps, one full-data HVP each", 'int', (1, None))
 
     def file_part(self, cfg):
         return f"r{cfg.arnoldi_rank}it{cfg.arnoldi_iterations}lam{cfg.damp:g}h{cfg.hessian_points}"
@@ -346,8 +358,7 @@ class TracIn(Solver):
     """TracInCP (Pruthi et al. 2020): sum over Train.py's checkpoints c of lr_c grad L(t) . grad L(z)."""
     name = "tracin"
     needs_checkpoints = True
-    summary = "TracIn: gradient dot products summed over Train.py's checkpoints (mnist.checkpoint_every)"
-    networks = ("mnist",)
+    summary = "TracIn: gradient dot products summed over the training run's checkpoints"
     lds_row = False  # ldsTest's base models keep no checkpoints
 
     def effective_damping(self, cfg):
@@ -355,7 +366,7 @@ class TracIn(Solver):
 
     def _checkpoints(self, cfg) -> list:
         if not cfg.checkpoints:
-            raise ValueError("TracIn needs checkpoints (SolverSettings.checkpoints): none were given")
+            raise ValueError("TracIn needs the training run's checkpoints: none were given")
         return cfg.checkpoints
 
     def attribute(self, problem, x_test, y_test, x_train, y_train, cfg, show_progress=True, test_loss=None):
@@ -377,8 +388,13 @@ class TrakSolver(Solver):
     name = "trak"
     lds_name = "trak"
     summary = "TRAK: projected margin gradients and the training kernel (one model)"
-    networks = ("mnist",)
+    tasks = ("classification",)  # the margin of a class
     all_pairs = True
+
+    @dataclass
+    class Settings(SolverSettings):
+        proj_dim: int = setting(2048, "trak: projected gradient dimension (Kronecker projection of Linear layers)",
+                                'int', (1, None))
 
     def file_part(self, cfg):
         return f"d{cfg.proj_dim}"
@@ -409,7 +425,7 @@ def inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tenso
                 cfg: SolverSettings, show_progress: bool = True) -> tuple[torch.Tensor, dict]:
     """s = (H + lambda I)^-1 v for (k, p) vectors with the chosen solver; returns (s, info)."""
     solver = solver_for(cfg.solver)
-    info: dict = {"solver": cfg.solver, "effective_damping": cfg.effective_damping, "converged": True}
+    info: dict = {"solver": cfg.solver, "effective_damping": solver.effective_damping(cfg), "converged": True}
     return solver.inverse_hvp(problem, vectors, x, y, cfg, info, show_progress), info
 
 

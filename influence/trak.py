@@ -28,7 +28,7 @@ class KroneckerProjection:
         if owners is None or not all(m.bias is not None for m in owners.values()) or \
                 set(problem.param_names) != {f"{n}.{k}" for n in owners for k in ("weight", "bias")}:
             raise ValueError("TRAK's Kronecker projection needs every chosen parameter to be the weight and "
-                             "bias of a Linear layer (method2.params: [] on the MNIST MLP)")
+                             "bias of a Linear layer (e.g. every parameter of an MLP)")
         self.owners = owners
         total = sum(m.weight.numel() + m.bias.numel() for m in owners.values())
         generator = torch.Generator(device="cpu").manual_seed(seed)

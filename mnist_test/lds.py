@@ -265,7 +265,7 @@ def score_rows(methods: dict, masks: np.ndarray, measured: dict, plan: dict, cha
                      "loo_spearman": float(np.mean(loo_s)) if loo_s else float("nan"),
                      "seconds": round(float(entry["seconds"]), 2), "note": entry.get("note", "")})
         per_test[name] = scores["loss"].tolist()
-    rows.sort(key=lambda r: -np.nan_to_num(r["lds"], nan=-9))
+    rows.sort(key=lambda r: (-np.nan_to_num(r["lds"], nan=-9), r["method"]))  # ties (few subsets) by name
     return rows, per_test
 
 

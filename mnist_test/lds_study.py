@@ -13,26 +13,33 @@ import torch
 import utils_if
 import utils_option as opt
 from mnist_test import common, lds, question, training
+from mnist_test.model import LAYER_MODULES
+from options.method2 import ENSEMBLE_ROWS
 
 
-# Method 2 variants: LDS row -> method2 overrides, from the registry (a solver whose cost grows with
-# the test points, Solver.slow_per_test, runs on the first lds.solver_test_num test images only), in
-# the canonical order of the rows (opt.LDS_METHODS): rows of equal LDS keep that order in the table
-SOLVERS = dict(sorted(((solver.lds_name, {"solver": name, **solver.lds_settings})
-                       for name, solver in utils_if.SOLVERS.items() if solver.lds_row and "mnist" in solver.networks),
-                      key=lambda row: opt.LDS_METHODS.index(row[0])))
-# ensemble row -> the row it averages over lds.ensemble_seeds (every "ensemble_" row of opt.LDS_METHODS)
-ENSEMBLE_SOURCES = {row: row[len("ensemble_"):] for row in opt.LDS_METHODS if row.startswith("ensemble_")}
+# what a solver's LDS row changes in method2 on this network: the dense solve runs on the MLP's last layer
+ROW_SETTINGS = {"exact": {"params": [LAYER_MODULES["fc3"]]}}
+# ensemble row -> the row it averages over lds.ensemble_seeds
+ENSEMBLE_SOURCES = {row: row[len("ensemble_"):] for row in ENSEMBLE_ROWS}
+
+
+def solver_rows() -> dict[str, dict]:
+    """LDS row -> method2 overrides, one per solver the MNIST side offers with an LDS row, read from
+    the registry when asked (a solver registered later counts)."""
+    return {utils_if.SOLVERS[name].lds_name: {"solver": name, **ROW_SETTINGS.get(name, {})}
+            for name in opt.offered_solvers("mnist") if utils_if.SOLVERS[name].lds_row}
 
 
 def solver_variants(settings: dict) -> dict:
-    """LDS row -> (method2 overrides, whether it runs on the first lds.solver_test_num test images only)."""
+    """LDS row -> (method2 overrides, whether it runs on the first lds.solver_test_num test images only:
+    a solver whose cost grows with the test points, Solver.slow_per_test)."""
     lcfg = lds.lds_cfg(settings)
-    variants = dict(SOLVERS)
-    variants["if_lissa_deep"] = {**SOLVERS["if_lissa"], **dataclasses.asdict(lcfg.lissa_deep)}
+    rows = solver_rows()
+    variants = dict(rows)
+    variants["if_lissa_deep"] = {**rows["if_lissa"], **dataclasses.asdict(lcfg.lissa_deep)}
     for row in ("if_ekfac", "if_kfac_factored"):  # the heuristic's factor: which damping predicts best
         for factor in getattr(lcfg, f"{row[3:]}_damp_factors"):
-            variants[f"{row}_df{factor:g}"] = {**SOLVERS[row], "kfac_damp_factor": factor}
+            variants[f"{row}_df{factor:g}"] = {**rows[row], "kfac_damp_factor": factor}
     for damp in lcfg.cg_damps:
         variants[f"if_cg_d{damp:g}"] = {"solver": utils_if.ConjugateGradient.name, "damp": damp, "cg_max_iter": lcfg.cg_max_iter,
                                         "write_unconverged": True}
@@ -260,7 +267,7 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
                            f"{', '.join(f'{np.std(changes[p]):.4f}' for p in sorted(changes))}.")
     smooth = methods.get("m3_replay", {}).get("smoothness")
     question_words = training_question(settings)
-    noise_line += (" " + utils_if.verdict(smooth, question=question_words) + "." if smooth and "s_hat_interval" in smooth
+    noise_line += (" " + utils_if.verdict(smooth, training.SMOOTHNESS_REMEDY, question=question_words) + "." if smooth and "s_hat_interval" in smooth
                    else " Metasmoothness of the base run: not measured (it comes with m3_replay).")
     if single:
         noise_line += f" Single-model LDS: the question is {question_words}."

@@ -28,29 +28,29 @@ def main(settings: dict) -> dict:
     logger, device = opt.start_script(settings, "mnist_m2_Test", cfg)
     model, model_path = common.load_model(settings, m2.mode, device, logger)
     train, test = common.load_data(settings, device, logger.info)
-    solver = opt.solver_settings(m2, cfg.seed)
-    method = utils_if.solver_for(solver.solver)
-    if method.kronecker:
-        solver.factor_file = common.factor_file(settings)
+    solver = utils_if.solver_for(m2.solver)
+    solver_cfg = opt.solver_run(m2, cfg.seed)  # its own settings, read from the block, and the run's values
+    if solver.kronecker:
+        solver_cfg.factor_file = common.factor_file(settings)
     try:
         problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss,
                                             utils_if.select_parameters(model, m2.params),
                                             l2_reg=m2.l2_reg)
     except ValueError as err:
         raise opt.solver_error("mnist.method2", err) from None
-    if method.needs_checkpoints:
-        solver.checkpoints = tracin_checkpoints(settings, problem, device, logger)
+    if solver.needs_checkpoints:
+        solver_cfg.checkpoints = tracin_checkpoints(settings, problem, device, logger)
     if cfg.test_ids == "all":
-        return all_pairs(settings, model, model_path, problem, solver, train, test, logger)
+        return all_pairs(settings, model, model_path, problem, solver_cfg, train, test, logger)
     ids = common.selected_test_ids(settings, m2.mode)[:m2.test_sample_num]
     shown = ids if len(ids) <= 10 else f"{ids[:10]}... ({len(ids)})"
     logger.info(f"influence of {len(train)} training images on test images {shown}: solver "
-                f"{solver.solver}, {problem.num_params} parameters, effective damping "
-                f"{solver.effective_damping}")
+                f"{solver.name}, {problem.num_params} parameters, effective damping "
+                f"{solver.effective_damping(solver_cfg)}")
     x_test, y_test = test.images[ids], test.labels[ids]
     with opt.Timer() as total:
         try:
-            influence, info = method.attribute(problem, x_test, y_test, train.images, train.labels, solver)
+            influence, info = solver.attribute(problem, x_test, y_test, train.images, train.labels, solver_cfg)
         except (utils_if.LissaDiverged, ValueError) as err:
             raise opt.solver_error("mnist.method2", err) from None
     info["seconds_total"] = round(total.seconds, 3)
@@ -84,7 +84,7 @@ def tracin_checkpoints(settings, problem, device, logger) -> list:
     return out
 
 
-def all_pairs(settings, model, model_path, problem, solver, train, test, logger) -> dict:
+def all_pairs(settings, model, model_path, problem, solver_cfg, train, test, logger) -> dict:
     """test_ids = "all": every test image x every training image, streamed in chunks of
     method2.test_chunk test images. Per test image the JSON keeps the top-k helpful and harmful
     lists (no influence row); the full matrix goes to a .npy beside it only when
@@ -92,17 +92,17 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
     With method2.self_influence, the self-influence of every training image is written too."""
     import numpy as np
     m2 = common.mnist_cfg(settings).method2
-    if not utils_if.solver_for(solver.solver).all_pairs:
+    if not utils_if.solver_for(solver_cfg.solver).all_pairs:
         fast = [name for name, s in utils_if.SOLVERS.items() if s.all_pairs]
         raise opt.SettingsError(f'mnist.test_ids = "all" needs a fast solver: set mnist.method2.solver to one of '
-                                f'{", ".join(fast)} (now {solver.solver!r}, which would take hours)')
+                                f'{", ".join(fast)} (now {solver_cfg.solver!r}, which would take hours)')
     n_test, n_train, k = len(test), len(train), m2.top_k
     path = common.m2_file(settings)
     save = m2.save_matrix != "none"
     matrix_path = path[:-len(".json")] + f"_{m2.save_matrix}.npy"
     helpful = torch.empty(n_test, k, dtype=torch.long)
     harmful = torch.empty(n_test, k, dtype=torch.long)
-    logger.info(f"all pairs: {n_test} test x {n_train} training images, solver {solver.solver}, chunks of "
+    logger.info(f"all pairs: {n_test} test x {n_train} training images, solver {solver_cfg.solver}, chunks of "
                 f"{m2.test_chunk} test images{', matrix ' + m2.save_matrix if save else ''}")
 
     def sweep(tmp: str | None) -> None:  # tmp: the matrix's temporary file (atomic_write renames it)
@@ -110,7 +110,7 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
             tmp, mode="w+", dtype=m2.save_matrix, shape=(n_test, n_train))
         bar = opt.progress(total=n_test, desc="all pairs", unit="test image")
         for start, chunk in utils_if.influence_chunks(problem, test.images, test.labels, train.images, train.labels,
-                                                      solver, m2.test_chunk, log=logger.info):
+                                                      solver_cfg, m2.test_chunk, log=logger.info):
             rows = slice(start, start + len(chunk))
             helpful[rows] = torch.topk(chunk, k, dim=1).indices.cpu()
             harmful[rows] = torch.topk(chunk, k, dim=1, largest=False).indices.cpu()
@@ -132,13 +132,13 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
     result = {"meta": {"settings": settings["mnist"], "profile": settings["profile"],
                        "model_file": model_path, "n_train": n_train, "test_ids": "all",
                        "sign_convention": utils_if.SIGN_CONVENTION, "seconds_all_pairs": round(timer.seconds, 2),
-                       "solver_info": {"solver": solver.solver, "factor_file": solver.factor_file}}}
+                       "solver_info": {"solver": solver_cfg.solver, "factor_file": solver_cfg.factor_file}}}
     if save:
         result["meta"]["matrix_file"] = matrix_path
         logger.info(f"wrote {matrix_path}")
     if m2.self_influence:
         with opt.Timer() as self_timer:
-            values = utils_if.solver_for(solver.solver).self_influence(problem, train.images, train.labels, solver,
+            values = utils_if.solver_for(solver_cfg.solver).self_influence(problem, train.images, train.labels, solver_cfg,
                                                                        logger.info)
         result["self_influence"] = values.cpu().tolist()
         logger.info(f"self-influence of {n_train} training images in {self_timer.seconds:.1f} s; largest: "
@@ -153,4 +153,4 @@ def all_pairs(settings, model, model_path, problem, solver, train, test, logger)
 
 
 if __name__ == "__main__":
-    opt.run_script(main, f"{__doc__}\nmnist.method2.solver:\n{utils_if.solver_help('mnist')}")
+    opt.run_script(main, f"{__doc__}\nmnist.method2.solver:\n{utils_if.solver_help(opt.offered_solvers('mnist'))}")

@@ -97,6 +97,10 @@ def removal_question(cfg: Mnist, n: int) -> str:
     return f"removing images from {span} (steps {start + 1:,}-{steps:,})"
 
 
+# what the verdict tells a user whose run is not smooth enough to attribute
+SMOOTHNESS_REMEDY = 'train with mnist.recipe "attributable" or softplus (docs/results.md)'
+
+
 def metasmoothness_said(data: MnistData, x_test: torch.Tensor, y_test: torch.Tensor, cfg: Mnist,
                         device: torch.device) -> dict:
     """:func:`metasmoothness` of the run of the ``mnist`` block, timed, with its one-line verdict printed
@@ -104,7 +108,7 @@ def metasmoothness_said(data: MnistData, x_test: torch.Tensor, y_test: torch.Ten
     with opt.Timer() as timer:
         found = metasmoothness(data, x_test, y_test, cfg, device, cfg.method3)
     found["seconds"] = round(timer.seconds, 2)
-    print(utils_if.verdict(found, question=removal_question(cfg, len(data)))
+    print(utils_if.verdict(found, SMOOTHNESS_REMEDY, question=removal_question(cfg, len(data)))
           + f" [{found['trainings']} trainings, {timer.seconds:.0f} s]", flush=True)
     return found
 

@@ -15,13 +15,8 @@ import copy
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
-from influence.solvers import Ekfac, KfacFactored, Lissa, TrakSolver  # the defaults below name solvers of the registry
-
-# every attribution ldsTest.py scores (mnist.lds.methods); if_cg runs once per lds.cg_damps value
-LDS_METHODS = ("m1_batch_raw", "m1_batch_normalized", "m1_per_sample_raw", "m1_per_sample_normalized",
-               "if_ekfac", "if_kfac", "if_kfac_factored", "if_exact_last", "if_lissa", "if_lissa_deep", "if_cg",
-               "grad_dot", "grad_cos", "ensemble_m1_batch_raw", "ensemble_if_ekfac", "ensemble_if_kfac_factored",
-               "ensemble_grad_dot", "m3_replay", "if_arnoldi", TrakSolver.lds_name, f"ensemble_{TrakSolver.lds_name}")
+from influence.settings import setting as spec  # one field maker for the blocks and the solvers' own settings
+from options.method2 import lds_methods, method2_class  # the Method-2 blocks, made from the registry
 
 
 # mnist.recipe: every value of a training recipe, as dotted keys. A preset replaces the defaults of
@@ -46,16 +41,6 @@ def recipe_table() -> str:
     return "\n".join(lines)
 
 
-def spec(default: Any, help: str, kind: str, extra: Any = None, scores: bool = True):  # noqa: A002
-    """A setting: its default, one help line, and its kind with the kind's extra (range or choices).
-    ``scores=False`` marks a setting that does not change a method's scores (a file name, a list
-    length, a memory bound, a check): :func:`score_fields` leaves it out of the trust table's match."""
-    metadata = {"help": help, "kind": kind, "extra": extra, "scores": scores}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
 def score_fields(block_value: Any) -> dict:
     """The settings of a typed block that change its method's scores (every field not marked
     ``scores=False``; nested blocks left out), as a plain dict: the trust table matches on these."""
@@ -63,9 +48,15 @@ def score_fields(block_value: Any) -> dict:
             if f.metadata.get("scores", True) and not f.metadata.get("block")}
 
 
-def block(cls: type):
-    """A nested block of settings."""
-    return field(default_factory=cls, metadata={"block": True})
+def block(make: type):
+    """A nested block of settings (``make()`` is its default: a dataclass, or a function that builds
+    one, as the Method-2 blocks are built from the registry)."""
+    return field(default_factory=make, metadata={"block": True})
+
+
+def block_class(f) -> type:
+    """The dataclass of a nested block's field."""
+    return type(f.default_factory())
 
 
 @dataclass
@@ -125,43 +116,6 @@ class FfdnetExplain:
 
 
 @dataclass
-class Method2Solve:
-    """What every Method-2 block shares: the solver and its numbers (MNIST's defaults; the denoiser's
-    block changes the ones its network needs)."""
-    solver: str = spec(Lissa.name, "the Method-2 solver (python3 mnist_test/m2_Test.py -h lists them)", 'solver', 'mnist')
-    damp: float = spec(0.01, "LiSSA damping; cg/exact solve (H + damp*I)", 'float', (0.0, None))
-    scale: float = spec(100.0, "LiSSA scale; the original's 25 diverges (Hessian eigenvalues up to ~130)", 'float', (1e-12, None))
-    stochastic: bool = spec(False, "true = one training point per LiSSA step, false = hvp_batch_size", 'bool', None)
-    hvp_batch_size: int = spec(8, "LiSSA: training points per HVP step (stochastic: 1)", 'int', (1, None))
-    recursion_nums: int = spec(5, "LiSSA r: independent chains, averaged", 'int', (1, None))
-    training_points: int = spec(1000, "LiSSA t: recursion depth", 'int', (1, None))
-    params: list[str] = spec([], "parameter-name prefixes to take influence over ([] = all), e.g. [\"main.4\"]", 'str_list', None)
-    l2_reg: float = spec(0.001, "L2 term in the Hessian (the training weight decay)", 'float', (0.0, None))
-    cg_tol: float = spec(1e-06, "cg: relative residual at which CG stops", 'float', (0.0, None))
-    cg_max_iter: int = spec(200, "cg: most iterations", 'int', (1, None))
-    hessian_points: int = spec(0, "cg/exact: training points in the Hessian (0 = all)", 'int', (0, None))
-    exact_max_params: int = spec(5000, "exact: refuse dense Hessians larger than this", 'int', (1, None))
-    chunk_size: int = spec(10000, "training points per chunk in the influence sweep (memory bound)", 'int', (1, None))
-    top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, None))
-
-
-@dataclass
-class FfdnetMethod2(Method2Solve):
-    """Method 2 on the denoiser (pixel-window influence)."""
-    solver: str = spec(Lissa.name, "the Method-2 solver (python3 ffdnet_test/m2_Test.py -h lists them; the "
-                                   "report's is the default)", 'solver', 'ffdnet')
-    recursion_nums: int = spec(1, "LiSSA r: independent chains, averaged", 'int', (1, None))
-    training_points: int = spec(100, "LiSSA t: recursion depth", 'int', (1, None))
-    params: list[str] = spec([], "parameter-name prefixes ([] = all), e.g. [\"main.38\", \"main.41\"]", 'str_list', None)
-    l2_reg: float = spec(0.0, "the training weight decay, as an L2 term in the Hessian", 'float', (0.0, None))
-    cg_tol: float = spec(0.0001, "cg: CG stops at this relative residual", 'float', (0.0, None))
-    cg_max_iter: int = spec(50, "cg: the most iterations", 'int', (1, None))
-    chunk_size: int = spec(64, "patches per chunk of the influence sweep (memory bound)", 'int', (1, None))
-    max_train_points: int = spec(5000, "influence over the first n training patches (0 = all)", 'int', (0, None))
-    window: int = spec(1, "pixel-level loss: a window of (2*window+1)^2 pixels around the point", 'int', (0, 64))
-
-
-@dataclass
 class Attribution:
     """Which test pixels to explain."""
     images: list[str] = spec(['01', '02'], "test image names (file name without extension) in ffdnet.test_dir", 'str_list', None)
@@ -197,7 +151,7 @@ class FfdnetTest:
 @dataclass
 class FfdnetQuestion:
     """The denoiser's question in one step (ffdnet_test/run_pipeline.py)."""
-    best_solver: str = spec(Ekfac.name, "the best measured pixel-window ranking: this solver over all training patches "
+    best_solver: str = spec('ekfac', "the best measured pixel-window ranking: this solver over all training patches "
                             "(docs/results.md)", 'solver', 'ffdnet')
 
 
@@ -231,36 +185,10 @@ class Ffdnet:
     test: FfdnetTest = block(FfdnetTest)
     method1: FfdnetMethod1 = block(FfdnetMethod1)
     attribution: Attribution = block(Attribution)
-    method2: FfdnetMethod2 = block(FfdnetMethod2)
+    method2: Any = block(lambda: method2_class("ffdnet")())  # options/method2.py
     explain: FfdnetExplain = block(FfdnetExplain)
     method3: FfdnetMethod3 = block(FfdnetMethod3)
     question: FfdnetQuestion = block(FfdnetQuestion)
-
-
-@dataclass
-class MnistMethod2(Method2Solve):
-    """Method 2: influence functions and their baselines (m2_Test.py)."""
-    mode: str = spec('staTest0', "which model (same naming as method1.mode)", 'str', None)
-    hvp_batch_size: int = spec(8, "LiSSA: training points per HVP step (stochastic: 1)", 'int', (1, 60000))
-    test_sample_num: int = spec(10, "how many of the selected test images get influences", 'int', (1, 10000))
-    save_matrix: str = spec('none', "test_ids \"all\": also write the full influence matrix as .npy (none | float16"
-                                    " | float32)", 'choice', ('none', 'float16', 'float32'))
-    self_influence: bool = spec(False, "test_ids \"all\": also the self-influence of every training image "
-                                       "(kfac/ekfac/identity)", 'bool', None)
-    test_chunk: int = spec(1000, "test_ids \"all\": test images per streamed chunk (memory bound)", 'int', (1, 10000))
-    write_unconverged: bool = spec(False, "cg: a solve whose relative residual stays above 1e-2 is refused unless "
-                                          "true (always flagged in meta)", 'bool', None)
-    hessian_points: int = spec(0, "cg/exact: training points in the Hessian (0 = all)", 'int', (0, 60000))
-    fisher: str = spec('true', "kfac/ekfac: true (labels sampled from the model, seeded) | empirical (training "
-                               "labels)", 'choice', ('true', 'empirical'))
-    kfac_damp_factor: float = spec(0.1, "kfac/ekfac: damping per layer = factor x its mean eigenvalue "
-                                        "(kronfluence's heuristic), plus l2_reg", 'float', (0.0, None))
-    arnoldi_rank: int = spec(50, "arnoldi: eigenpairs of H kept (largest |eigenvalue|); influence = g_t U (Lambda +"
-                                 " damp)^-1 U^T g_i", 'int', (1, None))
-    arnoldi_iterations: int = spec(100, "arnoldi: Lanczos steps, one full-data HVP each", 'int', (1, None))
-    proj_dim: int = spec(2048, "trak: projected gradient dimension (Kronecker projection of Linear layers)", 'int', (1, None))
-    top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, 60000))
-    if_dir: str = spec('if', "sub-folder of output_dir for influence files", 'str', None)
 
 
 @dataclass
@@ -323,14 +251,14 @@ class LeaveOneOut:
     test_num: int = spec(2, "leave-one-out: the first n test images (0 = no leave-one-out)", 'int', (0, 10000))
     k: int = spec(20, "leave-one-out: top-k helpful, top-k harmful and k random points per test image", 'int', (1, 10000))
     seeds: int = spec(5, "leave-one-out: retrainings per removed point (seeds)", 'int', (1, None))
-    rank_by: str = spec('if_ekfac', "leave-one-out: the method whose top-k lists are removed", 'choice', LDS_METHODS)
+    rank_by: str = spec('if_ekfac', "leave-one-out: the method whose top-k lists are removed", 'choice', lds_methods)
 
 
 @dataclass
 class LissaDeep:
     """The deeper LiSSA row of ldsTest."""
-    training_points: int = spec(3000, "if_lissa_deep: LiSSA depth t", 'int', (1, None))
-    recursion_nums: int = spec(5, "if_lissa_deep: LiSSA repeats r", 'int', (1, None))
+    recursion_depth: int = spec(3000, "if_lissa_deep: LiSSA depth t", 'int', (1, None))
+    repeats: int = spec(5, "if_lissa_deep: LiSSA repeats r", 'int', (1, None))
 
 
 @dataclass
@@ -355,8 +283,8 @@ class Lds:
     group_size: int = spec(16, "models trained at once by the grouped trainer", 'int', (1, 10000))
     keep_weights: bool = spec(False, "true: also keep every retrained model's weights (.pth beside its outputs)", 'bool', None)
     methods: list[str] = spec(
-        ['m1_batch_raw', 'm1_batch_normalized', 'm1_per_sample_raw', 'm1_per_sample_normalized', 'if_ekfac', 'if_kfac', 'if_kfac_factored', 'if_exact_last', 'if_lissa', 'if_lissa_deep', 'if_cg', 'grad_dot', 'grad_cos', 'ensemble_m1_batch_raw', 'ensemble_if_ekfac', 'ensemble_if_kfac_factored', 'ensemble_grad_dot', 'm3_replay', TrakSolver.lds_name, f'ensemble_{TrakSolver.lds_name}', 'if_arnoldi'],
-        "the attributions ldsTest scores (see docs/scripts.md: ground truth)", 'subset', LDS_METHODS)
+        ['m1_batch_raw', 'm1_batch_normalized', 'm1_per_sample_raw', 'm1_per_sample_normalized', 'if_ekfac', 'if_kfac', 'if_kfac_factored', 'if_exact_last', 'if_lissa', 'if_lissa_deep', 'if_cg', 'grad_dot', 'grad_cos', 'ensemble_m1_batch_raw', 'ensemble_if_ekfac', 'ensemble_if_kfac_factored', 'ensemble_grad_dot', 'm3_replay', 'trak', 'ensemble_trak', 'if_arnoldi'],
+        "the attributions ldsTest scores (see docs/scripts.md: ground truth)", 'subset', lds_methods)
     ensemble_seeds: list[int] = spec([0, 1, 2, 3, 4, 5], "base models (the first is THE base model); ensembles "
                                                          "average over all", 'int_list', None)
     solver_test_num: int = spec(20, "LiSSA and CG (HVP-based, slow for many test vectors) run on the first n test "
@@ -390,7 +318,7 @@ class Question:
     """The question in one step (run_pipeline.py): which methods answer it, and how."""
     methods: list[str] = spec(['method1', 'method2', 'method3'], "the methods run_pipeline runs for the chosen test "
                               "images (method3 only within method3_budget_s)", 'subset', ('method1', 'method2', 'method3'))
-    best_solver: str = spec(KfacFactored.name, "Method 2's best measured solver, run beside method2.solver when they "
+    best_solver: str = spec('kfac_factored', "Method 2's best measured solver, run beside method2.solver when they "
                             "differ (docs/results.md)", 'solver', 'mnist')
     method3_budget_s: float = spec(300.0, "run Method 3 when its estimated check and replay together take at most "
                                           "this many seconds (the replay is skipped when the check says no)",
@@ -441,7 +369,7 @@ class Mnist:
     question: Question = block(Question)
     vis_method: str = spec('method2', "vis_m2.py draws this method's file: method2 | method3", 'choice', ('method2', 'method3'))
     method3: MnistMethod3 = block(MnistMethod3)
-    method2: MnistMethod2 = block(MnistMethod2)
+    method2: Any = block(lambda: method2_class("mnist")())  # options/method2.py
 
 
 @dataclass
@@ -464,7 +392,7 @@ def schema(cls: type = None, prefix: str = "") -> dict[str, tuple[str, Any]]:
     for f in fields(cls):
         key = f"{prefix}{f.name}"
         if f.metadata.get("block"):
-            out.update(schema(f.default_factory, key + "."))
+            out.update(schema(block_class(f), key + "."))
         else:
             out[key] = (f.metadata["kind"], f.metadata["extra"])
     return out
@@ -477,7 +405,7 @@ def help_lines(cls: type = None, prefix: str = "") -> list[str]:
     for f in fields(cls):
         key = f"{prefix}{f.name}"
         if f.metadata.get("block"):
-            out += help_lines(f.default_factory, key + ".")
+            out += help_lines(block_class(f), key + ".")
         else:
             default = f.default if f.default is not MISSING else f.default_factory()
             out.append(f"  {key} = {default!r}: {f.metadata['help']}")
@@ -501,5 +429,5 @@ def typed(settings: dict, cls: type = None):
         if f.name not in settings:
             continue
         value = settings[f.name]
-        values[f.name] = typed(value, f.default_factory) if f.metadata.get("block") else copy.deepcopy(value)
+        values[f.name] = typed(value, block_class(f)) if f.metadata.get("block") else copy.deepcopy(value)
     return cls(**values)

@@ -89,7 +89,7 @@ def central_differences(targets_at, n: int, eps: float = 1e-6):
 def small_settings(tmp_path, **mnist_overrides) -> dict:
     """The repo's settings with a temp output_dir and a small, fast MNIST configuration."""
     base = {"epoch": 1, "train_subset": 600, "test_ids": [0, 1, 2], "test_num": 3,
-            "method2": {"training_points": 50, "recursion_nums": 2, "chunk_size": 256,
+            "method2": {"recursion_depth": 50, "repeats": 2, "chunk_size": 256,
                         "test_sample_num": 3}}
     merged = opt.deep_merge(base, mnist_overrides)
     return opt.load_settings(overrides={"output_dir": str(tmp_path / "results"), "mnist": merged})

@@ -27,7 +27,7 @@ def test_all_pairs_matrix_topk_and_self_influence(tmp_path, mnist_raw):
     test = common.load_test_data(settings, torch.device("cpu"))
     ids = [0, 2999, 3000, 9999]
     direct, _ = utils_if.compute_influences(problem, test.images[ids], test.labels[ids], train.images, train.labels,
-                                            utils_if.SolverSettings(solver="ekfac", seed=0), show_progress=False)
+                                            utils_if.solver_config("ekfac", seed=0), show_progress=False)
     assert np.allclose(matrix[ids], direct.numpy(), rtol=1e-4, atol=1e-6 * float(direct.abs().max()))
     for t in ids:
         assert record[str(t)]["helpful"] == np.argsort(-matrix[t], kind="stable")[:5].tolist()

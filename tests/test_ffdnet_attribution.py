@@ -82,7 +82,7 @@ def test_attribution_scripts_small(tmp_path, two_test_images, two_train_images):
             "max_patches": 40, "patch_size": 32, "stride": 32, "epoch": 1, "batch_size": 8,
             "val_dir": str(test_dir), "test_dir": str(test_dir),
             "attribution": {"images": ["01", "02"], "points": [[20, 30], [200, 220]], "vis_num": 3},
-            "method2": {"training_points": 5, "max_train_points": 40, "chunk_size": 16, "scale": 1000}}})
+            "method2": {"recursion_depth": 5, "max_train_points": 40, "chunk_size": 16, "scale": 1000}}})
     FFDNet_Train.main(settings)
     m1 = m1_Test.main(settings)["files"]
     record = opt.read_json(m1["01"], "m1_Test")

@@ -12,8 +12,8 @@ BASE = opt.load_settings(profile="report", overrides={"output_dir": tempfile.mkd
 
 MNIST_M2_CHANGES = [
     {"solver": "cg"}, {"solver": "exact"}, {"solver": "ekfac"}, {"solver": "kfac"}, {"solver": "identity"},
-    {"damp": 0.02}, {"scale": 200}, {"stochastic": True}, {"hvp_batch_size": 16}, {"recursion_nums": 3},
-    {"training_points": 500}, {"params": ["main.4"]}, {"l2_reg": 0.0},
+    {"damp": 0.02}, {"scale": 200}, {"stochastic": True}, {"hvp_batch_size": 16}, {"repeats": 3},
+    {"recursion_depth": 500}, {"params": ["main.4"]}, {"l2_reg": 0.0},
 ]
 SOLVER_SPECIFIC = [  # settings that only matter for one solver: changed with that solver chosen
     ({"solver": "cg"}, {"cg_tol": 1e-4}), ({"solver": "cg"}, {"cg_max_iter": 50}),
@@ -85,7 +85,7 @@ def test_thread_count_activation_and_method3_settings_change_the_names():
 
 
 FFDNET_M2_CHANGES = [{"solver": "cg"}, {"damp": 0.1}, {"scale": 50}, {"l2_reg": 0.01}, {"stochastic": True},
-                     {"params": ["main.0"]}, {"max_train_points": 100}, {"window": 3}, {"training_points": 50}]
+                     {"params": ["main.0"]}, {"max_train_points": 100}, {"window": 3}, {"recursion_depth": 50}]
 
 
 @pytest.mark.parametrize("change", FFDNET_M2_CHANGES)

@@ -135,11 +135,11 @@ def test_true_fisher_labels_are_seeded_and_differ_from_empirical(problem_data):
 def test_identity_solver_is_the_gradient_dot_product_and_norms_are_exact(problem_data):
     net, problem, x, y = problem_data
     grads = problem.sample_grads(x, y)
-    influence, info = U.compute_influences(problem, x[:4], y[:4], x, y, U.SolverSettings(solver="identity"),
+    influence, info = U.compute_influences(problem, x[:4], y[:4], x, y, U.solver_config("identity"),
                                            show_progress=False)
     assert torch.allclose(influence, grads[:4] @ grads.T, atol=1e-10)
     assert torch.allclose(U.sample_grad_sq_norms(problem, x, y, chunk_size=17), grads.square().sum(1), atol=1e-12)
-    ekfac, info = U.compute_influences(problem, x[:4], y[:4], x, y, U.SolverSettings(solver="ekfac"),
+    ekfac, info = U.compute_influences(problem, x[:4], y[:4], x, y, U.solver_config("ekfac"),
                                        show_progress=False)
     assert info["eigen_corrected"] and set(info["damping_per_layer"]) == {"fc1", "fc2"}
     curv = U.KroneckerCurvature(problem, x, y, seed=0, chunk_size=10000)
@@ -225,10 +225,10 @@ def test_conv_ekfac_is_the_exact_fisher_diagonal_and_solves_exactly(conv_problem
 
 def test_cg_that_stops_early_is_flagged(problem_data):
     net, problem, x, y = problem_data
-    cfg = U.SolverSettings(solver="cg", damp=0.0, cg_tol=1e-12, cg_max_iter=2)
+    cfg = U.solver_config("cg", damp=0.0, cg_tol=1e-12, cg_max_iter=2)
     _, info = U.inverse_hvp(problem, torch.randn(2, problem.num_params, dtype=torch.float64), x, y, cfg)
     assert info["converged"] is False and "did not converge" in info["warning"]
-    cfg = U.SolverSettings(solver="cg", damp=1.0, cg_tol=1e-8, cg_max_iter=500)
+    cfg = U.solver_config("cg", damp=1.0, cg_tol=1e-8, cg_max_iter=500)
     _, info = U.inverse_hvp(problem, torch.randn(2, problem.num_params, dtype=torch.float64), x, y, cfg)
     assert info["converged"] is True and "warning" not in info
 
@@ -299,7 +299,7 @@ def test_self_influence_and_streamed_chunks_match_the_dense_computation(problem_
     dense = dense_from_factors(curv, problem)
     expected = (grads * torch.linalg.solve(dense, grads.T).T).sum(1)
     assert torch.allclose(curv.self_influence(x, y, chunk_size=13), expected, rtol=1e-7)
-    cfg = U.SolverSettings(solver="ekfac", seed=1, chunk_size=40)
+    cfg = U.solver_config("ekfac", seed=1, chunk_size=40)
     whole, _ = U.compute_influences(problem, x[:10], y[:10], x, y, cfg, show_progress=False)
     parts = dict(U.influence_chunks(problem, x[:10], y[:10], x, y, cfg, test_chunk=4))
     assert sorted(parts) == [0, 4, 8]
@@ -347,10 +347,10 @@ def test_lissa_that_has_not_settled_is_flagged():
     x, y = torch.randn(200, 5, dtype=torch.float64), torch.randint(0, 3, (200,))
     problem = U.InfluenceProblem(net, U.nll_sample_loss, U.select_parameters(net), l2_reg=0.01)
     v = torch.randn(2, problem.num_params, dtype=torch.float64)
-    shallow = U.SolverSettings(solver="lissa", damp=0.1, scale=10, recursion_depth=5, repeats=2, hvp_batch_size=50)
+    shallow = U.solver_config("lissa", damp=0.1, scale=10, recursion_depth=5, repeats=2, hvp_batch_size=50)
     _, info = U.inverse_hvp(problem, v, x, y, shallow, show_progress=False)
     assert info["converged"] is False and info["lissa_last_change"] > 0.2 and "did not settle" in info["warning"]
-    deep = U.SolverSettings(solver="lissa", damp=0.1, scale=10, recursion_depth=2000, repeats=2, hvp_batch_size=50)
+    deep = U.solver_config("lissa", damp=0.1, scale=10, recursion_depth=2000, repeats=2, hvp_batch_size=50)
     _, info = U.inverse_hvp(problem, v, x, y, deep, show_progress=False)
     assert info["converged"] is True and info["lissa_last_change"] < 0.05
 
@@ -377,7 +377,7 @@ def test_factored_damping_solves_the_kronecker_product_of_damped_factors(problem
         offset += out * cols
     expected = torch.linalg.solve(dense, v.T).T
     assert ((curv.inverse_hvp(v) - expected).norm() / expected.norm()).item() < 1e-10
-    cfg = U.SolverSettings(solver="kfac_factored", seed=4, chunk_size=40)
+    cfg = U.solver_config("kfac_factored", seed=4, chunk_size=40)
     through_vectors = U.influence_sweep(problem, U.inverse_hvp(problem, problem.sample_grads(x[:9], y[:9]), x, y,
                                                                cfg, show_progress=False)[0], x, y, show_progress=False)
     chunks = dict(U.influence_chunks(problem, x[:9], y[:9], x, y, cfg, test_chunk=4))
