@@ -192,7 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = opt.load_settings()
-    data = common.load_train_data(opt.deep_merge(settings, {"mnist": {"train_subset": args.train_subset}}),
+    data = common.load_train_data(opt.with_values(settings, {"mnist": {"train_subset": args.train_subset}}),
                                   torch.device("cpu"), lambda *_: None)
     test = common.load_test_data(settings, torch.device("cpu"), lambda *_: None)
     path = opt.output_path(settings, "bench", f"attributable_n{args.train_subset}e{args.epochs}m{args.subsets}"

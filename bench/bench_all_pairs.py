@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = opt.load_settings(profile="report", overrides={"threads": args.threads})
     opt.apply_threads(settings) if args.threads else None
-    mode = common.mnist_cfg(settings).method2.mode
+    mode = settings.mnist.method2.mode
     if not os.path.isfile(common.model_file(settings, mode)):
         Train.main(settings)
     device = torch.device("cpu")
@@ -41,7 +41,7 @@ def main() -> None:
     train = common.load_train_data(settings, device, lambda *_: None)
     test = common.load_test_data(settings, device, lambda *_: None)
     problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, utils_if.select_parameters(model),
-                                        l2_reg=common.mnist_cfg(settings).weight_decay)
+                                        l2_reg=settings.mnist.weight_decay)
     workdir = tempfile.mkdtemp()
     cfg = utils_if.solver_config(args.solver, seed=0, factor_file=os.path.join(workdir, "factors.pt"))
     start = time.perf_counter()

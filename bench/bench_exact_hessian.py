@@ -32,7 +32,7 @@ def main() -> None:
     model, _ = common.load_model(settings, "staTest0", torch.device("cpu"))
     train = common.load_train_data(settings, torch.device("cpu"), lambda *_: None)
     problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, utils_if.select_parameters(model, ["main.4"]),
-                                        l2_reg=common.mnist_cfg(settings).method2.l2_reg)
+                                        l2_reg=settings.mnist.method2.l2_reg)
     seconds = []
     for _ in range(args.repeats):
         start = time.perf_counter()

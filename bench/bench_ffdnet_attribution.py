@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=5000)
     args = parser.parse_args()
     base = opt.load_settings(opt.resolve_path("settings_shared.json"), "quick")
-    m2 = opt.deep_merge(base, {"ffdnet": {"attribution": {"images": [args.image], "points": [[100, 100]]},
+    m2 = opt.with_values(base, {"ffdnet": {"attribution": {"images": [args.image], "points": [[100, 100]]},
                                           "method2": {"max_train_points": args.points}}})
     start = time.perf_counter()
     result = m2_Test.main(m2)
@@ -32,7 +32,7 @@ def main() -> None:
     print(f"\nMethod 2, one pixel (window 3x3) + the whole image, {info['n_train']} patches, "
           f"{info['num_params']} parameters: {wall:.0f} s wall (s_test {info['seconds_s_test']:.0f} s, "
           f"sweep {info['seconds_sweep']:.0f} s); target <= 600 s")
-    m1 = opt.deep_merge(base, {"ffdnet": {"attribution": {"images": [args.image]}}})
+    m1 = opt.with_values(base, {"ffdnet": {"attribution": {"images": [args.image]}}})
     start = time.perf_counter()
     files = m1_Test.main(m1)["files"]
     wall = time.perf_counter() - start

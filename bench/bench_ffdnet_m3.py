@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = opt.load_settings(args.opt)
-    cfg = common.ffdnet_cfg(settings)
+    cfg = settings.ffdnet
     cpu = torch.device("cpu")
     try:
         base, source = common.load_model(settings, cpu)

@@ -101,7 +101,7 @@ def main() -> None:
     from mnist_test import Train, common
     from mnist_test.model import mnist_model
     settings = opt.load_settings(profile="report")
-    model_path = args.model or common.model_file(settings, common.mnist_cfg(settings).method1.mode)
+    model_path = args.model or common.model_file(settings, settings.mnist.method1.mode)
     if not os.path.isfile(model_path):
         Train.main(settings)
     x, y, xt, yt = load_arrays()

@@ -48,7 +48,7 @@ def main() -> None:
     model, _ = common.load_model(settings, "staTest0", torch.device("cpu"))
     train = common.load_train_data(settings, torch.device("cpu"), lambda *_: None)
     test = common.load_test_data(settings, torch.device("cpu"), lambda *_: None)
-    m2 = common.mnist_cfg(settings).method2
+    m2 = settings.mnist.method2
     cfg = opt.solver_run(m2, 0)
     cfg.progress = None
     problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, utils_if.select_parameters(model),

@@ -41,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
     settings = opt.load_settings()
-    data = common.load_train_data(opt.deep_merge(settings, {"mnist": {"train_subset": args.train_subset}}),
+    data = common.load_train_data(opt.with_values(settings, {"mnist": {"train_subset": args.train_subset}}),
                                   cpu, lambda *_: None)
     test = common.load_test_data(settings, cpu, lambda *_: None)
     cfg = {"learning_rate": 0.003, "momentum": 0.9, "weight_decay": 0.001, "batch_size": 8,

@@ -38,7 +38,7 @@ module = {{"train": Train, "test": Test, "m2_lissa": m2_Test, "m2_ekfac": m2_Tes
 if stage == "m2_ekfac":  # the factors are computed every time (a kept factor file would be read)
     import shutil
     shutil.rmtree(opt.output_path(settings, "if", "factors"), ignore_errors=True)
-    settings = opt.deep_merge(settings, {{"mnist": {{"method2": {{"solver": "ekfac"}}}}}})
+    settings = getattr(opt, "with_values", opt.deep_merge)(settings, {{"mnist": {{"method2": {{"solver": "ekfac"}}}}}})
 start = time.perf_counter()
 module.main(settings)
 print(json.dumps({{"seconds": time.perf_counter() - start}}))

@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = opt.load_settings(args.opt)
-    cfg = common.ffdnet_cfg(settings)
+    cfg = settings.ffdnet
     cpu = torch.device("cpu")
     targets = explain.targets(settings, lambda _: None)
     base, _ = common.load_model(settings, cpu)

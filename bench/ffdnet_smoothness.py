@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = opt.load_settings(args.opt)
     torch.set_num_threads(args.threads)
-    cfg = common.ffdnet_cfg(settings)
+    cfg = settings.ffdnet
     device = torch.device("cpu")
     base, model_path = common.load_model(settings, device)
     noisy, clean, sigma, _ = attribution.training_triples(settings, device)

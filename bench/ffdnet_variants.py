@@ -57,7 +57,7 @@ def window_losses(model, tests, targets, window, sigma01) -> np.ndarray:
 
 
 def study(name: str, ft: Finetune, settings: dict, base, data, tests, targets, args) -> dict:
-    cfg = common.ffdnet_cfg(settings)
+    cfg = settings.ffdnet
     noisy, clean, sigma = data
     n, window, sigma01 = len(clean), cfg.method2.window, cfg.test.noise_level_img / 255.0
     run = explain.finetune_run(ft, n, 0)

@@ -46,7 +46,7 @@ def main() -> None:
     train = common.load_train_data(settings, cpu, lambda *_: None)
     test = common.load_test_data(settings, cpu, lambda *_: None)
     x, y, x_t, y_t = train.images, train.labels, test.images[:args.tests], test.labels[:args.tests]
-    l2 = common.mnist_cfg(settings).method2.l2_reg
+    l2 = settings.mnist.method2.l2_reg
     print(f"model {path}; {len(x)} training images, {args.tests} test images, threads {torch.get_num_threads()}")
 
     last = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, ["main.4.weight", "main.4.bias"], l2_reg=l2)
@@ -77,7 +77,7 @@ def main() -> None:
     print("| solver | Spearman (mean) | min | share of the preconditioned gradient's norm in the 10% largest-eigenvalue directions, factor 0.01 / 3 |")
     print("|---|---|---|---|")
     for solver in ("kfac_factored", "ekfac", "kfac"):
-        file = common.factor_file(opt.deep_merge(settings, {"mnist": {"method2": {"solver": solver}}}))
+        file = common.factor_file(opt.with_values(settings, {"mnist": {"method2": {"solver": solver}}}))
         scores, shares = [], []
         for factor in (0.01, 3.0):
             k = curvature(full, x, y, solver, factor, file if os.path.isfile(file) else "")

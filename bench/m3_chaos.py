@@ -37,13 +37,13 @@ def main() -> None:
     settings = opt.load_settings(args.opt)
     torch.set_num_threads(opt.apply_threads(settings))
     cpu = torch.device("cpu")
-    lcfg = lds.lds_cfg(settings)
+    lcfg = settings.mnist.lds
     s = lds.model_settings(settings, 0, lds.test_ids(settings))
-    ids = lds.test_ids(settings)[:min(args.tests, s["mnist"]["method3"]["test_sample_num"])]
+    ids = lds.test_ids(settings)[:min(args.tests, s.mnist.method3.test_sample_num)]
     train = common.load_train_data(s, cpu, lambda *_: None)
     test = common.load_test_data(s, cpu, lambda *_: None)
     x_t, y_t = test.images[ids], test.labels[ids]
-    cfg, act, n = lds.recipe(settings), common.mnist_cfg(settings).activation, len(train)
+    cfg, act, n = lds.recipe(settings), settings.mnist.activation, len(train)
     influence = lds.influence_matrix(opt.read_json(common.m3_file(s), "mnist_test/m3_Test.py"), ids, common.m3_file(s))
     model, path = common.load_model(s, "lds0", cpu)
     base = np.array(lds.outputs_of(model.state_dict(), x_t, y_t, act)["loss"])

@@ -57,11 +57,11 @@ def row_key(settings: dict, row: str) -> dict:
     ids = [0]
     if row.startswith("m1_"):
         grad_mode = "per_sample" if row.startswith("m1_per_sample") else "batch"
-        return question.trust_key(lds.model_settings(settings, 0, ids, grad_mode=grad_mode), "method1")
+        return question.trust_key(lds.model_settings(settings, 0, ids, grad_mode=grad_mode).mnist, "method1")
     if row == "m3_replay":
-        return question.trust_key(lds.model_settings(settings, 0, ids), "method3")
+        return question.trust_key(lds.model_settings(settings, 0, ids).mnist, "method3")
     overrides, _ = lds_study.solver_variants(settings)[row]
-    return question.trust_key(lds.model_settings(settings, 0, ids, method2=overrides), "method2")
+    return question.trust_key(lds.model_settings(settings, 0, ids, method2=overrides).mnist, "method2")
 
 
 def main() -> None:

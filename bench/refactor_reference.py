@@ -45,7 +45,8 @@ RENAMED = {"results/test/mnist_e1b8s0n400_staTest0_test.json":  # Test.py's file
 # intended renames of settings keys and values (issue 35: the block's keys are the solvers' own names)
 RENAMED_KEYS = {".training_points": ".recursion_depth", ".recursion_nums": ".repeats"}
 RENAMED_VALUES = {"relu_mlp": "folded_mlp"}  # LiSSA's folded path runs softplus MLPs too
-RENAMED_TEXT = {"raise training_points": "raise recursion_depth"}  # within messages
+RENAMED_TEXT = {"raise training_points": "raise recursion_depth",  # within messages
+                "_r717b7d": "_r549cf0", "_single_r0ca257": "_single_r24649a"}  # the LDS report's names (above)
 SKIPPED_KEYS = ("seconds", "time", "date", "when", "path", "file", "log", "peak", "rss", "elapsed", "started",
                 "host", "torch", "threads_used", "git")
 
@@ -93,11 +94,12 @@ def run_all(out: str) -> None:
     from mnist_test import Test, Train, ldsTest, m1_Test, m2_Test, m3_Test
     torch.set_num_threads(1)
     base = {"output_dir": os.path.join(out, "results"), "threads": 1}
+    vary = getattr(opt, "with_values", opt.deep_merge)  # typed settings (issue 35) or the dicts before them
     settings = opt.load_settings(overrides={**base, "mnist": MNIST})
     for module in (Train, Test, m1_Test):
         module.main(settings)
     for solver in SOLVERS:
-        m2_Test.main(opt.deep_merge(settings, {"mnist": {"method2": solver}}))
+        m2_Test.main(vary(settings, {"mnist": {"method2": solver}}))
     m3_Test.main(settings)
     lds_base = {**base, "output_dir": os.path.join(out, "lds")}
     ldsTest.main(opt.load_settings(overrides={**lds_base, "mnist": {**MNIST, "lds": LDS}}))
@@ -115,7 +117,7 @@ def run_all(out: str) -> None:
         "method2": {"training_points": 5, "max_train_points": 40, "chunk_size": 16, "scale": 1000}}})
     FFDNet_Train.main(ffdnet)
     ffdnet_m2.main(ffdnet)
-    ffdnet_m2.main(opt.deep_merge(ffdnet, {"ffdnet": {"method2": {"solver": "ekfac"}}}))
+    ffdnet_m2.main(vary(ffdnet, {"ffdnet": {"method2": {"solver": "ekfac"}}}))
 
 
 def _numbers(node, prefix: str, out: dict) -> None:
@@ -198,6 +200,26 @@ def _renamed_key(key: str) -> str:
     return key
 
 
+def _rows_by_method(values: dict) -> dict:
+    """A table's rows keyed by their method, not their position: rows of exactly equal LDS (a rank
+    correlation over a few subsets ties often) are ordered by name since issue 35, by insertion before."""
+    import re
+    methods = {}
+    for key, value in values.items():
+        found = re.match(r"^(.*\.rows|)\[(\d+)\]\.method$", key)
+        if found:
+            methods[(found.group(1), found.group(2))] = value
+    if not methods:
+        return values
+    out = {}
+    for key, value in values.items():
+        found = re.match(r"^(.*\.rows|)\[(\d+)\](\..*)$", key)
+        if found and (found.group(1), found.group(2)) in methods:
+            key = f"{found.group(1)}[{methods[(found.group(1), found.group(2))]}]{found.group(3)}"
+        out[key] = value
+    return out
+
+
 def _renamed_value(value):
     if not isinstance(value, str):
         return value
@@ -233,6 +255,7 @@ def main() -> int:
     parser.add_argument("--write", default="", help="only run (with the code at --root) and write the numbers here")
     parser.add_argument("--root", default=ROOT, help=argparse.SUPPRESS)
     parser.add_argument("--reference", default="", help="numbers written earlier with --write (instead of --against)")
+    parser.add_argument("--now", default="", help=argparse.SUPPRESS)  # numbers of this tree written earlier
     args = parser.parse_args()
     if args.write:
         sys.path.insert(0, args.root)
@@ -252,20 +275,26 @@ def main() -> int:
                 reference = numbers_at(base, os.path.join(tmp, "reference.json"))
             finally:
                 subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", base], check=False)
-        now = numbers_at(ROOT, os.path.join(tmp, "now.json"))
-    reference = {RENAMED.get(name, name): {_renamed_key(k): _renamed_value(v) for k, v in values.items()}
+        if args.now:
+            with open(args.now) as f:
+                now = json.load(f)
+        else:
+            now = numbers_at(ROOT, os.path.join(tmp, "now.json"))
+    reference = {RENAMED.get(name, name): _rows_by_method({_renamed_key(k): _renamed_value(v) for k, v in values.items()})
                  for name, values in reference.items()}
+    now = {name: _rows_by_method(values) for name, values in now.items()}
     problems, added = compare(reference, now)
     count = sum(len(v) for v in reference.values())
     for line in added[:10]:
         print(f"added (not compared): {line}")
     if len(added) > 10:
         print(f"... {len(added) - 10} more added keys (new settings blocks in every file's meta, new info)")
+    against = args.reference or args.against
     if problems:
         print("\n".join(problems))
-        print(f"DIFFERENT: {len(problems)} problems against {args.against}")
+        print(f"DIFFERENT: {len(problems)} problems against {against}")
         return 1
-    print(f"same as {args.against}: {len(reference)} result files, {count} numbers within 1e-6 relative")
+    print(f"same as {against}: {len(reference)} result files, {count} numbers within 1e-6 relative")
     return 0
 
 

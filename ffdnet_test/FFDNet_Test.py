@@ -22,9 +22,9 @@ import utils_option as opt  # noqa: E402
 from ffdnet_test import common, datasets, metrics  # noqa: E402
 
 
-def denoise_folder(settings: dict, model, device, logger=None, save_dir: str | None = None) -> list[dict]:
+def denoise_folder(settings: opt.Settings, model, device, logger=None, save_dir: str | None = None) -> list[dict]:
     """PSNR/SSIM rows for every image of ffdnet.test_dir."""
-    cfg = common.ffdnet_cfg(settings)
+    cfg = settings.ffdnet
     test = cfg.test
     sigma = test.noise_level_img
     files, images = datasets.read_folder(common.folder(settings, "test_dir"), cfg.is_gray)
@@ -51,15 +51,15 @@ def denoise_folder(settings: dict, model, device, logger=None, save_dir: str | N
     return rows
 
 
-def main(settings: dict) -> dict:
-    cfg = common.ffdnet_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.ffdnet
     test = cfg.test
     logger, device = opt.start_script(settings, "ffdnet_Test", cfg)
     model, model_path = common.load_model(settings, device, logger)
     set_name = os.path.basename(os.path.normpath(cfg.test_dir))
     stem = (f"{os.path.splitext(os.path.basename(model_path))[0]}_{set_name}_s{test.noise_level_img:g}"
             f"{'' if test.is_clip else '_noclip'}{'_bgr' if cfg.channel_order == 'bgr' else ''}")
-    save_dir = os.path.join(opt.resolve_path(settings["output_dir"]), "fig", "ffdnet_test", stem) \
+    save_dir = os.path.join(opt.resolve_path(settings.output_dir), "fig", "ffdnet_test", stem) \
         if test.save_images else None
     try:
         rows = denoise_folder(settings, model, device, logger, save_dir)

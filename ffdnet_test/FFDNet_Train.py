@@ -21,8 +21,8 @@ from ffdnet_test.model import count_parameters  # noqa: E402
 from ffdnet_test.training import train_ffdnet  # noqa: E402
 
 
-def main(settings: dict) -> dict:
-    cfg = common.ffdnet_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.ffdnet
     m1 = cfg.method1
     logger, device = opt.start_script(settings, "ffdnet_Train", cfg)
     try:
@@ -50,14 +50,14 @@ def main(settings: dict) -> dict:
         model, norms, history = train_ffdnet(
             model, patches, cfg, device, common.patch_noise(settings, patches),
             m1.grad_mode if layers else None, layers, val_images, to_model, checkpoint)
-    path = opt.save_torch(common.model_file(settings), {"model": checkpoint_state(model), "settings": settings["ffdnet"],
+    path = opt.save_torch(common.model_file(settings), {"model": checkpoint_state(model), "settings": opt.as_dict(settings.ffdnet),
                                                         "history": history}, logger)
     logger.info(f"trained in {timer.seconds:.0f} s; final val PSNR {history[-1].get('val_psnr', 0):.2f} dB")
     result = {"model": path, "history": history, "seconds": timer.seconds}
     if norms:
         table = [[os.path.basename(patches.files[int(k)]), int(r), int(c)]
                  for k, (r, c) in zip(patches.image_index, patches.position.tolist())]
-        meta = {"settings": settings["ffdnet"], "model_file": path, "grad_mode": m1.grad_mode,
+        meta = {"settings": opt.as_dict(settings.ffdnet), "model_file": path, "grad_mode": m1.grad_mode,
                 "layers": {f"l{layer}": {"module": f"main.{model.conv_index(layer)}.weight",
                                          "shape": list(norms[layer].shape)} for layer in layers},
                 "n_train": len(patches), "files": [os.path.basename(f) for f in patches.files],

@@ -13,9 +13,9 @@ from ffdnet_test import common, datasets
 from ffdnet_test.model import FFDNet, PackedInput, feature_position
 
 
-def test_image(settings: dict, name: str) -> tuple[int, str, torch.Tensor, torch.Tensor]:
+def test_image(settings: opt.Settings, name: str) -> tuple[int, str, torch.Tensor, torch.Tensor]:
     """(index, path, clean, noisy) of test image ``name``; noisy as FFDNet_Test makes it."""
-    cfg = common.ffdnet_cfg(settings)
+    cfg = settings.ffdnet
     paths = datasets.list_images(common.folder(settings, "test_dir"))
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     if name not in names:
@@ -27,12 +27,12 @@ def test_image(settings: dict, name: str) -> tuple[int, str, torch.Tensor, torch
     return k, paths[k], clean, noisy
 
 
-def image_names(settings: dict, log=print) -> list[str]:
+def image_names(settings: opt.Settings, log=print) -> list[str]:
     """The test images to explain: ffdnet.attribution.images when the test folder has them. When
     it has none of them (e.g. the defaults "01", "02" of Set12 with the scikit-image photographs),
     the first as many images of the folder, in name order, with a warning saying so; a list of
     which only some exist is a typo and stops with one line."""
-    cfg = common.ffdnet_cfg(settings)
+    cfg = settings.ffdnet
     wanted = cfg.attribution.images
     names = [os.path.splitext(os.path.basename(p))[0]
              for p in datasets.list_images(common.folder(settings, "test_dir"))]
@@ -79,7 +79,7 @@ def activations_at(model: FFDNet, noisy: torch.Tensor, sigma01: float, layers: l
     return out
 
 
-def grad_norms(settings: dict) -> tuple[dict[int, torch.Tensor], dict]:
+def grad_norms(settings: opt.Settings) -> tuple[dict[int, torch.Tensor], dict]:
     """The gradient-norm file of FFDNet_Train: ({layer: (P, channels) float64}, meta)."""
     record = opt.read_json(common.grad_norm_file(settings), "ffdnet_test/FFDNet_Train.py")
     arrays = {int(k[1:]): torch.tensor(v, dtype=torch.float64) for k, v in record["arrays"].items()}
@@ -106,10 +106,10 @@ def window_mask(shape: tuple[int, ...], point: list[int], window: int) -> torch.
     return mask
 
 
-def training_triples(settings: dict, device, n: int = 0):
+def training_triples(settings: opt.Settings, device, n: int = 0):
     """(noisy, clean, sigma, patches) of the first n training patches (0 = all), in the model's
     channel order: the fixed (noisy, clean, sigma) triples that influence and retraining share."""
-    if not common.ffdnet_cfg(settings).fixed_noise:
+    if not settings.ffdnet.fixed_noise:
         raise opt.SettingsError("ffdnet.fixed_noise = false: attribution needs one fixed (noisy, clean, "
                                 "sigma) triple per training patch; set it to true (and retrain)")
     patches = common.train_patches(settings)
@@ -120,20 +120,20 @@ def training_triples(settings: dict, device, n: int = 0):
     return noisy.to(device), clean.to(device), sigma[:n].to(device), patches
 
 
-def training_points(settings: dict, device):
+def training_points(settings: opt.Settings, device):
     """Packed noisy inputs and clean targets of the (first max_train_points) training patches."""
     noisy, clean, sigma, patches = training_triples(settings, device,
-                                                    common.ffdnet_cfg(settings).method2.max_train_points)
+                                                    settings.ffdnet.method2.max_train_points)
     return PackedInput.pack(noisy, sigma), clean, patches
 
 
-def influence_problem(settings: dict, model: FFDNet, solver: "utils_if.SolverSettings",
+def influence_problem(settings: opt.Settings, model: FFDNet, solver: "utils_if.SolverSettings",
                       log=lambda _: None) -> "utils_if.InfluenceProblem":
     """The influence problem of ffdnet.method2 over the model's chosen parameters (seen by the engine
     under PackedInput's "net."). Kronecker solvers cover the conv layers only: BatchNorm's scale and
     shift are held fixed (logged), and ``solver`` gets the factor file of these settings (its Fisher is
     the empirical one: the denoiser's block offers no other, options/method2.py)."""
-    m2 = common.ffdnet_cfg(settings).method2
+    m2 = settings.ffdnet.method2
     try:
         names = utils_if.select_parameters(model, m2.params)
     except ValueError as err:
@@ -150,21 +150,21 @@ def influence_problem(settings: dict, model: FFDNet, solver: "utils_if.SolverSet
                                      l2_reg=m2.l2_reg, batched_hvp=False)
 
 
-def packed_test_image(settings: dict, image: str, device) -> tuple[torch.Tensor, torch.Tensor, str]:
+def packed_test_image(settings: opt.Settings, image: str, device) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(packed noisy input (1, C+1, H, W), clean target (1, C, H, W), path) of a test image, in the
     model's channel order, at the test noise level."""
     _, path, clean, noisy = test_image(settings, image)
-    sigma01 = common.ffdnet_cfg(settings).test.noise_level_img / 255.0
+    sigma01 = settings.ffdnet.test.noise_level_img / 255.0
     x = PackedInput.pack(common.to_model_order(noisy, settings)[None], torch.tensor([sigma01]))
     return x.to(device), common.to_model_order(clean, settings)[None].to(device), path
 
 
-def target_grads(settings: dict, problem: "utils_if.InfluenceProblem", image: str, points: list[list[int]],
+def target_grads(settings: opt.Settings, problem: "utils_if.InfluenceProblem", image: str, points: list[list[int]],
                  device) -> tuple[torch.Tensor, list[tuple[str, list[int] | None]], str]:
     """The gradients (1 + len(points), p) of one test image's targets over ``problem``'s parameters:
     the whole-image MSE, then the squared error of the ffdnet.method2.window window around each
     point; with their (entry label, point) and the image's path."""
-    window = common.ffdnet_cfg(settings).method2.window
+    window = settings.ffdnet.method2.window
     x, y, path = packed_test_image(settings, image, device)
     rows, labels = [problem.sample_grads(x, y)], [("whole", None)]
     for point in points:

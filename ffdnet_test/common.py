@@ -14,14 +14,9 @@ from ffdnet_test.model import FFDNet, orthogonal_init
 from options.blocks import Ffdnet
 
 
-def ffdnet_cfg(settings: dict) -> Ffdnet:
-    """The ``ffdnet`` block of checked settings, typed (options/blocks.py): ``ffdnet_cfg(s).method2.solver``."""
-    return opt.typed(settings["ffdnet"], Ffdnet)
-
-
-def run_tag(settings: dict) -> str:
+def run_tag(settings: opt.Settings) -> str:
     """FFDNet_{gray|rgb}_{layout}_e{E}b{B}s{seed}p{patch}st{stride} (+ nN, fn fixed noise, ft fine-tune)."""
-    cfg = ffdnet_cfg(settings)
+    cfg = settings.ffdnet
     tag = (f"FFDNet_{'gray' if cfg.is_gray else 'rgb'}_{cfg.layout}_e{cfg.epoch}"
            f"b{cfg.batch_size}s{cfg.seed}p{cfg.patch_size}st{cfg.stride}"
            f"sg{cfg.sigma[0]:g}-{cfg.sigma[1]:g}")
@@ -44,13 +39,13 @@ def run_tag(settings: dict) -> str:
     return tag
 
 
-def model_file(settings: dict, epoch: int | None = None) -> str:
+def model_file(settings: opt.Settings, epoch: int | None = None) -> str:
     suffix = f"_check{epoch}" if epoch is not None else ""
     return opt.output_path(settings, "model_zoo", f"{run_tag(settings)}{suffix}.pth")
 
 
-def grad_norm_file(settings: dict) -> str:
-    m1 = ffdnet_cfg(settings).method1
+def grad_norm_file(settings: opt.Settings) -> str:
+    m1 = settings.ffdnet.method1
     return opt.output_path(settings, "grad_norm", "ffdnet",
                            f"{run_tag(settings)}_{m1.grad_mode}.json")
 
@@ -58,42 +53,42 @@ def grad_norm_file(settings: dict) -> str:
 M1_MODES = ("raw", "normalized", "remove_out")  # every m1_Test file holds all three
 
 
-def test_noise_part(settings: dict) -> str:
+def test_noise_part(settings: opt.Settings) -> str:
     """The test image's noise: sigma (0-255) and whether the noisy input is clipped to 8 bits."""
-    test = ffdnet_cfg(settings).test
+    test = settings.ffdnet.test
     return f"s{test.noise_level_img:g}{'c' if test.is_clip else 'u'}"
 
 
-def points_part(settings: dict) -> str:
+def points_part(settings: opt.Settings) -> str:
     """Which pixels a per-image result explains (ffdnet.attribution.points): a short hash of the list,
     so that a run for other points never replaces this one's file."""
     import hashlib
-    points = ffdnet_cfg(settings).attribution.points
+    points = settings.ffdnet.attribution.points
     return "pts" + hashlib.sha1(json.dumps([list(p) for p in points]).encode()).hexdigest()[:6]
 
 
-def m1_result_file(settings: dict, image: str) -> str:
+def m1_result_file(settings: opt.Settings, image: str) -> str:
     """m1_Test's scores for one test image (all modes; outlim decides remove_out)."""
-    m1 = ffdnet_cfg(settings).method1
+    m1 = settings.ffdnet.method1
     layers = "-".join(map(str, m1.layers))
     return opt.output_path(settings, "act_grad", "ffdnet",
                            f"{run_tag(settings)}_{m1.grad_mode}_{image}_{m1.activation}_l{layers}"
                            f"_out{m1.outlim:g}_{test_noise_part(settings)}_{points_part(settings)}.json")
 
 
-def m2_result_file(settings: dict, image: str) -> str:
+def m2_result_file(settings: opt.Settings, image: str) -> str:
     """m2_Test's influences for one test image: the shared solver part, the training patches used,
     the window, the test noise."""
-    m2 = ffdnet_cfg(settings).method2
+    m2 = settings.ffdnet.method2
     return opt.output_path(settings, "if", "ffdnet",
                            f"{run_tag(settings)}_{opt.solver_file_part(m2)}_n{m2.max_train_points}"
                            f"_w{m2.window}_{test_noise_part(settings)}_{points_part(settings)}_{image}.json")
 
 
-def m3_result_file(settings: dict, image: str, seed: int) -> str:
+def m3_result_file(settings: opt.Settings, image: str, seed: int) -> str:
     """m3_Test's metagradients for one test image through the fine-tuning run of one seed (the
     schedule ffdnet.explain.finetune, all training patches, the window, the test noise)."""
-    cfg = ffdnet_cfg(settings)
+    cfg = settings.ffdnet
     ft = cfg.explain.finetune
     return opt.output_path(settings, "if", "ffdnet",
                            f"{run_tag(settings)}_m3_ft-e{ft.epochs:g}lr{ft.learning_rate:g}b{ft.batch_size}"
@@ -103,40 +98,40 @@ def m3_result_file(settings: dict, image: str, seed: int) -> str:
                            f"_{image}.json")
 
 
-def factor_file(settings: dict, solver: str) -> str:
+def factor_file(settings: opt.Settings, solver: str) -> str:
     """K-FAC/EK-FAC factors of the model over its (first max_train_points) training patches."""
-    m2 = ffdnet_cfg(settings).method2
+    m2 = settings.ffdnet.method2
     params = "_p" + "+".join(m2.params) if m2.params else ""
     return opt.output_path(settings, "if", "ffdnet", "factors",
                            f"{run_tag(settings)}_{solver}_{m2.fisher}{params}_n{m2.max_train_points}.pt")
 
 
-def folder(settings: dict, key: str) -> str:
+def folder(settings: opt.Settings, key: str) -> str:
     """A data folder from the settings; the default ones are filled on first use."""
-    path = opt.resolve_path(getattr(ffdnet_cfg(settings), key))
+    path = opt.resolve_path(getattr(settings.ffdnet, key))
     if path.startswith(opt.resolve_path("data/ffdnet")) and not os.path.isdir(path):
         from data.ffdnet_data import ensure_ffdnet_images
         ensure_ffdnet_images()
     return path
 
 
-def train_patches(settings: dict) -> datasets.PatchSet:
-    cfg = ffdnet_cfg(settings)
+def train_patches(settings: opt.Settings) -> datasets.PatchSet:
+    cfg = settings.ffdnet
     return datasets.PatchSet.from_folder(folder(settings, "train_dir"), cfg.is_gray,
                                          cfg.patch_size, cfg.stride, cfg.max_patches)
 
 
-def patch_noise(settings: dict, patches: datasets.PatchSet):
+def patch_noise(settings: opt.Settings, patches: datasets.PatchSet):
     """The fixed per-patch (sigma, noise) of these settings (seeded), or None without fixed_noise."""
-    cfg = ffdnet_cfg(settings)
+    cfg = settings.ffdnet
     if not cfg.fixed_noise:
         return None
     return datasets.fixed_noise(len(patches), tuple(patches.clean.shape[1:]), tuple(cfg.sigma),
                                 cfg.seed + 1000003)
 
 
-def new_model(settings: dict, device: torch.device) -> FFDNet:
-    cfg = ffdnet_cfg(settings)
+def new_model(settings: opt.Settings, device: torch.device) -> FFDNet:
+    cfg = settings.ffdnet
     torch.manual_seed(cfg.seed)
     model = FFDNet(cfg.is_gray, cfg.layout, residual=cfg.residual)
     orthogonal_init(model)
@@ -146,9 +141,9 @@ def new_model(settings: dict, device: torch.device) -> FFDNet:
     return model.to(device)
 
 
-def resolve_model_path(settings: dict) -> str:
+def resolve_model_path(settings: opt.Settings) -> str:
     """The model the test/attribution scripts use: ffdnet.test.model, or the trained one."""
-    choice = ffdnet_cfg(settings).test.model
+    choice = settings.ffdnet.test.model
     if choice == "official":
         from data.ffdnet_data import official_color_weights
         return official_color_weights()
@@ -157,10 +152,10 @@ def resolve_model_path(settings: dict) -> str:
     return opt.require_file(model_file(settings), "ffdnet_test/FFDNet_Train.py")
 
 
-def load_model(settings: dict, device: torch.device, logger: logging.Logger | None = None):
+def load_model(settings: opt.Settings, device: torch.device, logger: logging.Logger | None = None):
     path = resolve_model_path(settings)
     model, info = load_checkpoint(path)
-    cfg = ffdnet_cfg(settings)
+    cfg = settings.ffdnet
     if info["is_gray"] != cfg.is_gray:
         raise opt.SettingsError(f"model {path} is {'gray' if info['is_gray'] else 'colour'} but "
                                 f"ffdnet.is_gray = {str(cfg.is_gray).lower()}: change one of them")
@@ -169,9 +164,9 @@ def load_model(settings: dict, device: torch.device, logger: logging.Logger | No
     return model.to(device).eval(), path
 
 
-def to_model_order(image: torch.Tensor, settings: dict) -> torch.Tensor:
+def to_model_order(image: torch.Tensor, settings: opt.Settings) -> torch.Tensor:
     """RGB -> the model's channel order (BGR for the original author's checkpoint); an involution."""
-    if ffdnet_cfg(settings).channel_order == "bgr" and image.shape[-3] == 3:
+    if settings.ffdnet.channel_order == "bgr" and image.shape[-3] == 3:
         return image.flip(-3)
     return image
 

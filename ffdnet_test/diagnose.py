@@ -35,8 +35,8 @@ def summarise(lists: dict[str, dict[tuple, list[int]]], top: int) -> tuple[float
             float(np.mean(across)) if across else float("nan"))
 
 
-def main(settings: dict) -> dict:
-    cfg = common.ffdnet_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.ffdnet
     if len(cfg.attribution.images) < 2:
         raise opt.SettingsError("ffdnet.attribution.images needs two test images for the diagnosis")
     logger = opt.make_logger(settings, "ffdnet_diagnose")
@@ -63,7 +63,7 @@ def main(settings: dict) -> dict:
                                  for name, a, b in rows])]
     text = "\n".join(lines)
     logger.info("\n" + text)
-    m1 = common.ffdnet_cfg(settings).method1
+    m1 = settings.ffdnet.method1
     inputs = os.path.basename(common.m2_result_file(settings, "")).removesuffix("_.json")
     path = opt.output_path(settings, "test", f"ffdnet_diagnosis_{inputs}_{m1.grad_mode}_{m1.activation}.md")
     opt.write_text(path, text + "\n")

@@ -37,11 +37,11 @@ import utils_option as opt  # noqa: E402
 from ffdnet_test import FFDNet_Train, attribution, common, explain, explain_study, m1_Test, m2_Test, m3_Test  # noqa: E402
 
 
-def prerequisites(settings: dict, target_list: list[dict], log) -> None:
+def prerequisites(settings: opt.Settings, target_list: list[dict], log) -> None:
     """Run FFDNet_Train, m1_Test, m2_Test and m3_Test where their files for these settings are
     missing (what the rankings and the predictions need), so that this script is the whole study."""
-    cfg = common.ffdnet_cfg(settings)
-    ecfg = explain.explain_cfg(settings)
+    cfg = settings.ffdnet
+    ecfg = settings.ffdnet.explain
     wanted = set(ecfg.rankings)
     all_images = attribution.image_names(settings, lambda _: None)
     images = list(dict.fromkeys(t["image"] for t in target_list))
@@ -56,9 +56,9 @@ def prerequisites(settings: dict, target_list: list[dict], log) -> None:
                                 for seed in range(ecfg.seeds)], settings, log)
 
 
-def main(settings: dict) -> dict:
-    cfg = common.ffdnet_cfg(settings)
-    ecfg = explain.explain_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.ffdnet
+    ecfg = settings.ffdnet.explain
     rank, world = opt.distributed_start(cfg.use_gpu)
     logger, device = opt.start_script(settings, "ffdnet_expTest", cfg, seed=False)
     target_list = explain.targets(settings, logger.info)

@@ -48,19 +48,14 @@ SMOOTHNESS_REMEDY = ("no fine-tuning variant measured is smooth or predicts remo
                      "(docs/results.md): read Method 3's lists as rankings within a target, not as sizes")
 
 
-def explain_cfg(settings: dict) -> FfdnetExplain:
-    """The ``ffdnet.explain`` block of checked settings, typed (options/blocks.py)."""
-    return common.ffdnet_cfg(settings).explain
-
-
 def point_label(point: list[int]) -> str:
     return f"{point[0]},{point[1]}"
 
 
-def targets(settings: dict, log=print) -> list[dict]:
+def targets(settings: opt.Settings, log=print) -> list[dict]:
     """The configured points of the first explain.test_images test images: {image, point, label}."""
-    images = attribution.image_names(settings, log)[:explain_cfg(settings).test_images]
-    points = common.ffdnet_cfg(settings).attribution.points
+    images = attribution.image_names(settings, log)[:settings.ffdnet.explain.test_images]
+    points = settings.ffdnet.attribution.points
     return [{"image": image, "point": list(p), "label": f"{image} {point_label(p)}"}
             for image in images for p in points]
 
@@ -76,11 +71,11 @@ def ranking_key(ranking: str, owner: str, seed: int) -> str:
     return f"{ranking}|{owner}|s{seed}" if ranking in SEED_RANKINGS else f"{ranking}|{owner}"
 
 
-def method3_influence(settings: dict, target_list: list[dict], n_train: int) -> dict[tuple[int, str], np.ndarray]:
+def method3_influence(settings: opt.Settings, target_list: list[dict], n_train: int) -> dict[tuple[int, str], np.ndarray]:
     """{(seed, entry): Method-3 influence of every patch} from m3_Test's files, entry = a target label
     or an image name (its whole-image loss); a file made for another number of patches is refused."""
     out = {}
-    for seed in range(explain_cfg(settings).seeds):
+    for seed in range(settings.ffdnet.explain.seeds):
         for image in dict.fromkeys(t["image"] for t in target_list):
             path = common.m3_result_file(settings, image, seed)
             record = opt.read_json(path, "ffdnet_test/m3_Test.py", shape=("entries", "meta"))
@@ -98,10 +93,10 @@ def method3_influence(settings: dict, target_list: list[dict], n_train: int) -> 
     return out
 
 
-def read_rankings(settings: dict, target_list: list[dict], n_train: int) -> dict[str, np.ndarray]:
+def read_rankings(settings: opt.Settings, target_list: list[dict], n_train: int) -> dict[str, np.ndarray]:
     """{ranking_key(ranking, target label or image, seed): training patch indices, best first} from the
     m1/m2/m3 files; a file made for another number of patches is refused (all patches must be scored)."""
-    ecfg = explain_cfg(settings)
+    ecfg = settings.ffdnet.explain
     wanted = set(ecfg.rankings)
     out: dict[str, np.ndarray] = {}
     if wanted & set(SEED_RANKINGS):
@@ -144,9 +139,9 @@ def read_rankings(settings: dict, target_list: list[dict], n_train: int) -> dict
     return out
 
 
-def plan(settings: dict, target_list: list[dict], folder: str) -> list[dict]:
+def plan(settings: opt.Settings, target_list: list[dict], folder: str) -> list[dict]:
     """Every job of the study: the control per seed, then manipulation x ranking x target x k x seed."""
-    ecfg = explain_cfg(settings)
+    ecfg = settings.ffdnet.explain
     jobs = [{"name": f"control_s{seed}", "ranking": None, "target": None, "manipulation": None, "k": 0,
              "seed": seed} for seed in range(ecfg.seeds)]
     images = list(dict.fromkeys(t["image"] for t in target_list))

@@ -16,11 +16,11 @@ import utils_option as opt
 from ffdnet_test import attribution, common, explain, plotting
 
 
-def study_tag(settings: dict) -> str:
+def study_tag(settings: opt.Settings) -> str:
     """The model's tag + a hash of everything a run's outcome depends on besides its own job."""
-    cfg = common.ffdnet_cfg(settings)
-    ecfg = explain.explain_cfg(settings)
-    written = settings["ffdnet"]  # hashed as the settings file holds them
+    cfg = settings.ffdnet
+    ecfg = settings.ffdnet.explain
+    written = opt.as_dict(settings.ffdnet)  # hashed as the settings file holds them
     finetune = dict(written["explain"]["finetune"])
     if finetune.get("optimizer", "adam") == "adam":  # torch's Adam keeps the tags it had before these keys
         finetune = {k: v for k, v in finetune.items() if k not in ("optimizer", "momentum") and (k != "eps_root" or v)}
@@ -34,19 +34,19 @@ def study_tag(settings: dict) -> str:
     return f"{common.run_tag(settings)}_{digest}"
 
 
-def report_tag(settings: dict) -> str:
+def report_tag(settings: opt.Settings) -> str:
     """The report's files: the study and a short hash of the plan's choices that change the table but
     not any one run (rankings, manipulations, k values, seeds, maps), so that two tables made with other
     choices never overwrite each other."""
-    ecfg = explain.explain_cfg(settings)
+    ecfg = settings.ffdnet.explain
     plan = {k: getattr(ecfg, k) for k in ("rankings", "manipulations", "k_values", "seeds", "maps")}
     return f"{study_tag(settings)}_r{hashlib.sha1(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:6]}"
 
 
 def run_job(job: dict, base, data, ranked, images, tests, target_list, settings, device) -> dict:
     """Fine-tune a copy of the base model on the job's training set and measure it."""
-    cfg = common.ffdnet_cfg(settings)
-    ecfg = explain.explain_cfg(settings)
+    cfg = settings.ffdnet
+    ecfg = settings.ffdnet.explain
     noisy, clean, sigma = data
     n = len(clean)
     chosen = explain.chosen_patches(job, ranked, n, images)
@@ -65,13 +65,13 @@ def run_job(job: dict, base, data, ranked, images, tests, target_list, settings,
             "chosen": [int(i) for i in chosen], "steps": run.num_steps, "seconds": round(timer.seconds, 2)}
 
 
-def influence_map_rows(settings: dict, target_list, ranked, device, logger) -> list[dict]:
+def influence_map_rows(settings: opt.Settings, target_list, ranked, device, logger) -> list[dict]:
     """For each target, its top explain.maps patches by pixel-window influence, with where inside each
     patch that influence sits (conv inner products split per position, upsampled 2x to pixels)."""
-    cfg = common.ffdnet_cfg(settings)
-    count = explain.explain_cfg(settings).maps
+    cfg = settings.ffdnet
+    count = settings.ffdnet.explain.maps
     solver = opt.solver_run(cfg.method2, cfg.seed)
-    if not count or solver.solver not in utils_if.KRONECKER_SOLVERS or "m2_window" not in explain.explain_cfg(settings).rankings:
+    if not count or solver.solver not in utils_if.KRONECKER_SOLVERS or "m2_window" not in settings.ffdnet.explain.rankings:
         logger.info("influence maps: skipped (they need ffdnet.explain.maps > 0, ranking m2_window and a "
                     "kfac/ekfac solver, whose parameters are the conv layers only)")
         return []
@@ -98,13 +98,13 @@ def influence_map_rows(settings: dict, target_list, ranked, device, logger) -> l
     return rows
 
 
-def predictors(settings: dict, target_list: list[dict], n_train: int) -> dict[str, explain.Predictions]:
+def predictors(settings: opt.Settings, target_list: list[dict], n_train: int) -> dict[str, explain.Predictions]:
     """What predicts the removal runs' changes: Method 3 of each seed's own run ("m3", when
     m3_Test's files exist) and Method 2's influence ("m2", from m2_Test's files), for every window
     and every image's whole-image loss."""
     out: dict[str, explain.Predictions] = {}
     if all(os.path.isfile(common.m3_result_file(settings, t["image"], seed))
-           for t in target_list for seed in range(explain.explain_cfg(settings).seeds)):
+           for t in target_list for seed in range(settings.ffdnet.explain.seeds)):
         out["m3"] = explain.method3_influence(settings, target_list, n_train)
     m2 = {}
     for image in dict.fromkeys(t["image"] for t in target_list):
@@ -128,9 +128,9 @@ def prediction_lines(table: list[dict]) -> list[str]:
                                          else str(r.get(h, "")) for h in header] for r in table]).split("\n")
 
 
-def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: dict, tag: str, ranked, n_train: int,
+def report(settings: opt.Settings, runs: dict, target_list: list[dict], base_outcome: dict, tag: str, ranked, n_train: int,
            device, logger) -> dict:
-    ecfg = explain.explain_cfg(settings)
+    ecfg = settings.ffdnet.explain
     rows = explain.effects(runs, target_list, predictors(settings, target_list, n_train))
     predictions = explain.prediction_table(rows, target_list)
     controls = {name: run["outcome"]["window_loss"] for name, run in runs.items() if run["job"]["ranking"] is None}
@@ -172,7 +172,7 @@ def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: di
               "own_over_others", "psnr_change"]
     seconds = [run["seconds"] for run in runs.values()]
     text = opt.markdown_table(header, [[r[h] for h in header] for r in table]) + (
-        f"\n\nown = mean change of the window loss ({2 * common.ffdnet_cfg(settings).method2.window + 1}^2 "
+        f"\n\nown = mean change of the window loss ({2 * settings.ffdnet.method2.window + 1}^2 "
         f"pixels) at the target the list was built for (m2_whole, random: at every target of the image), vs the "
         f"control of the same seed; others = at the image's other targets; own_seed_spread = std over seeds of "
         f"the per-seed mean; own_positive = the fraction of those changes above 0; psnr_change in dB. Window losses before fine-tuning: "
@@ -190,7 +190,7 @@ def report(settings: dict, runs: dict, target_list: list[dict], base_outcome: di
     opt.write_json(opt.output_path(settings, "test", f"ffdnet_expTest_{tag}.json"),
                    {"table": table, "effects": rows, "base": base_outcome, "verdicts": verdicts,
                     "predictions": predictions, "controls": controls,
-                    "settings": settings["ffdnet"]}, logger)
+                    "settings": opt.as_dict(settings.ffdnet)}, logger)
     for v in verdicts:
         logger.info(v)
     figures = []

@@ -13,7 +13,7 @@ import utils_option as opt  # noqa: E402
 from ffdnet_test import common, metrics  # noqa: E402
 
 
-def main(settings: dict, indices: list[int] | None = None) -> dict:
+def main(settings: opt.Settings, indices: list[int] | None = None) -> dict:
     logger = opt.make_logger(settings, "ffdnet_m1_PatchImg")
     patches = common.train_patches(settings)
     indices = indices if indices is not None else [0, len(patches) - 1]

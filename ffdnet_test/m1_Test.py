@@ -22,8 +22,8 @@ from ffdnet_test import attribution, common  # noqa: E402
 MODES = common.M1_MODES
 
 
-def main(settings: dict) -> dict:
-    cfg = common.ffdnet_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.ffdnet
     m1, att = cfg.method1, cfg.attribution
     logger, device = opt.start_script(settings, "ffdnet_m1_Test", cfg, seed=False)
     images = attribution.image_names(settings, logger.info)

@@ -22,8 +22,8 @@ import utils_option as opt  # noqa: E402
 from ffdnet_test import attribution, common  # noqa: E402
 
 
-def main(settings: dict) -> dict:
-    cfg = common.ffdnet_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.ffdnet
     m2, att = cfg.method2, cfg.attribution
     logger, device = opt.start_script(settings, "ffdnet_m2_Test", cfg)
     images = attribution.image_names(settings, logger.info)
@@ -59,7 +59,7 @@ def main(settings: dict) -> dict:
             logger.info(f"{image} {label}: helpful {entries[label]['helpful'][:5]}, harmful {entries[label]['harmful'][:5]}")
         files[image] = opt.write_json(common.m2_result_file(settings, image), {"entries": entries, "meta": {
             "model_file": model_path, "test_image": path, "sigma": cfg.test.noise_level_img,
-            "n_train": len(x_train), "window": m2.window, "settings": settings["ffdnet"]["method2"], "solver_info": info,
+            "n_train": len(x_train), "window": m2.window, "settings": opt.as_dict(settings.ffdnet.method2), "solver_info": info,
             "sign_convention": utils_if.SIGN_CONVENTION, "patch_size": patches.patch_size,
             "targets": "whole = MSE over the whole image; point r,c = squared error over the "
                        "(2*window+1)^2 pixels around (row r, col c)"}}, logger)

@@ -13,8 +13,8 @@ import utils_option as opt  # noqa: E402
 from ffdnet_test import attribution, common, plotting  # noqa: E402
 
 
-def main(settings: dict) -> dict:
-    cfg = common.ffdnet_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.ffdnet
     att = cfg.attribution
     logger = opt.make_logger(settings, "ffdnet_m2_vis")
     images = attribution.image_names(settings, logger.info)

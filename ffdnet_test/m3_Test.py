@@ -36,10 +36,10 @@ from ffdnet_test import attribution, common, explain  # noqa: E402
 from ffdnet_test.model import PackedInput  # noqa: E402
 
 
-def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
+def main(settings: opt.Settings, share: tuple[int, int] = (0, 1)) -> dict:
     """Method 3 for every seed of ffdnet.explain.seeds whose files are missing; ``share`` = (rank,
     world): this process takes every world-th of them (torchrun)."""
-    cfg = common.ffdnet_cfg(settings)
+    cfg = settings.ffdnet
     m3, ft = cfg.method3, cfg.explain.finetune
     logger, device = opt.start_script(settings, "ffdnet_m3_Test", cfg, seed=False)
     target_list = explain.targets(settings, logger.info)
@@ -111,17 +111,17 @@ def main(settings: dict, share: tuple[int, int] = (0, 1)) -> dict:
             files[f"{image} seed {seed}"] = opt.write_json(common.m3_result_file(settings, image, seed), {
                 "entries": entries, "meta": {
                     "model_file": model_path, "test_image": path, "sigma": cfg.test.noise_level_img, "n_train": n,
-                    "window": cfg.method2.window, "seed": seed, "finetune": settings["ffdnet"]["explain"]["finetune"],
-                    "settings": settings["ffdnet"]["method3"], "solver_info": info,
+                    "window": cfg.method2.window, "seed": seed, "finetune": opt.as_dict(settings.ffdnet.explain.finetune),
+                    "settings": opt.as_dict(settings.ffdnet.method3), "solver_info": info,
                     "sign_convention": utils_if.METHOD3_SIGN_CONVENTION, "patch_size": patches.patch_size,
                     "targets": "whole = MSE over the whole image; point r,c = squared error over the "
                                "(2*window+1)^2 pixels around (row r, col c), after the seed's fine-tuning run"}}, logger)
     return {"files": files, "info": infos}
 
 
-def distributed_main(settings: dict) -> dict:
+def distributed_main(settings: opt.Settings) -> dict:
     """The script's entry: under torchrun each process takes its share of the seeds."""
-    rank, world = opt.distributed_start(common.ffdnet_cfg(settings).use_gpu)
+    rank, world = opt.distributed_start(settings.ffdnet.use_gpu)
     try:
         return main(settings, (rank, world))
     finally:

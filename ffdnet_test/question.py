@@ -14,42 +14,41 @@ import torch
 import utils_if
 import utils_option as opt
 from ffdnet_test import attribution, common
-from options.blocks import score_fields
+from options.blocks import Ffdnet, score_fields
 
 NOT_MEASURED = "not measured for these settings (run ffdnet_test/expTest.py: the counterfactual study)"
 
 
-def best_settings(settings: dict) -> dict:
+def best_settings(settings: opt.Settings) -> dict:
     """The settings of the best measured ranking: ffdnet.question.best_solver over all training patches."""
-    best = common.ffdnet_cfg(settings).question.best_solver
-    return opt.deep_merge(settings, {"ffdnet": {"method2": {"solver": best, "max_train_points": 0}}})
+    best = settings.ffdnet.question.best_solver
+    return opt.with_values(settings, {"ffdnet": {"method2": {"solver": best, "max_train_points": 0}}})
 
 
-def trust_key(settings: dict) -> dict:
+def trust_key(cfg: Ffdnet) -> dict:
     """Every setting that changes the pixel-window ranking's scores: the model's training (the
     ffdnet block's fields that change scores, options.blocks.score_fields) and Method 2's solver part
     of its file name with its training patches and pixel window. An expTest report is quoted only
     when its own settings give the same key."""
-    cfg = common.ffdnet_cfg(settings)
     m2 = cfg.method2
     return {"model": score_fields(cfg),
             "method2": {"solver": opt.solver_file_part(m2),
                         "max_train_points": m2.max_train_points, "window": m2.window}}
 
 
-def counterfactual_trust(settings: dict) -> tuple[dict[str, str], list[str]]:
+def counterfactual_trust(settings: opt.Settings) -> tuple[dict[str, str], list[str]]:
     """({point label: one trust line}, []) from an expTest report whose trust key is these settings':
     removing the pixel-window ranking's top-k raises the point's own window loss x times a random
     removal, and Method 2's predicted vs measured Pearson there. Else ({}, the keys in which the
     newest expTest report in the output folder differs; [] when there is none)."""
-    wanted = trust_key(settings)
+    wanted = trust_key(settings.ffdnet)
     differs: list[str] = []
-    pattern = os.path.join(opt.resolve_path(settings["output_dir"]), "test", "ffdnet_expTest_*.json")
+    pattern = os.path.join(opt.resolve_path(settings.output_dir), "test", "ffdnet_expTest_*.json")
     for path in sorted(glob.glob(pattern), reverse=True):
         try:
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)
-            found = trust_key({"ffdnet": opt.deep_merge(settings["ffdnet"], record["settings"])})
+            found = trust_key(opt.with_values(settings.ffdnet, record["settings"], where=path))
         except (OSError, ValueError, KeyError, TypeError, opt.SettingsError):
             continue
         if found != wanted:
@@ -73,10 +72,10 @@ def counterfactual_trust(settings: dict) -> tuple[dict[str, str], list[str]]:
     return {}, differs
 
 
-def point_maps(settings: dict, image: str, point: list[int], top: list[int], device) -> torch.Tensor:
+def point_maps(settings: opt.Settings, image: str, point: list[int], top: list[int], device) -> torch.Tensor:
     """(k, H, W) where inside each of the ``top`` training patches its influence on the point's
     window sits (per conv output position, upsampled 2x to pixels; they sum to its influence)."""
-    cfg = common.ffdnet_cfg(settings)
+    cfg = settings.ffdnet
     solver = opt.solver_run(cfg.method2, cfg.seed)
     model, _ = common.load_model(settings, device)
     problem = attribution.influence_problem(settings, model, solver)

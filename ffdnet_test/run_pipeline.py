@@ -23,9 +23,9 @@ import utils_option as opt  # noqa: E402
 from ffdnet_test import FFDNet_Train, attribution, common, m2_Test, plotting, question  # noqa: E402
 
 
-def main(settings: dict) -> dict:
+def main(settings: opt.Settings) -> dict:
     start = time.perf_counter()
-    cfg = common.ffdnet_cfg(settings)
+    cfg = settings.ffdnet
     opt.run_stage(FFDNet_Train, [common.model_file(settings)], settings, print)
     best = question.best_settings(settings)
     with opt.quiet_console():
@@ -35,7 +35,7 @@ def main(settings: dict) -> dict:
     attribution.image_names(settings, caveats.append)
     patches = common.train_patches(best)
     logger, device = opt.start_script(settings, "ffdnet_question", cfg, seed=False)
-    k, solver = cfg.attribution.vis_num, common.ffdnet_cfg(best).method2.solver
+    k, solver = cfg.attribution.vis_num, best.ffdnet.method2.solver
     figures, lines = [], []
     for image, path in files.items():
         record = opt.read_json(path, "ffdnet_test/m2_Test.py", shape=("entries",))
@@ -64,7 +64,7 @@ def main(settings: dict) -> dict:
                 settings, "fig", "ffdnet_question", f"{stem}_{entry['point'][0]}-{entry['point'][1]}.png"), logger))
     print("\nHow far to trust each list (the counterfactual study of this model):\n" + "\n".join(f"  {l}" for l in lines))
     print(f"answer figures ({len(figures)}): {figures[0] if figures else '-'}" + (" ..." if len(figures) > 1 else ""))
-    print(f"FFDNet question (profile {settings['profile']}) finished in {time.perf_counter() - start:.0f} s")
+    print(f"FFDNet question (profile {settings.profile}) finished in {time.perf_counter() - start:.0f} s")
     return {"figures": figures, "trust": lines, "files": files}
 
 

@@ -26,8 +26,8 @@ def choose_by_loss_rank(losses: torch.Tensor, count: int, step: int) -> list[int
     return [int(order[r]) for r in ranks]
 
 
-def main(settings: dict) -> dict:
-    cfg = common.mnist_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.mnist
     mode = cfg.method1.mode
     logger, device = opt.start_script(settings, "mnist_Test", cfg)
     model, model_path = common.load_model(settings, mode, device, logger)
@@ -57,7 +57,7 @@ def main(settings: dict) -> dict:
     selection = common.test_selection_part(settings)
     opt.write_json(path, {"test_ids": ids, "selection": selection, "images": images, "meta": {
         "model_file": model_path, "selection_rule": rule, "test_accuracy": accuracy,
-        "mean_test_loss": float(losses.mean()), "settings": settings["mnist"]}}, logger)
+        "mean_test_loss": float(losses.mean()), "settings": opt.as_dict(settings.mnist)}}, logger)
     return {"test_file": path, "test_ids": ids, "test_accuracy": accuracy}
 
 

@@ -19,8 +19,8 @@ from mnist_test.model import LAYER_MODULES  # noqa: E402
 from mnist_test.training import REPLAY_RECIPE, train_model  # noqa: E402
 
 
-def main(settings: dict) -> dict:
-    cfg = common.mnist_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.mnist
     m1 = cfg.method1
     logger, device = opt.start_script(settings, "mnist_Train", cfg)
     train, test = common.load_data(settings, device, logger.info)
@@ -44,11 +44,11 @@ def main(settings: dict) -> dict:
     model_path = common.model_file(settings, m1.mode)
     replay = {"recipe": REPLAY_RECIPE, "seed": cfg.seed, "n_train": len(train), "device": str(device),
               "threads": torch.get_num_threads(), "torch": str(torch.__version__)}  # what m3_Test's replay needs
-    opt.save_torch(model_path, {"model": model.state_dict(), "settings": settings["mnist"], "replay": replay,
+    opt.save_torch(model_path, {"model": model.state_dict(), "settings": opt.as_dict(settings.mnist), "replay": replay,
                                 "test_accuracy": accuracy}, logger)
     grad_path = common.grad_norm_file(settings)
     meta = {
-        "settings": settings["mnist"], "profile": settings["profile"], "model_file": model_path,
+        "settings": opt.as_dict(settings.mnist), "profile": settings.profile, "model_file": model_path,
         "grad_mode": m1.grad_mode, "skip_first_epoch": m1.skip_first_epoch,
         "layers": {name: {"module": f"{LAYER_MODULES[name]}.weight",
                           "shape": [len(train), norms[name].shape[1]]} for name in layers},

@@ -21,27 +21,20 @@ from options.blocks import Mnist, MnistMethod3
 ORIGINAL_RECIPE = {"learning_rate": 0.003, "momentum": 0.9, "weight_decay": 0.001}
 
 
-def mnist_cfg(settings: dict) -> Mnist:
-    """The ``mnist`` block of checked settings, typed (options/blocks.py): ``mnist_cfg(s).method2.solver``."""
-    return opt.typed(settings["mnist"], Mnist)
-
-
-def stability_settings(settings: dict, seed: int, test_ids=None) -> dict:
+def stability_settings(settings: opt.Settings, seed: int, test_ids=None) -> dict:
     """The settings of model staTest{index}: its seed and its mode name (and the shared test ids)."""
-    index = mnist_cfg(settings).stability.seeds.index(seed)
+    index = settings.mnist.stability.seeds.index(seed)
     mode = f"staTest{index}"
     mnist = {"seed": seed, "method1": {"mode": mode}, "method2": {"mode": mode}, "method3": {"mode": mode}}
     if test_ids is not None:
         mnist["test_ids"] = test_ids
-    merged = opt.deep_merge(settings, {"mnist": mnist})
-    opt.validate(merged, opt.SCHEMA)
-    return merged
+    return opt.with_values(settings, {"mnist": mnist})
 
 
-def run_tag(settings: dict) -> str:
+def run_tag(settings: opt.Settings) -> str:
     """e20b8s0 (+ n1000 for a training subset, + softplus, + t2 for threads other than 1 (t0 = all
     cores), + optimiser values off the original recipe)."""
-    cfg = mnist_cfg(settings)
+    cfg = settings.mnist
     tag = f"e{cfg.epoch}b{cfg.batch_size}s{cfg.seed}"
     if cfg.train_subset:
         tag += f"n{cfg.train_subset}"
@@ -51,8 +44,8 @@ def run_tag(settings: dict) -> str:
         tag += cfg.lr_schedule
     if cfg.logit_scale != 1.0:
         tag += f"ls{cfg.logit_scale:g}"
-    if settings.get("threads", 1) != 1:  # another thread count sums in another order: other weights, other files
-        tag += f"t{settings['threads']}"
+    if settings.threads != 1:  # another thread count sums in another order: other weights, other files
+        tag += f"t{settings.threads}"
     short = {"learning_rate": "lr", "momentum": "mom", "weight_decay": "wd"}
     for key, default in ORIGINAL_RECIPE.items():
         if getattr(cfg, key) != default:
@@ -60,28 +53,28 @@ def run_tag(settings: dict) -> str:
     return tag
 
 
-def model_file(settings: dict, mode: str) -> str:
+def model_file(settings: opt.Settings, mode: str) -> str:
     return opt.output_path(settings, "model_zoo", f"mnist_{run_tag(settings)}_{mode}.pth")
 
 
-def grad_norm_file(settings: dict, mode: str | None = None) -> str:
-    m1 = mnist_cfg(settings).method1
+def grad_norm_file(settings: opt.Settings, mode: str | None = None) -> str:
+    m1 = settings.mnist.method1
     mode = mode or m1.mode
     suffix = "" if m1.skip_first_epoch else "_allep"
     return opt.output_path(settings, "grad_norm", mode,
                            f"mnist_{run_tag(settings)}_{m1.grad_mode}{suffix}.json")
 
 
-def test_file(settings: dict, mode: str) -> str:
+def test_file(settings: opt.Settings, mode: str) -> str:
     """Test.py's result: named for the model and the test selection it was made for."""
     return opt.output_path(settings, "test", f"mnist_{run_tag(settings)}_{mode}_{test_selection_part(settings)}_test.json")
 
 
-def test_selection_part(settings: dict, count: int | None = None) -> str:
+def test_selection_part(settings: opt.Settings, count: int | None = None) -> str:
     """Which test images a result holds: loss-rank rule (num x step), "all", or a short hash of an
     explicit list; ``count`` (method2.test_sample_num) when only the first ones are used."""
     import hashlib
-    cfg = mnist_cfg(settings)
+    cfg = settings.mnist
     ids = cfg.test_ids
     if ids == "loss_rank":
         part = f"lr{cfg.test_num}x{cfg.test_rank_step}"
@@ -92,8 +85,8 @@ def test_selection_part(settings: dict, count: int | None = None) -> str:
     return part + (f"k{count}" if count is not None and ids != "all" else "")
 
 
-def m1_file(settings: dict, mode: str | None = None) -> str:
-    m1 = mnist_cfg(settings).method1
+def m1_file(settings: opt.Settings, mode: str | None = None) -> str:
+    m1 = settings.mnist.method1
     mode = mode or m1.mode
     stem = os.path.basename(grad_norm_file(settings, mode))[:-len(".json")]
     layers = "-".join(m1.layers)
@@ -101,9 +94,9 @@ def m1_file(settings: dict, mode: str | None = None) -> str:
                            f"{stem}_{layers}_{test_selection_part(settings)}_top{m1.top_k}_scores.json")
 
 
-def m2_file(settings: dict, mode: str | None = None) -> str:
+def m2_file(settings: opt.Settings, mode: str | None = None) -> str:
     """Influence file: the solver part (utils_option.solver_file_part), the run tag and mode."""
-    cfg = mnist_cfg(settings)
+    cfg = settings.mnist
     m2 = cfg.method2
     mode = mode or m2.mode
     extra = f"_ce{cfg.checkpoint_every}" if utils_if.solver_for(m2.solver).needs_checkpoints else ""
@@ -112,9 +105,9 @@ def m2_file(settings: dict, mode: str | None = None) -> str:
     return opt.output_path(settings, m2.if_dir, name)
 
 
-def m3_file(settings: dict, mode: str | None = None) -> str:
+def m3_file(settings: opt.Settings, mode: str | None = None) -> str:
     """Method-3 file: target, checkpoint interval-free (the result does not depend on it), run tag, mode."""
-    m3 = mnist_cfg(settings).method3
+    m3 = settings.mnist.method3
     mode = mode or m3.mode
     tests = test_selection_part(settings, m3.test_sample_num)
     name = f"m3_replay_{m3.target}_{run_tag(settings)}{window_part(m3)}_{mode}_{tests}_top{m3.top_k}.json"
@@ -126,34 +119,34 @@ def window_part(m3: MnistMethod3) -> str:
     return f"_w{m3.window:g}{m3.window_unit}" if m3.window else ""
 
 
-def attribution_file(settings: dict, method: str) -> tuple[str, str, str]:
+def attribution_file(settings: opt.Settings, method: str) -> tuple[str, str, str]:
     """(file, the script that makes it, its settings block) of a Method-2 or Method-3 result."""
     if method == "method3":
         return m3_file(settings), "mnist_test/m3_Test.py", "method3"
     return m2_file(settings), "mnist_test/m2_Test.py", "method2"
 
 
-def checkpoint_file(settings: dict, mode: str, epoch: int) -> str:
+def checkpoint_file(settings: opt.Settings, mode: str, epoch: int) -> str:
     """Train.py's checkpoint after ``epoch`` epochs (mnist.checkpoint_every > 0), for TracIn."""
     return opt.output_path(settings, "model_zoo", "checkpoints", f"mnist_{run_tag(settings)}_{mode}",
                            f"ep{epoch}.pth")
 
 
-def checkpoint_files(settings: dict, mode: str) -> list[str]:
+def checkpoint_files(settings: opt.Settings, mode: str) -> list[str]:
     """The checkpoints Train.py wrote with the current settings, in epoch order (error if none)."""
-    every = mnist_cfg(settings).checkpoint_every
+    every = settings.mnist.checkpoint_every
     if not every:
-        raise opt.SettingsError(f"mnist.method2.solver = {mnist_cfg(settings).method2.solver!r} needs "
+        raise opt.SettingsError(f"mnist.method2.solver = {settings.mnist.method2.solver!r} needs "
                                 f"checkpoints: set mnist.checkpoint_every (e.g. 1) and run mnist_test/Train.py again")
-    epochs = range(every, mnist_cfg(settings).epoch + 1, every)
+    epochs = range(every, settings.mnist.epoch + 1, every)
     return [opt.require_file(checkpoint_file(settings, mode, e), "mnist_test/Train.py (mnist.checkpoint_every > 0)")
             for e in epochs]
 
 
-def factor_file(settings: dict, mode: str | None = None) -> str:
+def factor_file(settings: opt.Settings, mode: str | None = None) -> str:
     """K-FAC/EK-FAC factors of a model (they depend on the model, data, Fisher kind and seed only,
     not on the damping or the test images): written once, reused by later runs."""
-    m2 = mnist_cfg(settings).method2
+    m2 = settings.mnist.method2
     mode = mode or m2.mode
     params = "_p" + "+".join(m2.params) if m2.params else ""
     solver = utils_if.solver_for(m2.solver).factor_name  # K-FAC factored reads K-FAC's factors
@@ -161,13 +154,13 @@ def factor_file(settings: dict, mode: str | None = None) -> str:
     return opt.output_path(settings, m2.if_dir, "factors", name)
 
 
-def read_result(path: str, made_by: str, settings: dict, block: str) -> dict:
+def read_result(path: str, made_by: str, settings: opt.Settings, block: str) -> dict:
     """Read an m1/m2 result and check that it was made with the current settings of ``block``
     ("method1" or "method2") and the current training recipe: a stale or foreign file is refused
     in one line, never silently used."""
     record = opt.read_json(path, made_by, shape=("meta.settings",))
     made = record["meta"]["settings"]
-    now = settings["mnist"]  # compared with the block as the file stored it (a dict, as written)
+    now = opt.as_dict(settings.mnist)  # compared with the block as the file stored it (a dict, as written)
     ignored = {"mode", "chunk_size", "if_dir"}  # names and memory bounds, not content
     for key in ("seed", "epoch", "batch_size", "learning_rate", "momentum", "weight_decay", "train_subset",
                 "activation"):
@@ -184,7 +177,7 @@ def read_result(path: str, made_by: str, settings: dict, block: str) -> dict:
     return record
 
 
-def load_grad_norms(settings: dict, mode: str | None = None,
+def load_grad_norms(settings: opt.Settings, mode: str | None = None,
                     device: torch.device = torch.device("cpu")) -> tuple[dict, dict]:
     """The gradient-norm file of Train.py: ({layer: (n_train, n_out) float64 tensor}, meta)."""
     record = opt.read_json(grad_norm_file(settings, mode), "mnist_test/Train.py")
@@ -193,26 +186,26 @@ def load_grad_norms(settings: dict, mode: str | None = None,
     return arrays, record["meta"]
 
 
-def load_train_data(settings: dict, device: torch.device, log=print) -> MnistData:
-    cfg = mnist_cfg(settings)
+def load_train_data(settings: opt.Settings, device: torch.device, log=print) -> MnistData:
+    cfg = settings.mnist
     data = load_mnist(opt.data_path(cfg.data_dir), train=True, log=log)
     return data.subset(cfg.train_subset).to(device)
 
 
-def load_test_data(settings: dict, device: torch.device, log=print) -> MnistData:
-    return load_mnist(opt.data_path(mnist_cfg(settings).data_dir), train=False, log=log).to(device)
+def load_test_data(settings: opt.Settings, device: torch.device, log=print) -> MnistData:
+    return load_mnist(opt.data_path(settings.mnist.data_dir), train=False, log=log).to(device)
 
 
-def load_data(settings: dict, device: torch.device, log=print) -> tuple[MnistData, MnistData]:
+def load_data(settings: opt.Settings, device: torch.device, log=print) -> tuple[MnistData, MnistData]:
     """(training images (mnist.train_subset), test images) on ``device``."""
     return load_train_data(settings, device, log), load_test_data(settings, device, log)
 
 
-def load_model(settings: dict, mode: str, device: torch.device,
+def load_model(settings: opt.Settings, mode: str, device: torch.device,
                logger: logging.Logger | None = None) -> tuple[torch.nn.Module, str]:
     """The trained MLP of ``mode`` under the current settings, in eval mode."""
     path = model_file(settings, mode)
-    cfg = mnist_cfg(settings)
+    cfg = settings.mnist
     model = mnist_model(cfg.activation, cfg.logit_scale).to(device)
     state = opt.load_torch(path, "mnist_test/Train.py", map_location=device)
     try:
@@ -226,9 +219,9 @@ def load_model(settings: dict, mode: str, device: torch.device,
     return model, path
 
 
-def selected_test_ids(settings: dict, mode: str | None = None) -> list[int]:
+def selected_test_ids(settings: opt.Settings, mode: str | None = None) -> list[int]:
     """The chosen test images: the settings' explicit list, or those Test.py chose by loss rank."""
-    cfg = mnist_cfg(settings)
+    cfg = settings.mnist
     if isinstance(cfg.test_ids, list):
         return list(cfg.test_ids)
     if cfg.test_ids == "all":
@@ -252,7 +245,7 @@ def replay_record(model_path: str, device: torch.device) -> str:
             f"here: {torch.get_num_threads()} thread(s) on {device}, torch {torch.__version__}")
 
 
-def attribution_record(settings: dict, model: torch.nn.Module, model_path: str, x_test: torch.Tensor,
+def attribution_record(settings: opt.Settings, model: torch.nn.Module, model_path: str, x_test: torch.Tensor,
                        y_test: torch.Tensor, ids: list[int], influence: torch.Tensor, top_k: int, info: dict,
                        sign_convention: str, logger: logging.Logger) -> dict:
     """The JSON of an attribution (m2_Test, m3_Test): "meta", then per test position its id, label,
@@ -260,7 +253,7 @@ def attribution_record(settings: dict, model: torch.nn.Module, model_path: str, 
     with torch.no_grad():
         out = model(x_test)
     losses = -out.gather(1, y_test[:, None]).squeeze(1)
-    result = {"meta": {"settings": settings["mnist"], "profile": settings["profile"], "model_file": model_path,
+    result = {"meta": {"settings": opt.as_dict(settings.mnist), "profile": settings.profile, "model_file": model_path,
                        "n_train": influence.shape[1], "sign_convention": sign_convention, "solver_info": info,
                        "threads": torch.get_num_threads(), "test_ids": ids}}
     influence = influence.cpu()

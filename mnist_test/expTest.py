@@ -22,10 +22,10 @@ from mnist_test.model import mnist_model  # noqa: E402
 PANELS = (("relabel", "algo", "random"), ("remove", "remove_algo", "remove_random"))
 
 
-def evaluate_jobs(settings: dict, device) -> list[dict]:
+def evaluate_jobs(settings: opt.Settings, device) -> list[dict]:
     test = common.load_test_data(settings, device, lambda *_: None)
     jobs = explain.plan(settings)
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     model = mnist_model(cfg.activation, cfg.logit_scale).to(device).eval()
 
     def run(path, test_id):
@@ -85,8 +85,8 @@ def draw(settings, rows, method, logger):
                            logger)
 
 
-def main(settings: dict) -> dict:
-    cfg = common.mnist_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.mnist
     logger, device = opt.start_script(settings, "mnist_expTest", cfg, seed=False)
     rows = evaluate_jobs(settings, device)
     tag = common.run_tag(settings)

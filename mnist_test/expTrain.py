@@ -25,8 +25,8 @@ import utils_option as opt  # noqa: E402
 from mnist_test import common, explain, training  # noqa: E402
 
 
-def main(settings: dict) -> dict:
-    cfg = common.mnist_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.mnist
     rank, world = opt.distributed_start(cfg.use_gpu)
     logger, device = opt.start_script(settings, "mnist_expTrain", cfg, seed=False)
     ranked = explain.ranked_points(settings)
@@ -57,7 +57,7 @@ def main(settings: dict) -> dict:
         done = [job for job in jobs if os.path.isfile(job["path"])]
         summary = opt.write_json(opt.output_path(settings, "test", f"expTrain_{common.run_tag(settings)}_summary.json"),
                                  {"jobs": done, "missing": [j["name"] for j in jobs if j not in done],
-                                  "world_size": world, "settings": settings["mnist"]}, logger)
+                                  "world_size": world, "settings": opt.as_dict(settings.mnist)}, logger)
     opt.distributed_end()
     return {"summary": summary, "trained": len(mine), "jobs": len(jobs)}
 

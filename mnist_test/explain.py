@@ -49,9 +49,9 @@ def random_points(n_points: int, n_train: int, seed: int, test_id: int) -> list[
     return torch.randperm(n_train, generator=generator)[:n_points].tolist()
 
 
-def ranked_points(settings: dict) -> dict[str, dict[int, tuple[int, np.ndarray]]]:
+def ranked_points(settings: opt.Settings) -> dict[str, dict[int, tuple[int, np.ndarray]]]:
     """{method list: {test id: (test label, training indices best first)}} from the m1/m2/m3 files."""
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     out: dict[str, dict] = {}
     for name in method_lists(cfg):
         if name == "method1":
@@ -67,10 +67,10 @@ def ranked_points(settings: dict) -> dict[str, dict[int, tuple[int, np.ndarray]]
     return out
 
 
-def plan(settings: dict, ranked: dict | None = None) -> list[dict]:
+def plan(settings: opt.Settings, ranked: dict | None = None) -> list[dict]:
     """All jobs of the study (unique model files), base model first. ``ranked`` (from
     :func:`ranked_points`) saves reading the method files again."""
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     root = opt.output_folder(settings, "model_zoo", "expTest", common.run_tag(settings))
     jobs = [{"name": "base", "path": os.path.join(root, "base.pth"), "method": None,
              "manipulation": None, "n": 0, "test_id": None, "test_label": None}]

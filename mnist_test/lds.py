@@ -31,16 +31,11 @@ from options.blocks import Lds
 
 
 # ---- settings of the study ---------------------------------------------------------------------
-def lds_cfg(settings: dict) -> Lds:
-    """The ``mnist.lds`` block of checked settings, typed (options/blocks.py)."""
-    return common.mnist_cfg(settings).lds
-
-
-def recipe(settings: dict) -> dict:
+def recipe(settings: opt.Settings) -> dict:
     """The training recipe of every model of the study: the mnist block's optimiser, lds.epoch."""
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     smooth = {} if cfg.activation == "relu" else {"activation": cfg.activation}  # ReLU studies keep their tags
-    lds = lds_cfg(settings)
+    lds = settings.mnist.lds
     start = training.attribution_window(cfg, lds.train_subset, lds.epoch)
     # the window acts on data weights: the single-model removals; whole-run, constant-rate studies keep their tags
     extra = {"window_start": start} if start and lds.setting == "single_model" else {}
@@ -53,26 +48,26 @@ def recipe(settings: dict) -> dict:
             "epoch": lds.epoch, **smooth, **extra}
 
 
-def test_ids(settings: dict) -> list[int]:
-    ids = lds_cfg(settings).test_ids
+def test_ids(settings: opt.Settings) -> list[int]:
+    ids = settings.mnist.lds.test_ids
     return list(range(ids)) if isinstance(ids, int) else list(ids)
 
 
-def study_tag(settings: dict) -> str:
+def study_tag(settings: opt.Settings) -> str:
     """Readable parts plus a short hash of everything that changes the retrained models' outputs."""
-    lds = lds_cfg(settings)
+    lds = settings.mnist.lds
     key = {"recipe": recipe(settings), "train_subset": lds.train_subset, "test_ids": test_ids(settings),
            "fraction": lds.subset_fraction, "seed": lds.seed,
-           **({"threads": settings["threads"]} if settings.get("threads", 1) != 1 else {})}  # 1 keeps its old tags
+           **({"threads": settings.threads} if settings.threads != 1 else {})}  # 1 keeps its old tags
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return f"n{lds.train_subset}e{lds.epoch}f{lds.subset_fraction:g}_{digest}"
 
 
-def report_tag(settings: dict) -> str:
+def report_tag(settings: opt.Settings) -> str:
     """The report's files: the study, the setting, and a short hash of what changes the table but not
     the retrained models (methods, ensemble seeds, LOO plan, drop fractions, M, test counts), so that
     two tables made with other choices never overwrite each other."""
-    lds, written = lds_cfg(settings), settings["mnist"]["lds"]  # hashed as the settings file holds it
+    lds, written = settings.mnist.lds, opt.as_dict(settings.mnist.lds)  # hashed as the settings file holds it
     keys = ("setting", "methods", "ensemble_seeds", "loo", "drop_fractions", "num_subsets", "seeds_per_subset",
             "solver_test_num", "method3_test_num", "lissa_deep", "cg_damps", "cg_max_iter", "ekfac_damp_factors",
             "kfac_factored_damp_factors", "bootstrap")
@@ -80,7 +75,7 @@ def report_tag(settings: dict) -> str:
     return f"{study_tag(settings)}{'_single' if lds.setting == 'single_model' else ''}_r{digest}"
 
 
-def study_folder(settings: dict, *parts: str) -> str:
+def study_folder(settings: opt.Settings, *parts: str) -> str:
     return opt.output_folder(settings, "lds", study_tag(settings), *parts)
 
 
@@ -176,26 +171,24 @@ def read_outputs(paths: list[str]) -> dict[str, np.ndarray]:
 
 
 # ---- the attributions ------------------------------------------------------------------------------
-def model_settings(settings: dict, index: int, ids: list[int], grad_mode: str = "batch",
+def model_settings(settings: opt.Settings, index: int, ids: list[int], grad_mode: str = "batch",
                    method2: dict | None = None) -> dict:
     """Settings of the study's base model number ``index`` (seed lds.ensemble_seeds[index]),
     trained on the first lds.train_subset images for lds.epoch epochs, as the scripts see them.
     Method 1 per_sample norms get their own model name (Train.py writes one model per mode)."""
-    lds = lds_cfg(settings)
+    lds = settings.mnist.lds
     mode = f"lds{index}" + ("ps" if grad_mode == "per_sample" else "")
     mnist = {"seed": lds.ensemble_seeds[index], "epoch": lds.epoch, "train_subset": lds.train_subset,
              "test_ids": ids, "method1": {"mode": mode, "grad_mode": grad_mode},
              "method2": {"mode": mode, "test_sample_num": len(ids), **(method2 or {})},
              "method3": {"mode": mode, "test_sample_num": min(len(ids), lds.method3_test_num)}}
-    merged = opt.deep_merge(settings, {"mnist": mnist})
-    opt.validate(merged, opt.SCHEMA)
-    return merged
+    return opt.with_values(settings, {"mnist": mnist})
 
 
-def method1_attributions(settings: dict, device) -> dict[str, np.ndarray]:
+def method1_attributions(settings: opt.Settings, device) -> dict[str, np.ndarray]:
     """Method 1 scores (T, n) of the model of ``settings``, raw and normalized (each training
     point's gradient-norm vector divided by its sum), from Train.py's gradient-norm file."""
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     model, _ = common.load_model(settings, cfg.method1.mode, device)
     norms, _ = common.load_grad_norms(settings, device=device)
     test = common.load_test_data(settings, device, lambda *_: None)
@@ -299,7 +292,7 @@ def _pyplot():
     return plt
 
 
-def draw(settings: dict, rows: list[dict], methods: dict, masks: np.ndarray, measured: dict, per_test: dict,
+def draw(settings: opt.Settings, rows: list[dict], methods: dict, masks: np.ndarray, measured: dict, per_test: dict,
          tag: str, title: str, logger, failed: dict | None = None) -> str:
     """LDS per method (bars with intervals; an unconverged row in orange and marked, a failed one
     listed without a bar) and, for the best method's median test image, predicted against measured
@@ -335,7 +328,7 @@ def draw(settings: dict, rows: list[dict], methods: dict, masks: np.ndarray, mea
     return opt.save_figure(fig, opt.output_path(settings, "fig", f"lds_{tag}.png"), logger)
 
 
-def draw_curve(settings: dict, curves: dict[float, list[dict]], tag: str, logger) -> str:
+def draw_curve(settings: opt.Settings, curves: dict[float, list[dict]], tag: str, logger) -> str:
     """Single-model LDS against the drop fraction, one line per method."""
     plt = _pyplot()
     drops = sorted(curves)

@@ -38,9 +38,9 @@ from mnist_test.datasets import load_mnist  # noqa: E402
 STAGES = {"Train": Train, "m2_Test": m2_Test, "m3_Test": m3_Test}  # what the study runs when a file is missing
 
 
-def main(settings: dict) -> dict:
-    cfg = common.mnist_cfg(settings)
-    lcfg = lds.lds_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.mnist
+    lcfg = settings.mnist.lds
     rank, world = opt.distributed_start(cfg.use_gpu)
     logger, device = opt.start_script(settings, "mnist_ldsTest", cfg, seed=False)
     ids = lds.test_ids(settings)
@@ -74,7 +74,7 @@ def main(settings: dict) -> dict:
     plan_holder = os.path.join(lds.study_folder(settings), "loo_plan_current.json")
     if rank == 0:
         methods, failed = lds_study.attributions(settings, ids, device, logger, STAGES)
-        plan = lds_study.loo_plan(settings, methods, n, logger)
+        plan = lds_study.loo_plan(settings.mnist.lds, methods, n, lds.study_folder(settings), logger)
         opt.write_json(plan_holder, plan)
     opt.distributed_barrier()
     plan = plan or opt.read_json(plan_holder, "mnist_test/ldsTest.py (rank 0)")

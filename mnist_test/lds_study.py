@@ -14,6 +14,7 @@ import utils_if
 import utils_option as opt
 from mnist_test import common, lds, question, training
 from mnist_test.model import LAYER_MODULES
+from options.blocks import Lds
 from options.method2 import ENSEMBLE_ROWS
 
 
@@ -30,10 +31,10 @@ def solver_rows() -> dict[str, dict]:
             for name in opt.offered_solvers("mnist") if utils_if.SOLVERS[name].lds_row}
 
 
-def solver_variants(settings: dict) -> dict:
+def solver_variants(settings: opt.Settings) -> dict:
     """LDS row -> (method2 overrides, whether it runs on the first lds.solver_test_num test images only:
     a solver whose cost grows with the test points, Solver.slow_per_test)."""
-    lcfg = lds.lds_cfg(settings)
+    lcfg = settings.mnist.lds
     rows = solver_rows()
     variants = dict(rows)
     variants["if_lissa_deep"] = {**rows["if_lissa"], **dataclasses.asdict(lcfg.lissa_deep)}
@@ -47,11 +48,11 @@ def solver_variants(settings: dict) -> dict:
             for name, overrides in variants.items()}
 
 
-def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -> tuple[dict[str, dict], dict[str, str]]:
+def attributions(settings: opt.Settings, ids: list[int], device, logger, stages: dict) -> tuple[dict[str, dict], dict[str, str]]:
     """({method: {"matrix": (T', n), "ids": the first T' test ids, "seconds": s, "note": str}},
     {method that failed: why}). ``stages``: the scripts it runs when their files are missing
     ({"Train": ..., "m2_Test": ..., "m3_Test": ...})."""
-    lcfg = lds.lds_cfg(settings)
+    lcfg = settings.mnist.lds
     wanted = set(lcfg.methods)
     out: dict[str, dict] = {}
     few = ids[:lcfg.solver_test_num]
@@ -63,7 +64,7 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
         with opt.Timer() as timer:
             m1 = lds.method1_attributions(s, device)
         if k == 0:
-            key = question.trust_key(s, "method1")
+            key = question.trust_key(s.mnist, "method1")
             out["m1_batch_raw"] = {"matrix": m1["raw"], "ids": ids, "seconds": timer.seconds, "key": key}
             out["m1_batch_normalized"] = {"matrix": m1["normalized"], "ids": ids, "seconds": timer.seconds, "key": key}
         ensemble["ensemble_m1_batch_raw"].append(m1["raw"])
@@ -87,7 +88,7 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
                 f"moved {info.get('lissa_last_change', float('nan')):.1%} over the last 10% of its steps") + ")"
             if k == 0:
                 out[name] = {"matrix": matrix, "ids": method_ids, "seconds": info["seconds_total"], "note": note,
-                             "key": question.trust_key(sm, "method2")}
+                             "key": question.trust_key(sm.mnist, "method2")}
             for ens, source in ENSEMBLE_SOURCES.items():
                 if source == name:
                     ensemble[ens].append(matrix)
@@ -98,23 +99,23 @@ def attributions(settings: dict, ids: list[int], device, logger, stages: dict) -
         opt.run_stage(stages["Train"], common.grad_norm_file(s), s, opt.detail_log(logger))
         with opt.Timer() as timer:
             m1 = lds.method1_attributions(s, device)
-        key = question.trust_key(s, "method1")
+        key = question.trust_key(s.mnist, "method1")
         out["m1_per_sample_raw"] = {"matrix": m1["raw"], "ids": ids, "seconds": timer.seconds, "key": key}
         out["m1_per_sample_normalized"] = {"matrix": m1["normalized"], "ids": ids, "seconds": timer.seconds, "key": key}
     if "m3_replay" in wanted:
         s = lds.model_settings(settings, 0, ids)
-        if s["mnist"]["method3"]["window"] and lcfg.setting == "algorithm":
+        if s.mnist.method3.window and lcfg.setting == "algorithm":
             logger.warning("WARNING: m3_replay attributes the last steps of the base run (mnist.method3.window), while "
                            "the algorithm setting's subsets are retrained from scratch: that row answers another "
                            "question (use lds.setting single_model)")
         path = common.m3_file(s)
         opt.run_stage(stages["m3_Test"], path, s, opt.detail_log(logger))
         record = opt.read_json(path, "mnist_test/m3_Test.py", shape=("meta.solver_info",))
-        m3_ids = ids[:s["mnist"]["method3"]["test_sample_num"]]
+        m3_ids = ids[:s.mnist.method3.test_sample_num]
         out["m3_replay"] = {"matrix": lds.influence_matrix(record, m3_ids, path), "ids": m3_ids,
                             "seconds": record["meta"]["solver_info"]["seconds_total"], "note": "exact, this run",
                             "smoothness": record["meta"]["solver_info"].get("metasmoothness"),
-                            "key": question.trust_key(s, "method3")}
+                            "key": question.trust_key(s.mnist, "method3")}
     for ens, matrices in ensemble.items():
         if len(matrices) == len(lcfg.ensemble_seeds) > 1:
             out[ens] = {"matrix": np.mean(matrices, axis=0), "ids": ids, "seconds": float("nan"),
@@ -130,9 +131,9 @@ def base_name(method: str) -> str:
     return method.partition("_df")[0] if method.startswith(("if_ekfac_df", "if_kfac_factored_df")) else method
 
 
-def cosine(settings: dict, dot: np.ndarray, ids: list[int], device) -> dict:
+def cosine(settings: opt.Settings, dot: np.ndarray, ids: list[int], device) -> dict:
     """Gradient cosine: the dot product divided by both gradients' norms (closed form)."""
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     with opt.Timer() as timer:
         model, _ = common.load_model(settings, cfg.method2.mode, device)
         problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, utils_if.select_parameters(model))
@@ -144,9 +145,10 @@ def cosine(settings: dict, dot: np.ndarray, ids: list[int], device) -> dict:
     return {"matrix": matrix, "ids": ids, "seconds": timer.seconds}
 
 
-def loo_plan(settings: dict, methods: dict, n_train: int, logger) -> dict:
-    """The points removed for each LOO test image (top-k helpful, top-k harmful by rank_by, k random)."""
-    loo = lds.lds_cfg(settings).loo
+def loo_plan(lds_cfg: Lds, methods: dict, n_train: int, folder: str, logger) -> dict:
+    """The points removed for each LOO test image (top-k helpful, top-k harmful by rank_by, k random),
+    from the ``mnist.lds`` block; written into the study's ``folder``."""
+    loo = lds_cfg.loo
     if not loo.test_num:  # no leave-one-out: no ranking needed (rank_by may name a method not computed)
         return {"rank_by": loo.rank_by, "k": loo.k, "tests": []}
     if loo.rank_by not in methods:
@@ -155,14 +157,13 @@ def loo_plan(settings: dict, methods: dict, n_train: int, logger) -> dict:
     scores = methods[loo.rank_by]["matrix"]
     plan = {"rank_by": loo.rank_by, "k": loo.k, "tests": []}
     for position in range(loo.test_num):
-        generator = torch.Generator().manual_seed(lds.lds_cfg(settings).seed * 7919 + position)
+        generator = torch.Generator().manual_seed(lds_cfg.seed * 7919 + position)
         plan["tests"].append({
             "position": position,
             "helpful": utils_if.top_indices(scores[position], loo.k, largest=True),
             "harmful": utils_if.top_indices(scores[position], loo.k, largest=False),
             "random": torch.randperm(n_train, generator=generator)[:loo.k].tolist()})
-    path = os.path.join(lds.study_folder(settings), f"loo_plan_{loo.rank_by}"
-                                                     f"_k{loo.k}_t{loo.test_num}.json")
+    path = os.path.join(folder, f"loo_plan_{loo.rank_by}_k{loo.k}_t{loo.test_num}.json")
     opt.write_json(path, plan, logger)
     return plan
 
@@ -171,11 +172,11 @@ def loo_points(plan: dict) -> list[int]:
     return sorted({i for t in plan["tests"] for key in ("helpful", "harmful", "random") for i in t[key]})
 
 
-def subset_studies(settings: dict, n: int) -> dict[str, dict]:
+def subset_studies(settings: opt.Settings, n: int) -> dict[str, dict]:
     """The subset models of the study's setting: {"algorithm": ...} (random subsets, each model its
     own seed) or {"drop{f}": ...} per drop fraction (the base run, dropped points weighted 0).
     Each value: {"drop": fraction, "masks": (M, n) kept, "jobs": [...]}."""
-    lcfg = lds.lds_cfg(settings)
+    lcfg = settings.mnist.lds
     if lcfg.setting == "algorithm":
         masks = np.stack([lds.subset_mask(n, lcfg.subset_fraction, lcfg.seed, m) for m in range(lcfg.num_subsets)])
         folder = lds.study_folder(settings, "subsets")
@@ -194,10 +195,10 @@ def subset_studies(settings: dict, n: int) -> dict[str, dict]:
     return studies
 
 
-def loo_jobs(settings: dict, plan: dict, n: int) -> list[dict]:
+def loo_jobs(settings: opt.Settings, plan: dict, n: int) -> list[dict]:
     """LOO models: nothing removed plus each planned point removed; algorithm setting: retrained
     with lds.loo.seeds seeds; single-model: the base run with the point weighted 0 (one model each)."""
-    lcfg = lds.lds_cfg(settings)
+    lcfg = settings.mnist.lds
     if not plan["tests"]:  # lds.loo.test_num = 0: no leave-one-out models at all
         return []
     if lcfg.setting == "single_model":
@@ -224,7 +225,7 @@ def loo_jobs(settings: dict, plan: dict, n: int) -> list[dict]:
 
 def report(settings, methods, failed, studies, plan, loo, ids, device, logger, seconds) -> dict:
     """The table (Markdown, CSV), the figures and the JSON of a finished study (rank 0)."""
-    lcfg = lds.lds_cfg(settings)
+    lcfg = settings.mnist.lds
     single = lcfg.setting == "single_model"
     replicates = 1 if single else lcfg.seeds_per_subset
     loo_loss = lds.read_outputs([j["path"] for j in loo])["loss"] if loo else np.zeros((0, len(ids)))
@@ -290,7 +291,7 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
                       f"{lcfg.setting} setting ({main_key}; {tag})", logger, failed)
     curve = lds.draw_curve(settings, curves, tag, logger) if single and len(curves) > 1 else None
     path = opt.write_json(opt.output_path(settings, "test", f"lds_{tag}.json"), {
-        "meta": {"settings": settings["mnist"], "study": tag, "setting": lcfg.setting, "main_study": main_key,
+        "meta": {"settings": opt.as_dict(settings.mnist), "study": tag, "setting": lcfg.setting, "main_study": main_key,
                  "test_ids": ids, "n_train": int(main["masks"].shape[1]), "threads": torch.get_num_threads(),
                  "seconds": seconds, "training_noise": noise, "sign_convention": utils_if.SIGN_CONVENTION},
         "rows": main["rows"], "failed": failed, "lds_per_test": main["lds_per_test"],
@@ -301,10 +302,10 @@ def report(settings, methods, failed, studies, plan, loo, ids, device, logger, s
             "studies": {key: value["rows"] for key, value in per_study.items()}}
 
 
-def training_question(settings: dict) -> str:
+def training_question(settings: opt.Settings) -> str:
     """What the study's single-model removals (and Method 3) answer, in words, for its base model."""
-    lcfg = lds.lds_cfg(settings)
-    base = common.mnist_cfg(lds.model_settings(settings, 0, [0]))
+    lcfg = settings.mnist.lds
+    base = lds.model_settings(settings, 0, [0]).mnist
     return training.removal_question(base, lcfg.train_subset)
 
 
@@ -316,7 +317,7 @@ def single_model_noise(settings, ids, loo, loo_loss, device, main) -> dict:
     if base_rows:
         model, _ = common.load_model(lds.model_settings(settings, 0, ids), "lds0", device)
         test = common.load_test_data(settings, device, lambda *_: None)
-        cfg = common.mnist_cfg(settings)
+        cfg = settings.mnist
         base = np.array(lds.outputs_of(model.state_dict(), test.images[ids], test.labels[ids],
                                       cfg.activation, cfg.logit_scale)["loss"])
         out["replica_mean_abs_loss_change"] = float(np.mean(np.abs(loo_loss[base_rows[0]] - base)))

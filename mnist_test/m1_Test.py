@@ -21,8 +21,8 @@ import utils_option as opt  # noqa: E402
 from mnist_test import common  # noqa: E402
 
 
-def main(settings: dict) -> dict:
-    cfg = common.mnist_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.mnist
     m1 = cfg.method1
     logger, device = opt.start_script(settings, "mnist_m1_Test", cfg)
     model, model_path = common.load_model(settings, m1.mode, device, logger)
@@ -42,7 +42,7 @@ def main(settings: dict) -> dict:
     logger.info(f"scored {scores.shape[1]} training images for {len(ids)} test images in "
                 f"{score_timer.seconds:.2f} s (layers {m1.layers})")
     result = {"meta": {
-        "settings": settings["mnist"], "profile": settings["profile"], "model_file": model_path,
+        "settings": opt.as_dict(settings.mnist), "profile": settings.profile, "model_file": model_path,
         "grad_norm_file": common.grad_norm_file(settings), "grad_mode": norm_meta["grad_mode"],
         "layers": m1.layers, "n_train": scores.shape[1], "test_ids": ids,
         "definition": "score[i] = sum_l a_l . G_l[i]; a_l post-ReLU activations (fc3: logits); "

@@ -22,8 +22,8 @@ import utils_option as opt  # noqa: E402
 from mnist_test import common  # noqa: E402
 
 
-def main(settings: dict) -> dict:
-    cfg = common.mnist_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.mnist
     m2 = cfg.method2
     logger, device = opt.start_script(settings, "mnist_m2_Test", cfg)
     model, model_path = common.load_model(settings, m2.mode, device, logger)
@@ -73,7 +73,7 @@ def main(settings: dict) -> dict:
 def tracin_checkpoints(settings, problem, device, logger) -> list:
     """(influence problem at each of Train.py's checkpoints, its learning rate) for TracIn."""
     from mnist_test.model import mnist_model
-    cfg, out = common.mnist_cfg(settings), []
+    cfg, out = settings.mnist, []
     for path in common.checkpoint_files(settings, cfg.method2.mode):
         state = opt.load_torch(path, "mnist_test/Train.py (mnist.checkpoint_every > 0)", map_location=device)
         model = mnist_model(cfg.activation, cfg.logit_scale).to(device)
@@ -91,7 +91,7 @@ def all_pairs(settings, model, model_path, problem, solver_cfg, train, test, log
     method2.save_matrix asks (written chunk by chunk into a memory-mapped file, never held twice).
     With method2.self_influence, the self-influence of every training image is written too."""
     import numpy as np
-    m2 = common.mnist_cfg(settings).method2
+    m2 = settings.mnist.method2
     if not utils_if.solver_for(solver_cfg.solver).all_pairs:
         fast = [name for name, s in utils_if.SOLVERS.items() if s.all_pairs]
         raise opt.SettingsError(f'mnist.test_ids = "all" needs a fast solver: set mnist.method2.solver to one of '
@@ -129,7 +129,7 @@ def all_pairs(settings, model, model_path, problem, solver_cfg, train, test, log
     logger.info(f"all {n_test * n_train:,} pairs in {timer.seconds:.1f} s")
     with torch.no_grad():
         out = model(test.images)
-    result = {"meta": {"settings": settings["mnist"], "profile": settings["profile"],
+    result = {"meta": {"settings": opt.as_dict(settings.mnist), "profile": settings.profile,
                        "model_file": model_path, "n_train": n_train, "test_ids": "all",
                        "sign_convention": utils_if.SIGN_CONVENTION, "seconds_all_pairs": round(timer.seconds, 2),
                        "solver_info": {"solver": solver_cfg.solver, "factor_file": solver_cfg.factor_file}}}

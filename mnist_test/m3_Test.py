@@ -28,10 +28,10 @@ from mnist_test import common, training  # noqa: E402
 TARGETS = {"loss": utils_if.nll_sample_loss, "margin": utils_if.negative_margin_sample_loss}
 
 
-def main(settings: dict, check: dict | None = None) -> dict:
+def main(settings: opt.Settings, check: dict | None = None) -> dict:
     """``check``: the metasmoothness check already measured for these settings (run_pipeline measures it
     to decide whether to replay); else it is measured here when method3.smoothness_directions > 0."""
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     m3 = cfg.method3
     logger, device = opt.start_script(settings, "mnist_m3_Test", cfg)
     model, model_path = common.load_model(settings, m3.mode, device, logger)

@@ -48,16 +48,16 @@ def flipped_labels(labels: torch.Tensor, fraction: float, seed: int) -> tuple[to
     return new.to(labels.device), mask
 
 
-def study_tag(settings: dict) -> str:
-    cfg = common.mnist_cfg(settings)
+def study_tag(settings: opt.Settings) -> str:
+    cfg = settings.mnist
     mis = cfg.mislabel
     return (f"n{mis.train_subset or 60000}f{mis.fraction:g}e{mis.epoch}s{mis.seed}"
             f"ce{mis.checkpoint_every}b{cfg.batch_size}" + ("" if cfg.activation == "relu" else cfg.activation))
 
 
-def trained(settings: dict, data: MnistData, device, logger) -> dict:
+def trained(settings: opt.Settings, data: MnistData, device, logger) -> dict:
     """The model trained on the flipped set, with its Method-1 norms and checkpoints (cached)."""
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     mis = cfg.mislabel
     path = opt.output_path(settings, "model_zoo", "mislabel", f"mislabel_{study_tag(settings)}.pth")
     if os.path.isfile(path):
@@ -76,11 +76,11 @@ def trained(settings: dict, data: MnistData, device, logger) -> dict:
     return record
 
 
-def main(settings: dict) -> dict:
-    cfg = common.mnist_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.mnist
     mis = cfg.mislabel
     logger, device = opt.start_script(settings, "mnist_mislabelTest", cfg, seed=False)
-    clean = common.load_train_data(opt.deep_merge(settings, {"mnist": {"train_subset": mis.train_subset}}),
+    clean = common.load_train_data(opt.with_values(settings, {"mnist": {"train_subset": mis.train_subset}}),
                                    device, logger.info)
     labels, flipped = flipped_labels(clean.labels, mis.fraction, mis.seed)
     data = MnistData(clean.images, labels, clean.indices)
@@ -146,7 +146,7 @@ def main(settings: dict) -> dict:
     csv = opt.write_csv(opt.output_path(settings, "test", f"mislabel_{tag}.csv"), rows, logger)
     figure = draw(settings, grid, curves, flipped, tag, logger)
     path = opt.write_json(opt.output_path(settings, "test", f"mislabel_{tag}.json"), {
-        "meta": {"settings": settings["mnist"], "tag": tag, "n_train": len(data), "n_flipped": int(flipped.sum()),
+        "meta": {"settings": opt.as_dict(settings.mnist), "tag": tag, "n_train": len(data), "n_flipped": int(flipped.sum()),
                  "flipped": np.flatnonzero(flipped).tolist(), "curvature": curvature.info(),
                  "train_seconds": float(record["train_seconds"])},
         "rows": rows, "curves": {"inspected": grid.tolist(), **curves}}, logger)

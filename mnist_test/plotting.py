@@ -56,10 +56,10 @@ def test_row(test_image, test_id: int, label: int, prediction: int, train_images
     return row
 
 
-def ranked_figure(settings: dict, record: dict, list_key: str, value_key: str, title: str, value_fmt: str):
+def ranked_figure(settings: opt.Settings, record: dict, list_key: str, value_key: str, title: str, value_fmt: str):
     """Rows of test image + its top training images, from an m1 or m2 result file (Figs 4.2-4.4)."""
     from mnist_test import common  # the data loaders; plotting itself stays free of file names
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     train = common.load_train_data(settings, torch.device("cpu"), lambda *_: None)
     test = common.load_test_data(settings, torch.device("cpu"), lambda *_: None)
     rows = []
@@ -73,13 +73,13 @@ def ranked_figure(settings: dict, record: dict, list_key: str, value_key: str, t
     return digit_grid(rows, title, gap_after_first=True)
 
 
-def stability_figures(settings: dict, source: str, list_key: str, value_key: str, value_fmt: str,
+def stability_figures(settings: opt.Settings, source: str, list_key: str, value_key: str, value_fmt: str,
                       name: str) -> list[str]:
     """Figures 4.5-4.7 (vis_staTest_m1.py, vis_staTest_m2.py): per selected test image, the test image
     and one row of its top `vis_num` training images per stability model (staTest0 ...), red = same
     label as the test image's true label; ``source`` is "m1" or "m2". Returns the figure paths."""
     from mnist_test import common
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     seeds = cfg.stability.seeds
     base = common.stability_settings(settings, seeds[0])
     test_ids = common.selected_test_ids(base, "staTest0")

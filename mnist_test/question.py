@@ -16,15 +16,15 @@ import torch
 import utils_if
 import utils_option as opt
 from mnist_test import common, plotting, training
-from options.blocks import score_fields
+from options.blocks import Mnist, score_fields
 
 MEASURED_TABLE = os.path.join(opt.REPO_ROOT, "docs", "measured_lds.json")
 NOT_MEASURED = "not measured for these settings"
 
 
-def lds_row(method: str, settings: dict) -> str:
+def lds_row(method: str, settings: opt.Settings) -> str:
     """The ldsTest row that scores a method as these settings run it."""
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     if method == "method1":
         return f"m1_{cfg.method1.grad_mode}_raw"
     if method == "method3":
@@ -32,14 +32,13 @@ def lds_row(method: str, settings: dict) -> str:
     return utils_if.solver_for(cfg.method2.solver).lds_name
 
 
-def trust_key(settings: dict, method: str) -> dict:
+def trust_key(cfg: Mnist, method: str) -> dict:
     """Every setting that changes the scores of ``method`` ("method1" | "method2" | "method3") for the
     model these settings train, the key a measured LDS must match to be quoted as this run's:
     the training recipe (the fields of training.Recipe, the seed, the number of training images and
     the attribution window), then the method's own settings: Method 2's solver part of its file
     name (the registry's own list of what a solver reads, its damping and parameters included),
     Method 1's and Method 3's block fields that change scores (options.blocks.score_fields)."""
-    cfg = common.mnist_cfg(settings)
     m3 = cfg.method3
     recipe = {**dataclasses.asdict(training.Recipe.of(cfg)), "seed": cfg.seed, "train_size": cfg.train_subset or 60000,
               "window": f"{m3.window:g} {m3.window_unit}" if m3.window else "whole run"}
@@ -61,11 +60,11 @@ def key_differences(wanted: dict, found: dict) -> list[str]:
     return out
 
 
-def _measured_rows(settings: dict, table: str) -> list[dict]:
+def _measured_rows(settings: opt.Settings, table: str) -> list[dict]:
     """Every measured LDS row this run could quote: ldsTest tables in the output folder first, then
     the project's shipped table. Each row: {"setting", "row", "lds", "drop", "key", "source"}."""
     rows = []
-    for path in sorted(glob.glob(os.path.join(opt.resolve_path(settings["output_dir"]), "test", "lds_*.json"))):
+    for path in sorted(glob.glob(os.path.join(opt.resolve_path(settings.output_dir), "test", "lds_*.json"))):
         try:
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)
@@ -87,7 +86,7 @@ def _measured_rows(settings: dict, table: str) -> list[dict]:
     return rows
 
 
-def measured_lds(settings: dict, methods: list[tuple[str, str, dict]], table: str = MEASURED_TABLE) -> dict:
+def measured_lds(settings: opt.Settings, methods: list[tuple[str, str, dict]], table: str = MEASURED_TABLE) -> dict:
     """How far to trust each method's list, for exactly these settings. ``methods``: (title, ldsTest
     row, trust key). Returns {title: {"algorithm": lds or None, "single_model": {drop: lds},
     "source": where or NOT_MEASURED, "differs": [...], "nearest": a row or None}} and "question":
@@ -95,7 +94,7 @@ def measured_lds(settings: dict, methods: list[tuple[str, str, dict]], table: st
     quoted only when its row and every setting of its key match; otherwise the nearest measured row
     of the same method is named with the keys in which it differs. ``table``: the shipped table
     (tests pass their own)."""
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     rows = _measured_rows(settings, table)
     out: dict = {"question": training.removal_question(cfg, cfg.train_subset or 60000)}
     for title, row, key in methods:
@@ -152,7 +151,7 @@ def trust_lines(methods: list[tuple[str, str, dict]], trust: dict) -> list[str]:
     return lines
 
 
-def question_figure(settings: dict, test_id: int, methods: list[tuple[str, dict, str]], trust: dict,
+def question_figure(settings: opt.Settings, test_id: int, methods: list[tuple[str, dict, str]], trust: dict,
                     k: int, test, train, caveats: list[str] = ()):
     """One figure for one test image: the image with its label, prediction and loss, then for each
     method a row of its top-k helpful and a row of its top-k harmful training images (id / label /
@@ -191,14 +190,14 @@ def question_figure(settings: dict, test_id: int, methods: list[tuple[str, dict,
     return fig
 
 
-def method3_seconds(settings: dict, tests: int) -> tuple[float, float]:
+def method3_seconds(settings: opt.Settings, tests: int) -> tuple[float, float]:
     """(check, replay) seconds of Method 3 for this run, estimated from measured costs on the MLP (1
     thread). The check: 1 + 2 x smoothness_directions trainings side by side, at about
     (0.2 + 0.0065 x batch) ms per model and step (bench/attributable.py: 0.21 ms at batch 8, 0.42 at
     32, 1.84 at 256). The replay: the forward replay of every step, 0.7 ms
     at batch 8 and 2.0 ms at batch 128; the walk back over the steps of the attribution window,
     (1.5 + 0.2 per test image) ms per 8 images of the batch. Measured: docs/performance.md."""
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     n, batch = cfg.train_subset or 60000, cfg.batch_size
     steps = cfg.epoch * -(-n // batch)
     walked = steps - training.attribution_window(cfg, n)
@@ -208,34 +207,34 @@ def method3_seconds(settings: dict, tests: int) -> tuple[float, float]:
     return check, replay
 
 
-def method3_check(settings: dict, ids: list[int], train, test) -> dict:
+def method3_check(settings: opt.Settings, ids: list[int], train, test) -> dict:
     """Method 3's metasmoothness check of the run of these settings on the CPU, on the test images
     ``ids`` (printed with its verdict), before the pipeline decides whether to spend the replay;
     ``train``, ``test``: :func:`load_sets`."""
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     return training.metasmoothness_said(train, test.images[ids], test.labels[ids], cfg, torch.device("cpu"))
 
 
-def run_part(settings: dict, methods: list[tuple[str, str, str, dict]]) -> str:
+def run_part(settings: opt.Settings, methods: list[tuple[str, str, str, dict]]) -> str:
     """A short hash of what one question's answer holds: each method shown with its trust key (every
     setting that changes its scores), the figure's length and the test selection. Two runs that
     differ in any of these never share a figure or a JSON."""
     import hashlib
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     content = {"methods": [(title, row, key) for title, _, row, key in methods], "vis_num": cfg.vis_num}
     return "q" + hashlib.sha1(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def load_sets(settings: dict):
+def load_sets(settings: opt.Settings):
     """(train, test) MNIST on the CPU, for the figures."""
     return (common.load_train_data(settings, torch.device("cpu"), lambda *_: None),
             common.load_test_data(settings, torch.device("cpu"), lambda *_: None))
 
 
-def best_solver_settings(settings: dict) -> dict | None:
+def best_solver_settings(settings: opt.Settings) -> dict | None:
     """The settings with Method 2's best measured solver (mnist.question.best_solver), or None when
     the settings already use it. The user's own solver still runs: this one is added, not swapped."""
-    best = common.mnist_cfg(settings).question.best_solver  # a registry name: checked with the settings
-    if common.mnist_cfg(settings).method2.solver == best:
+    best = settings.mnist.question.best_solver  # a registry name: checked with the settings
+    if settings.mnist.method2.solver == best:
         return None
-    return opt.deep_merge(settings, {"mnist": {"method2": {"solver": best}}})
+    return opt.with_values(settings, {"mnist": {"method2": {"solver": best}}})

@@ -28,9 +28,9 @@ from mnist_test import (Test, Train, common, m1_Test, m2_Test, m3_Test, question
                         vis_m1_grad, vis_m2)
 
 
-def main(settings: dict) -> dict:
+def main(settings: opt.Settings) -> dict:
     start = time.perf_counter()
-    cfg = common.mnist_cfg(settings)
+    cfg = settings.mnist
     wanted = cfg.question.methods
     caveats: list[str] = []  # every caveat the console prints goes into the figure too
     opt.run_stage(Train, [common.model_file(settings, cfg.method1.mode), common.grad_norm_file(settings)],
@@ -42,13 +42,13 @@ def main(settings: dict) -> dict:
         methods: list[tuple[str, str, str, dict]] = []  # (title, result file, ldsTest row, trust key)
         if "method1" in wanted:
             methods.append(("Method 1 (the report's)", m1_Test.main(settings)["act_grad_file"],
-                            question.lds_row("method1", settings), question.trust_key(settings, "method1")))
+                            question.lds_row("method1", settings), question.trust_key(settings.mnist, "method1")))
         if "method2" in wanted:
             for variant in (settings, question.best_solver_settings(settings)):
                 if variant is not None:
-                    solver = common.mnist_cfg(variant).method2.solver
+                    solver = variant.mnist.method2.solver
                     methods.append((f"Method 2 ({solver})", m2_Test.main(variant)["if_file"],
-                                    question.lds_row("method2", variant), question.trust_key(variant, "method2")))
+                                    question.lds_row("method2", variant), question.trust_key(variant.mnist, "method2")))
         if "method3" in wanted:
             tests = min(cfg.method3.test_sample_num, len(ids))
             check, replay = question.method3_seconds(settings, tests)
@@ -66,7 +66,7 @@ def main(settings: dict) -> dict:
                     print(caveats[-1])
                 else:
                     methods.append(("Method 3 (exact, this run)", m3_Test.main(settings, check=smooth)["if_file"],
-                                    "m3_replay", question.trust_key(settings, "method3")))
+                                    "m3_replay", question.trust_key(settings.mnist, "method3")))
             else:
                 caveats.append(f"Method 3 skipped: its check and replay would take about {(check + replay) / 60:.0f} "
                                f"min ({check:.0f} s + {replay:.0f} s) for {tests} test image(s), above "
@@ -106,7 +106,7 @@ def main(settings: dict) -> dict:
     if caveats:
         print("\n".join(f"caveat: {line}" for line in caveats))
     print(f"\nanswer figures ({len(answers)}): {answers[0] if answers else '-'}" + (" ..." if len(answers) > 1 else ""))
-    print(f"MNIST pipeline (profile {settings['profile']}) finished in {time.perf_counter() - start:.0f} s; "
+    print(f"MNIST pipeline (profile {settings.profile}) finished in {time.perf_counter() - start:.0f} s; "
           f"report figures: {figures['vis_m1_grad']}, ...")
     return {"seconds": time.perf_counter() - start, "methods": [m[:3] for m in methods], "keyed_methods": methods,
             "trust": trust,

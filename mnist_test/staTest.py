@@ -30,7 +30,7 @@ TABLES = {"method1": (("method1", "scores", True),),  # per method: (table, key,
 SCRIPTS = {"method1": m1_Test, "method2": m2_Test, "method3": m3_Test}
 
 
-def result_file(settings: dict, method: str) -> tuple[str, str, str]:
+def result_file(settings: opt.Settings, method: str) -> tuple[str, str, str]:
     """(file, the script that makes it, its settings block) of one method's result."""
     if method == "method1":
         return common.m1_file(settings), "mnist_test/m1_Test.py", "method1"
@@ -58,8 +58,8 @@ def agreement(record_0: dict, record_k: dict, key: str, largest: bool, top: int)
     return rows
 
 
-def tables(settings: dict, seeds: list[int], test_ids: list[int], logger) -> dict:
-    stability = common.mnist_cfg(settings).stability
+def tables(settings: opt.Settings, seeds: list[int], test_ids: list[int], logger) -> dict:
+    stability = settings.mnist.stability
     top, methods = stability.top, stability.methods
     results = {}
     loaded = {}
@@ -99,8 +99,8 @@ def tables(settings: dict, seeds: list[int], test_ids: list[int], logger) -> dic
     return results
 
 
-def main(settings: dict) -> dict:
-    cfg = common.mnist_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.mnist
     seeds = cfg.stability.seeds
     rank, world = opt.distributed_start(cfg.use_gpu)
     logger = opt.make_logger(settings, "mnist_staTest")

@@ -15,8 +15,8 @@ import utils_option as opt  # noqa: E402
 from mnist_test import common, plotting  # noqa: E402
 
 
-def main(settings: dict) -> dict:
-    cfg = common.mnist_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.mnist
     logger = opt.make_logger(settings, "mnist_vis_m1")
     source = common.m1_file(settings)
     record = common.read_result(source, "mnist_test/m1_Test.py", settings, "method1")

@@ -18,8 +18,8 @@ import utils_option as opt  # noqa: E402
 from mnist_test import common, plotting  # noqa: E402
 
 
-def main(settings: dict) -> dict:
-    cfg = common.mnist_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.mnist
     m1 = cfg.method1
     logger = opt.make_logger(settings, "mnist_vis_m1_grad")
     norms, _meta = common.load_grad_norms(settings)

@@ -16,8 +16,8 @@ import utils_option as opt  # noqa: E402
 from mnist_test import common, plotting  # noqa: E402
 
 
-def main(settings: dict) -> dict:
-    cfg = common.mnist_cfg(settings)
+def main(settings: opt.Settings) -> dict:
+    cfg = settings.mnist
     logger = opt.make_logger(settings, "mnist_vis_m2")
     source, made_by, block = common.attribution_file(settings, cfg.vis_method)
     record = common.read_result(source, made_by, settings, block)

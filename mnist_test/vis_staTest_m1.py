@@ -12,7 +12,7 @@ import utils_option as opt  # noqa: E402
 from mnist_test.plotting import stability_figures  # noqa: E402
 
 
-def main(settings: dict) -> dict:
+def main(settings: opt.Settings) -> dict:
     return {"figures": stability_figures(settings, "m1", "top", "scores", ".0f", "m1")}
 
 

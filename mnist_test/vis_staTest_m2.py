@@ -13,7 +13,7 @@ import utils_option as opt  # noqa: E402
 from mnist_test.plotting import stability_figures  # noqa: E402
 
 
-def main(settings: dict) -> dict:
+def main(settings: opt.Settings) -> dict:
     return {"figures": {kind: stability_figures(settings, "m2", kind, "influence", ".3g", f"m2_{kind}")
                         for kind in ("helpful", "harmful")}}
 

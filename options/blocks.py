@@ -373,6 +373,18 @@ class Mnist:
 
 
 @dataclass
+class Loaded:
+    """What loading found beside the values (not settings): each log's header says it."""
+    settings_file: str = ""
+    profile_changed: list = field(default_factory=list)   # keys the profile set
+    recipe_changed: list = field(default_factory=list)    # keys mnist.recipe's preset set
+    recipe_kept: list = field(default_factory=list)       # "key = yours (the preset's: value)"
+    renamed: list = field(default_factory=list)           # one line per renamed key read under its new name
+    defaults_taken: list = field(default_factory=list)    # keys Implementation.json leaves out
+    profiles: dict = field(default_factory=dict)          # the profiles the files define
+
+
+@dataclass
 class Settings:
     """The whole settings file."""
     output_dir: str = spec('results', "every result goes under here (model_zoo/ grad_norm/ act_grad/ if/ fig/ logs/"
@@ -383,13 +395,19 @@ class Settings:
                            " kind); 0 = all cores (faster influence, last bits may differ)", 'int', (0, 256))
     mnist: Mnist = block(Mnist)
     ffdnet: Ffdnet = block(Ffdnet)
+    source: Loaded = field(default_factory=Loaded, metadata={"run": True})  # not a setting
+
+
+def _setting_fields(cls) -> list:
+    """The fields that are settings (not what loading found)."""
+    return [f for f in fields(cls) if not f.metadata.get("run")]
 
 
 def schema(cls: type = None, prefix: str = "") -> dict[str, tuple[str, Any]]:
     """{"a.b.c": (kind, extra)} for every setting, in the file's order (what ``validate`` checks)."""
     cls = cls or Settings
     out: dict[str, tuple[str, Any]] = {}
-    for f in fields(cls):
+    for f in _setting_fields(cls):
         key = f"{prefix}{f.name}"
         if f.metadata.get("block"):
             out.update(schema(block_class(f), key + "."))
@@ -402,7 +420,7 @@ def help_lines(cls: type = None, prefix: str = "") -> list[str]:
     """One line per setting: its key, default and help (the ``-h`` text's settings part)."""
     cls = cls or Settings
     out = []
-    for f in fields(cls):
+    for f in _setting_fields(cls):
         key = f"{prefix}{f.name}"
         if f.metadata.get("block"):
             out += help_lines(block_class(f), key + ".")
@@ -416,16 +434,18 @@ def defaults() -> dict:
     """Every setting's default, nested like the settings file."""
     def as_dict(obj) -> dict:
         return {f.name: as_dict(getattr(obj, f.name)) if is_dataclass(getattr(obj, f.name))
-                else copy.deepcopy(getattr(obj, f.name)) for f in fields(obj)}
+                else copy.deepcopy(getattr(obj, f.name)) for f in _setting_fields(obj)}
     return as_dict(Settings())
 
 
 def typed(settings: dict, cls: type = None):
     """The settings (a checked, nested dict) as typed blocks: ``typed(s).mnist.method2.solver``.
     Keys that are not settings (profiles, settings_file) are left out."""
+    if is_dataclass(settings):
+        return settings
     cls = cls or Settings
     values = {}
-    for f in fields(cls):
+    for f in _setting_fields(cls):
         if f.name not in settings:
             continue
         value = settings[f.name]

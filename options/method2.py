@@ -14,8 +14,9 @@ from __future__ import annotations
 import copy
 from dataclasses import MISSING, Field, dataclass, field, fields, make_dataclass
 
+from influence.settings import SolverSettings
 from influence.settings import setting as spec
-from influence.solvers import SOLVERS
+from influence.solvers import SOLVERS, solver_for
 
 
 @dataclass
@@ -136,3 +137,21 @@ def lds_methods() -> tuple[str, ...]:
         rows += [STUDY_ROWS[name]] if name in STUDY_ROWS else []
     rows += [row for row in ENSEMBLE_ROWS if row[len("ensemble_"):] in rows]
     return tuple(rows + ["m3_replay"])
+
+
+def solver_file_part(m2) -> str:
+    """The solver part of every influence file name (MNIST and FFDNet), from a typed method2 block:
+    the solver, its own settings and the damping it really applies (the registry's
+    :meth:`Solver.file_part`), the L2 term and the chosen parameters. Two runs that differ in any of
+    these never share a file."""
+    solver = solver_for(m2.solver)
+    params = "_p" + "+".join(m2.params) if m2.params else ""
+    return f"{m2.solver}_{solver.file_part(solver.settings_from(m2))}{params}_l2{m2.l2_reg:g}"
+
+
+def solver_run(m2, seed: int) -> SolverSettings:
+    """The chosen solver's settings, read from a typed method2 block by their own names, with the
+    run's seed, the progress bars and the atomic writer for K-FAC factor files."""
+    from options.results import progress, save_torch
+    return solver_for(m2.solver).settings_from(m2, seed=seed, progress=progress,
+                                                save=lambda path, state: save_torch(path, state))

@@ -1,4 +1,5 @@
 """m2_Test with test_ids "all": streamed top-k lists, the optional .npy matrix, self-influence."""
+import os
 import numpy as np
 import pytest
 import torch
@@ -36,17 +37,17 @@ def test_all_pairs_matrix_topk_and_self_influence(tmp_path, mnist_raw):
     assert self_influence.shape == (200,) and (self_influence > 0).all()
     # the factors were written once and are reused by a second run
     factors = common.factor_file(settings)
-    assert opt.os.path.isfile(factors)
+    assert os.path.isfile(factors)
     with pytest.raises(opt.SettingsError, match="600-million"):
         m1_Test.main(settings)
-    trak = opt.deep_merge(settings, {"mnist": {"method2": {"solver": "trak", "proj_dim": 64, "save_matrix": "none"}}})
+    trak = opt.with_values(settings, {"mnist": {"method2": {"solver": "trak", "proj_dim": 64, "save_matrix": "none"}}})
     trak_record = opt.read_json(m2_Test.main(trak)["if_file"], "m2_Test")
     scores = utils_if.Trak(problem, train.images, train.labels, 64, seed=0).scores(
         test.images[[7]], test.labels[[7]])[0]
     assert trak_record["7"]["helpful"] == utils_if.top_indices(scores, 5)
     leverage = np.array(trak_record["self_influence"])
     assert leverage.shape == (200,) and (leverage >= 0).all()
-    bad = opt.deep_merge(settings, {"mnist": {"method2": {"solver": "lissa"}}})
+    bad = opt.with_values(settings, {"mnist": {"method2": {"solver": "lissa"}}})
     with pytest.raises(opt.SettingsError, match="fast solver"):
         m2_Test.main(bad)
 
@@ -74,7 +75,7 @@ def test_train_checkpoints_and_tracin_in_m2_test(tmp_path, mnist_raw):
                                                       utils_if.select_parameters(model)), 0.003))
     direct = utils_if.tracin(checkpoints, test.images[[0, 1]], test.labels[[0, 1]], train.images, train.labels)
     assert np.allclose(record["0"]["influence"], direct[0].numpy(), rtol=1e-5, atol=1e-9)
-    no_checkpoints = opt.deep_merge(settings, {"mnist": {"checkpoint_every": 0}})
+    no_checkpoints = opt.with_values(settings, {"mnist": {"checkpoint_every": 0}})
     with pytest.raises(opt.SettingsError, match="checkpoint_every"):
         m2_Test.main(no_checkpoints)
 

@@ -202,6 +202,6 @@ def test_offline_image_route_takes_only_real_photographs_pillow_reads(tmp_path, 
     seen = []
     assert attribution.image_names(settings, seen.append) == ["camera", "coins"]
     assert seen and seen[0].startswith("WARNING: ffdnet.attribution.images ['01', '02'] are not in")
-    typo = opt.deep_merge(settings, {"ffdnet": {"attribution": {"images": ["camera", "coinz"]}}})
+    typo = opt.with_values(settings, {"ffdnet": {"attribution": {"images": ["camera", "coinz"]}}})
     with pytest.raises(opt.SettingsError, match="no test image 'coinz'"):
         attribution.image_names(typo)

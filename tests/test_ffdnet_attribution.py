@@ -92,7 +92,7 @@ def test_attribution_scripts_small(tmp_path, two_test_images, two_train_images):
     entries = opt.read_json(m2["files"]["02"], "m2_Test")["entries"]
     assert set(entries) == {"whole", "point 20,30", "point 200,220"}
     assert all(np.isfinite(e["influence"]).all() and len(e["influence"]) == 40 for e in entries.values())
-    ekfac = opt.deep_merge(settings, {"ffdnet": {"method2": {"solver": "ekfac"}}})
+    ekfac = opt.with_values(settings, {"ffdnet": {"method2": {"solver": "ekfac"}}})
     fast = m2_Test.main(ekfac)
     assert fast["files"]["02"] != m2["files"]["02"] and fast["info"]["fisher"] == "empirical"
     fast_entries = opt.read_json(fast["files"]["02"], "m2_Test")["entries"]

@@ -121,7 +121,7 @@ def test_explain_script_small_resumes_and_maps_sum_to_the_influence(tmp_path, tw
         written = np.asarray(entries["point " + row["target"].split(" ")[1]]["influence"])[row["top"]]
         assert np.allclose(row["totals"], written, rtol=1e-3, atol=1e-6 * np.abs(written).max())
     # resume: a deleted run is the only one redone, with the same outcome (seeded, paired)
-    folder = os.path.join(settings["output_dir"], "test", "ffdnet_expTest", result["study"])
+    folder = os.path.join(settings.output_dir, "test", "ffdnet_expTest", result["study"])
     victim = os.path.join(folder, "m2_window_01_40-40_corrupt_k5_s0.json")
     before = opt.read_json(victim, "expTest")
     os.remove(victim)

@@ -62,8 +62,9 @@ def test_table_rows_and_resume(tiny_study):
 
 
 def test_without_leave_one_out_rank_by_need_not_be_computed():
-    plan = lds_study.loo_plan({"mnist": {"lds": {"loo": {"test_num": 0, "k": 5, "rank_by": "if_ekfac"}}}},
-                            {"trak": {}}, 100, None)
+    from options.blocks import Lds
+    lds_cfg = opt.with_values(Lds(), {"loo": {"test_num": 0, "k": 5, "rank_by": "if_ekfac"}})
+    plan = lds_study.loo_plan(lds_cfg, {"trak": {}}, 100, "unused", None)
     assert plan["tests"] == []
 
 
@@ -73,8 +74,7 @@ def first_plan(result):
 
 def test_torchrun_split_matches_one_process(tiny_study, tmp_path):
     settings, first = tiny_study
-    other = opt.deep_merge({k: v for k, v in settings.items() if k != "settings_file"},
-                           {"output_dir": str(tmp_path / "two")})
+    other = {**opt.as_dict(settings), "output_dir": str(tmp_path / "two")}
     settings_file = tmp_path / "s.json"
     settings_file.write_text(json.dumps(other))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -175,7 +175,7 @@ def test_single_model_removals_act_only_in_the_attribution_window(tmp_path, mnis
     data = common.load_train_data(base, torch.device("cpu"), lambda *_: None)
     test = common.load_test_data(settings, torch.device("cpu"), lambda *_: None)
     ids = record["meta"]["test_ids"][:len(influence)]
-    whole_run = lds.single_model_loss_changes(data, dataclasses.asdict(training.Recipe.of(common.mnist_cfg(base))), 0,
+    whole_run = lds.single_model_loss_changes(data, dataclasses.asdict(training.Recipe.of(base.mnist)), 0,
                                               masks, test.images[ids], test.labels[ids], np.zeros(len(ids)),
                                               torch.device("cpu"))
     assert size_error(whole_run) > 0.5 and np.mean(utils_if.spearman_columns(predicted, whole_run)) < 0.8

@@ -61,9 +61,9 @@ FIXTURE = {"m1_batch_raw": 0.111, "if_lissa": 0.222, "m3_replay": 0.333}
 
 
 def _methods(settings):
-    return [("Method 1", "m1_batch_raw", question.trust_key(settings, "method1")),
-            ("Method 2", "if_lissa", question.trust_key(settings, "method2")),
-            ("Method 3", "m3_replay", question.trust_key(settings, "method3"))]
+    return [("Method 1", "m1_batch_raw", question.trust_key(settings.mnist, "method1")),
+            ("Method 2", "if_lissa", question.trust_key(settings.mnist, "method2")),
+            ("Method 3", "m3_replay", question.trust_key(settings.mnist, "method3"))]
 
 
 @pytest.fixture()
@@ -156,7 +156,7 @@ def test_the_denoisers_trust_line_quotes_a_study_only_for_its_settings(tmp_path)
     from ffdnet_test import question as ffdnet_question
     settings = opt.load_settings(overrides={"output_dir": str(tmp_path / "results")})
     best = ffdnet_question.best_settings(settings)
-    report = {"settings": best["ffdnet"], "table": [{"k": 500}],
+    report = {"settings": opt.as_dict(best.ffdnet), "table": [{"k": 500}],
               "effects": [{"ranking": "m2_window", "manipulation": "remove", "k": 500, "target": "01 point 64,64",
                            "own": 0.0123},
                           {"ranking": "random", "manipulation": "remove", "k": 500, "target": "01 whole", "own": 0.001}],
@@ -166,6 +166,6 @@ def test_the_denoisers_trust_line_quotes_a_study_only_for_its_settings(tmp_path)
     lines, differs = ffdnet_question.counterfactual_trust(best)
     assert differs == [] and "raised this window's loss by 0.0123" in lines["01 point 64,64"]
     assert "Pearson 0.42" in lines["01 point 64,64"]
-    other = opt.deep_merge(best, {"ffdnet": {"method2": {"window": 2}}})
+    other = opt.with_values(best, {"ffdnet": {"method2": {"window": 2}}})
     lines, differs = ffdnet_question.counterfactual_trust(other)
     assert lines == {} and any(d.startswith("method2.window (2 here, 1 measured)") for d in differs), differs

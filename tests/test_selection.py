@@ -47,7 +47,7 @@ def test_a_truncated_model_file_is_one_line_and_exit_2(tmp_path, mnist_raw):
     with open(path, "wb") as f:
         f.write(head)
     mine = tmp_path / "mine.json"
-    mine.write_text(json.dumps({"extends": opt.DEFAULT_SETTINGS, "output_dir": settings["output_dir"],
+    mine.write_text(json.dumps({"extends": opt.DEFAULT_SETTINGS, "output_dir": settings.output_dir,
                                 "mnist": {"epoch": 1, "train_subset": 200, "test_ids": [1]}}))
     done = subprocess.run([sys.executable, "mnist_test/Test.py", "-opt", str(mine)], cwd=ROOT,
                           capture_output=True, text=True)

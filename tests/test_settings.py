@@ -19,8 +19,8 @@ def test_comments_stripped_but_not_inside_strings():
 def test_profile_quick_overrides_report():
     report = opt.load_settings(profile="report")
     quick = opt.load_settings(profile="quick")
-    assert report["mnist"]["epoch"] == 20 and quick["mnist"]["epoch"] == 5
-    assert quick["mnist"]["batch_size"] == report["mnist"]["batch_size"] == 8
+    assert report.mnist.epoch == 20 and quick.mnist.epoch == 5
+    assert quick.mnist.batch_size == report.mnist.batch_size == 8
 
 
 @pytest.mark.parametrize("override, key, words", [
@@ -67,8 +67,7 @@ def test_script_with_bad_setting_prints_one_line_and_exits_2(tmp_path):
 def test_missing_input_file_names_the_script(tmp_path):
     settings = opt.load_settings(overrides={"output_dir": str(tmp_path)})
     path = tmp_path / "s.json"
-    path.write_text(json.dumps({k: v for k, v in settings.items()
-                                if k not in ("settings_file",)}))
+    path.write_text(json.dumps(opt.as_dict(settings)))
     proc = subprocess.run([sys.executable, "Test.py", "-opt", str(path)],
                           cwd=os.path.join(ROOT, "mnist_test"), capture_output=True, text=True)
     assert proc.returncode == 2
@@ -98,11 +97,11 @@ def test_extends_chains_keep_the_profiles_of_the_first_file_and_refuse_loops(tmp
     top = tmp_path / "top.json"
     top.write_text(json.dumps({"extends": "middle.json", "profile": "quick", "mnist": {"seed": 3}}))
     settings = opt.load_settings(str(top))
-    assert settings["profile"] == "quick" and settings["mnist"]["seed"] == 3
+    assert settings.profile == "quick" and settings.mnist.seed == 3
     # the most specific value wins: middle's epoch 7 over the quick profile of Implementation.json
     # (two files up), whose other values still apply
-    assert settings["mnist"]["epoch"] == 7 and settings["mnist"]["explain"]["n_values"] == [0, 1000, 5000]
-    assert opt.load_settings(str(top), profile="report")["mnist"]["epoch"] == 7
+    assert settings.mnist.epoch == 7 and settings.mnist.explain.n_values == [0, 1000, 5000]
+    assert opt.load_settings(str(top), profile="report").mnist.epoch == 7
     middle.write_text(json.dumps({"extends": "top.json"}))
     with pytest.raises(opt.SettingsError, match="loop"):
         opt.load_settings(str(top))
@@ -160,7 +159,7 @@ def test_thread_setting_is_applied_logged_and_stored(tmp_path, mnist_raw):
     from tests.conftest import small_settings
     before = torch.get_num_threads()
     try:
-        settings = opt.deep_merge(small_settings(tmp_path, train_subset=100, epoch=1), {"threads": 1})
+        settings = opt.with_values(small_settings(tmp_path, train_subset=100, epoch=1), {"threads": 1})
         meta = opt.read_json(Train.main(settings)["grad_norm"], "Train")["meta"]
         assert torch.get_num_threads() == 1 and meta["threads"] == 1
         log = open(sorted((tmp_path / "results" / "logs").iterdir())[-1]).read()
@@ -174,11 +173,11 @@ def test_a_profile_never_overrides_a_more_specific_file(tmp_path):
     mine.write_text(json.dumps({"extends": opt.DEFAULT_SETTINGS, "mnist": {
         "epoch": 3, "lds": {"test_ids": [11, 222, 3333, 4444, 5555]}}}))
     settings = opt.load_settings(str(mine), profile="quick")
-    assert settings["mnist"]["lds"]["test_ids"] == [11, 222, 3333, 4444, 5555]
-    assert settings["mnist"]["epoch"] == 3
-    assert settings["mnist"]["lds"]["num_subsets"] == 20  # the profile's values elsewhere still apply
-    assert "mnist.lds.num_subsets" in settings["profile_changed"]
-    assert "mnist.epoch" not in settings["profile_changed"]
+    assert settings.mnist.lds.test_ids == [11, 222, 3333, 4444, 5555]
+    assert settings.mnist.epoch == 3
+    assert settings.mnist.lds.num_subsets == 20  # the profile's values elsewhere still apply
+    assert "mnist.lds.num_subsets" in settings.source.profile_changed
+    assert "mnist.epoch" not in settings.source.profile_changed
 
 
 def test_a_bad_value_is_refused_even_when_a_profile_would_replace_it(tmp_path):
@@ -190,7 +189,7 @@ def test_a_bad_value_is_refused_even_when_a_profile_would_replace_it(tmp_path):
 
 def test_set_values_are_checked_like_the_file_and_win(tmp_path):
     settings = opt.load_settings(profile="quick", assignments=["mnist.test_ids=[42]", "mnist.method2.solver=ekfac"])
-    assert settings["mnist"]["test_ids"] == [42] and settings["mnist"]["method2"]["solver"] == "ekfac"
+    assert settings.mnist.test_ids == [42] and settings.mnist.method2.solver == "ekfac"
     with pytest.raises(opt.SettingsError, match=r"mnist.epoch = 0.*-set"):
         opt.load_settings(assignments=["mnist.epoch=0"])
     with pytest.raises(opt.SettingsError, match="did you mean 'mnist.test_ids'"):
@@ -216,30 +215,30 @@ def test_the_attributable_preset_sets_its_recipe_and_keeps_every_value_the_user_
                       "mnist.weight_decay": 0.0005, "mnist.lr_schedule": "linear", "mnist.activation": "softplus",
                       "mnist.logit_scale": 1.0, "mnist.method3.window": 1, "mnist.method3.window_unit": "epochs", "mnist.lds.epoch": 20}
     report = opt.load_settings()
-    assert report["recipe_changed"] == [] and report["recipe_kept"] == []
+    assert report.source.recipe_changed == [] and report.source.recipe_kept == []
     for key, value in RECIPES["report"].items():
-        assert opt._lookup(report, key) == value, key  # the report's preset is the defaults
+        assert opt.value_at(report, key) == value, key  # the report's preset is the defaults
     chosen = opt.load_settings(assignments=["mnist.recipe=attributable"])
     for key, value in preset.items():
-        assert opt._lookup(chosen, key) == value, key
-    assert chosen["recipe_kept"] == []
+        assert opt.value_at(chosen, key) == value, key
+    assert chosen.source.recipe_kept == []
     # a value set by -set, a profile or an extending file wins, and is said
     mine = opt.load_settings(profile="quick", assignments=["mnist.recipe=attributable", "mnist.learning_rate=0.02"])
-    assert mine["mnist"]["learning_rate"] == 0.02 and mine["mnist"]["epoch"] == 5
-    assert mine["mnist"]["batch_size"] == 128 and mine["mnist"]["activation"] == "softplus"
-    assert "mnist.learning_rate = 0.02 (the preset's: 0.05)" in mine["recipe_kept"]
+    assert mine.mnist.learning_rate == 0.02 and mine.mnist.epoch == 5
+    assert mine.mnist.batch_size == 128 and mine.mnist.activation == "softplus"
+    assert "mnist.learning_rate = 0.02 (the preset's: 0.05)" in mine.source.recipe_kept
     extending = tmp_path / "mine.json"
     extending.write_text(json.dumps({"extends": os.path.join(opt.REPO_ROOT, "Implementation.json"),
                                      "mnist": {"recipe": "attributable", "batch_size": 64}}))
-    assert opt.load_settings(str(extending))["mnist"]["batch_size"] == 64
+    assert opt.load_settings(str(extending)).mnist.batch_size == 64
     # a value changed in the base file itself (the user's Implementation.json) is theirs too
     text = open(os.path.join(opt.REPO_ROOT, "Implementation.json")).read()
     edited = tmp_path / "Implementation.json"
     edited.write_text(text.replace('"recipe": "report"', '"recipe": "attributable"')
                       .replace('"weight_decay": 0.001,', '"weight_decay": 0.002,', 1))
     base = opt.load_settings(str(edited))
-    assert base["mnist"]["weight_decay"] == 0.002 and base["mnist"]["learning_rate"] == 0.05
-    assert any(k.startswith("mnist.weight_decay = 0.002") for k in base["recipe_kept"])
+    assert base.mnist.weight_decay == 0.002 and base.mnist.learning_rate == 0.05
+    assert any(k.startswith("mnist.weight_decay = 0.002") for k in base.source.recipe_kept)
 
 
 def test_the_docs_show_the_presets_as_the_code_defines_them():

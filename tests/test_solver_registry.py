@@ -29,7 +29,7 @@ def test_settings_check_file_names_and_help_read_the_registry():
     settings = opt.load_settings()
     blocks = opt.typed(settings)
     for name in mnist:
-        opt.validate(opt.deep_merge(settings, {"mnist": {"method2": {"solver": name}}}), opt.SCHEMA)
+        opt.with_values(settings, {"mnist": {"method2": {"solver": name}}})
         part = opt.solver_file_part(dataclasses.replace(blocks.mnist.method2, solver=name))
         assert part.startswith(f"{name}_") and part.endswith("_l20.001")
         # every setting the solver declares is a key of both blocks that offer it, under its own name
@@ -37,7 +37,7 @@ def test_settings_check_file_names_and_help_read_the_registry():
             assert f"mnist.method2.{f.name}" in opt.SCHEMA
             assert name not in ffdnet or f"ffdnet.method2.{f.name}" in opt.SCHEMA
     with pytest.raises(opt.SettingsError, match="arnoldi"):  # not offered on the denoiser
-        opt.validate(opt.deep_merge(settings, {"ffdnet": {"method2": {"solver": "arnoldi"}}}), opt.SCHEMA)
+        opt.with_values(settings, {"ffdnet": {"method2": {"solver": "arnoldi"}}})
     # LiSSA's file part carries the damping it really applies: damp x scale
     assert "_lam1_" in opt.solver_file_part(dataclasses.replace(blocks.mnist.method2, solver="lissa")) + "_"
     # the denoiser's block holds its own defaults, never MNIST's
@@ -54,7 +54,7 @@ def test_renamed_keys_are_read_under_their_new_names_and_said(tmp_path):
     blocks = opt.typed(settings)
     assert blocks.mnist.method2.recursion_depth == 77 and blocks.ffdnet.method2.repeats == 3
     assert any("mnist.method2.training_points is now mnist.method2.recursion_depth" in line
-               for line in settings["renamed"])
+               for line in settings.source.renamed)
 
 
 def _docs_example() -> str:

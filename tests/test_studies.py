@@ -88,7 +88,7 @@ def test_exptrain_resumes_and_torchrun_matches_single_process(study, tmp_path):
     for job in jobs:
         os.remove(job["path"])
     settings_file = tmp_path / "s.json"
-    settings_file.write_text(json.dumps({k: v for k, v in study.items() if k != "settings_file"}))
+    settings_file.write_text(json.dumps(opt.as_dict(study)))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--master_port=29533", os.path.join(opt.REPO_ROOT, "mnist_test", "expTrain.py"),
                            "-opt", str(settings_file)], capture_output=True, text=True, timeout=600)
@@ -108,7 +108,7 @@ def test_a_removal_is_the_base_run_with_the_points_weighted_zero(study):
     first-order prediction says, within a factor of 3 (measured: see the assert message)."""
     from mnist_test.training import train_model
     expTrain.main(study)
-    cfg = common.mnist_cfg(study)
+    cfg = study.mnist
     job = next(j for j in explain.plan(study) if j["method"] == "method3_helpful" and j["manipulation"] == "remove_algo"
                and j["test_id"] == 0)
     record = opt.read_json(common.m3_file(study), "m3_Test")
@@ -131,7 +131,7 @@ def test_a_removal_is_the_base_run_with_the_points_weighted_zero(study):
 def test_removals_in_an_attribution_window_get_their_own_models(study):
     """With method3.window, expTrain's removals act in the window only (train_group's window_start,
     tested in test_method3): their models live in their own folder, relabels stay where they were."""
-    windowed = opt.deep_merge(study, {"mnist": {"method3": {"window": 1, "window_unit": "epochs"}}})
+    windowed = opt.with_values(study, {"mnist": {"method3": {"window": 1, "window_unit": "epochs"}}})
     ranked = explain.ranked_points(study)  # the windowed settings' own Method-3 file is not made here
     plain = {j["name"]: j["path"] for j in explain.plan(study, ranked)}
     for job in explain.plan(windowed, ranked):

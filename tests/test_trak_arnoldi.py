@@ -87,7 +87,7 @@ def test_m2_script_writes_trak_and_arnoldi(tmp_path, mnist_raw):
     settings = small_settings(tmp_path)
     Train.main(settings)
     for change in ({"solver": "trak", "proj_dim": 256}, {"solver": "arnoldi", "arnoldi_rank": 5, "arnoldi_iterations": 10}):
-        s = opt.deep_merge(settings, {"mnist": {"method2": change}})
+        s = opt.with_values(settings, {"mnist": {"method2": change}})
         out = m2_Test.main(s)
         record = opt.read_json(out["if_file"], "m2_Test")
         row = torch.tensor(record["0"]["influence"])
