@@ -10,7 +10,7 @@ raise t's loss), and score / n_train is the predicted change of t's loss when z 
 | the problem | influence.problem | model + loss + chosen parameters: per-sample gradients, exact H v (double backward) |
 | layer rules | influence.layers | Linear, Conv2d, BatchNorm2d: per-sample gradients, unfolded patches, Kronecker view |
 | Method 1 | influence.method1 | score(t, i) = sum_l a_l(t) . G_l[i], G = gradient-norm vectors (the report's) |
-| the hand-written MLP | influence.mlp | R-operator H v of a ReLU/softplus MLP with NLL, checked against autograd |
+| the hand-written MLP | influence.mlp | R-operator H v of a ReLU/softplus MLP with NLL, checked against autograd; K models' gradients at once (the grouped trainer) |
 | solvers (registry) | influence.solvers | influence(t, i) = grad L(t)^T (H + lambda I)^-1 grad L(z_i), one class per solver |
 | solver settings | influence.settings | each solver's own settings (declared on its class), what a run hands it |
 | LiSSA | influence.lissa | h_j = v + (1 - damp) h_{j-1} - H_j h_{j-1} / scale, s = h_t / scale |
@@ -32,7 +32,7 @@ from influence.method1 import (batch_row_norms, conv_per_sample_channel_norms, m
                                normalize_rows, outliers, per_sample_row_norms)
 from influence.metrics import (average_ranks, bootstrap_mean, datamodel_predictions, fraction_found, lds,  # noqa: F401
                                pearson, roc_auc, spearman_columns, top_indices, top_k_overlap)
-from influence.mlp import MLP_ACTIVATIONS, MlpHvp, mlp_check, mlp_layers, relu_mlp_layers  # noqa: F401
+from influence.mlp import MLP_ACTIVATIONS, MlpHvp, grouped_gradients, mlp_check, mlp_layers, relu_mlp_layers  # noqa: F401
 from influence.kronecker import KroneckerCurvature  # noqa: F401
 from influence.krylov import (arnoldi_inverse_hvp, conjugate_gradient, exact_inverse_hvp,  # noqa: F401
                               hessian_subset, lanczos_eigenpairs)

@@ -14,7 +14,8 @@ Every script's ``__main__`` is :func:`run_script`: ``main`` gets one typed ``Set
 """
 from options.base import (DEFAULT_SETTINGS, REPO_ROOT, MissingFileError, SettingsError,  # noqa: F401
                           UnreadableFileError, resolve_path)
-from options.blocks import RECIPES, Loaded, Settings, defaults, help_lines, schema, typed  # noqa: F401
+from options.blocks import Loaded, Settings, defaults, help_lines, schema, typed  # noqa: F401
+from options.recipe import PRESETS, Recipe, preset_values, recipe_table  # noqa: F401
 from options.loading import (RENAMED_KEYS, RETIRED_KEYS, RETYPED_KEYS, SCHEMA, STRUCTURAL_KEYS,  # noqa: F401
                              _lookup, as_dict, check_known_keys, check_written, deep_merge, load_settings,
                              load_settings_dict, parse_assignment, rename_keys, settings_layers, strip_comments,

@@ -88,19 +88,19 @@ DROPS = (0.01, 0.05)
 
 
 def recipe_cfg(name: str, epochs: int, directions: int) -> dict:
-    values = {**REPORT, **RECIPES[name]}
-    window = {"window": values.pop("window", 0), "window_unit": values.pop("window_unit", "epochs")}
-    return {"epoch": epochs, **values, "seed": 0,
-            "method3": {**window, "smoothness_directions": directions, "smoothness_step": utils_if.SMOOTHNESS_STEP}}
+    """A recipe of the scan as the mnist block a script would read (seed 0; its window is the run's)."""
+    return {"epoch": epochs, **REPORT, **RECIPES[name], "seed": 0,
+            "method3": {"smoothness_directions": directions, "smoothness_step": utils_if.SMOOTHNESS_STEP}}
 
 
 def study(name: str, cfg: dict, data, test, args) -> dict:
     cpu, n = torch.device("cpu"), len(data)
     x_t, y_t = test.images[:args.tests], test.labels[:args.tests]
     block = opt.typed(cfg, Mnist)  # the recipe as the mnist block a script would read
-    start_step = training.attribution_window(block, n)
+    recipe = opt.Recipe.of(block)
+    start_step = recipe.window_start(n)
     with opt.Timer() as train_timer:
-        base, _ = training.train_model(data, cfg, 0, cpu, show_progress=False)
+        base, _ = training.train_model(data, recipe, cpu, show_progress=False)
     _, predictions = common.evaluate(base, test)
     accuracy = float((predictions == test.labels).float().mean())
     with opt.Timer() as check_timer:
@@ -112,12 +112,12 @@ def study(name: str, cfg: dict, data, test, args) -> dict:
         return {"recipe": name, "cfg": cfg, "window_start": start_step, "test_accuracy": accuracy,
                 "seconds_train": round(train_timer.seconds, 2), **check}
     with opt.Timer() as replay_timer:
-        metagradient, run = training.run_metagradient(data, cfg, 0, x_t, y_t, cpu, window_start=start_step)  # (T, n)
+        metagradient, run = training.run_metagradient(data, recipe, x_t, y_t, cpu)  # (T, n)
     base_loss = np.array(lds.outputs_of(base.state_dict(), x_t, y_t, cfg["activation"])["loss"])
     scores = {}
     for drop in DROPS:
         masks = np.stack([lds.drop_mask(n, drop, 0, m) for m in range(args.subsets)])
-        measured = lds.single_model_loss_changes(data, cfg, 0, masks, x_t, y_t, base_loss, cpu, start_step)
+        measured = lds.single_model_loss_changes(data, recipe, masks, x_t, y_t, base_loss, cpu)
         predicted = ((torch.as_tensor(masks, dtype=torch.float64) - 1.0) @ metagradient.T).numpy()
         per_test = utils_if.spearman_columns(predicted, measured)
         scores[f"{drop:g}"] = utils_if.bootstrap_mean(per_test)

@@ -3,7 +3,7 @@
   (LiSSA t=100, r=1, batch 8). Target (issue 7): <= 10 minutes on a 2-core CPU.
 - Method 1 scores for 4 points of one test image over all training patches. Target: <= 10 s.
 
-Needs the quick gray model: python ffdnet_test/FFDNet_Train.py -opt settings_shared.json -profile quick
+Needs the quick gray model: python ffdnet_test/FFDNet_Train.py -opt settings/shared.json -profile quick
 Usage: python bench/bench_ffdnet_attribution.py [--image 01]
 """
 import argparse
@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--image", default="01")
     parser.add_argument("--points", type=int, default=5000)
     args = parser.parse_args()
-    base = opt.load_settings(opt.resolve_path("settings_shared.json"), "quick")
+    base = opt.load_settings(opt.resolve_path("settings/shared.json"), "quick")
     m2 = opt.with_values(base, {"ffdnet": {"attribution": {"images": [args.image], "points": [[100, 100]]},
                                           "method2": {"max_train_points": args.points}}})
     start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Benchmark: Method 3 for FFDNet (utils_if.AdamReplay) against the fine-tuning run it differentiates.
 
-Takes the model and the fine-tuning schedule of the settings (default settings_ffdnet_explain.json:
+Takes the model and the fine-tuning schedule of the settings (default settings/ffdnet_explain.json:
 the quick-profile gray FFDNet, 40,000 patches of 32 x 32 from Train400, Adam lr 1e-4, batch 32,
 625 steps;
 a freshly initialised model of the same shape when FFDNet_Train has not made it, which costs the
@@ -12,7 +12,7 @@ memory. The cost per step does not depend on the step, so --steps < 625 extrapol
 
 Issue 20's target: the replay of one fine-tuning run for all targets <= 3 x that fine-tuning run.
 
-Usage: python bench/bench_ffdnet_m3.py [-opt settings_ffdnet_explain.json] [--steps 40] [--threads 2]
+Usage: python bench/bench_ffdnet_m3.py [-opt settings/ffdnet_explain.json] [--steps 40] [--threads 2]
 """
 import argparse
 import copy
@@ -32,7 +32,7 @@ from ffdnet_test.model import PackedInput  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-opt", default=os.path.join(opt.REPO_ROOT, "settings_ffdnet_explain.json"))
+    parser.add_argument("-opt", default=os.path.join(opt.REPO_ROOT, "settings/ffdnet_explain.json"))
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

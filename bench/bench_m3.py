@@ -47,10 +47,10 @@ def main() -> None:
     cfg = {"learning_rate": 0.003, "momentum": 0.9, "weight_decay": 0.001, "batch_size": 8,
            "epoch": args.epochs, "activation": args.activation}
     start = time.perf_counter()
-    model, _ = training.train_model(data, cfg, 0, cpu, show_progress=False)
+    model, _ = training.train_model(data, {**cfg, "seed": 0}, cpu, show_progress=False)
     train_s = time.perf_counter() - start
     rss_before = opt.peak_rss_mb()
-    run = training.sgd_run(cfg, 0, len(data), cpu)
+    run = training.sgd_run({**cfg, "seed": 0}, len(data), cpu)
     replay = utils_if.SgdReplay(training.new_model(0, cpu, args.activation), utils_if.nll_sample_loss, run,
                                 data.images, data.labels)
     start = time.perf_counter()

@@ -2,7 +2,7 @@
 predicted-vs-measured agreement on FFDNet.
 
 Method 3 (m3_Test) is the exact derivative at w = 1; expTest removes k patches at once (w = 0). This
-script takes the study's files (settings_ffdnet_explain.json after expTest), one seed's control run,
+script takes the study's files (settings/ffdnet_explain.json after expTest), one seed's control run,
 and for a set of k patches (the top k of m3_window for a point, and k random ones) scales their
 weights to 1 - alpha for alpha in --alphas, fine-tunes with explain.finetune (the study's code), and
 prints, per point, the measured change of the window loss against the first-order prediction
@@ -12,7 +12,7 @@ right and the removal is too large a step; where it is off even for small alpha,
 lost in float32 rounding (the run's own noise floor, printed as the change of a run made with
 alpha = 0, i.e. the control again).
 
-Usage: python bench/ffdnet_m3_linearity.py [-opt settings_ffdnet_explain.json] [--k 500] [--seed 0]
+Usage: python bench/ffdnet_m3_linearity.py [-opt settings/ffdnet_explain.json] [--k 500] [--seed 0]
        [--point 0] [--alphas 0.001 0.01 0.1 1]
 """
 import argparse
@@ -31,7 +31,7 @@ from ffdnet_test import attribution, common, explain  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-opt", default=os.path.join(opt.REPO_ROOT, "settings_ffdnet_explain.json"))
+    parser.add_argument("-opt", default=os.path.join(opt.REPO_ROOT, "settings/ffdnet_explain.json"))
     parser.add_argument("--k", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--point", type=int, default=0, help="which target builds the top-k list")

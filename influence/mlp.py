@@ -1,5 +1,6 @@
 """The one hand-written MLP: forward, backward and exact Hessian-vector products of a ReLU or softplus MLP
-with NLL loss by the R-operator, used by LiSSA, Method 3's SgdReplay and checked against autograd."""
+with NLL loss by the R-operator, used by LiSSA, Method 3's SgdReplay and checked against autograd; and
+the same forward and backward for K models at once (:func:`grouped_gradients`), the grouped trainer's step."""
 from __future__ import annotations
 
 import torch
@@ -158,6 +159,42 @@ class MlpHvp:
         if first in v:
             out[first] = rg.transpose(-1, -2) @ flat[:, None]
         return problem.flatten({n: t[0] for n, t in out.items()}, batch_dims=1)
+
+
+def grouped_gradients(weights: list[torch.Tensor], biases: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                      activation: str, logit_scale: float = 1.0, sample_weights: torch.Tensor | None = None
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The gradients of K MLPs' batch losses at once, by hand: weights[l] (K, n_l, n_{l-1}), biases[l]
+    (K, n_l), x (K, B, d), y (K, B) -> ([dW_l (K, n_l, n_{l-1})], [db_l (K, n_l)]).
+
+    With a_0 = x, z_l = a_{l-1} W_l^T + b_l, a_l = act(z_l), logits c z_L and the loss mean NLL (or,
+    with ``sample_weights`` (K, B), sum_i w_i NLL_i / B): g_L = c (softmax(c z_L) - onehot(y)) w / B,
+    g_{l-1} = (g_l W_l) * act'(z_{l-1}), dW_l = g_l^T a_{l-1}, db_l = sum over the batch of g_l, the
+    notation of :class:`MlpHvp` (act' from :data:`MLP_ACTIVATIONS`, as its products use)."""
+    _, act, slope, _ = MLP_ACTIVATIONS[activation]
+    h, inputs, outputs = x, [], []
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        inputs.append(h)
+        z = torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
+        outputs.append(z)
+        h = act(z) if i < len(weights) - 1 else z
+    if logit_scale != 1.0:
+        h = h * logit_scale                                                   # logits = c z_L
+    delta = torch.softmax(h, dim=2)                                           # d(mean NLL)/d logits
+    delta.scatter_add_(2, y[..., None], torch.full_like(y[..., None], -1.0, dtype=delta.dtype))
+    if logit_scale != 1.0:
+        delta.mul_(logit_scale)                                               # d/d z_L = c d/d logits
+    if sample_weights is not None:
+        delta.mul_(sample_weights[..., None])
+    delta.div_(x.shape[1])
+    grad_w: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+    grad_b: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+    for i in reversed(range(len(weights))):
+        grad_w[i] = torch.bmm(delta.transpose(1, 2), inputs[i])
+        grad_b[i] = delta.sum(1)
+        if i:
+            delta = torch.bmm(delta, weights[i]).mul_(slope(outputs[i - 1]))
+    return grad_w, grad_b
 
 
 MLP_CHECK_TOLERANCE = 1e-3  # the hand-written products must match autograd to this relative error

@@ -33,7 +33,7 @@ def main(settings: opt.Settings) -> dict:
                        {"model": state, "epoch": epoch, "learning_rate": cfg.learning_rate})
 
     with opt.Timer() as timer:
-        model, norms = train_model(train, cfg, cfg.seed, device, m1.grad_mode, layers,
+        model, norms = train_model(train, cfg, device, m1.grad_mode, layers,
                                    m1.skip_first_epoch, checkpoint_every=cfg.checkpoint_every,
                                    on_checkpoint=save_checkpoint)
     losses, preds = common.evaluate(model, test)

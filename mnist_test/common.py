@@ -16,9 +16,8 @@ import utils_if
 import utils_option as opt
 from mnist_test.datasets import MnistData, load_mnist
 from mnist_test.model import mnist_model
-from options.blocks import Mnist, MnistMethod3
+from options.recipe import Recipe
 
-ORIGINAL_RECIPE = {"learning_rate": 0.003, "momentum": 0.9, "weight_decay": 0.001}
 
 
 def stability_settings(settings: opt.Settings, seed: int, test_ids=None) -> dict:
@@ -34,23 +33,7 @@ def stability_settings(settings: opt.Settings, seed: int, test_ids=None) -> dict
 def run_tag(settings: opt.Settings) -> str:
     """e20b8s0 (+ n1000 for a training subset, + softplus, + t2 for threads other than 1 (t0 = all
     cores), + optimiser values off the original recipe)."""
-    cfg = settings.mnist
-    tag = f"e{cfg.epoch}b{cfg.batch_size}s{cfg.seed}"
-    if cfg.train_subset:
-        tag += f"n{cfg.train_subset}"
-    if cfg.activation != "relu":
-        tag += cfg.activation
-    if cfg.lr_schedule != "constant":
-        tag += cfg.lr_schedule
-    if cfg.logit_scale != 1.0:
-        tag += f"ls{cfg.logit_scale:g}"
-    if settings.threads != 1:  # another thread count sums in another order: other weights, other files
-        tag += f"t{settings.threads}"
-    short = {"learning_rate": "lr", "momentum": "mom", "weight_decay": "wd"}
-    for key, default in ORIGINAL_RECIPE.items():
-        if getattr(cfg, key) != default:
-            tag += f"{short[key]}{getattr(cfg, key):g}"
-    return tag
+    return Recipe.of(settings.mnist).tag(settings.threads)
 
 
 def model_file(settings: opt.Settings, mode: str) -> str:
@@ -110,13 +93,13 @@ def m3_file(settings: opt.Settings, mode: str | None = None) -> str:
     m3 = settings.mnist.method3
     mode = mode or m3.mode
     tests = test_selection_part(settings, m3.test_sample_num)
-    name = f"m3_replay_{m3.target}_{run_tag(settings)}{window_part(m3)}_{mode}_{tests}_top{m3.top_k}.json"
+    name = f"m3_replay_{m3.target}_{run_tag(settings)}{window_part(Recipe.of(settings.mnist))}_{mode}_{tests}_top{m3.top_k}.json"
     return opt.output_path(settings, m3.if_dir, name)
 
 
-def window_part(m3: MnistMethod3) -> str:
+def window_part(recipe: Recipe) -> str:
     """"" for the whole run, else the attribution window: _w1epochs, _w500steps, _w0.1fraction."""
-    return f"_w{m3.window:g}{m3.window_unit}" if m3.window else ""
+    return f"_w{recipe.window:g}{recipe.window_unit}" if recipe.window else ""
 
 
 def attribution_file(settings: opt.Settings, method: str) -> tuple[str, str, str]:

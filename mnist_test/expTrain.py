@@ -44,8 +44,7 @@ def main(settings: opt.Settings) -> dict:
             specs = [explain.training_spec(job, ranked, train, cfg.seed) for job in chunk]
             with opt.Timer() as timer:
                 states = training.train_group(train, specs, cfg, device,
-                                     desc=f"rank {rank}: models {start + 1}-{start + len(chunk)}/{len(mine)}",
-                                     window_start=training.attribution_window(cfg, len(train)))
+                                     desc=f"rank {rank}: models {start + 1}-{start + len(chunk)}/{len(mine)}")
             for job, state in zip(chunk, states):
                 os.makedirs(os.path.dirname(job["path"]), exist_ok=True)
                 opt.save_torch(job["path"], {"model": state, "job": {k: v for k, v in job.items() if k != "path"}})

@@ -80,8 +80,8 @@ def plan(settings: opt.Settings, ranked: dict | None = None) -> list[dict]:
             for n in cfg.explain.n_values:
                 if n == 0:
                     continue
-                # a removal acts in method3.window only (the question Method 3 answers): its own folder
-                folder = REMOVAL_FOLDER.format(manipulation=manipulation) + common.window_part(cfg.method3) \
+                # a removal acts in the attribution window only (the question Method 3 answers): its own folder
+                folder = REMOVAL_FOLDER.format(manipulation=manipulation) + common.window_part(opt.Recipe.of(cfg)) \
                     if manipulation.startswith("remove") else manipulation
                 for test_id, (label, _) in per_test.items():
                     jobs.append({"name": f"{method}/{manipulation}/n{n}/t{test_id}",

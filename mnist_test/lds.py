@@ -31,21 +31,13 @@ from options.blocks import Lds
 
 
 # ---- settings of the study ---------------------------------------------------------------------
-def recipe(settings: opt.Settings) -> dict:
-    """The training recipe of every model of the study: the mnist block's optimiser, lds.epoch."""
-    cfg = settings.mnist
-    smooth = {} if cfg.activation == "relu" else {"activation": cfg.activation}  # ReLU studies keep their tags
+def recipe(settings: opt.Settings) -> opt.Recipe:
+    """The training recipe of every model of the study: the mnist block's, on lds.train_subset images
+    for lds.epoch epochs (each model its own seed); the window acts only on the single-model removals
+    (the algorithm setting's models train from scratch on their subsets)."""
     lds = settings.mnist.lds
-    start = training.attribution_window(cfg, lds.train_subset, lds.epoch)
-    # the window acts on data weights: the single-model removals; whole-run, constant-rate studies keep their tags
-    extra = {"window_start": start} if start and lds.setting == "single_model" else {}
-    if cfg.lr_schedule != "constant":
-        extra["lr_schedule"] = cfg.lr_schedule
-    if cfg.logit_scale != 1.0:
-        extra["logit_scale"] = cfg.logit_scale
-    return {"learning_rate": cfg.learning_rate, "momentum": cfg.momentum,
-            "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
-            "epoch": lds.epoch, **smooth, **extra}
+    recipe = opt.Recipe.of(settings.mnist).replace(epoch=lds.epoch, train_subset=lds.train_subset)
+    return recipe if lds.setting == "single_model" else recipe.replace(window=0)
 
 
 def test_ids(settings: opt.Settings) -> list[int]:
@@ -56,7 +48,7 @@ def test_ids(settings: opt.Settings) -> list[int]:
 def study_tag(settings: opt.Settings) -> str:
     """Readable parts plus a short hash of everything that changes the retrained models' outputs."""
     lds = settings.mnist.lds
-    key = {"recipe": recipe(settings), "train_subset": lds.train_subset, "test_ids": test_ids(settings),
+    key = {"recipe": recipe(settings).study_key(settings.mnist.lds.setting == "single_model"), "train_subset": lds.train_subset, "test_ids": test_ids(settings),
            "fraction": lds.subset_fraction, "seed": lds.seed,
            **({"threads": settings.threads} if settings.threads != 1 else {})}  # 1 keeps its old tags
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
@@ -123,7 +115,7 @@ def outputs_of(state: dict, x_test: torch.Tensor, y_test: torch.Tensor, activati
     return {"loss": loss.tolist(), "margin": margin.tolist()}
 
 
-def train_and_store(jobs: list[dict], train, x_test, y_test, cfg: dict, group_size: int,
+def train_and_store(jobs: list[dict], train, x_test, y_test, recipe: opt.Recipe, group_size: int,
                     keep_weights: bool, device, desc: str) -> None:
     """Train the jobs (each {"seed", "keep", "path", "record"}) in groups of equal size and write
     each model's test outputs (and, on request, its weights) atomically to its own JSON file."""
@@ -134,11 +126,9 @@ def train_and_store(jobs: list[dict], train, x_test, y_test, cfg: dict, group_si
             groups[-1].append(job)
         else:
             groups.append([job])
-    recipe = training.Recipe.of(cfg)
     for number, group in enumerate(opt.progress(groups, desc=desc, unit="group")):
         states = training.train_group(train, [{"seed": j["seed"], "keep": j["keep"], "weights": j.get("weights")}
-                                              for j in group], cfg, device, show_progress=False,
-                                      window_start=cfg.get("window_start", 0))
+                                              for j in group], recipe, device, show_progress=False)
         for job, state in zip(group, states):
             record = {**job["record"], "seed": job["seed"],
                       **outputs_of({k: v.to(device) for k, v in state.items()}, x_test, y_test,
@@ -148,18 +138,16 @@ def train_and_store(jobs: list[dict], train, x_test, y_test, cfg: dict, group_si
             opt.write_json(job["path"], record)
 
 
-def single_model_loss_changes(data, cfg: dict, seed: int, masks: np.ndarray, x_test: torch.Tensor,
-                              y_test: torch.Tensor, base_loss: np.ndarray, device, window_start: int = 0,
-                              group_size: int = 16) -> np.ndarray:
-    """(M, T): each test loss of the run of ``cfg`` and ``seed`` retrained with the points of
-    ``masks[m]`` False weighted 0 (from ``window_start`` on), minus ``base_loss`` (T,): the measured
-    single-model counterfactuals, trained ``group_size`` at a time (without files, for the benches)."""
+def single_model_loss_changes(data, recipe: "opt.Recipe | dict", masks: np.ndarray, x_test: torch.Tensor,
+                              y_test: torch.Tensor, base_loss: np.ndarray, device, group_size: int = 16) -> np.ndarray:
+    """(M, T): each test loss of the run of ``recipe`` retrained with the points of ``masks[m]`` False
+    weighted 0 (in its window), minus ``base_loss`` (T,): the measured single-model counterfactuals,
+    trained ``group_size`` at a time (without files, for the benches)."""
+    recipe = opt.Recipe.of(recipe)
     states = []
     for s in range(0, len(masks), group_size):
-        states += training.train_group(data, [{"seed": seed, "weights": torch.as_tensor(m, dtype=torch.float32)}
-                                              for m in masks[s:s + group_size]], cfg, device, show_progress=False,
-                                       window_start=window_start)
-    recipe = training.Recipe.of(cfg)
+        states += training.train_group(data, [{"seed": recipe.seed, "weights": torch.as_tensor(m, dtype=torch.float32)}
+                                              for m in masks[s:s + group_size]], recipe, device, show_progress=False)
     return np.array([outputs_of(state, x_test, y_test, recipe.activation, recipe.logit_scale)["loss"]
                      for state in states]) - base_loss
 

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import utils_option as opt  # noqa: E402
-from mnist_test import Train, common, lds, lds_study, m2_Test, m3_Test  # noqa: E402
+from mnist_test import Train, lds, lds_study, m2_Test, m3_Test  # noqa: E402
 from mnist_test.datasets import load_mnist  # noqa: E402
 
 STAGES = {"Train": Train, "m2_Test": m2_Test, "m3_Test": m3_Test}  # what the study runs when a file is missing
@@ -52,7 +52,7 @@ def main(settings: opt.Settings) -> dict:
     recipe = lds.recipe(settings)
     studies = lds_study.subset_studies(settings, n)
     logger.info(f"LDS study {lds.study_tag(settings)}, {lcfg.setting} setting: {n} training images, {len(ids)} "
-                f"test images, {recipe['epoch']} epochs; " + (
+                f"test images, {recipe.epoch} epochs; " + (
                     f"{lcfg.num_subsets} subsets x {lcfg.seeds_per_subset} seeds" if lcfg.setting == "algorithm"
                     else f"{lcfg.num_subsets} subsets per drop fraction {lcfg.drop_fractions}, the base run "
                          f"(seed {lcfg.ensemble_seeds[0]}) with the dropped points weighted 0")

@@ -104,8 +104,8 @@ def attributions(settings: opt.Settings, ids: list[int], device, logger, stages:
         out["m1_per_sample_normalized"] = {"matrix": m1["normalized"], "ids": ids, "seconds": timer.seconds, "key": key}
     if "m3_replay" in wanted:
         s = lds.model_settings(settings, 0, ids)
-        if s.mnist.method3.window and lcfg.setting == "algorithm":
-            logger.warning("WARNING: m3_replay attributes the last steps of the base run (mnist.method3.window), while "
+        if s.mnist.window and lcfg.setting == "algorithm":
+            logger.warning("WARNING: m3_replay attributes the last steps of the base run (mnist.window), while "
                            "the algorithm setting's subsets are retrained from scratch: that row answers another "
                            "question (use lds.setting single_model)")
         path = common.m3_file(s)
@@ -306,7 +306,7 @@ def training_question(settings: opt.Settings) -> str:
     """What the study's single-model removals (and Method 3) answer, in words, for its base model."""
     lcfg = settings.mnist.lds
     base = lds.model_settings(settings, 0, [0]).mnist
-    return training.removal_question(base, lcfg.train_subset)
+    return opt.Recipe.of(base).question(lcfg.train_subset)
 
 
 def single_model_noise(settings, ids, loo, loo_loss, device, main) -> dict:

@@ -37,12 +37,12 @@ def main(settings: opt.Settings, check: dict | None = None) -> dict:
     model, model_path = common.load_model(settings, m3.mode, device, logger)
     train, test = common.load_data(settings, device, logger.info)
     ids = common.selected_test_ids(settings, m3.mode)[:m3.test_sample_num]
-    asked = training.removal_question(cfg, len(train))  # what Method 3's scores answer, in words
+    recipe = opt.Recipe.of(cfg)
+    asked = recipe.question(len(train))  # what Method 3's scores answer, in words
     smoothness = check
     if smoothness is None and m3.smoothness_directions:
         smoothness = training.metasmoothness_said(train, test.images[ids], test.labels[ids], cfg, device)
-    run = training.sgd_run(cfg, cfg.seed, len(train), device,
-                           window_start=training.attribution_window(cfg, len(train)))
+    run = training.sgd_run(recipe, len(train), device)
     replay = utils_if.SgdReplay(training.new_model(cfg.seed, device, cfg.activation, cfg.logit_scale), utils_if.nll_sample_loss, run,
                                 train.images, train.labels)
     logger.info(f"Method 3: replaying {run.num_steps:,} SGD steps ({cfg.epoch} epochs x {run.steps_per_epoch} "

@@ -15,7 +15,6 @@ and 20% of each ranking, and the ROC AUC. The trained model, its norms and check
 
 Writes: test/mislabel_{tag}.{md,csv,json}, fig/mislabel_{tag}.png
 """
-import dataclasses
 import os
 import sys
 
@@ -26,7 +25,7 @@ import torch  # noqa: E402
 
 import utils_if  # noqa: E402
 import utils_option as opt  # noqa: E402
-from mnist_test import common, training  # noqa: E402
+from mnist_test import common  # noqa: E402
 from mnist_test.datasets import MnistData  # noqa: E402
 from mnist_test.model import LAYER_MODULES, mnist_model  # noqa: E402
 from mnist_test.training import train_model  # noqa: E402
@@ -64,9 +63,9 @@ def trained(settings: opt.Settings, data: MnistData, device, logger) -> dict:
         logger.info(f"reuse {path}")
         return opt.load_torch(path, "mnist_test/mislabelTest.py", map_location=device)
     checkpoints = []
-    recipe = dataclasses.replace(training.Recipe.of(cfg), epoch=mis.epoch)
+    recipe = opt.Recipe.of(cfg).replace(epoch=mis.epoch, seed=mis.seed)
     with opt.Timer() as timer:
-        model, norms = train_model(data, recipe, mis.seed, device, "batch", tuple(LAYER_MODULES), False,
+        model, norms = train_model(data, recipe, device, "batch", tuple(LAYER_MODULES), False,
                                    checkpoint_every=mis.checkpoint_every,
                                    on_checkpoint=lambda epoch, state: checkpoints.append(state))
     logger.info(f"trained on the flipped set in {timer.seconds:.1f} s ({len(checkpoints)} checkpoints)")

@@ -5,7 +5,6 @@ else from the project's own measured table (docs/measured_lds.json), else "not m
 settings", with the keys in which the nearest measured row differs."""
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import os
@@ -35,18 +34,15 @@ def lds_row(method: str, settings: opt.Settings) -> str:
 def trust_key(cfg: Mnist, method: str) -> dict:
     """Every setting that changes the scores of ``method`` ("method1" | "method2" | "method3") for the
     model these settings train, the key a measured LDS must match to be quoted as this run's:
-    the training recipe (the fields of training.Recipe, the seed, the number of training images and
+    the training recipe (options.recipe.Recipe.key: its optimiser, schedule, network, seed, the number of training images and
     the attribution window), then the method's own settings: Method 2's solver part of its file
     name (the registry's own list of what a solver reads, its damping and parameters included),
     Method 1's and Method 3's block fields that change scores (options.blocks.score_fields)."""
-    m3 = cfg.method3
-    recipe = {**dataclasses.asdict(training.Recipe.of(cfg)), "seed": cfg.seed, "train_size": cfg.train_subset or 60000,
-              "window": f"{m3.window:g} {m3.window_unit}" if m3.window else "whole run"}
     if method == "method2":
         own = {"solver": opt.solver_file_part(cfg.method2)}
     else:
-        own = {k: v for k, v in score_fields(getattr(cfg, method)).items() if k not in ("window", "window_unit")}
-    return {"recipe": recipe, method: own}
+        own = score_fields(getattr(cfg, method))
+    return {"recipe": opt.Recipe.of(cfg).key(), method: own}
 
 
 def key_differences(wanted: dict, found: dict) -> list[str]:
@@ -96,7 +92,7 @@ def measured_lds(settings: opt.Settings, methods: list[tuple[str, str, dict]], t
     (tests pass their own)."""
     cfg = settings.mnist
     rows = _measured_rows(settings, table)
-    out: dict = {"question": training.removal_question(cfg, cfg.train_subset or 60000)}
+    out: dict = {"question": opt.Recipe.of(cfg).question(cfg.train_subset or 60000)}
     for title, row, key in methods:
         same = [r for r in rows if r["row"] == row and r["key"] == key]
         found = {"algorithm": None, "single_model": {}, "source": NOT_MEASURED, "differs": [], "nearest": None}
@@ -200,7 +196,7 @@ def method3_seconds(settings: opt.Settings, tests: int) -> tuple[float, float]:
     cfg = settings.mnist
     n, batch = cfg.train_subset or 60000, cfg.batch_size
     steps = cfg.epoch * -(-n // batch)
-    walked = steps - training.attribution_window(cfg, n)
+    walked = steps - opt.Recipe.of(cfg).window_start(n)
     trainings = 1 + 2 * cfg.method3.smoothness_directions if cfg.method3.smoothness_directions else 0
     check = trainings * steps * (0.2 + 0.0065 * batch) / 1000.0
     replay = (steps * max(0.7, 0.0156 * batch) + walked * batch / 8 * (1.5 + 0.2 * tests)) / 1000.0

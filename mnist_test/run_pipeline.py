@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils_option as opt  # noqa: E402
-from mnist_test import (Test, Train, common, m1_Test, m2_Test, m3_Test, question, training, vis_m1,  # noqa: E402
+from mnist_test import (Test, Train, common, m1_Test, m2_Test, m3_Test, question, vis_m1,  # noqa: E402
                         vis_m1_grad, vis_m2)
 
 
@@ -57,7 +57,7 @@ def main(settings: opt.Settings) -> dict:
                 smooth = (question.method3_check(settings, ids[:tests], train, test)
                           if cfg.method3.smoothness_directions else None)
                 if smooth:
-                    caveats.append(f"Method 3's check, {training.removal_question(cfg, cfg.train_subset or 60000)}: "
+                    caveats.append(f"Method 3's check, {opt.Recipe.of(cfg).question(cfg.train_subset or 60000)}: "
                                    f"S_hat {smooth['s_hat']:.3f} [{smooth['s_hat_interval'][0]:.3f}, "
                                    f"{smooth['s_hat_interval'][1]:.3f}], {smooth['decision']} (docs/results.md)")
                 if smooth and smooth["decision"] == "no" and not cfg.question.replay_when_not_smooth:

@@ -6,7 +6,6 @@ model is fully defined by (seed, data, settings).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import torch
@@ -18,6 +17,7 @@ import utils_option as opt
 from mnist_test.datasets import MnistData
 from mnist_test.model import LAYER_MODULES, mnist_model
 from options.blocks import Mnist, SmoothnessCheck
+from options.recipe import Recipe
 
 
 def new_model(seed: int, device: torch.device, activation: str = "relu", logit_scale: float = 1.0) -> torch.nn.Module:
@@ -34,67 +34,14 @@ def epoch_orders(n: int, epochs: int, seed: int) -> torch.Tensor:
     return torch.stack([torch.randperm(n, generator=generator) for _ in range(epochs)])
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """One training recipe of the MLP: what Train.py's trainer, the grouped trainer and Method 3's
-    replay need besides the seed and the data. Made from the ``mnist`` block or from a study's recipe
-    (:func:`mnist_test.lds.recipe`, a bench's): :meth:`of`."""
-    learning_rate: float
-    momentum: float
-    weight_decay: float
-    batch_size: int
-    epoch: int
-    activation: str = "relu"
-    lr_schedule: str = "constant"
-    logit_scale: float = 1.0
-
-    @classmethod
-    def of(cls, source: "Recipe | Mnist | Mapping[str, Any]") -> "Recipe":
-        """The recipe of a typed ``mnist`` block, or of a mapping with these keys (a study's recipe;
-        keys it leaves out take the defaults above, other keys are not the recipe's)."""
-        if isinstance(source, Recipe):
-            return source
-        if isinstance(source, Mnist):
-            return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
-        return cls(**{f.name: source[f.name] for f in fields(cls) if f.name in source})
-
-    def run(self, seed: int, n: int, device: torch.device, data_weights: torch.Tensor | None = None,
-            window_start: int = 0) -> utils_if.SgdRun:
-        """The run :func:`train_model` makes with this recipe and ``seed`` on n points, as Method 3 replays it."""
-        return utils_if.SgdRun(self.learning_rate, self.momentum, self.weight_decay, self.batch_size,
-                               epoch_orders(n, self.epoch, seed).to(device), data_weights, window_start,
-                               self.lr_schedule)
-
-
-def sgd_run(recipe: "Recipe | Mnist | Mapping[str, Any]", seed: int, n: int, device: torch.device,
-            data_weights: torch.Tensor | None = None, window_start: int = 0) -> utils_if.SgdRun:
-    """The run :func:`train_model` makes with ``recipe`` and ``seed`` on n points (:meth:`Recipe.run`)."""
-    return Recipe.of(recipe).run(seed, n, device, data_weights, window_start)
-
-
-def attribution_window(cfg: Mnist, n: int, epochs: int | None = None) -> int:
-    """The first step of ``method3.window`` in the run of the ``mnist`` block on n images (``epochs``
-    epochs, else its ``epoch``): data weights act from this step on (0 = the whole run)."""
-    steps_per_epoch = -(-n // cfg.batch_size)
-    m3 = cfg.method3
-    try:
-        return utils_if.window_start((epochs or cfg.epoch) * steps_per_epoch, steps_per_epoch,
-                                     m3.window, m3.window_unit)
-    except ValueError as error:
-        raise opt.SettingsError(f"mnist.method3.window: {error}") from None
-
-
-def removal_question(cfg: Mnist, n: int) -> str:
-    """The question Method 3 and the single-model LDS answer for the run of the ``mnist`` block on n
-    images, in words: removing images from the whole run, or from its attribution window."""
-    steps = cfg.epoch * -(-n // cfg.batch_size)
-    start = attribution_window(cfg, n)
-    if not start:
-        return f"removing images from the whole run (steps 1-{steps:,})"
-    m3 = cfg.method3
-    span = (f"the last {100 * m3.window:g}% of the steps" if m3.window_unit == "fraction" else
-            "the last epoch" if (m3.window, m3.window_unit) == (1, "epochs") else f"the last {m3.window:g} {m3.window_unit}")
-    return f"removing images from {span} (steps {start + 1:,}-{steps:,})"
+def sgd_run(recipe: "Recipe | Mnist | Mapping[str, Any]", n: int, device: torch.device,
+            data_weights: torch.Tensor | None = None) -> utils_if.SgdRun:
+    """The run :func:`train_model` makes with ``recipe`` on n points, as Method 3 replays it: its seed's
+    data order, its learning rates, and the data weights acting in its attribution window."""
+    recipe = Recipe.of(recipe)
+    return utils_if.SgdRun(recipe.learning_rate, recipe.momentum, recipe.weight_decay, recipe.batch_size,
+                           epoch_orders(n, recipe.epoch, recipe.seed).to(device), data_weights,
+                           recipe.window_start(n), recipe.lr_schedule)
 
 
 # what the verdict tells a user whose run is not smooth enough to attribute
@@ -108,7 +55,7 @@ def metasmoothness_said(data: MnistData, x_test: torch.Tensor, y_test: torch.Ten
     with opt.Timer() as timer:
         found = metasmoothness(data, x_test, y_test, cfg, device, cfg.method3)
     found["seconds"] = round(timer.seconds, 2)
-    print(utils_if.verdict(found, SMOOTHNESS_REMEDY, question=removal_question(cfg, len(data)))
+    print(utils_if.verdict(found, SMOOTHNESS_REMEDY, question=Recipe.of(cfg).question(len(data)))
           + f" [{found['trainings']} trainings, {timer.seconds:.0f} s]", flush=True)
     return found
 
@@ -119,34 +66,33 @@ REPLAY_RECIPE = ("init: torch.manual_seed(seed); mnist_model(activation, logit_s
                  "lr of step s from lr_schedule (SgdRun.lr)")
 
 
-def run_metagradient(data: MnistData, recipe: "Recipe | Mnist | Mapping[str, Any]", seed: int, x_test: torch.Tensor,
-                     y_test: torch.Tensor, device: torch.device, data_weights: torch.Tensor | None = None,
-                     window_start: int = 0) -> tuple[torch.Tensor, utils_if.SgdRun]:
-    """Method 3 for the run of ``recipe`` and ``seed`` on ``data`` (with ``data_weights`` from
-    ``window_start`` on): dF_t/dw (T, n) float64 of each test loss F_t, the run replayed from its
-    seed (no trained model needed), and the run itself."""
+def run_metagradient(data: MnistData, recipe: "Recipe | Mnist | Mapping[str, Any]", x_test: torch.Tensor,
+                     y_test: torch.Tensor, device: torch.device, data_weights: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, utils_if.SgdRun]:
+    """Method 3 for the run of ``recipe`` on ``data`` (with ``data_weights`` in its window): dF_t/dw
+    (T, n) float64 of each test loss F_t, the run replayed from its seed (no trained model needed),
+    and the run itself."""
     recipe = Recipe.of(recipe)
-    run = recipe.run(seed, len(data), device, data_weights, window_start)
-    replay = utils_if.SgdReplay(new_model(seed, device, recipe.activation, recipe.logit_scale),
+    run = sgd_run(recipe, len(data), device, data_weights)
+    replay = utils_if.SgdReplay(new_model(recipe.seed, device, recipe.activation, recipe.logit_scale),
                                 utils_if.nll_sample_loss, run, data.images, data.labels)
-    trained = new_model(seed, device, recipe.activation, recipe.logit_scale)
+    trained = new_model(recipe.seed, device, recipe.activation, recipe.logit_scale)
     trained.load_state_dict(replay.forward(), strict=False)
     grads = utils_if.InfluenceProblem(trained, utils_if.nll_sample_loss, replay.names).sample_grads(x_test, y_test)
     return replay.metagradient(grads), run
 
 
-def train_model(data: MnistData, recipe: "Recipe | Mnist | Mapping[str, Any]", seed: int, device: torch.device,
+def train_model(data: MnistData, recipe: "Recipe | Mnist | Mapping[str, Any]", device: torch.device,
                 grad_mode: str | None = None, layers: tuple[str, ...] = ("fc1", "fc2", "fc3"),
                 skip_first_epoch: bool = True, show_progress: bool = True, desc: str = "train",
-                checkpoint_every: int = 0, on_checkpoint=None, data_weights: torch.Tensor | None = None,
-                window_start: int = 0):
-    """Train a fresh seeded MLP on ``data`` with NLL + SGD(lr, momentum, weight_decay) of ``recipe``
-    (a :class:`Recipe`, or what :meth:`Recipe.of` reads).
+                checkpoint_every: int = 0, on_checkpoint=None, data_weights: torch.Tensor | None = None):
+    """Train a fresh MLP seeded by the recipe's seed on ``data`` with NLL + SGD(lr, momentum,
+    weight_decay) of ``recipe`` (a :class:`Recipe`, or what :meth:`Recipe.of` reads).
 
     ``data_weights`` (n,) weight each image's loss: the batch loss is sum_i w_i NLL_i / |B|
     (:func:`utils_if.weighted_batch_loss`; None = the plain mean, the same model as w = 1 bit for
     bit). A point weighted 0 keeps its place in the order: the single-model counterfactual. The
-    weights act from step ``window_start`` on (the attribution window; 0 = every step).
+    weights act in the recipe's attribution window (every step when it has none).
 
     With ``grad_mode`` ("batch" or "per_sample") also accumulate, per training item, the row norms
     of each chosen layer's weight gradient (one value per output neuron), in float64:
@@ -158,10 +104,10 @@ def train_model(data: MnistData, recipe: "Recipe | Mnist | Mapping[str, Any]", s
     Returns (model, {layer: (n, out) float64 tensor} or None).
     """
     recipe = Recipe.of(recipe)
-    model = new_model(seed, device, recipe.activation, recipe.logit_scale)
+    model = new_model(recipe.seed, device, recipe.activation, recipe.logit_scale)
     params = list(model.parameters())
     n, batch = len(data), recipe.batch_size
-    run = recipe.run(seed, n, device, data_weights, window_start)  # order, weights, window: as the replay reads them
+    run = sgd_run(recipe, n, device, data_weights)  # order, weights, window: as the replay reads them
     optimizer = torch.optim.SGD(params, lr=run.learning_rate, momentum=run.momentum, weight_decay=run.weight_decay)
     weights = {name: model.get_submodule(LAYER_MODULES[name]).weight for name in layers}
     norms = {name: torch.zeros(n, w.shape[0], dtype=torch.float64, device=device)
@@ -231,18 +177,19 @@ def linear_stack(model: nn.Module) -> list[str]:
 
 
 def train_group(data: MnistData, jobs: list[dict], recipe: "Recipe | Mnist | Mapping[str, Any]", device: torch.device,
-                show_progress: bool = True, desc: str = "train group", window_start: int = 0) -> list[dict]:
+                show_progress: bool = True, desc: str = "train group") -> list[dict]:
     """Train many independent MLPs at once with ``recipe``, each exactly as :func:`train_model` trains it alone:
     its own seed (init and data order), its own labels (``job["labels"]``: (n,) for all of
     ``data``, or None), its own kept items (``job["keep"]``: original positions, or None) and its
     own data weights (``job["weights"]``: (n,) for all of ``data``, or None; the batch loss is then
-    sum_i w_i NLL_i / |B|, as :func:`batch_loss`, from step ``window_start`` on).
+    sum_i w_i NLL_i / |B|, as :func:`batch_loss`, in the recipe's attribution window on all of ``data``).
     All jobs of a group must keep the same number of items (group removals by N).
 
     The K models run as one batched MLP: forward and backward by hand with ``bmm`` over the
-    Linear layers of the model's ``main`` (read from the model: Linear layers with ReLU between
-    them, log-softmax and mean NLL at the end; anything else is refused), then SGD with momentum
-    and weight decay in place, as ``torch.optim.SGD`` does. Each job's order and window come from
+    Linear layers of the model's ``main`` (:func:`utils_if.grouped_gradients`, the hand-written MLP's
+    grouped form; the shape is read from the model: Linear layers with ReLU or softplus between them,
+    log-softmax and mean NLL at the end; anything else is refused), then SGD with momentum and weight
+    decay in place, as ``torch.optim.SGD`` does. Each job's order and window come from
     its :func:`sgd_run`, the one definition Train.py's trainer and Method 3's replay read too.
     Returns one ``state_dict`` per job (on the CPU).
     """
@@ -262,13 +209,13 @@ def train_group(data: MnistData, jobs: list[dict], recipe: "Recipe | Mnist | Map
     activation, scale = recipe.activation, recipe.logit_scale
     models = [new_model(job["seed"], device, activation, scale) for job in jobs]
     layers = linear_stack(models[0])
-    smooth = activation == "softplus"  # softplus: derivative sigmoid(z); ReLU: [z > 0]
     names = [f"{layer}.{kind}" for layer in layers for kind in ("weight", "bias")]
     params = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).contiguous()
               for name in names}
     buffers = {name: torch.zeros_like(p) for name, p in params.items()}
     # each job's run as train_model and the replay define it: its seed's order (over its kept items), the window
-    runs = [recipe.run(job["seed"], n, device, window_start=window_start) for job in jobs]
+    first_weighted = recipe.window_start(len(data))  # the window's first step on all of data
+    runs = [sgd_run(recipe.replace(seed=job["seed"], window=0), n, device) for job in jobs]
     orders = torch.stack([kept[m][run.orders] for m, run in enumerate(runs)])   # (K, epochs, n)
     rows = torch.arange(k_models, device=device)[:, None]
     mom, wd = runs[0].momentum, runs[0].weight_decay
@@ -280,31 +227,13 @@ def train_group(data: MnistData, jobs: list[dict], recipe: "Recipe | Mnist | Map
     for epoch in range(recipe.epoch):
         for start in range(0, n, batch):
             step = epoch * steps + start // batch
-            in_window, lr = step >= runs[0].window_start, runs[0].lr(step)
+            in_window, lr = step >= first_weighted, runs[0].lr(step)
             idx = orders[:, epoch, start:start + batch]                           # (K, B)
-            h, y = data.images[idx], labels[rows, idx]                            # (K, B, 784), (K, B)
-            inputs, outputs = [], []
-            for i, (w, b) in enumerate(zip(weights, biases)):
-                inputs.append(h)
-                z = torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
-                outputs.append(z)
-                h = (F.softplus(z) if smooth else torch.relu(z)) if i < len(weights) - 1 else z
-            if scale != 1.0:
-                h = h * scale                                                     # logits = c z_L
-            delta = torch.softmax(h, dim=2)                                       # d(mean NLL)/d logits
-            delta.scatter_add_(2, y[..., None], torch.full_like(y[..., None], -1.0, dtype=delta.dtype))
-            if scale != 1.0:
-                delta.mul_(scale)                                                 # d/d z_L = c d/d logits
-            if data_weights is not None and in_window:
-                delta.mul_(data_weights[rows, idx][..., None])
-            delta.div_(idx.shape[1])
-            grads = {}
-            for i in reversed(range(len(weights))):
-                grads[names[2 * i]] = torch.bmm(delta.transpose(1, 2), inputs[i])
-                grads[names[2 * i + 1]] = delta.sum(1)
-                if i:
-                    slope = torch.sigmoid(outputs[i - 1]) if smooth else outputs[i - 1] > 0
-                    delta = torch.bmm(delta, weights[i]).mul_(slope)
+            sample_weights = data_weights[rows, idx] if data_weights is not None and in_window else None
+            grad_w, grad_b = utils_if.grouped_gradients(weights, biases, data.images[idx], labels[rows, idx],
+                                                        activation, scale, sample_weights)
+            grads = {name: g for i in range(len(layers)) for name, g in
+                     ((names[2 * i], grad_w[i]), (names[2 * i + 1], grad_b[i]))}
             for name in names:  # SGD: buf = mom*buf + (g + wd*p); p -= lr*buf
                 p, buf, g = params[name], buffers[name], grads[name]
                 if first_step:
@@ -330,8 +259,7 @@ def metasmoothness(data: MnistData, x_test: torch.Tensor, y_test: torch.Tensor, 
 
     def train(weight_sets: list[torch.Tensor]):
         jobs = [{"seed": cfg.seed, "weights": w.float()} for w in weight_sets]
-        states = train_group(data, jobs, cfg, device, desc="metasmoothness",
-                             window_start=attribution_window(cfg, len(data)))
+        states = train_group(data, jobs, cfg, device, desc="metasmoothness")
         finals = [torch.cat([state[name].reshape(-1) for name in state]) for state in states]
         outputs = []
         for state in states:

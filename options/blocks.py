@@ -19,28 +19,6 @@ from influence.settings import setting as spec  # one field maker for the blocks
 from options.method2 import lds_methods, method2_class  # the Method-2 blocks, made from the registry
 
 
-# mnist.recipe: every value of a training recipe, as dotted keys. A preset replaces the defaults of
-# these keys; a value a settings file, profile, -set or driver writes (or Implementation.json changes
-# from its default) is kept, and said (utils_option.load_settings). The numbers: docs/results.md.
-RECIPES: dict[str, dict[str, Any]] = {
-    "report": {"mnist.epoch": 20, "mnist.batch_size": 8, "mnist.learning_rate": 0.003, "mnist.momentum": 0.9,
-               "mnist.weight_decay": 0.001, "mnist.lr_schedule": "constant", "mnist.activation": "relu",
-               "mnist.logit_scale": 1.0, "mnist.method3.window": 0, "mnist.method3.window_unit": "epochs", "mnist.lds.epoch": 40},
-    "attributable": {"mnist.epoch": 20, "mnist.batch_size": 128, "mnist.learning_rate": 0.05, "mnist.momentum": 0.9,
-                     "mnist.weight_decay": 0.0005, "mnist.lr_schedule": "linear", "mnist.activation": "softplus",
-                     "mnist.logit_scale": 1.0, "mnist.method3.window": 1, "mnist.method3.window_unit": "epochs", "mnist.lds.epoch": 20},
-}
-
-
-def recipe_table() -> str:
-    """The presets side by side, as docs/methods.md shows them (a test keeps the two equal)."""
-    names = list(RECIPES)
-    lines = ["| setting | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
-    for key in RECIPES[names[0]]:
-        lines.append(f"| `{key}` | " + " | ".join(f"{RECIPES[n][key]}" for n in names) + " |")
-    return "\n".join(lines)
-
-
 def score_fields(block_value: Any) -> dict:
     """The settings of a typed block that change its method's scores (every field not marked
     ``scores=False``; nested blocks left out), as a plain dict: the trust table matches on these."""
@@ -204,11 +182,6 @@ class MnistMethod3(SmoothnessCheck):
                                 " pass)", 'int', (1, 10000), scores=False)
     replay_tolerance: float = spec(1e-05, "the replayed final weights must match the saved model to this relative "
                                           "error, else nothing is computed", 'float', (0.0, None), scores=False)
-    window: float = spec(0, "the attribution window: the data weights act only in the last `window` window_units of "
-                            "the run (0 = the whole run); Method 3 walks back only those steps, and ldsTest's "
-                            "single-model removals act only there", 'float', (0.0, None))
-    window_unit: str = spec('epochs', "epochs | steps | fraction (of all steps) for method3.window", 'choice',
-                            ('epochs', 'steps', 'fraction'))
     top_k: int = spec(100, "length of the helpful / harmful lists", 'int', (1, 60000), scores=False)
     if_dir: str = spec('if', "sub-folder of output_dir for Method 3 files", 'str', None, scores=False)
 
@@ -339,8 +312,8 @@ class Mnist:
     learning_rate: float = spec(0.003, "the original recipe: SGD lr 0.003, momentum 0.9, weight decay 0.001", 'float', (0.0, None))
     momentum: float = spec(0.9, "SGD momentum (the report: 0.9)", 'float', (0.0, 1.0))
     weight_decay: float = spec(0.001, "SGD weight decay (the report: 0.001)", 'float', (0.0, None))
-    recipe: str = spec('report', "a preset of the whole training recipe (RECIPES: optimiser, schedule, batch, epochs, "
-                                 "activation, method3.window, lds.epoch): report (the report's) | attributable (more "
+    recipe: str = spec('report', "a preset of the whole training recipe (options/recipe.py: optimiser, schedule, batch, "
+                                 "epochs, activation, window, lds.epoch): report (the report's) | attributable (more "
                                  "accurate, and Method 3 predicts its removals; docs/methods.md). It replaces the "
                                  "defaults, never a value you set", 'choice', ('report', 'attributable'))
     lr_schedule: str = spec('constant', "constant (the report) | linear | cosine: the learning rate decays from "
@@ -351,6 +324,11 @@ class Mnist:
                                    "parameters; < 1: scaled down, a run smoother in its data weights, Engstrom et al. "
                                    "2025); 1 = the report's network", 'float', (0.001, 100.0))
     train_subset: int = spec(0, "0 = all 60,000 training images; n = the first n (tests, small runs)", 'int', (0, 60000))
+    window: float = spec(0, "the attribution window: the data weights act only in the last `window` window_units of "
+                            "the run (0 = the whole run); Method 3 walks back only those steps, and ldsTest's "
+                            "single-model removals act only there", 'float', (0.0, None))
+    window_unit: str = spec('epochs', "epochs | steps | fraction (of all steps) for window", 'choice',
+                            ('epochs', 'steps', 'fraction'))
     checkpoint_every: int = spec(0, "Train.py saves a checkpoint every k epochs (TracIn: method2.solver "
                                     "\"tracin\"); 0 = none", 'int', (0, None))
     vis_num: int = spec(5, "how many top training images a figure shows", 'int', (1, 100))

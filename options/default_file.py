@@ -31,7 +31,7 @@ def _commented(text: str, comment: str) -> str:
 
 def _lines(cls: type, values: dict, indent: int) -> list[str]:
     pad = " " * indent
-    items = list(fields(cls))
+    items = [f for f in fields(cls) if not f.metadata.get("run")]
     out = []
     for position, f in enumerate(items):
         comma = "," if position < len(items) - 1 else ""

@@ -17,7 +17,8 @@ from typing import Any
 
 from influence.solvers import SOLVERS
 from options.base import DEFAULT_SETTINGS, MissingFileError, SettingsError, resolve_path
-from options.blocks import RECIPES, Loaded, Settings, defaults, schema, typed
+from options.blocks import Loaded, Settings, defaults, schema, typed
+from options.recipe import preset_values
 from options.check import check_value
 
 
@@ -132,7 +133,7 @@ def load_settings_dict(path: str | None = None, profile: str | None = None,
         if (str(err).startswith("missing setting") and resolved != resolve_path(DEFAULT_SETTINGS)
                 and not any("extends" in raw for _, raw in settings_layers(resolved))):
             raise SettingsError(f"{resolved}: {err}; a file that sets only some keys takes the rest from the file it "
-                                f"extends: add \"extends\": \"Implementation.json\" (as settings_shared.json does)"
+                                f"extends: add \"extends\": \"Implementation.json\" (as settings/shared.json does)"
                                 ) from None
         raise
 
@@ -201,12 +202,12 @@ def _load_settings(path: str | None = None, profile: str | None = None,
 
 
 def _apply_recipe(settings: dict, base: dict, written: list[dict]) -> tuple[dict, list[str], list[str]]:
-    """The preset of ``mnist.recipe`` (options.blocks.RECIPES) over ``settings``: each of its keys takes
+    """The preset of ``mnist.recipe`` (options/recipe.py) over ``settings``: each of its keys takes
     the preset's value unless the user set that key: a layer in ``written`` (a file that extends the
     base, a profile, overrides, -set) writes it, or the base file holds another value than the
     default. Returns (settings, keys the preset set, "key = yours (the preset's: value)" kept)."""
     name = _lookup(settings, "mnist.recipe") if "mnist" in settings and "recipe" in settings["mnist"] else "report"
-    preset = RECIPES[name]
+    preset = preset_values(name)
     explicit = {key for body in written for key in _leaf_keys({k: v for k, v in body.items() if k not in STRUCTURAL_KEYS})}
     default = defaults()
     base_body = {k: v for k, v in base.items() if k not in STRUCTURAL_KEYS}
@@ -228,7 +229,7 @@ def _take_defaults(settings: dict) -> list[str]:
     leaves out takes its default from the typed blocks, in place (e.g. the setting of a solver
     registered after the file was written); returns those keys, which the log names."""
     default = defaults()
-    taken = [key for key in SCHEMA if not _has(settings, key)]
+    taken = [key for key in SCHEMA if key not in STRUCTURAL_KEYS and not _has(settings, key)]
     for key in taken:
         _set_dotted(settings, key, _lookup(default, key))
     return taken
@@ -271,6 +272,7 @@ RETIRED_KEYS = {"method3.smoothness_fraction": "metasmoothness directions are Ga
                                                "(Definition 2); the step smoothness_step sets how far they move"}
 # keys renamed (old suffix -> new suffix): still read, under the new name, and said in one line;
 RENAMED_KEYS = {"method2.training_points": "method2.recursion_depth", "method2.recursion_nums": "method2.repeats",
+                "method3.window": "window", "method3.window_unit": "window_unit",  # the run's, not Method 3's
                 "lissa_deep.training_points": "lissa_deep.recursion_depth",
                 "lissa_deep.recursion_nums": "lissa_deep.repeats"}
 # keys whose type changed (suffix -> (the old type, what to write now)): named when the old type is found.
@@ -292,6 +294,8 @@ def rename_keys(tree: dict, where: str) -> list[str]:
             _set_dotted(tree, new, value)
         said.append(f"{where}: {key} is now {new} (read as {new}; rename it there)")
     return said
+
+
 STRUCTURAL_KEYS = ("extends", "profile", "profiles", "settings_file", "profile_changed", "recipe_changed", "recipe_kept",
                    "renamed", "defaults_taken")
 

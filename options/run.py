@@ -22,7 +22,7 @@ import torch
 from options.base import DEFAULT_SETTINGS, REPO_ROOT, MissingFileError, SettingsError, resolve_path  # noqa: F401
 from options.blocks import Settings, help_lines
 from options.loading import as_dict, load_settings
-from options.results import DETAIL, is_interactive, save_torch, progress
+from options.results import DETAIL, is_interactive
 
 
 def script_settings(description: str, argv: list[str] | None = None) -> Settings:

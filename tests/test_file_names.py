@@ -80,7 +80,7 @@ def test_thread_count_activation_and_method3_settings_change_the_names():
     # the algorithm setting's subsets carry no data weights: the same models whatever the window
     assert {lds.study_tag(w) for w in windows} == {lds.study_tag(BASE)}
     too_long = opt.with_values(whole_single, {"mnist": {"method3": {"window": 10_000}}})
-    with pytest.raises(opt.SettingsError, match="mnist.method3.window: .* choose 1 to"):
+    with pytest.raises(opt.SettingsError, match="mnist.window: .* choose 1 to"):
         lds.study_tag(too_long)
 
 

@@ -141,7 +141,7 @@ def test_a_run_the_verdict_rejects_is_rejected_and_method3_misses_its_removals(t
 
 
 def test_single_model_removals_act_only_in_the_attribution_window(tmp_path, mnist_raw):
-    """method3.window = the last 10% of 4 epochs' steps: m3_Test walks back those steps only, and ldsTest's
+    """mnist.window = the last 10% of 4 epochs' steps: m3_Test walks back those steps only, and ldsTest's
     subsets weight the dropped points 0 there only. A case where the two questions differ strongly:
     against the windowed truth Method 3 scores LDS 1.00 and misses the sizes by 6% (relative error of
     the centred changes); the same removals over the whole run would give LDS 0.64 and an error of 82%
@@ -175,8 +175,7 @@ def test_single_model_removals_act_only_in_the_attribution_window(tmp_path, mnis
     data = common.load_train_data(base, torch.device("cpu"), lambda *_: None)
     test = common.load_test_data(settings, torch.device("cpu"), lambda *_: None)
     ids = record["meta"]["test_ids"][:len(influence)]
-    whole_run = lds.single_model_loss_changes(data, dataclasses.asdict(training.Recipe.of(base.mnist)), 0,
-                                              masks, test.images[ids], test.labels[ids], np.zeros(len(ids)),
+    whole_run = lds.single_model_loss_changes(data, opt.Recipe.of(base.mnist).replace(window=0), masks, test.images[ids], test.labels[ids], np.zeros(len(ids)),
                                               torch.device("cpu"))
     assert size_error(whole_run) > 0.5 and np.mean(utils_if.spearman_columns(predicted, whole_run)) < 0.8
     import glob

@@ -160,12 +160,12 @@ def test_unit_weights_are_todays_training_and_the_replay_reproduces_it(mnist_tra
     from mnist_test import training
     data, cpu = mnist_train.subset(100), torch.device("cpu")
     for grad_mode in ("batch", "per_sample"):
-        plain, _ = training.train_model(data, MNIST_CFG, 3, cpu, grad_mode=grad_mode, show_progress=False)
-        ones, _ = training.train_model(data, MNIST_CFG, 3, cpu, grad_mode=grad_mode, show_progress=False,
+        plain, _ = training.train_model(data, {**MNIST_CFG, "seed": 3}, cpu, grad_mode=grad_mode, show_progress=False)
+        ones, _ = training.train_model(data, {**MNIST_CFG, "seed": 3}, cpu, grad_mode=grad_mode, show_progress=False,
                                        data_weights=torch.ones(len(data)))
         for name, value in plain.state_dict().items():
             assert torch.equal(value, ones.state_dict()[name]), (grad_mode, name)
-    replay = U.SgdReplay(training.new_model(3, cpu), U.nll_sample_loss, training.sgd_run(MNIST_CFG, 3, len(data), cpu),
+    replay = U.SgdReplay(training.new_model(3, cpu), U.nll_sample_loss, training.sgd_run({**MNIST_CFG, "seed": 3}, len(data), cpu),
                          data.images, data.labels)
     final = replay.forward(checkpoint_interval=7)
     for name, value in plain.state_dict().items():
@@ -178,11 +178,11 @@ def test_zero_weights_train_the_single_model_counterfactual(mnist_train, activat
     data, cpu, cfg = mnist_train.subset(96), torch.device("cpu"), {**MNIST_CFG, "activation": activation}
     w = torch.ones(len(data))
     w[[2, 50, 77]] = 0.0
-    alone, _ = training.train_model(data, cfg, 4, cpu, show_progress=False, data_weights=w)
+    alone, _ = training.train_model(data, {**cfg, "seed": 4}, cpu, show_progress=False, data_weights=w)
     grouped = training.train_group(data, [{"seed": 4, "weights": w}, {"seed": 4}], cfg, cpu, show_progress=False)
-    plain, _ = training.train_model(data, cfg, 4, cpu, show_progress=False)
+    plain, _ = training.train_model(data, {**cfg, "seed": 4}, cpu, show_progress=False)
     replay = U.SgdReplay(training.new_model(4, cpu, activation), U.nll_sample_loss,
-                         training.sgd_run(cfg, 4, len(data), cpu, w), data.images, data.labels).forward()
+                         training.sgd_run({**cfg, "seed": 4}, len(data), cpu, w), data.images, data.labels).forward()
     for name, value in alone.state_dict().items():
         assert torch.allclose(grouped[0][name], value, atol=1e-6)
         assert torch.allclose(grouped[1][name], plain.state_dict()[name], atol=1e-6)
@@ -252,7 +252,7 @@ def test_the_report_recipe_is_not_smooth_in_a_data_weight_and_softplus_is(mnist_
     def test_losses(w):
         torch.manual_seed(5)
         model = training.mnist_model(activation).double()
-        run = training.sgd_run(cfg, 5, len(data), cpu, w)
+        run = training.sgd_run({**cfg, "seed": 5}, len(data), cpu, w)
         final = U.SgdReplay(model, U.nll_sample_loss, run, data.images, data.labels).forward()
         return torch.func.functional_call(model, final, (x_t,)).gather(1, y_t[:, None]).squeeze(1).neg()
 
@@ -271,7 +271,7 @@ def test_the_report_recipe_is_not_smooth_in_a_data_weight_and_softplus_is(mnist_
         assert spread > 1.0
 
 
-# ---- the attribution window (method3.window): the data weights act only in the last steps -------
+# ---- the attribution window (mnist.window): the data weights act only in the last steps -------
 def windowed_final_losses(model, run: U.SgdRun, x, y, x_t, y_t, w: torch.Tensor) -> torch.Tensor:
     """The run written out here with torch.optim.SGD, w acting only from run.window_start on."""
     import copy
@@ -327,12 +327,13 @@ def test_window_in_training_the_grouped_trainer_and_the_replay_agree(mnist_train
     data, cpu, cfg = mnist_train.subset(96), torch.device("cpu"), {**MNIST_CFG, "activation": activation}
     w = torch.ones(len(data))
     w[[2, 50, 77]] = 0.0
-    start = 12 + 5  # the second epoch (12 steps each), from its sixth step
-    alone, _ = training.train_model(data, cfg, 4, cpu, show_progress=False, data_weights=w, window_start=start)
-    grouped = training.train_group(data, [{"seed": 4, "weights": w}], cfg, cpu, show_progress=False, window_start=start)
+    windowed = {**cfg, "seed": 4, "window": 7, "window_unit": "steps"}  # of 2 epochs x 12 steps: from step 17 on
+    assert training.sgd_run(windowed, len(data), cpu).window_start == 17
+    alone, _ = training.train_model(data, windowed, cpu, show_progress=False, data_weights=w)
+    grouped = training.train_group(data, [{"seed": 4, "weights": w}], windowed, cpu, show_progress=False)
     replay = U.SgdReplay(training.new_model(4, cpu, activation), U.nll_sample_loss,
-                         training.sgd_run(cfg, 4, len(data), cpu, w, window_start=start), data.images, data.labels).forward()
-    whole, _ = training.train_model(data, cfg, 4, cpu, show_progress=False, data_weights=w)
+                         training.sgd_run(windowed, len(data), cpu, w), data.images, data.labels).forward()
+    whole, _ = training.train_model(data, {**cfg, "seed": 4}, cpu, show_progress=False, data_weights=w)
     for name, value in alone.state_dict().items():
         assert torch.allclose(grouped[0][name], value, atol=1e-6)
         assert torch.equal(replay[name], value)
@@ -361,11 +362,11 @@ def test_scheduled_training_is_what_the_replay_and_the_grouped_trainer_do(mnist_
     from mnist_test import training
     data, cpu = mnist_train.subset(96), torch.device("cpu")
     cfg = {**MNIST_CFG, "lr_schedule": "cosine"}
-    alone, _ = training.train_model(data, cfg, 4, cpu, show_progress=False)
+    alone, _ = training.train_model(data, {**cfg, "seed": 4}, cpu, show_progress=False)
     grouped = training.train_group(data, [{"seed": 4}], cfg, cpu, show_progress=False)
-    replay = U.SgdReplay(training.new_model(4, cpu), U.nll_sample_loss, training.sgd_run(cfg, 4, len(data), cpu),
+    replay = U.SgdReplay(training.new_model(4, cpu), U.nll_sample_loss, training.sgd_run({**cfg, "seed": 4}, len(data), cpu),
                          data.images, data.labels).forward()
-    constant, _ = training.train_model(data, MNIST_CFG, 4, cpu, show_progress=False)
+    constant, _ = training.train_model(data, {**MNIST_CFG, "seed": 4}, cpu, show_progress=False)
     for name, value in alone.state_dict().items():
         assert torch.equal(replay[name], value)
         assert torch.allclose(grouped[0][name], value, atol=1e-6)
@@ -394,11 +395,11 @@ def test_scaled_logits_train_the_same_in_the_trainer_the_grouped_trainer_and_the
     cfg = {**MNIST_CFG, "activation": activation, "logit_scale": 0.1}
     w = torch.ones(len(data))
     w[[3, 40]] = 0.0
-    alone, _ = training.train_model(data, cfg, 4, cpu, show_progress=False, data_weights=w)
+    alone, _ = training.train_model(data, {**cfg, "seed": 4}, cpu, show_progress=False, data_weights=w)
     grouped = training.train_group(data, [{"seed": 4, "weights": w}], cfg, cpu, show_progress=False)
     replay = U.SgdReplay(training.new_model(4, cpu, activation, 0.1), U.nll_sample_loss,
-                         training.sgd_run(cfg, 4, len(data), cpu, w), data.images, data.labels).forward()
-    plain, _ = training.train_model(data, {**cfg, "logit_scale": 1.0}, 4, cpu, show_progress=False, data_weights=w)
+                         training.sgd_run({**cfg, "seed": 4}, len(data), cpu, w), data.images, data.labels).forward()
+    plain, _ = training.train_model(data, {**cfg, "logit_scale": 1.0, "seed": 4}, cpu, show_progress=False, data_weights=w)
     assert set(alone.state_dict()) == set(plain.state_dict())
     for name, value in alone.state_dict().items():
         assert torch.allclose(grouped[0][name], value, atol=1e-6)

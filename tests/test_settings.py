@@ -209,14 +209,13 @@ def test_the_typed_blocks_hold_the_defaults_of_implementation_json():
 
 # ---- mnist.recipe: a preset of the whole training recipe ---------------------------------------
 def test_the_attributable_preset_sets_its_recipe_and_keeps_every_value_the_user_set(tmp_path):
-    from options.blocks import RECIPES
-    preset = RECIPES["attributable"]
+    preset = opt.preset_values("attributable")
     assert preset == {"mnist.epoch": 20, "mnist.batch_size": 128, "mnist.learning_rate": 0.05, "mnist.momentum": 0.9,
                       "mnist.weight_decay": 0.0005, "mnist.lr_schedule": "linear", "mnist.activation": "softplus",
-                      "mnist.logit_scale": 1.0, "mnist.method3.window": 1, "mnist.method3.window_unit": "epochs", "mnist.lds.epoch": 20}
+                      "mnist.logit_scale": 1.0, "mnist.window": 1, "mnist.window_unit": "epochs", "mnist.lds.epoch": 20}
     report = opt.load_settings()
     assert report.source.recipe_changed == [] and report.source.recipe_kept == []
-    for key, value in RECIPES["report"].items():
+    for key, value in opt.preset_values("report").items():
         assert opt.value_at(report, key) == value, key  # the report's preset is the defaults
     chosen = opt.load_settings(assignments=["mnist.recipe=attributable"])
     for key, value in preset.items():
@@ -242,9 +241,8 @@ def test_the_attributable_preset_sets_its_recipe_and_keeps_every_value_the_user_
 
 
 def test_the_docs_show_the_presets_as_the_code_defines_them():
-    from options.blocks import recipe_table
     with open(os.path.join(opt.REPO_ROOT, "docs", "methods.md"), encoding="utf-8") as f:
-        assert recipe_table() in f.read()
+        assert opt.recipe_table() in f.read()
 
 
 def test_a_block_set_as_a_value_and_a_file_without_extends_are_told_what_to_do(tmp_path):

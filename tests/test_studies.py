@@ -54,9 +54,9 @@ def test_group_training_equals_training_alone(mnist_train):
                           show_progress=False)
     with pytest.raises(ValueError, match="same number of items"):
         train_group(data, [{"seed": 1}, {"seed": 2, "keep": [0, 1]}], CFG, torch.device("cpu"))
-    alone = [train_model(data, CFG, 3, torch.device("cpu"), show_progress=False)[0],
-             train_model(data.relabel(list(range(30)), 0), CFG, 4, torch.device("cpu"), show_progress=False)[0],
-             train_model(data.remove(list(range(7))), CFG, 5, torch.device("cpu"), show_progress=False)[0]]
+    alone = [train_model(data, {**CFG, "seed": 3}, torch.device("cpu"), show_progress=False)[0],
+             train_model(data.relabel(list(range(30)), 0), {**CFG, "seed": 4}, torch.device("cpu"), show_progress=False)[0],
+             train_model(data.remove(list(range(7))), {**CFG, "seed": 5}, torch.device("cpu"), show_progress=False)[0]]
     for state, model in zip(states, alone):
         for name, value in model.state_dict().items():
             assert torch.allclose(state[name], value, atol=1e-6)
@@ -116,7 +116,7 @@ def test_a_removal_is_the_base_run_with_the_points_weighted_zero(study):
     train = common.load_train_data(study, torch.device("cpu"), lambda *_: None)
     weights = torch.ones(len(train))
     weights[top] = 0.0
-    alone, _ = train_model(train, cfg, cfg.seed, torch.device("cpu"), show_progress=False, data_weights=weights)
+    alone, _ = train_model(train, cfg, torch.device("cpu"), show_progress=False, data_weights=weights)
     state = torch.load(job["path"], weights_only=True)["model"]
     for name, value in alone.state_dict().items():
         assert torch.allclose(state[name], value, atol=1e-6)
@@ -129,7 +129,7 @@ def test_a_removal_is_the_base_run_with_the_points_weighted_zero(study):
 
 
 def test_removals_in_an_attribution_window_get_their_own_models(study):
-    """With method3.window, expTrain's removals act in the window only (train_group's window_start,
+    """With mnist.window, expTrain's removals act in the window only (train_group's window_start,
     tested in test_method3): their models live in their own folder, relabels stay where they were."""
     windowed = opt.with_values(study, {"mnist": {"method3": {"window": 1, "window_unit": "epochs"}}})
     ranked = explain.ranked_points(study)  # the windowed settings' own Method-3 file is not made here

@@ -39,7 +39,7 @@ def brute_force_norms(data, seed, grad_mode, skip_first_epoch):
 
 
 def check_mode(data, grad_mode, skip):
-    model, norms = train_model(data, CFG, seed=3, device=torch.device("cpu"), grad_mode=grad_mode,
+    model, norms = train_model(data, {**CFG, "seed": 3}, device=torch.device("cpu"), grad_mode=grad_mode,
                                skip_first_epoch=skip, show_progress=False)
     reference = brute_force_norms(data, 3, grad_mode, skip)
     assert not any(t.requires_grad for t in norms.values())  # no autograd graph accumulated
@@ -63,8 +63,8 @@ def test_per_sample_mode_equals_brute_force(mnist_train):
 
 def test_seeded_training_is_reproducible(mnist_train):
     data = mnist_train.subset(64)
-    a, _ = train_model(data, CFG, 5, torch.device("cpu"), show_progress=False)
-    b, _ = train_model(data, CFG, 5, torch.device("cpu"), show_progress=False)
+    a, _ = train_model(data, {**CFG, "seed": 5}, torch.device("cpu"), show_progress=False)
+    b, _ = train_model(data, {**CFG, "seed": 5}, torch.device("cpu"), show_progress=False)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
 
