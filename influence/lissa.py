@@ -180,7 +180,7 @@ def _lissa_folded_mlp(problem: InfluenceProblem, mlp: MlpHvp, vectors: torch.Ten
             from_start = (xb @ h[first].reshape(r, k * n1, d).transpose(1, 2)).reshape(r, length, batch, k, n1)
             from_v = (xb @ v[first].reshape(k * n1, d).T).reshape(r, length, batch, k, n1)
             gram = xb @ xb.transpose(1, 2)                                       # (r, KB, KB)
-            updates = xb.new_zeros(r, k, length * batch, n1)                     # R_i side by side
+            updates = xb.new_zeros(r, length * batch, k * n1)                    # R_i side by side, (r, KB, k n1)
             # beta^(K-1-i) per column of batch i; its last m batches are the weights step m needs
             weights = (beta ** torch.arange(length - 1, -1, -1, dtype=xb.dtype, device=xb.device)
                        ).repeat_interleave(batch)
@@ -192,16 +192,17 @@ def _lissa_folded_mlp(problem: InfluenceProblem, mlp: MlpHvp, vectors: torch.Ten
             if first is not None:                                                # X_m h^T: (r, k, B, n1)
                 first_pre = (decay * from_start[:, m] + coef_v * from_v[:, m]).transpose(1, 2)
                 if m:
-                    first_pre = first_pre - ((gram[:, cols, :m * batch] * weights[(length - m) * batch:])[:, None]
-                                             @ updates[:, :, :m * batch]) / cfg.scale
+                    # one (B, mB) x (mB, k n1) product per repeat, not k small ones
+                    earlier_steps = (gram[:, cols, :m * batch] * weights[(length - m) * batch:]) @ updates[:, :m * batch]
+                    first_pre = first_pre - earlier_steps.reshape(r, batch, k, n1).transpose(1, 2) / cfg.scale
             rg, hv = mlp.apply(state, first_pre, {n: h[n] for n in rest})
             if first is not None:
-                updates[:, :, cols] = rg
-            for name in rest:  # h = v + (1 - damp) h - (H h + l2 h) / scale
-                h[name] = v[name] + beta * h[name] - hv[name] / cfg.scale
+                updates[:, cols] = rg.transpose(1, 2).reshape(r, batch, k * n1)
+            for name in rest:  # h = v + (1 - damp) h - (H h + l2 h) / scale, in place (h is big)
+                h[name].mul_(beta).add_(v[name]).sub_(hv[name].div_(cfg.scale))
             coef_v, decay = coef_v + decay, decay * beta
         if first is not None:
-            scaled = (updates * weights[:, None]).transpose(2, 3).reshape(r, k * n1, -1)
+            scaled = (updates * weights[:, None]).transpose(1, 2)                  # (r, k n1, KB)
             h[first].reshape(r, k * n1, d).baddbmm_(scaled, xb, beta=decay, alpha=-1.0 / cfg.scale)
             h[first].add_(v[first], alpha=coef_v)
         done += length
