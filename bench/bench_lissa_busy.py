@@ -49,7 +49,7 @@ def main() -> None:
     train = common.load_train_data(settings, torch.device("cpu"), lambda *_: None)
     test = common.load_test_data(settings, torch.device("cpu"), lambda *_: None)
     m2 = settings.mnist.method2
-    cfg = opt.solver_run(m2, 0)
+    _, cfg = opt.solver_run(m2, 0)
     cfg.progress = None
     problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, utils_if.select_parameters(model),
                                         l2_reg=m2.l2_reg)

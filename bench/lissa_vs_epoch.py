@@ -41,7 +41,7 @@ def main() -> int:
         return training.train_model(train, recipe, 0, cpu, show_progress=False)[0]
 
     m2 = mnist.method2
-    solver_cfg = opt.solver_run(m2, 0) if hasattr(opt, "solver_run") else opt.solver_settings(m2, 0)
+    solver_cfg = opt.solver_run(m2, 0)[1] if hasattr(opt, "solver_run") else opt.solver_settings(m2, 0)
     solver_cfg.progress = None
     model = epoch()
     problem = utils_if.InfluenceProblem(model, utils_if.nll_sample_loss, utils_if.select_parameters(model), l2_reg=m2.l2_reg)

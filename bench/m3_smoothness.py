@@ -36,7 +36,7 @@ import utils_option as opt  # noqa: E402
 from mnist_test import common, lds, training  # noqa: E402
 
 REPORT = {"learning_rate": 0.003, "momentum": 0.9, "weight_decay": 0.001, "batch_size": 8, "activation": "relu"}
-RECIPES = {"report": {}, "lr0.001": {"learning_rate": 0.001}, "batch32": {"batch_size": 32},
+SCAN = {"report": {}, "lr0.001": {"learning_rate": 0.001}, "batch32": {"batch_size": 32},
            "softplus": {"activation": "softplus"}, "softplus_lr0.001": {"activation": "softplus", "learning_rate": 0.001}}
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     test = common.load_test_data(settings, torch.device("cpu"), lambda *_: None)
     results = []
     for name in args.recipes.split(","):
-        cfg = {**REPORT, **RECIPES[name], "epoch": args.epochs}
+        cfg = {**REPORT, **SCAN[name], "epoch": args.epochs}
         results.append(study(name, cfg, data, test, args))
         print(json.dumps(results[-1]), flush=True)
     keys = list(dict.fromkeys(k for r in results for k in r["lds"]))

@@ -70,7 +70,7 @@ def influence_map_rows(settings: opt.Settings, target_list, ranked, device, logg
     patch that influence sits (conv inner products split per position, upsampled 2x to pixels)."""
     cfg = settings.ffdnet
     count = settings.ffdnet.explain.maps
-    solver = opt.solver_run(cfg.method2, cfg.seed)
+    _, solver = opt.solver_run(cfg.method2, cfg.seed)
     if not count or solver.solver not in utils_if.KRONECKER_SOLVERS or "m2_window" not in settings.ffdnet.explain.rankings:
         logger.info("influence maps: skipped (they need ffdnet.explain.maps > 0, ranking m2_window and a "
                     "kfac/ekfac solver, whose parameters are the conv layers only)")

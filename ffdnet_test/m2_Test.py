@@ -28,7 +28,7 @@ def main(settings: opt.Settings) -> dict:
     logger, device = opt.start_script(settings, "ffdnet_m2_Test", cfg)
     images = attribution.image_names(settings, logger.info)
     model, model_path = common.load_model(settings, device, logger)
-    solver_cfg = opt.solver_run(m2, cfg.seed)  # its own settings, read from the block, and the run's values
+    solver, solver_cfg = opt.solver_run(m2, cfg.seed)  # its own settings, read from the block, and the run's
     problem = attribution.influence_problem(settings, model, solver_cfg, logger.info)
     x_train, y_train, patches = attribution.training_points(settings, device)
     rows, targets = [], []
@@ -39,9 +39,9 @@ def main(settings: opt.Settings) -> dict:
             targets += [(image, path, label, point) for label, point in labels]
     logger.info(f"influence of {len(x_train)} training patches on {len(targets)} targets "
                 f"({problem.num_params} parameters, solver {m2.solver}, effective damping "
-                f"{utils_if.solver_for(m2.solver).effective_damping(solver_cfg)}); test gradients in {grad_timer.seconds:.1f} s")
+                f"{solver.effective_damping(solver_cfg)}); test gradients in {grad_timer.seconds:.1f} s")
     try:
-        influence, info = utils_if.influences_from_test_grads(problem, torch.cat(rows), x_train, y_train, solver_cfg)
+        influence, info = solver.influences(problem, torch.cat(rows), x_train, y_train, solver_cfg)
     except (utils_if.LissaDiverged, ValueError) as err:
         raise opt.solver_error("ffdnet.method2", err) from None
     info["seconds_test_grads"] = round(grad_timer.seconds, 3)

@@ -76,7 +76,7 @@ def point_maps(settings: opt.Settings, image: str, point: list[int], top: list[i
     """(k, H, W) where inside each of the ``top`` training patches its influence on the point's
     window sits (per conv output position, upsampled 2x to pixels; they sum to its influence)."""
     cfg = settings.ffdnet
-    solver = opt.solver_run(cfg.method2, cfg.seed)
+    _, solver = opt.solver_run(cfg.method2, cfg.seed)
     model, _ = common.load_model(settings, device)
     problem = attribution.influence_problem(settings, model, solver)
     x_train, y_train, _ = attribution.training_points(settings, device)

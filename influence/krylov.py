@@ -125,5 +125,5 @@ def arnoldi_inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: tor
     info = {"arnoldi_rank": len(keep), "arnoldi_iterations": iterations,
             "arnoldi_eig_max": float(values.max()), "arnoldi_eig_min_kept": float(values.abs().min())}
     if bool(((values + damp).abs() < 1e-8).any()):
-        info["warning"] = "Arnoldi: a kept eigenvalue is -damp: its direction blows up (raise method2.damp)"
+        info["warning"] = "Arnoldi: a kept eigenvalue is -damp: its direction blows up (raise damp)"
     return (coefficients @ vecs.T).to(vectors.dtype), info

@@ -71,6 +71,27 @@ class Solver:
         raise ValueError(f"solver {self.name!r} scores pairs without an inverse-HVP: it cannot solve for "
                          f"given vectors (choose one of {', '.join(n for n, s in SOLVERS.items() if s.solves)})")
 
+    def s_test(self, problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+               cfg: SolverSettings, show_progress: bool = True) -> tuple[torch.Tensor, dict]:
+        """s = (H + lambda I)^-1 v for (k, p) vectors, and an info dict (the damping it applies, whether
+        it converged, the solver's own details)."""
+        info: dict = {"solver": self.name, "effective_damping": self.effective_damping(cfg), "converged": True}
+        return self.inverse_hvp(problem, vectors, x, y, cfg, info, show_progress), info
+
+    def influences(self, problem: InfluenceProblem, test_grads: torch.Tensor, x_train: torch.Tensor,
+                   y_train: torch.Tensor, cfg: SolverSettings, show_progress: bool = True) -> tuple[torch.Tensor, dict]:
+        """influence (k, n_train) for k given test-loss gradients (rows may come from different test
+        losses): one inverse-HVP solve for all rows, then one chunked sweep."""
+        t1 = time.perf_counter()
+        s_test, info = self.s_test(problem, test_grads, x_train, y_train, cfg, show_progress)
+        t2 = time.perf_counter()
+        influence = influence_sweep(problem, s_test, x_train, y_train, cfg.chunk_size, show_progress,
+                                    progress=cfg.progress)
+        t3 = time.perf_counter()
+        info.update(num_params=problem.num_params, n_train=len(x_train),
+                    seconds_s_test=round(t2 - t1, 3), seconds_sweep=round(t3 - t2, 3))
+        return influence, info
+
     @property
     def solves(self) -> bool:
         return type(self).inverse_hvp is not Solver.inverse_hvp
@@ -82,7 +103,7 @@ class Solver:
         one (k, p) matrix of test gradients, one solve for all of them, one chunked sweep."""
         t0 = time.perf_counter()
         test_grads = problem.sample_grads(x_test, y_test, loss=test_loss)
-        influence, info = influences_from_test_grads(problem, test_grads, x_train, y_train, cfg, show_progress)
+        influence, info = self.influences(problem, test_grads, x_train, y_train, cfg, show_progress)
         info["seconds_test_grads"] = round(time.perf_counter() - t0 - info["seconds_s_test"]
                                            - info["seconds_sweep"], 3)
         return influence, info
@@ -424,9 +445,7 @@ class TrakSolver(Solver):
 def inverse_hvp(problem: InfluenceProblem, vectors: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                 cfg: SolverSettings, show_progress: bool = True) -> tuple[torch.Tensor, dict]:
     """s = (H + lambda I)^-1 v for (k, p) vectors with the chosen solver; returns (s, info)."""
-    solver = solver_for(cfg.solver)
-    info: dict = {"solver": cfg.solver, "effective_damping": solver.effective_damping(cfg), "converged": True}
-    return solver.inverse_hvp(problem, vectors, x, y, cfg, info, show_progress), info
+    return solver_for(cfg.solver).s_test(problem, vectors, x, y, cfg, show_progress)
 
 
 def compute_influences(problem: InfluenceProblem, x_test: torch.Tensor, y_test: torch.Tensor,
@@ -442,17 +461,8 @@ def compute_influences(problem: InfluenceProblem, x_test: torch.Tensor, y_test: 
 def influences_from_test_grads(problem: InfluenceProblem, test_grads: torch.Tensor,
                                x_train: torch.Tensor, y_train: torch.Tensor, cfg: SolverSettings,
                                show_progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """influence (k, n_train) for k given test-loss gradients (rows may come from different test
-    losses): one inverse-HVP solve for all rows, then one chunked sweep."""
-    t1 = time.perf_counter()
-    s_test, info = inverse_hvp(problem, test_grads, x_train, y_train, cfg, show_progress)
-    t2 = time.perf_counter()
-    influence = influence_sweep(problem, s_test, x_train, y_train, cfg.chunk_size, show_progress,
-                                progress=cfg.progress)
-    t3 = time.perf_counter()
-    info.update(num_params=problem.num_params, n_train=len(x_train),
-                seconds_s_test=round(t2 - t1, 3), seconds_sweep=round(t3 - t2, 3))
-    return influence, info
+    """influence (k, n_train) for k given test-loss gradients with the chosen solver (:meth:`Solver.influences`)."""
+    return solver_for(cfg.solver).influences(problem, test_grads, x_train, y_train, cfg, show_progress)
 
 
 def kronecker_curvature(problem: InfluenceProblem, x: torch.Tensor, y: torch.Tensor, cfg: SolverSettings,

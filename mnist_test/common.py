@@ -82,9 +82,10 @@ def m2_file(settings: opt.Settings, mode: str | None = None) -> str:
     cfg = settings.mnist
     m2 = cfg.method2
     mode = mode or m2.mode
-    extra = f"_ce{cfg.checkpoint_every}" if utils_if.solver_for(m2.solver).needs_checkpoints else ""
+    solver = utils_if.solver_for(m2.solver)
+    extra = f"_ce{cfg.checkpoint_every}" if solver.needs_checkpoints else ""  # TracIn sums over the checkpoints
     tests = test_selection_part(settings, m2.test_sample_num)
-    name = f"if_{opt.solver_file_part(m2)}{extra}_{run_tag(settings)}_{mode}_{tests}_top{m2.top_k}.json"
+    name = f"if_{opt.solver_file_part(m2, solver)}{extra}_{run_tag(settings)}_{mode}_{tests}_top{m2.top_k}.json"
     return opt.output_path(settings, m2.if_dir, name)
 
 

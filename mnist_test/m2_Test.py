@@ -28,8 +28,7 @@ def main(settings: opt.Settings) -> dict:
     logger, device = opt.start_script(settings, "mnist_m2_Test", cfg)
     model, model_path = common.load_model(settings, m2.mode, device, logger)
     train, test = common.load_data(settings, device, logger.info)
-    solver = utils_if.solver_for(m2.solver)
-    solver_cfg = opt.solver_run(m2, cfg.seed)  # its own settings, read from the block, and the run's values
+    solver, solver_cfg = opt.solver_run(m2, cfg.seed)  # its own settings, read from the block, and the run's
     if solver.kronecker:
         solver_cfg.factor_file = common.factor_file(settings)
     try:

@@ -1,13 +1,9 @@
 """The settings, typed: one dataclass per block of ``Implementation.json``, each field with its
-default, its valid values and one help line. This is the one place for each default: the settings
-check (``utils_option.SCHEMA``), the ``-h`` text and the typed blocks the code reads are made from
-it, and ``Implementation.json`` (the user's file, with its comments) holds the same values (a test
-keeps the two equal). A key a settings file leaves out takes its default from here.
-
-Kinds of value (the check in ``utils_option.validate``): bool, int and float (with a [low, high]
-range, None = open), str, choice (one of), solver (a name of the Method-2 registry for that
-network), subset (a non-empty list drawn from), one_or_list, str_list, int_list, float_list,
-range ([low, high]), points ([[row, col], ...]), path_or_empty, test_ids, lds_test_ids.
+default, its kind and valid values, and one help line (``spec``, influence.settings.setting). This
+is the one place for each default and help: the settings check (options.check, one small check per
+kind), the ``-h`` text, ``Implementation.json``'s comments (options.default_file) and the typed
+``Settings`` every script's ``main`` gets are made from it. The Method-2 blocks are made from the
+solver registry (options.method2); the training run is read as one ``Recipe`` (options.recipe).
 """
 from __future__ import annotations
 

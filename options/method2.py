@@ -139,19 +139,19 @@ def lds_methods() -> tuple[str, ...]:
     return tuple(rows + ["m3_replay"])
 
 
-def solver_file_part(m2) -> str:
+def solver_file_part(m2, solver=None) -> str:
     """The solver part of every influence file name (MNIST and FFDNet), from a typed method2 block:
     the solver, its own settings and the damping it really applies (the registry's
     :meth:`Solver.file_part`), the L2 term and the chosen parameters. Two runs that differ in any of
-    these never share a file."""
-    solver = solver_for(m2.solver)
+    these never share a file. ``solver``: the registry's solver of ``m2.solver`` when the caller has it."""
+    solver = solver or solver_for(m2.solver)
     params = "_p" + "+".join(m2.params) if m2.params else ""
     return f"{m2.solver}_{solver.file_part(solver.settings_from(m2))}{params}_l2{m2.l2_reg:g}"
 
 
-def solver_run(m2, seed: int) -> SolverSettings:
-    """The chosen solver's settings, read from a typed method2 block by their own names, with the
-    run's seed, the progress bars and the atomic writer for K-FAC factor files."""
+def solver_run(m2, seed: int):
+    """(the chosen solver, its settings read from a typed method2 block by their own names, with the
+    run's seed, the progress bars and the atomic writer for K-FAC factor files)."""
     from options.results import progress, save_torch
-    return solver_for(m2.solver).settings_from(m2, seed=seed, progress=progress,
-                                                save=lambda path, state: save_torch(path, state))
+    solver = solver_for(m2.solver)
+    return solver, solver.settings_from(m2, seed=seed, progress=progress, save=lambda path, state: save_torch(path, state))

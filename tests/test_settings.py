@@ -253,3 +253,34 @@ def test_a_block_set_as_a_value_and_a_file_without_extends_are_told_what_to_do(t
     partial.write_text('{"mnist": {"epoch": 2}}')
     with pytest.raises(opt.SettingsError, match=r"partial.json: missing setting .*add \"extends\": \"Implementation.json\""):
         opt.load_settings(str(partial))
+
+
+def test_implementation_json_comments_are_the_blocks_help():
+    """Each key's comment in Implementation.json is its help text from the typed blocks (written once;
+    python3 -m options.default_file rewrites them), keys in the blocks' order, no key missing."""
+    from options import default_file
+    with open(opt.DEFAULT_SETTINGS, encoding="utf-8") as f:
+        text = f.read()
+    assert default_file.render(text) == text, "run python3 -m options.default_file"
+    assert '"recursion_depth": 1000,' in text and "// LiSSA t: steps of the recursion" in text
+
+
+def test_a_variant_checks_only_what_it_changes_and_keeps_the_rest():
+    settings = opt.load_settings()
+    variant = opt.with_values(settings, {"mnist": {"method2": {"solver": "cg", "cg_max_iter": 7}}})
+    assert (variant.mnist.method2.solver, variant.mnist.method2.cg_max_iter) == ("cg", 7)
+    assert variant.mnist.lds == settings.mnist.lds and settings.mnist.method2.solver == "lissa"  # the original kept
+    with pytest.raises(opt.SettingsError, match="mnist.method2.cg_max_iter"):
+        opt.with_values(settings, {"mnist": {"method2": {"cg_max_iter": 0}}})
+    with pytest.raises(opt.SettingsError, match="unknown setting 'cg_maxiter'"):
+        opt.with_values(settings, {"mnist": {"method2": {"cg_maxiter": 7}}})
+
+
+def test_the_engine_names_no_settings_key_and_no_network_layer():
+    """influence/ takes plain arguments: no settings block, network name or layer of the networks above."""
+    import glob
+    import re
+    for path in glob.glob(os.path.join(opt.REPO_ROOT, "influence", "*.py")):
+        code = "\n".join(line.split("#")[0] for line in open(path, encoding="utf-8"))
+        assert not re.search(r"\b(mnist|ffdnet)\.\w|method[123]\.\w|\"main\.\d", code), path
+        assert "import utils_option" not in code and "from options" not in code, path
