@@ -147,9 +147,12 @@ def question_maps(rows: list[dict], title: str):
         for ax, patch, heat, caption in zip(ax_row[1:], row["patches"], row["maps"], row["captions"]):
             _show(ax, patch)
             limit = float(heat.abs().max()) or 1.0
-            ax.imshow(heat.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=0.55)
-            ax.set_title(caption, fontsize=7)
+            overlay = ax.imshow((heat / limit).numpy(), cmap="RdBu_r", vmin=-1.0, vmax=1.0, alpha=0.55)
+            ax.set_title(caption, fontsize=6)
     fig.suptitle(title, fontsize=8)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.1 / height, top=1 - title_height / height,
-                        hspace=0.45, wspace=0.08)
+    top = 1 - title_height / height
+    fig.subplots_adjust(left=0.02, right=0.9, bottom=0.1 / height, top=top, hspace=0.45, wspace=0.08)
+    bar = fig.colorbar(overlay, cax=fig.add_axes([0.92, 0.1 / height + 0.05, 0.012, top - 0.1 / height - 0.1]))
+    bar.set_label("influence per position / the patch's largest |value|\n(red helped, blue hurt)", fontsize=6)
+    bar.ax.tick_params(labelsize=6)
     return fig

@@ -95,3 +95,30 @@ def crop_around(image: torch.Tensor, point: list[int], size: int) -> tuple[torch
     top = min(max(point[0] - size // 2, 0), max(height - size, 0))
     left = min(max(point[1] - size // 2, 0), max(width - size, 0))
     return image[:, top:top + size, left:left + size], [point[0] - top, point[1] - left]
+
+
+DENOISES_BY_DB = 0.5  # below this PSNR gain over its own noisy input, the model is said not to denoise
+
+
+def denoising_check(settings: opt.Settings, model, image: str, device) -> dict:
+    """Does the model denoise the test image it is asked about? The PSNR of its output and of its
+    noisy input against the clean image (the same noisy input the attribution explains, 8-bit as
+    FFDNet_Test scores it), and a one-line verdict: a warning when the gain is below
+    :data:`DENOISES_BY_DB` dB, since the attribution would explain a model that does not denoise."""
+    from ffdnet_test import metrics
+    cfg = settings.ffdnet
+    _, _, clean, noisy = attribution.test_image(settings, image)
+    sigma = cfg.test.noise_level_img
+    with torch.no_grad():
+        out = model(common.to_model_order(noisy, settings)[None].to(device),
+                    torch.tensor([sigma / 255.0], device=device))[0].cpu()
+    reference = metrics.to_uint8(clean)
+    denoised = metrics.psnr(metrics.to_uint8(common.to_model_order(out, settings)), reference, cfg.test.border)
+    noisy_db = metrics.psnr(metrics.to_uint8(noisy), reference, cfg.test.border)
+    gain = denoised - noisy_db
+    line = (f"{image}: the denoiser gives {denoised:.2f} dB against its noisy input's {noisy_db:.2f} dB "
+            f"(sigma {sigma:g}, {gain:+.2f} dB)")
+    if gain < DENOISES_BY_DB:
+        line = (f"WARNING: {line}: it does not denoise this image, so its attribution explains a model that "
+                f"fails at the task; train it longer (ffdnet.epoch) or use the quick profile's model")
+    return {"psnr": denoised, "psnr_noisy": noisy_db, "gain": gain, "line": line, "denoises": gain >= DENOISES_BY_DB}

@@ -127,6 +127,7 @@ def test_the_shipped_table_answers_for_the_reports_model_and_says_which():
 
 
 def test_one_step_for_one_denoiser_pixel(tmp_path, two_test_images, two_train_images, capsys):
+    from ffdnet_test import question as ffdnet_question
     from ffdnet_test import run_pipeline as ffdnet_pipeline
     settings = opt.load_settings(overrides={
         "output_dir": str(tmp_path / "results"), "ffdnet": {
@@ -138,10 +139,15 @@ def test_one_step_for_one_denoiser_pixel(tmp_path, two_test_images, two_train_im
     printed = capsys.readouterr().out
     assert len(out["figures"]) == 1 and os.path.isfile(out["figures"][0]) and "ekfac" in out["figures"][0]
     assert "01 point 64,64: not measured for these settings" in printed
+    # before attributing, the model is checked against its own noisy input; one epoch on 40 patches does not denoise
+    from ffdnet_test import common as fcommon
+    check = ffdnet_question.denoising_check(settings, fcommon.load_model(settings, "cpu")[0], "01", "cpu")
+    assert "dB against its noisy input's" in printed and abs(check["gain"] - (check["psnr"] - check["psnr_noisy"])) < 1e-9
+    assert (not check["denoises"]) == any(c.startswith("WARNING: 01: the denoiser") for c in out["caveats"])
+    assert not check["denoises"] and "WARNING: 01: the denoiser gives" in printed
     record = opt.read_json(out["files"]["01"], "m2_Test")
     assert len(record["entries"]["point 64,64"]["influence"]) == 40  # all patches, not the first max_train_points
     # the maps sum to each patch's influence (the per-position split is exact)
-    from ffdnet_test import question as ffdnet_question
     best = ffdnet_question.best_settings(settings)
     top = record["entries"]["point 64,64"]["helpful"][:3]
     maps = ffdnet_question.point_maps(best, "01", [64, 64], top, "cpu")
