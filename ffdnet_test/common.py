@@ -102,7 +102,8 @@ def factor_file(settings: opt.Settings, solver: str) -> str:
     m2 = settings.ffdnet.method2
     params = "_p" + "+".join(m2.params) if m2.params else ""
     return opt.output_path(settings, "if", "ffdnet", "factors",
-                           f"{run_tag(settings)}_{solver}_{m2.fisher}{params}_n{m2.max_train_points}.pt")
+                           f"{run_tag(settings)}_{solver}_{m2.fisher}{params}_n{m2.max_train_points}"
+                           + (f"_fp{m2.fit_points}" if m2.fit_points else "") + ".pt")  # factors fitted on a subsample
 
 
 def folder(settings: opt.Settings, key: str) -> str:

@@ -257,6 +257,9 @@ class Kronecker(Solver):
                                       "(training labels)", 'choice', ('true', 'empirical'))
         kfac_damp_factor: float = setting(0.1, "kfac/ekfac: damping per layer = factor x its mean eigenvalue "
                                                "(kronfluence's heuristic), plus l2_reg", 'float', (0.0, None))
+        fit_points: int = setting(0, "kfac/ekfac: fit the factors and eigenvalues on this many training points "
+                                     "drawn at random (seeded; kronfluence's covariance_max_examples); 0 = all",
+                                  'int', (0, None))
 
     @property
     def factor_name(self) -> str:
@@ -264,13 +267,15 @@ class Kronecker(Solver):
         return "ekfac" if self.eigen_corrected else "kfac"
 
     def file_part(self, cfg):
-        return f"{cfg.fisher}df{cfg.kfac_damp_factor:g}"
+        return f"{cfg.fisher}df{cfg.kfac_damp_factor:g}" + (f"fp{cfg.fit_points}" if cfg.fit_points else "")
 
     def effective_damping(self, cfg):
         return f"{cfg.kfac_damp_factor:g} x mean eigenvalue per layer"
 
     def curvature(self, problem, x, y, cfg, log=lambda _: None) -> KroneckerCurvature:
-        """The curvature: read from (or written to) ``cfg.factor_file`` when one is set, else computed."""
+        """The curvature: read from (or written to) ``cfg.factor_file`` when one is set, else computed;
+        fitted on ``cfg.fit_points`` training points drawn at random (seeded) when that is set."""
+        x, y = hessian_subset(x, y, cfg.fit_points, cfg.seed)
         options = dict(eigen_corrected=self.eigen_corrected, fisher=cfg.fisher, damp_factor=cfg.kfac_damp_factor,
                        chunk_size=cfg.chunk_size, seed=cfg.seed, progress=cfg.progress,
                        factored_damping=self.factored_damping)

@@ -134,7 +134,8 @@ def factor_file(settings: opt.Settings, mode: str | None = None) -> str:
     mode = mode or m2.mode
     params = "_p" + "+".join(m2.params) if m2.params else ""
     solver = utils_if.solver_for(m2.solver).factor_name  # K-FAC factored reads K-FAC's factors
-    name = f"mnist_{run_tag(settings)}_{mode}_{solver}_{m2.fisher}{params}_l2{m2.l2_reg:g}.pt"
+    fitted = f"_fp{m2.fit_points}" if m2.fit_points else ""  # factors fitted on a subsample
+    name = f"mnist_{run_tag(settings)}_{mode}_{solver}_{m2.fisher}{params}{fitted}_l2{m2.l2_reg:g}.pt"
     return opt.output_path(settings, m2.if_dir, "factors", name)
 
 

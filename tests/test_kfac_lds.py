@@ -409,3 +409,20 @@ def test_per_position_influence_maps_sum_to_the_influence_and_match_a_loop(conv_
     with pytest.raises(ValueError, match="output size"):   # c1 (5x5) and c2 (2x2) cannot share a map
         U.conv_position_influence(U.InfluenceProblem(net, U.nll_sample_loss, U.select_parameters(net, ["c1", "c2"])),
                                   torch.randn(18 + 2 + 24 + 3, dtype=torch.float64), x, y)
+
+
+def test_factors_fitted_on_a_subsample_are_those_of_that_subsample(problem_data):
+    """kfac/ekfac fit_points: the factors and eigenvalues are the ones fitted on that many seeded training
+    points, the influence sweep still covers every point, and the file part names the subsample."""
+    _, problem, x, y = problem_data
+    cfg = U.solver_config("ekfac", fit_points=30, seed=3, fisher="empirical")
+    fitted = U.kronecker_curvature(problem, x, y, cfg)
+    xs, ys = U.hessian_subset(x, y, 30, 3)
+    alone = U.KroneckerCurvature(problem, xs, ys, eigen_corrected=True, fisher="empirical", seed=3)
+    full = U.KroneckerCurvature(problem, x, y, eigen_corrected=True, fisher="empirical", seed=3)
+    for name in alone.eigenvalues:
+        assert torch.equal(fitted.eigenvalues[name], alone.eigenvalues[name])
+        assert not torch.allclose(fitted.eigenvalues[name], full.eigenvalues[name])
+    scores, _ = U.compute_influences(problem, x[:2], y[:2], x, y, cfg, show_progress=False)
+    assert scores.shape == (2, 90)
+    assert U.solver_for("ekfac").file_part(cfg) == "empiricaldf0.1fp30"
