@@ -163,6 +163,11 @@ def _load_settings(path: str | None = None, profile: str | None = None,
     if overrides:
         overrides = copy.deepcopy(overrides)
         renamed += rename_keys(overrides, "overrides")
+    for assignment in assignments or []:  # -set of a renamed key: read under its new name (parse_assignment), said
+        key = assignment.partition("=")[0].strip()
+        new = next((key[:-len(old)] + new for old, new in RENAMED_KEYS.items() if key.endswith(old)), None)
+        if new is not None and key not in SCHEMA:
+            renamed.append(f"-set: {key} is now {new} (read as {new})")
     chosen = profile or next((raw["profile"] for _, raw in reversed(layers) if "profile" in raw), "report")
     defined = {name for _, raw in layers for name in raw.get("profiles", {})}
     if chosen not in defined and chosen != "report":

@@ -55,6 +55,8 @@ def test_renamed_keys_are_read_under_their_new_names_and_said(tmp_path):
     assert blocks.mnist.method2.recursion_depth == 77 and blocks.ffdnet.method2.repeats == 3
     assert any("mnist.method2.training_points is now mnist.method2.recursion_depth" in line
                for line in settings.source.renamed)
+    assert "-set: ffdnet.method2.recursion_nums is now ffdnet.method2.repeats (read as ffdnet.method2.repeats)" \
+        in settings.source.renamed
 
 
 def _docs_example() -> str:
