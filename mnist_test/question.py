@@ -227,7 +227,7 @@ def load_sets(settings: opt.Settings):
             common.load_test_data(settings, torch.device("cpu"), lambda *_: None))
 
 
-def best_solver_settings(settings: opt.Settings) -> dict | None:
+def best_solver_settings(settings: opt.Settings) -> opt.Settings | None:
     """The settings with Method 2's best measured solver (mnist.question.best_solver), or None when
     the settings already use it. The user's own solver still runs: this one is added, not swapped."""
     best = settings.mnist.question.best_solver  # a registry name: checked with the settings

@@ -70,7 +70,7 @@ def test_thread_count_activation_and_method3_settings_change_the_names():
     assert mcommon.m3_file(opt.with_values(BASE, {"mnist": {"method3": {"checkpoint_interval": 7}}})) == \
         mcommon.m3_file(BASE)  # the result does not depend on it (tested in test_method3)
     # a window asks another question: its own Method-3 file and its own single-model study
-    windows = [opt.with_values(BASE, {"mnist": {"method3": {"window": size, "window_unit": unit}}})
+    windows = [opt.with_values(BASE, {"mnist": {"window": size, "window_unit": unit}})
                for size, unit in ((1, "epochs"), (0.1, "fraction"), (500, "steps"))]
     assert len({mcommon.m3_file(w) for w in windows} | {mcommon.m3_file(BASE)}) == 4
     assert "_w1epochs_" in mcommon.m3_file(windows[0])
@@ -79,7 +79,7 @@ def test_thread_count_activation_and_method3_settings_change_the_names():
     assert len({lds.study_tag(w) for w in single} | {lds.study_tag(whole_single)}) == 4
     # the algorithm setting's subsets carry no data weights: the same models whatever the window
     assert {lds.study_tag(w) for w in windows} == {lds.study_tag(BASE)}
-    too_long = opt.with_values(whole_single, {"mnist": {"method3": {"window": 10_000}}})
+    too_long = opt.with_values(whole_single, {"mnist": {"window": 10_000}})
     with pytest.raises(opt.SettingsError, match="mnist.window: .* choose 1 to"):
         lds.study_tag(too_long)
 

@@ -148,8 +148,7 @@ def test_single_model_removals_act_only_in_the_attribution_window(tmp_path, mnis
     (computed below as the negative control), so a ground truth that ignored the window fails both."""
     window = {**SINGLE, "epoch": 4, "methods": ["grad_dot", "m3_replay"], "drop_fractions": [0.05],
               "loo": {"test_num": 0, "k": 3, "seeds": 1, "rank_by": "m3_replay"}}
-    settings = small_settings(tmp_path, lds=window, activation="softplus",
-                              method3={"window": 0.1, "window_unit": "fraction"})
+    settings = small_settings(tmp_path, lds=window, activation="softplus", window=0.1, window_unit="fraction")
     whole = small_settings(tmp_path, lds=window, activation="softplus")
     assert lds.study_tag(settings) != lds.study_tag(whole)
     result = ldsTest.main(settings)

@@ -91,7 +91,7 @@ def test_the_table_quotes_a_row_for_exactly_its_settings(tmp_path, fixture_table
 @pytest.mark.parametrize("change, method, key", [
     ({"method2": {"damp": 1.0}}, "Method 2", "method2.solver"),                       # LiSSA's damping
     ({"method1": {"layers": ["fc1"]}}, "Method 1", "method1.layers"),                  # Method 1's layers
-    ({"method3": {"window": 1, "window_unit": "epochs"}}, "Method 3", "recipe.window"),  # the attribution window
+    ({"window": 1, "window_unit": "epochs"}, "Method 3", "recipe.window"),  # the attribution window
     ({"logit_scale": 0.1}, "Method 2", "recipe.logit_scale"),                         # the network's logits
     ({"seed": 3}, "Method 1", "recipe.seed"),                                         # another run
     ({"method3": {"target": "margin"}}, "Method 3", "method3.target"),                # another test target

@@ -129,9 +129,9 @@ def test_a_removal_is_the_base_run_with_the_points_weighted_zero(study):
 
 
 def test_removals_in_an_attribution_window_get_their_own_models(study):
-    """With mnist.window, expTrain's removals act in the window only (train_group's window_start,
+    """With mnist.window, expTrain's removals act in the window only (the recipe's window in train_group,
     tested in test_method3): their models live in their own folder, relabels stay where they were."""
-    windowed = opt.with_values(study, {"mnist": {"method3": {"window": 1, "window_unit": "epochs"}}})
+    windowed = opt.with_values(study, {"mnist": {"window": 1, "window_unit": "epochs"}})
     ranked = explain.ranked_points(study)  # the windowed settings' own Method-3 file is not made here
     plain = {j["name"]: j["path"] for j in explain.plan(study, ranked)}
     for job in explain.plan(windowed, ranked):
