@@ -16,7 +16,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 import utils_option as opt  # noqa: E402
 from ffdnet_test import common, datasets, metrics  # noqa: E402
@@ -32,10 +31,7 @@ def denoise_folder(settings: opt.Settings, model, device, logger=None, save_dir:
     for k, (path, clean) in enumerate(opt.progress(list(zip(files, images)), desc="denoise",
                                                    disable=logger is None, leave=False)):
         noisy = common.noisy_test_image(clean, sigma, cfg.seed + k, test.is_clip)
-        with torch.no_grad():
-            out = model(common.to_model_order(noisy, settings)[None].to(device),
-                        torch.tensor([sigma / 255.0], device=device))[0].cpu()
-        denoised = metrics.to_uint8(common.to_model_order(out, settings))
+        denoised = metrics.to_uint8(common.denoise(model, noisy, settings, device))
         reference = metrics.to_uint8(clean)
         noisy8 = metrics.to_uint8(noisy)
         name = os.path.splitext(os.path.basename(path))[0]

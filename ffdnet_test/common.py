@@ -171,6 +171,15 @@ def to_model_order(image: torch.Tensor, settings: opt.Settings) -> torch.Tensor:
     return image
 
 
+@torch.no_grad()
+def denoise(model, noisy: torch.Tensor, settings: opt.Settings, device) -> torch.Tensor:
+    """The model's output (C, H, W, RGB order, on the CPU) for one noisy test image at the test sigma
+    (ffdnet.test.noise_level_img): what FFDNet_Test scores and the one-step answer checks."""
+    sigma = settings.ffdnet.test.noise_level_img
+    out = model(to_model_order(noisy, settings)[None].to(device), torch.tensor([sigma / 255.0], device=device))[0]
+    return to_model_order(out.cpu(), settings)
+
+
 def noisy_test_image(clean: torch.Tensor, sigma255: float, seed: int, is_clip: bool) -> torch.Tensor:
     """clean + N(0, sigma/255), seeded per image; optionally quantised to 8 bits like the original."""
     generator = torch.Generator().manual_seed(seed)

@@ -109,11 +109,9 @@ def denoising_check(settings: opt.Settings, model, image: str, device) -> dict:
     cfg = settings.ffdnet
     _, _, clean, noisy = attribution.test_image(settings, image)
     sigma = cfg.test.noise_level_img
-    with torch.no_grad():
-        out = model(common.to_model_order(noisy, settings)[None].to(device),
-                    torch.tensor([sigma / 255.0], device=device))[0].cpu()
     reference = metrics.to_uint8(clean)
-    denoised = metrics.psnr(metrics.to_uint8(common.to_model_order(out, settings)), reference, cfg.test.border)
+    denoised = metrics.psnr(metrics.to_uint8(common.denoise(model, noisy, settings, device)), reference,
+                            cfg.test.border)
     noisy_db = metrics.psnr(metrics.to_uint8(noisy), reference, cfg.test.border)
     gain = denoised - noisy_db
     line = (f"{image}: the denoiser gives {denoised:.2f} dB against its noisy input's {noisy_db:.2f} dB "

@@ -86,7 +86,7 @@ def parse_assignment(text: str) -> dict:
     key = key.strip()
     if not sep or not key:
         raise SettingsError(f"-set {text!r}: expected KEY=VALUE, e.g. -set 'mnist.test_ids=[42]'")
-    key = next((key[:-len(old)] + new for old, new in RENAMED_KEYS.items() if key.endswith(old)), key)
+    key = renamed_key(key) or key
     if key not in SCHEMA:
         children = sorted(k for k in SCHEMA if k.startswith(key + "."))
         if children:  # a block, not a setting: name one of its keys
@@ -165,7 +165,7 @@ def _load_settings(path: str | None = None, profile: str | None = None,
         renamed += rename_keys(overrides, "overrides")
     for assignment in assignments or []:  # -set of a renamed key: read under its new name (parse_assignment), said
         key = assignment.partition("=")[0].strip()
-        new = next((key[:-len(old)] + new for old, new in RENAMED_KEYS.items() if key.endswith(old)), None)
+        new = renamed_key(key)
         if new is not None and key not in SCHEMA:
             renamed.append(f"-set: {key} is now {new} (read as {new})")
     chosen = profile or next((raw["profile"] for _, raw in reversed(layers) if "profile" in raw), "report")
@@ -284,12 +284,17 @@ RENAMED_KEYS = {"method2.training_points": "method2.recursion_depth", "method2.r
 RETYPED_KEYS = {".damp": (bool, "damp is a number now: 0.01 is the original's value, 0 turns it off")}
 
 
+def renamed_key(key: str) -> str | None:
+    """The new name of a dotted key that RENAMED_KEYS renames (by its suffix), else None."""
+    return next((key[:-len(old)] + new for old, new in RENAMED_KEYS.items() if key.endswith(old)), None)
+
+
 def rename_keys(tree: dict, where: str) -> list[str]:
     """Move every renamed key of ``tree`` (a settings file's body, a profile, overrides) to its new
     name, in place; one line per key moved, naming ``where`` (the caller says them)."""
     said = []
     for key in _leaf_keys(tree):
-        new = next((key[:-len(old)] + new for old, new in RENAMED_KEYS.items() if key.endswith(old)), None)
+        new = renamed_key(key)
         if new is None or key in SCHEMA:
             continue
         value = _walk(tree, key)
