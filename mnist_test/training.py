@@ -189,8 +189,9 @@ def train_group(data: MnistData, jobs: list[dict], recipe: "Recipe | Mnist | Map
     Linear layers of the model's ``main`` (:func:`utils_if.grouped_gradients`, the hand-written MLP's
     grouped form; the shape is read from the model: Linear layers with ReLU or softplus between them,
     log-softmax and mean NLL at the end; anything else is refused), then SGD with momentum and weight
-    decay in place, as ``torch.optim.SGD`` does. Each job's order and window come from
-    its :func:`sgd_run`, the one definition Train.py's trainer and Method 3's replay read too.
+    decay in place, as ``torch.optim.SGD`` does. Each job's order and learning rates come from its
+    :func:`sgd_run`, the one definition Train.py's trainer and Method 3's replay read too; the window's
+    first step is the recipe's on all of ``data`` (a job that keeps fewer items keeps their steps).
     Returns one ``state_dict`` per job (on the CPU).
     """
     recipe = Recipe.of(recipe)

@@ -116,7 +116,7 @@ class Recipe:
                                "weight_decay": self.weight_decay, "batch_size": self.batch_size, "epoch": self.epoch}
         if self.activation != "relu":
             key["activation"] = self.activation
-        start = self.window_start(self.train_subset) if single_model else 0
+        start = self.window_start(self.train_subset or 60000) if single_model else 0
         if start:  # the window acts on data weights: the single-model removals
             key["window_start"] = start
         if self.lr_schedule != "constant":
