@@ -3,11 +3,13 @@ and (method1.record) accumulate Method-1 gradient-norm vectors per patch for the
 Replaces the original's separate m1_Train.py.
 
 Reads:  ffdnet.train_dir, ffdnet.val_dir (sorted file names), optionally ffdnet.init_checkpoint
+Then, with a final window (ffdnet.window.epochs > 0, ffdnet.recipe "attributable"), saves the model
+as model_zoo/{tag}_window_start.pth and trains the window (ffdnet_test/window.py).
 Writes: model_zoo/{tag}.pth (+ {tag}_check{e}.pth every train_checkpoints epochs);
         grad_norm/ffdnet/{tag}_{grad_mode}.json: per layer a (n_patches, channels) array under
         "arrays" ("l{L}"), the patch table (file, row, col) and "meta".
-Settings: ffdnet.{is_gray, layout, patch_size, stride, sigma, fixed_noise, epoch, batch_size,
-          learning_rate, lr_decay_epochs, seed, method1.*}.
+Settings: ffdnet.{is_gray, layout, activation, patch_size, stride, sigma, fixed_noise, epoch, batch_size,
+          learning_rate, lr_decay_epochs, seed, window.*, method1.*}.
 """
 import os
 import sys
@@ -15,10 +17,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils_option as opt  # noqa: E402
-from ffdnet_test import common, datasets  # noqa: E402
+from ffdnet_test import attribution, common, datasets, window  # noqa: E402
 from ffdnet_test.checkpoints import checkpoint_state  # noqa: E402
 from ffdnet_test.model import count_parameters  # noqa: E402
-from ffdnet_test.training import train_ffdnet  # noqa: E402
+from ffdnet_test.training import train_ffdnet, validate  # noqa: E402
 
 
 def main(settings: opt.Settings) -> dict:
@@ -50,10 +52,26 @@ def main(settings: opt.Settings) -> dict:
         model, norms, history = train_ffdnet(
             model, patches, cfg, device, common.patch_noise(settings, patches),
             m1.grad_mode if layers else None, layers, val_images, to_model, checkpoint)
+    result = {"history": history, "seconds": timer.seconds}
+    if window.has_window(cfg):  # the final window: its start is saved, where Method 3 and ldsTest begin
+        opt.save_torch(common.window_start_file(settings), {"model": checkpoint_state(model)}, logger)
+        noisy, clean, sigma, _ = attribution.training_triples(settings, device)
+        with opt.Timer() as window_timer:
+            window.train_window(model, noisy, clean, sigma, cfg, show_progress=True)
+        run = window.window_run(cfg, len(clean))
+        record = {"epoch": f"window ({cfg.window.epochs:g} epochs, {run.num_steps} steps)",
+                  "val_psnr": validate(model, val_images, cfg.val_sigma, cfg.seed, device, to_model),
+                  "seconds": round(window_timer.seconds, 2)}
+        history.append(record)
+        result["seconds_window"] = window_timer.seconds
+        logger.info(f"final window: {run.num_steps} {cfg.window.optimizer} steps, lr {cfg.window.learning_rate:g} "
+                    f"{cfg.window.lr_schedule} to 0, BatchNorm frozen, {window_timer.seconds:.0f} s; val PSNR "
+                    f"{record['val_psnr']:.2f} dB")
     path = opt.save_torch(common.model_file(settings), {"model": checkpoint_state(model), "settings": opt.as_dict(settings.ffdnet),
                                                         "history": history}, logger)
-    logger.info(f"trained in {timer.seconds:.0f} s; final val PSNR {history[-1].get('val_psnr', 0):.2f} dB")
-    result = {"model": path, "history": history, "seconds": timer.seconds}
+    logger.info(f"trained in {timer.seconds + result.get('seconds_window', 0):.0f} s; final val PSNR "
+                f"{history[-1].get('val_psnr', 0):.2f} dB")
+    result["model"] = path
     if norms:
         table = [[os.path.basename(patches.files[int(k)]), int(r), int(c)]
                  for k, (r, c) in zip(patches.image_index, patches.position.tolist())]

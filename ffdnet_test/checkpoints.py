@@ -47,23 +47,29 @@ def load_state(path_or_bytes) -> tuple[FFDNet, dict]:
     legacy pickle) or KAIR's official layout (keys ``model.N.*`` -> ``main.N.*``)."""
     state = _read_state(path_or_bytes)
     residual = bool(state.pop("residual_flag", torch.tensor(0)).item()) if "residual_flag" in state else False
+    softplus = bool(state.pop("softplus_flag", torch.tensor(0)).item()) if "softplus_flag" in state else False
     state = {("main." + k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
     is_gray, layout, layers, channels = detect_layout(state)
-    model = FFDNet(is_gray, layout, layers, channels, residual)
+    model = FFDNet(is_gray, layout, layers, channels, residual, "softplus" if softplus else "relu")
     model.load_state_dict(state, strict=True)
     model.eval()
     info = {"is_gray": is_gray, "layout": layout, "num_layers": layers, "channels": channels,
             "parameters": count_parameters(model)}
     if residual:
         info["residual"] = True
+    if softplus:
+        info["activation"] = "softplus"
     return model, info
 
 
 def checkpoint_state(model: FFDNet) -> dict:
-    """A state dict that records the output convention (residual) so that loaders rebuild it."""
+    """A state dict that records the output convention (residual) and a softplus activation, so that
+    loaders rebuild them (neither has parameters of its own)."""
     state = dict(model.state_dict())
     if model.residual:
         state["residual_flag"] = torch.tensor(1)
+    if model.activation == "softplus":
+        state["softplus_flag"] = torch.tensor(1)
     return state
 
 

@@ -33,9 +33,27 @@ def run_tag(settings: opt.Settings) -> str:
         tag += "res"
     if cfg.bn_recalibrate_batches:
         tag += f"bnr{cfg.bn_recalibrate_batches}"
+    if cfg.activation != "relu":
+        tag += f"_{cfg.activation}"
+    if cfg.window.epochs:
+        tag += "_" + window_part(cfg.window)
     if os.path.normpath(opt.resolve_path(cfg.train_dir)) != opt.resolve_path("data/ffdnet/train"):
         tag += "_" + os.path.basename(os.path.normpath(cfg.train_dir))
     return tag
+
+
+def window_part(window) -> str:
+    """The final window's part of a file name (ffdnet.window): w{epochs}{optimizer}{lr}{schedule}b{batch}."""
+    name = {"adam": "adam", "sgd": f"sgd{window.momentum:g}"}[window.optimizer]
+    if window.optimizer == "adam" and window.eps_root:
+        name += f"er{window.eps_root:g}"
+    return f"w{window.epochs:g}{name}lr{window.learning_rate:g}{window.lr_schedule[:3]}b{window.batch_size}"
+
+
+def window_start_file(settings: opt.Settings) -> str:
+    """The model at the start of the final window (FFDNet_Train saves it): where Method 3's replay
+    and ldsTest's reruns begin."""
+    return opt.output_path(settings, "model_zoo", f"{run_tag(settings)}_window_start.pth")
 
 
 def model_file(settings: opt.Settings, epoch: int | None = None) -> str:
@@ -133,7 +151,7 @@ def patch_noise(settings: opt.Settings, patches: datasets.PatchSet):
 def new_model(settings: opt.Settings, device: torch.device) -> FFDNet:
     cfg = settings.ffdnet
     torch.manual_seed(cfg.seed)
-    model = FFDNet(cfg.is_gray, cfg.layout, residual=cfg.residual)
+    model = FFDNet(cfg.is_gray, cfg.layout, residual=cfg.residual, activation=cfg.activation)
     orthogonal_init(model)
     if cfg.init_checkpoint:
         pretrained, _ = load_checkpoint(opt.resolve_path(cfg.init_checkpoint))

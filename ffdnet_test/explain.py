@@ -193,14 +193,17 @@ def removal_weights(n_train: int, removed: np.ndarray) -> torch.Tensor | None:
 
 def finetune_run(ft: Finetune, n_train: int, seed: int,
                  weights: torch.Tensor | None = None) -> utils_if.AdamRun | utils_if.SgdRun:
-    """The fine-tuning schedule ``ft`` (explain.finetune: epochs, learning_rate, batch_size, the
-    optimizer with its eps_root or momentum) of one seed as an Adam or SGD run: what expTest trains
+    """The fine-tuning schedule ``ft`` (explain.finetune or the training's final window,
+    ffdnet.window: epochs, learning_rate and its schedule, batch_size, the optimizer with its
+    eps_root or momentum) of one seed as an Adam or SGD run: what expTest trains
     and what m3_Test replays (:func:`method3_replay`)."""
     steps = finetune_steps(n_train, ft.epochs, ft.batch_size)
     orders = finetune_order(n_train, steps, ft.batch_size, seed)
     if ft.optimizer == "sgd":
-        return utils_if.SgdRun(ft.learning_rate, ft.momentum, 0.0, ft.batch_size, orders, weights, num_points=n_train)
-    return utils_if.AdamRun(learning_rate=ft.learning_rate, orders=orders, data_weights=weights, eps_root=ft.eps_root)
+        return utils_if.SgdRun(ft.learning_rate, ft.momentum, 0.0, ft.batch_size, orders, weights,
+                               schedule=ft.lr_schedule, num_points=n_train)
+    return utils_if.AdamRun(learning_rate=ft.learning_rate, orders=orders, data_weights=weights, eps_root=ft.eps_root,
+                            schedule=ft.lr_schedule)
 
 
 def method3_replay(base: nn.Module, run: utils_if.AdamRun | utils_if.SgdRun, noisy: torch.Tensor, sigma: torch.Tensor,
@@ -224,7 +227,9 @@ def finetune(model: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, sigma: 
     model.eval()
     optimizer = run.optimizer(list(model.parameters()))
     weights = None if run.data_weights is None else run.data_weights.to(noisy.device)
-    for idx in opt.progress(run.orders, desc="fine-tune", unit="step", disable=not show_progress, leave=False):
+    for step, idx in enumerate(opt.progress(run.orders, desc="fine-tune", unit="step", disable=not show_progress,
+                                            leave=False)):
+        optimizer.param_groups[0]["lr"] = run.lr(step)  # the run's schedule, as its replay steps it
         idx = idx.to(noisy.device)
         losses = utils_if.mse_sample_loss(model(noisy[idx], sigma[idx]), clean[idx])
         loss = losses.mean() if weights is None else utils_if.weighted_batch_loss(losses, weights[idx])

@@ -17,27 +17,33 @@ import torch
 from torch import nn
 
 ARCH = {True: (15, 64), False: (12, 96)}  # is_gray -> (conv layers, channels)
+# the nonlinearity after each conv but the last: the report's ReLU, or softplus (the same layers and
+# parameters, a network smooth in its weights: ffdnet.recipe "attributable")
+ACTIVATIONS = {"relu": nn.ReLU, "softplus": nn.Softplus}
 
 
 class FFDNet(nn.Module):
     def __init__(self, is_gray: bool, layout: str = "bn", num_layers: int | None = None,
-                 channels: int | None = None, residual: bool = False) -> None:
+                 channels: int | None = None, residual: bool = False, activation: str = "relu") -> None:
         super().__init__()
         if layout not in ("bn", "plain"):
             raise ValueError(f"FFDNet layout {layout!r}: expected 'bn' or 'plain'")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"FFDNet activation {activation!r}: one of {', '.join(ACTIVATIONS)}")
         default_layers, default_channels = ARCH[is_gray]
-        self.is_gray, self.layout, self.residual = is_gray, layout, residual
+        self.is_gray, self.layout, self.residual, self.activation = is_gray, layout, residual, activation
+        act = ACTIVATIONS[activation]
         self.num_layers = num_layers or default_layers
         self.channels = channels or default_channels
         image_channels = 1 if is_gray else 3
         self.image_channels = image_channels
         nc = self.channels
-        modules: list[nn.Module] = [nn.Conv2d(4 * image_channels + 1, nc, 3, padding=1), nn.ReLU()]
+        modules: list[nn.Module] = [nn.Conv2d(4 * image_channels + 1, nc, 3, padding=1), act()]
         for _ in range(self.num_layers - 2):
             modules.append(nn.Conv2d(nc, nc, 3, padding=1))
             if layout == "bn":
                 modules.append(nn.BatchNorm2d(nc))
-            modules.append(nn.ReLU())
+            modules.append(act())
         modules.append(nn.Conv2d(nc, 4 * image_channels, 3, padding=1))
         self.main = nn.Sequential(*modules)
         self.unshuffle = nn.PixelUnshuffle(2)
@@ -57,10 +63,10 @@ class FFDNet(nn.Module):
         return convs[max(layer, 1) - 1]
 
     def block_output_index(self, layer: int) -> int:
-        """``main`` index of the ReLU that ends layer L's block (the conv itself for the last)."""
+        """``main`` index of the activation that ends layer L's block (the conv itself for the last)."""
         index = self.conv_index(layer)
         for j in range(index, len(self.main)):
-            if isinstance(self.main[j], nn.ReLU):
+            if isinstance(self.main[j], ACTIVATIONS[self.activation]):
                 return j
             if j > index and isinstance(self.main[j], nn.Conv2d):
                 break

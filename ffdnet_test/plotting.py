@@ -6,6 +6,7 @@ import matplotlib
 if not any(k in matplotlib.get_backend().lower() for k in ("inline", "qt", "tk", "macosx", "nbagg")):
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -155,4 +156,34 @@ def question_maps(rows: list[dict], title: str):
     bar = fig.colorbar(overlay, cax=fig.add_axes([0.92, 0.1 / height + 0.05, 0.012, top - 0.1 / height - 0.1]))
     bar.set_label("influence per position / the patch's largest |value|\n(red helped, blue hurt)", fontsize=6)
     bar.ax.tick_params(labelsize=6)
+    return fig
+
+
+def lds_bars(rows: list[dict], title: str):
+    """ffdnet_test/ldsTest's figure: one panel per drop fraction, the LDS of every method at every
+    target with its bootstrap interval (the pixel windows, then the whole images)."""
+    per_target = [r for r in rows if "low" in r]
+    fractions = sorted({r["fraction"] for r in per_target})
+    methods = list(dict.fromkeys(r["method"] for r in per_target))
+    targets = list(dict.fromkeys(r["target"] for r in per_target))
+    fig, axes = plt.subplots(1, len(fractions), figsize=(max(6, 0.7 * len(targets)) * len(fractions), 4.2),
+                             squeeze=False)
+    width = 0.8 / max(len(methods), 1)
+    for ax, fraction in zip(axes[0], fractions):
+        for m, method in enumerate(methods):
+            mine = {r["target"]: r for r in per_target if r["method"] == method and r["fraction"] == fraction}
+            xs = [i + (m - (len(methods) - 1) / 2) * width for i, t in enumerate(targets) if t in mine]
+            values = [mine[t]["lds"] for t in targets if t in mine]
+            errors = np.array([[mine[t]["lds"] - mine[t]["low"], mine[t]["high"] - mine[t]["lds"]]
+                               for t in targets if t in mine]).T
+            ax.bar(xs, values, width, yerr=np.nan_to_num(errors), capsize=2, label=method)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_ylim(-1, 1)
+        ax.set_xticks(range(len(targets)))
+        ax.set_xticklabels(targets, rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"{fraction:.0%} of the window's patches dropped", fontsize=9)
+        ax.set_ylabel("LDS (Spearman over reruns)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     return fig

@@ -31,7 +31,7 @@ def trust_key(cfg: Ffdnet) -> dict:
     of its file name with its training patches and pixel window. An expTest report is quoted only
     when its own settings give the same key."""
     m2 = cfg.method2
-    return {"model": score_fields(cfg),
+    return {"model": {**score_fields(cfg), "window": score_fields(cfg.window) if cfg.window.epochs else "none"},
             "method2": {"solver": opt.solver_file_part(m2),
                         "max_train_points": m2.max_train_points, "window": m2.window}}
 

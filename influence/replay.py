@@ -59,15 +59,8 @@ class SgdRun:
         return self.orders[epoch, position * self.batch_size:(position + 1) * self.batch_size]
 
     def lr(self, step: int) -> float:
-        """eta_s: constant; linear eta (1 - s/T); cosine eta (1 + cos(pi s/T)) / 2 (T = num_steps)."""
-        if self.schedule == "constant":
-            return self.learning_rate
-        done = step / self.num_steps
-        if self.schedule == "linear":
-            return self.learning_rate * (1.0 - done)
-        if self.schedule == "cosine":
-            return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * done))
-        raise ValueError(f"learning-rate schedule {self.schedule!r}: one of {', '.join(SCHEDULES)}")
+        """eta_s of this run's schedule (:func:`scheduled_lr`)."""
+        return scheduled_lr(self.learning_rate, self.schedule, step, self.num_steps)
 
     def step_weights(self, step: int, idx: torch.Tensor) -> torch.Tensor | None:
         """The data weights of batch ``idx`` at ``step`` (None = all 1: no weights, or before the window)."""
@@ -82,6 +75,20 @@ class SgdRun:
 
 WINDOW_UNITS = ("epochs", "steps", "fraction")
 SCHEDULES = ("constant", "linear", "cosine")
+
+
+def scheduled_lr(learning_rate: float, schedule: str, step: int, num_steps: int) -> float:
+    """Step s's learning rate eta_s (s = 0..T-1, T = ``num_steps``): constant eta; linear
+    eta (1 - s/T); cosine eta (1 + cos(pi s/T)) / 2. The last two end near 0, which is what makes a
+    run smooth in its data weights (the steps that end it are small)."""
+    if schedule == "constant":
+        return learning_rate
+    done = step / num_steps
+    if schedule == "linear":
+        return learning_rate * (1.0 - done)
+    if schedule == "cosine":
+        return learning_rate * 0.5 * (1.0 + math.cos(math.pi * done))
+    raise ValueError(f"learning-rate schedule {schedule!r}: one of {', '.join(SCHEDULES)}")
 
 
 def window_start(num_steps: int, steps_per_epoch: int, size: float, unit: str) -> int:
@@ -204,7 +211,8 @@ def step_bar(progress: Callable | None, total: int, desc: str):
 class AdamRun:
     """One Adam run as replay needs it (torch.optim.Adam: no weight decay, no amsgrad): ``orders``
     (steps, batch) holds each step's training points; ``data_weights`` (n,) weight each point's loss
-    (None = 1 for all). The batch loss is sum_i w_i l_i / |B|. ``eps_root`` > 0 puts an epsilon
+    (None = 1 for all). The batch loss is sum_i w_i l_i / |B|; ``schedule`` sets step s's learning
+    rate (:meth:`lr`; set it on the optimiser before each step). ``eps_root`` > 0 puts an epsilon
     inside the square root too (optax's eps_root): theta -= c1 m / (sqrt(c2^2 v + eps_root) + eps),
     which keeps the step smooth where v is near 0 (Engstrom et al. 2025: a metasmooth Adam); that
     step is :class:`AdamEpsRoot` (:meth:`optimizer`), torch.optim.Adam has no such option."""
@@ -214,6 +222,7 @@ class AdamRun:
     eps: float = 1e-8
     data_weights: torch.Tensor | None = None
     eps_root: float = 0.0
+    schedule: str = "constant"
 
     @property
     def num_steps(self) -> int:
@@ -221,6 +230,10 @@ class AdamRun:
 
     def batch(self, step: int) -> torch.Tensor:
         return self.orders[step]
+
+    def lr(self, step: int) -> float:
+        """eta_s of this run's schedule (:func:`scheduled_lr`): Adam's step s uses it in place of lr."""
+        return scheduled_lr(self.learning_rate, self.schedule, step, self.num_steps)
 
     def optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         """The optimiser that makes this run: torch.optim.Adam, or :class:`AdamEpsRoot` with eps_root."""

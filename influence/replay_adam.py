@@ -21,7 +21,7 @@ class AdamReplay(Replay):
         m_t = b1 m_{t-1} + (1 - b1) g_t,    v_t = b2 v_{t-1} + (1 - b2) g_t^2,
         theta_t = theta_{t-1} - c1_t m_t / d_t,   d_t = sqrt(v_t) c2_t + eps
                                                   (eps_root: d_t = sqrt(c2_t^2 v_t + eps_root) + eps),
-        c1_t = lr / (1 - b1^t),   c2_t = 1 / sqrt(1 - b2^t).
+        c1_t = lr_t / (1 - b1^t),   c2_t = 1 / sqrt(1 - b2^t)   (lr_t: the run's schedule, AdamRun.lr).
 
     Walking back from A = grad F(theta_T), M = V = 0 (the adjoints of theta_t, m_t, v_t), each step does
 
@@ -67,6 +67,7 @@ class AdamReplay(Replay):
             for leaf, mi, vi in zip(leaves, self._split(m), self._split(v)):
                 optimizer.state[leaf].update(step=torch.tensor(float(start)), exp_avg=mi.clone(), exp_avg_sq=vi.clone())
         for step in range(start, stop):
+            optimizer.param_groups[0]["lr"] = self.run.lr(step)
             before = self._flat(leaves) if store is not None else None
             loss, _ = self._loss(dict(zip(self.names, leaves)), *self._batch(step))
             grads = torch.autograd.grad(loss, leaves)
@@ -117,7 +118,7 @@ class AdamReplay(Replay):
         if not self.checkpoints:
             raise RuntimeError("AdamReplay.metagradient: run forward() first (it keeps the checkpoints)")
         run, total = self.run, self.run.num_steps
-        (b1, b2), eps, lr, eps_root = run.betas, run.eps, run.learning_rate, run.eps_root
+        (b1, b2), eps, eps_root = run.betas, run.eps, run.eps_root
         dtype = self.initial[0].dtype
         a = target_grads.detach().to(dtype).clone()
         m_adj, v_adj = torch.zeros_like(a), torch.zeros_like(a)
@@ -131,7 +132,7 @@ class AdamReplay(Replay):
             for step in reversed(range(start, stop)):
                 theta, m, v, g = store[step - start]
                 t = step + 1
-                c1, c2 = lr / (1 - b1 ** t), 1.0 / math.sqrt(1 - b2 ** t)
+                c1, c2 = run.lr(step) / (1 - b1 ** t), 1.0 / math.sqrt(1 - b2 ** t)
                 if eps_root:  # d = sqrt(c2^2 v + eps_root) + eps, dd/dv = c2^2 / (2 sqrt(...)): smooth at v = 0
                     root = (v * c2 ** 2 + eps_root).sqrt()
                     d = root + eps

@@ -70,6 +70,40 @@ class Finetune:
                                   "(no division by the root of the second moment; set a larger learning_rate)",
                           'choice', ('adam', 'sgd'))
     momentum: float = spec(0.9, "sgd: its momentum", 'float', (0.0, 0.999))
+    lr_schedule: str = spec('constant', "constant | linear | cosine: the learning rate decays from learning_rate "
+                                        "towards 0 at the last step", 'choice', ('constant', 'linear', 'cosine'))
+
+
+@dataclass
+class FfdnetWindow(Finetune):
+    """The training's final window (ffdnet.recipe attributable sets it): after the ffdnet.epoch epochs,
+    this many more epochs with BatchNorm statistics frozen (each patch's loss its own), a fresh
+    optimiser and the learning rate decaying to 0. Part of training (FFDNet_Train saves its start);
+    Method 3 and ffdnet_test/ldsTest.py ask what the patches did in it."""
+    epochs: float = spec(0.0, "the window's length in epochs of the training patches (fractions allowed); 0 = no "
+                              "window (the report's training)", 'float', (0.0, None))
+    learning_rate: float = spec(0.0001, "the window's first learning rate (it decays by lr_schedule)", 'float', (0.0, None))
+    lr_schedule: str = spec('linear', "linear (to 0 at the window's end: small last steps, a run smooth in its data "
+                                      "weights) | cosine | constant", 'choice', ('constant', 'linear', 'cosine'))
+
+
+@dataclass
+class FfdnetLds:
+    """The denoiser's single-model ground truth (ffdnet_test/ldsTest.py): rerun the training's final
+    window with random patches weighted 0 and score each method's prediction of every target's change."""
+    drop_fractions: list[float] = spec([0.01, 0.05], "one set of num_subsets reruns per fraction of the window's "
+                                                     "patches dropped", 'float_list', None)
+    num_subsets: int = spec(16, "random subsets per fraction (more later reuse the ones done)", 'int', (3, None))
+    test_images: int = spec(2, "targets = the pixel windows of ffdnet.attribution.points and the whole image of the "
+                               "first n ffdnet.attribution.images", 'int', (1, 100))
+    methods: list[str] = spec(['m3', 'ekfac', 'lissa', 'm1'], "m3: Method 3 through the window | ekfac, lissa, ...: "
+                              "pixel-window influence with that Method-2 solver (ffdnet.method2's other settings) | "
+                              "m1: Method 1 (ffdnet.explain.m1_layer and m1_mode; pixel targets only)", 'str_list', None)
+    seed: int = spec(0, "draws the subsets", 'int', (0, None))
+    top_k: int = spec(100, "beside the LDS, expTest's view: rerun without Method 3's top k patches of each target "
+                           "(and k random ones per image); 0 = skip", 'int', (0, None))
+    bootstrap: int = spec(1000, "bootstrap draws (over subsets) for each LDS's 95% interval", 'int', (10, None),
+                          scores=False)
 
 
 @dataclass
@@ -156,12 +190,19 @@ class Ffdnet:
     bn_recalibrate_batches: int = spec(0, ">0: re-estimate BatchNorm statistics over this many batches each epoch", 'int', (0, None))
     train_checkpoints: int = spec(5, "save a checkpoint every k epochs", 'int', (1, None), scores=False)
     init_checkpoint: str = spec('', "fine-tune from this checkpoint (\"\" = train from scratch)", 'path_or_empty', None)
+    recipe: str = spec('report', "a preset of the training recipe (options/recipe.py): report (the report's) | "
+                                 "attributable (a final window Method 3 answers exactly, ffdnet.window; docs/methods.md). "
+                                 "It replaces the defaults, never a value you set", 'choice', ('report', 'attributable'))
+    activation: str = spec('relu', "relu (the report's) | softplus (the same layers, a smooth run)", 'choice',
+                           ('relu', 'softplus'))
+    window: FfdnetWindow = block(FfdnetWindow)
     test: FfdnetTest = block(FfdnetTest)
     method1: FfdnetMethod1 = block(FfdnetMethod1)
     attribution: Attribution = block(Attribution)
     method2: Any = block(lambda: method2_class("ffdnet")())  # options/method2.py
     explain: FfdnetExplain = block(FfdnetExplain)
     method3: FfdnetMethod3 = block(FfdnetMethod3)
+    lds: FfdnetLds = block(FfdnetLds)
     question: FfdnetQuestion = block(FfdnetQuestion)
 
 

@@ -207,12 +207,14 @@ def _load_settings(path: str | None = None, profile: str | None = None,
 
 
 def _apply_recipe(settings: dict, base: dict, written: list[dict]) -> tuple[dict, list[str], list[str]]:
-    """The preset of ``mnist.recipe`` (options/recipe.py) over ``settings``: each of its keys takes
+    """The presets of ``mnist.recipe`` and ``ffdnet.recipe`` (options/recipe.py) over ``settings``: each of their keys takes
     the preset's value unless the user set that key: a layer in ``written`` (a file that extends the
     base, a profile, overrides, -set) writes it, or the base file holds another value than the
     default. Returns (settings, keys the preset set, "key = yours (the preset's: value)" kept)."""
-    name = _lookup(settings, "mnist.recipe") if "mnist" in settings and "recipe" in settings["mnist"] else "report"
-    preset = preset_values(name)
+    preset = {}
+    for network in ("mnist", "ffdnet"):
+        name = _lookup(settings, f"{network}.recipe") if "recipe" in settings.get(network, {}) else "report"
+        preset.update(preset_values(name, network))
     explicit = {key for body in written for key in _leaf_keys({k: v for k, v in body.items() if k not in STRUCTURAL_KEYS})}
     default = defaults()
     base_body = {k: v for k, v in base.items() if k not in STRUCTURAL_KEYS}

@@ -138,8 +138,23 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {"report": {"mnist.lds.epoch": 40}, "
 _NOT_PRESET = ("seed", "train_subset")
 
 
-def preset_values(name: str) -> dict[str, Any]:
-    """A preset as dotted settings keys ({"mnist.epoch": 20, ...}), in the mnist block's order."""
+# ffdnet.recipe's presets, as dotted settings keys: "report" is the report's training (no final window);
+# "attributable" ends training with a final window Method 3 answers exactly. Its values were chosen by the
+# measured scan bench/ffdnet_attributable.py (docs/results.md, "An attributable denoiser").
+FFDNET_PRESETS: dict[str, dict[str, Any]] = {
+    "report": {"ffdnet.activation": "relu", "ffdnet.window.epochs": 0.0},
+    "attributable": {"ffdnet.activation": "softplus", "ffdnet.window.epochs": 1.0,
+                     "ffdnet.window.optimizer": "adam", "ffdnet.window.learning_rate": 0.0001,
+                     "ffdnet.window.eps_root": 0.0, "ffdnet.window.lr_schedule": "linear",
+                     "ffdnet.window.batch_size": 32},
+}
+
+
+def preset_values(name: str, network: str = "mnist") -> dict[str, Any]:
+    """A preset of ``mnist.recipe`` (or, with ``network`` "ffdnet", of ``ffdnet.recipe``) as dotted
+    settings keys ({"mnist.epoch": 20, ...}), in the block's order."""
+    if network == "ffdnet":
+        return dict(FFDNET_PRESETS[name])
     recipe = PRESETS[name]
     return {**{f"mnist.{f.name}": getattr(recipe, f.name) for f in fields(Recipe) if f.name not in _NOT_PRESET},
             **STUDY_PRESETS[name]}

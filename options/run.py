@@ -276,7 +276,8 @@ def make_logger(settings: Settings, name: str) -> logging.Logger:
         shown_keys = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
         logger.info(f"profile {settings.profile} set {shown_keys}", extra={"header": True})
     if found.recipe_changed or found.recipe_kept:
-        logger.info(f"mnist.recipe {settings.mnist.recipe} set {', '.join(found.recipe_changed) or 'nothing'}"
+        logger.info(f"recipes mnist {settings.mnist.recipe}, ffdnet {settings.ffdnet.recipe} set "
+                    f"{', '.join(found.recipe_changed) or 'nothing'}"
                     + (f"; kept your {'; '.join(found.recipe_kept)}" if found.recipe_kept else ""),
                     extra={"header": True})
     for line in found.renamed:

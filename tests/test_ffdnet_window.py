@@ -1,0 +1,127 @@
+"""The denoiser's final window (ffdnet.recipe "attributable"): Method 3 through it against finite
+differences, its reruns against the trained run (bitwise), and ffdnet_test/ldsTest.py end to end on
+a tiny real configuration (two photographs, 24 patches)."""
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import utils_if as U
+import utils_option as opt
+from conftest import central_differences
+from ffdnet_test import attribution, explain, lds, window
+from ffdnet_test.model import FFDNet, PackedInput
+from options.blocks import FfdnetWindow
+
+
+def tiny_softplus_ffdnet() -> FFDNet:
+    torch.manual_seed(0)
+    model = FFDNet(is_gray=True, layout="bn", num_layers=3, channels=4, residual=True, activation="softplus")
+    model = model.double().eval()
+    model.main[3].running_mean.uniform_(-0.2, 0.2)
+    model.main[3].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def tiny_patches(n: int = 6):
+    g = torch.Generator().manual_seed(2)
+    clean = torch.rand(n, 1, 8, 8, generator=g, dtype=torch.float64)
+    sigma = torch.rand(n, generator=g, dtype=torch.float64) * 0.3
+    return clean + sigma[:, None, None, None] * torch.randn(clean.shape, generator=g, dtype=torch.float64), clean, sigma
+
+
+@pytest.mark.parametrize("optimizer,eps_root", [("adam", 0.0), ("adam", 1e-6), ("sgd", 0.0)])
+def test_window_replay_equals_finite_differences(optimizer, eps_root):
+    """The window's schedule decays the learning rate to 0; Method 3 through it (Adam, Adam with
+    eps_root, SGD with momentum) equals central finite differences of the window in every weight."""
+    schedule = FfdnetWindow(epochs=2, learning_rate=0.01 if optimizer != "sgd" else 0.05, batch_size=3,
+                            optimizer=optimizer, eps_root=eps_root, lr_schedule="linear")
+    base = tiny_softplus_ffdnet()
+    noisy, clean, sigma = tiny_patches()
+    run = explain.finetune_run(schedule, 6, seed=0)
+    assert run.lr(0) == schedule.learning_rate and 0 < run.lr(run.num_steps - 1) < schedule.learning_rate / 3
+    replay = explain.method3_replay(base, run, noisy, sigma, clean)
+    tuned = explain.finetune(copy.deepcopy(base), noisy, clean, sigma, run)
+    _, error, _ = U.forward_checked(replay, tuned, 2, 1e-10)
+    g = torch.Generator().manual_seed(3)
+    probe_clean = torch.rand(1, 1, 12, 12, generator=g, dtype=torch.float64)
+    probe = PackedInput.pack(probe_clean + 0.1 * torch.randn(probe_clean.shape, generator=g, dtype=torch.float64),
+                             torch.tensor([0.1], dtype=torch.float64))
+    mask = attribution.window_mask((1, 12, 12), [5, 6], 1).double()
+    problem = U.InfluenceProblem(PackedInput(tuned).eval(), U.mse_sample_loss, ["net." + n for n in replay.names])
+    grads = torch.cat([problem.sample_grads(probe, probe_clean),
+                       problem.sample_grads(probe, probe_clean, loss=U.masked_mse_sample_loss(mask))])
+    mine = replay.metagradient(grads)
+
+    def targets_at(w):
+        model = explain.finetune(copy.deepcopy(base), noisy, clean, sigma,
+                                 explain.finetune_run(schedule, 6, 0, weights=w))
+        out = PackedInput(model)(probe)
+        return torch.stack([U.mse_sample_loss(out, probe_clean)[0], U.masked_mse_sample_loss(mask)(out, probe_clean)[0]])
+    numeric = central_differences(targets_at, 6)
+    assert mine.abs().max() > 1e-6
+    assert torch.allclose(mine, numeric, rtol=1e-4, atol=1e-9), (mine, numeric)
+
+
+def small_window_settings(tmp_path, train_dir, test_dir, **lds_values) -> opt.Settings:
+    return opt.load_settings(overrides={
+        "output_dir": str(tmp_path / "results"), "ffdnet": {
+            "recipe": "attributable", "train_dir": str(train_dir), "val_dir": str(test_dir), "test_dir": str(test_dir),
+            "max_patches": 24, "patch_size": 32, "stride": 32, "epoch": 1, "batch_size": 8, "residual": True,
+            "window": {"epochs": 1, "batch_size": 8, "learning_rate": 0.001},
+            "attribution": {"images": ["01"], "points": [[40, 40], [100, 120]]},
+            "method1": {"layers": [1, 11]}, "explain": {"m1_layer": 11},
+            "method2": {"recursion_depth": 5, "chunk_size": 8, "scale": 1000},
+            "lds": {"num_subsets": 4, "test_images": 1, "methods": ["m3", "ekfac", "m1"], "top_k": 3,
+                    "bootstrap": 50, **lds_values}}})
+
+
+def test_ldstest_small(tmp_path, two_test_images, two_train_images):
+    """ffdnet_test/ldsTest.py on 24 patches: it trains the model with its window, reruns the window
+    (the control reproduces the trained model bitwise, or it refuses), and scores Method 3, EK-FAC and
+    Method 1 at every target with an interval; resumable (a second run reruns nothing); the removal
+    reruns start from the one saved window start."""
+    from ffdnet_test import ldsTest
+    settings = small_window_settings(tmp_path, two_train_images, two_test_images)
+    assert settings.ffdnet.activation == "softplus" and "ffdnet.window.epochs" not in settings.source.recipe_changed
+    result = ldsTest.main(settings)
+    rows = result["rows"]
+    labels = ["01 whole", "01 40,40", "01 100,120"]
+    for method in ("m3", "ekfac"):
+        for fraction in (0.01, 0.05):
+            mine = {r["target"]: r for r in rows if r["method"] == method and r["fraction"] == fraction and "low" in r}
+            assert set(mine) == set(labels)
+            assert all(-1 <= r["lds"] <= 1 and r["subsets"] == 4 for r in mine.values())
+    assert {r["target"] for r in rows if r["method"] == "m1" and "low" in r} == set(labels[1:])  # no whole-image score
+    assert len(result["top_k"]) == 3 and all(np.isfinite(r["measured"]) for r in result["top_k"])
+    # the trained model ends where its window's replay ends, and Method 3 saw every target
+    assert result["meta"]["method3"]["replay_relative_error"] < 1e-4 and result["meta"]["method3"]["targets"] == 3
+    # Method 3 ranks these removals: on 24 patches, a 4-step window, it should predict them closely
+    m3 = [r["lds"] for r in rows if r["method"] == "m3" and "low" in r]
+    assert np.mean(m3) > 0.5, m3
+    again = ldsTest.main(settings)
+    assert again["runs"] == 0 and again["rows"] == rows
+    # every rerun started from the same saved state: the 1% subsets (one patch each) and a rerun of the
+    # control made by hand from the window start give the recorded losses to the bit
+    cfg = settings.ffdnet
+    start = window.load_start(settings, "cpu")
+    data = attribution.training_triples(settings, "cpu")[:3]
+    folder = lds.study_folder(settings)
+    jobs = lds.plan(settings, 24, folder)
+    by_hand = lds.run_job(jobs[1], start, data, *_tests(settings), settings)
+    recorded = opt.read_json(jobs[1]["path"], "ldsTest")
+    assert by_hand["losses"] == recorded["losses"]
+    assert os.path.isfile(result["figure"])
+
+
+def _tests(settings):
+    from ffdnet_test import common
+    images = ["01"]
+    tests = {}
+    for image in images:
+        _, _, c, n = attribution.test_image(settings, image)
+        tests[image] = (common.to_model_order(c, settings), common.to_model_order(n, settings))
+    return tests, [{"image": "01", "point": list(p), "label": f"01 {explain.point_label(p)}"}
+                   for p in settings.ffdnet.attribution.points]
