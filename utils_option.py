@@ -21,7 +21,8 @@ from options.loading import (RENAMED_KEYS, RETIRED_KEYS, RETYPED_KEYS, SCHEMA, S
                              load_settings_dict, parse_assignment, rename_keys, settings_layers, strip_comments,
                              validate, value_at, with_values)
 from options.method2 import lds_methods, method2_class, offered_solvers, solver_file_part, solver_run  # noqa: F401
-from options.results import (DETAIL, Timer, atomic_write, float_matrix_json, is_interactive, load_torch,  # noqa: F401
+from options.results import (DETAIL, Timer, atomic_write, float_matrix_json, is_interactive, key_differences,  # noqa: F401
+                             load_torch,
                              markdown_table, peak_rss_mb, progress, read_json, require_file, require_shape,
                              save_figure, save_torch, write_csv, write_json, write_json_with_matrices, write_text)
 from options.run import (DEBUG, apply_threads, data_path, detail_log, distributed_barrier,  # noqa: F401

@@ -115,6 +115,14 @@ def m3_result_file(settings: opt.Settings, image: str, seed: int) -> str:
                            f"_{image}.json")
 
 
+def m3_window_result_file(settings: opt.Settings, image: str) -> str:
+    """Method 3 through the training's final window for one test image's targets (the pixel window,
+    the test noise, the points)."""
+    cfg = settings.ffdnet
+    return opt.output_path(settings, "if", "ffdnet", f"{run_tag(settings)}_m3window_w{cfg.method2.window}_"
+                                                     f"{test_noise_part(settings)}_{points_part(settings)}_{image}.json")
+
+
 def factor_file(settings: opt.Settings, solver: str) -> str:
     """K-FAC/EK-FAC factors of the model over its (first max_train_points) training patches."""
     m2 = settings.ffdnet.method2

@@ -420,8 +420,9 @@ def specificity_matrix(rows: list[dict], target_list: list[dict], ranking: str, 
 
 
 def metasmoothness(base: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor, ft: Finetune,
-                   m3: SmoothnessCheck) -> dict:
-    """Is the fine-tuning (seed 0's order) smooth in the patches' data weights? It is run with the
+                   m3: SmoothnessCheck, seed: int = 0) -> dict:
+    """Is the fine-tuning (the order of ``seed``: expTest's seed 0, or the training's final window of
+    ffdnet.seed) smooth in the patches' data weights? It is run with the
     data weights of :func:`utils_if.weight_sets` (1 + 2 x ffdnet.method3.smoothness_directions runs)
     and S_hat is computed from the final weights (:mod:`influence.smoothness`)."""
     from influence import smoothness
@@ -430,7 +431,7 @@ def metasmoothness(base: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, si
     def train(weight_sets: list[torch.Tensor]):
         finals = []
         for w in opt.progress(weight_sets, desc="metasmoothness", unit="run", leave=False):
-            tuned = finetune(copy.deepcopy(base), noisy, clean, sigma, finetune_run(ft, n, 0, weights=w.float()))
+            tuned = finetune(copy.deepcopy(base), noisy, clean, sigma, finetune_run(ft, n, seed, weights=w.to(clean.dtype)))
             finals.append(torch.cat([p.detach().reshape(-1).cpu() for p in tuned.parameters()]))
         return finals, None
     return smoothness.measure(train, n, m3.smoothness_directions, m3.smoothness_step, 0)

@@ -143,7 +143,7 @@ def report(settings, jobs, images, labels, target_list, tests, folder, window_da
     top = top_k_view(settings, table["m3"], target_list, images, tests, window_data, folder) if "m3" in table else []
     name = os.path.basename(folder)
     meta = {"settings": opt.as_dict(cfg), "model_file": model_path, "n_train": n, "labels": labels,
-            "trust_key": question.trust_key(cfg), "method3": m3_info,
+            "keys": {method: question.lds_key(cfg, method) for method in cfg.lds.methods}, "method3": m3_info,
             "seconds_reruns": round(sum(r["seconds"] for r in records), 1),
             "question": f"removing patches in the training's final window ({window.window_run(cfg, n).num_steps} "
                         f"steps), this very model (single-model setting)"}

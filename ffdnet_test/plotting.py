@@ -132,7 +132,7 @@ def influence_maps(rows: list[dict], title: str):
 
 def question_maps(rows: list[dict], title: str):
     """rows: {"title", "image": a crop of the test image (C,h,w), "point": (r, c) in it, "patches",
-    "maps": [(h,w)], "captions"}: the crop with the point, then each training patch with where its
+    "maps": [(h,w)] or None, "captions"}: the crop with the point, then each training patch with where its
     influence sits drawn over it (red helps, blue hurts)."""
     n_cols = 1 + max(len(r["patches"]) for r in rows)
     title_height = 0.35 + 0.17 * (title.count("\n") + 1)
@@ -145,17 +145,21 @@ def question_maps(rows: list[dict], title: str):
         ax_row[0].scatter([row["point"][1]], [row["point"][0]], s=40, c="red", marker="o", edgecolors="white",
                           linewidths=0.8)
         ax_row[0].set_title(row["title"], fontsize=7)
-        for ax, patch, heat, caption in zip(ax_row[1:], row["patches"], row["maps"], row["captions"]):
+        overlay = None
+        for ax, patch, heat, caption in zip(ax_row[1:], row["patches"], row["maps"] or [None] * len(row["patches"]),
+                                            row["captions"]):
             _show(ax, patch)
-            limit = float(heat.abs().max()) or 1.0
-            overlay = ax.imshow((heat / limit).numpy(), cmap="RdBu_r", vmin=-1.0, vmax=1.0, alpha=0.55)
+            if heat is not None:  # Method 3's scores have no per-position split: the patch alone
+                limit = float(heat.abs().max()) or 1.0
+                overlay = ax.imshow((heat / limit).numpy(), cmap="RdBu_r", vmin=-1.0, vmax=1.0, alpha=0.55)
             ax.set_title(caption, fontsize=6)
     fig.suptitle(title, fontsize=8)
     top = 1 - title_height / height
     fig.subplots_adjust(left=0.02, right=0.9, bottom=0.1 / height, top=top, hspace=0.45, wspace=0.08)
-    bar = fig.colorbar(overlay, cax=fig.add_axes([0.92, 0.1 / height + 0.05, 0.012, top - 0.1 / height - 0.1]))
-    bar.set_label("influence per position / the patch's largest |value|\n(red helped, blue hurt)", fontsize=6)
-    bar.ax.tick_params(labelsize=6)
+    if overlay is not None:
+        bar = fig.colorbar(overlay, cax=fig.add_axes([0.92, 0.1 / height + 0.05, 0.012, top - 0.1 / height - 0.1]))
+        bar.set_label("influence per position / the patch's largest |value|\n(red helped, blue hurt)", fontsize=6)
+        bar.ax.tick_params(labelsize=6)
     return fig
 
 

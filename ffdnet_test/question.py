@@ -36,6 +36,90 @@ def trust_key(cfg: Ffdnet) -> dict:
                         "max_train_points": m2.max_train_points, "window": m2.window}}
 
 
+MEASURED_TABLE = os.path.join(opt.REPO_ROOT, "docs", "measured_lds.json")
+LDS_COMMAND = "python3 ffdnet_test/ldsTest.py -set 'ffdnet.recipe=\"attributable\"'"
+
+
+def model_key(cfg: Ffdnet) -> dict:
+    """The trained denoiser's part of a trust key: the ffdnet block's fields that change scores and
+    its final window's (or "none")."""
+    return {**score_fields(cfg), "window": score_fields(cfg.window) if cfg.window.epochs else "none"}
+
+
+def lds_key(cfg: Ffdnet, method: str) -> dict:
+    """The trust key of one ffdnet_test/ldsTest row: the model, and the method's own settings (Method 3:
+    the pixel window; Method 1: its layer, mode and recording; a solver: its file part and the window)."""
+    if method == "m3":
+        own = {"pixel_window": cfg.method2.window}
+    elif method == "m1":
+        own = {"layer": cfg.explain.m1_layer, "mode": cfg.explain.m1_mode, **score_fields(cfg.method1)}
+    else:
+        own = {"solver": opt.solver_file_part(opt.with_values(cfg.method2, {"solver": method})),
+               "pixel_window": cfg.method2.window}
+    return {"model": model_key(cfg), method: own}
+
+
+def _measured_rows(settings: opt.Settings, table: str) -> list[dict]:
+    """Every measured single-model LDS row of the denoiser this run could quote: ldsTest tables in the
+    output folder first, then the project's table. {"method", "kind", "drop", "lds", "min", "key", "source"}."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(opt.resolve_path(settings.output_dir), "test", "ffdnet_ldsTest_*.json"))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+            for row in record["rows"]:
+                if "min" in row:
+                    rows.append({"method": row["method"], "kind": row["kind"], "drop": row["fraction"],
+                                 "lds": row["lds"], "min": row["min"], "key": record["meta"]["keys"][row["method"]],
+                                 "source": f"ldsTest in this output folder: {path}"})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    with open(table, encoding="utf-8") as f:
+        for entry in json.load(f)["entries"]:
+            if entry.get("network") != "ffdnet":
+                continue
+            for name, value in entry["rows"].items():
+                method, kind = name.split(" ", 1)
+                rows.append({"method": method, "kind": kind, "drop": entry["drop"], "lds": value["lds"],
+                             "min": value["min"], "key": value["key"],
+                             "source": f"the project's measured table ({entry['source']})"})
+    return rows
+
+
+def measured_lines(settings: opt.Settings, method: str, title: str, table: str = MEASURED_TABLE) -> list[str]:
+    """How far to trust ``method``'s lists for exactly these settings, one line per target kind: the
+    measured single-model LDS (mean over the pixel windows, and the smallest) at each drop, and where
+    it comes from; or "not measured for these settings" with the keys in which the nearest measured
+    row differs and the command that would measure it."""
+    if not settings.ffdnet.window.epochs:  # ldsTest reruns the final window: a training without one has no ground truth
+        return [f"{title}: no method's answer has been measured for this recipe (it has no final window to rerun); "
+                f"set ffdnet.recipe = \"attributable\" and measure it: {LDS_COMMAND}"]
+    key = lds_key(settings.ffdnet, method)
+    rows = [r for r in _measured_rows(settings, table) if r["method"] == method]
+    lines = []
+    for kind in ("pixel window", "whole image"):
+        mine = [r for r in rows if r["kind"] == kind and r["key"] == key]
+        if mine:
+            source = mine[0]["source"]
+            drops = {}
+            for r in mine:
+                drops.setdefault(r["drop"], r)
+            text = ", ".join(f"{drops[d]['lds']:+.2f} (smallest {drops[d]['min']:+.2f}) at a {100 * d:g}% drop"
+                             for d in sorted(drops))
+            lines.append(f"{title}, {kind}s: single-model LDS {text}, removals in the training's final window "
+                         f"({source})")
+            continue
+        others = [r for r in rows if r["kind"] == kind]
+        if others:
+            near = min(others, key=lambda r: len(opt.key_differences(key, r["key"])))
+            lines.append(f"{title}, {kind}s: not measured for these settings; the nearest measured row "
+                         f"({near['lds']:+.2f} at a {100 * near['drop']:g}% drop, {near['source']}) differs in "
+                         + "; ".join(opt.key_differences(key, near["key"])[:4]) + f". Measure it: {LDS_COMMAND}")
+        else:
+            lines.append(f"{title}, {kind}s: not measured (no measured row of this method). Measure it: {LDS_COMMAND}")
+    return lines
+
+
 def counterfactual_trust(settings: opt.Settings) -> tuple[dict[str, str], list[str]]:
     """({point label: one trust line}, []) from an expTest report whose trust key is these settings':
     removing the pixel-window ranking's top-k raises the point's own window loss x times a random

@@ -45,17 +45,6 @@ def trust_key(cfg: Mnist, method: str) -> dict:
     return {"recipe": opt.Recipe.of(cfg).key(), method: own}
 
 
-def key_differences(wanted: dict, found: dict) -> list[str]:
-    """The dotted keys in which two trust keys differ, each with both values (this run's first)."""
-    out = []
-    for part in sorted(set(wanted) | set(found)):
-        mine, theirs = wanted.get(part, {}), found.get(part, {})
-        for key in sorted(set(mine) | set(theirs)):
-            if mine.get(key) != theirs.get(key):
-                out.append(f"{part}.{key} ({mine.get(key)!r} here, {theirs.get(key)!r} measured)")
-    return out
-
-
 def _measured_rows(settings: opt.Settings, table: str) -> list[dict]:
     """Every measured LDS row this run could quote: ldsTest tables in the output folder first, then
     the project's shipped table. Each row: {"setting", "row", "lds", "drop", "key", "source"}."""
@@ -106,9 +95,9 @@ def measured_lds(settings: opt.Settings, methods: list[tuple[str, str, dict]], t
         else:
             others = [r for r in rows if r["row"] == row]
             if others:
-                nearest = min(others, key=lambda r: len(key_differences(key, r["key"])))
+                nearest = min(others, key=lambda r: len(opt.key_differences(key, r["key"])))
                 found["nearest"] = nearest
-                found["differs"] = key_differences(key, nearest["key"])
+                found["differs"] = opt.key_differences(key, nearest["key"])
         out[title] = found
     return out
 

@@ -241,3 +241,19 @@ class Timer:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+def key_differences(wanted: dict, found: dict) -> list[str]:
+    """The dotted keys in which two trust keys ({part: {key: value}}) differ, each with both values
+    (this run's first): why a measured number is not quoted for this run."""
+    out = []
+    for part in sorted(set(wanted) | set(found)):
+        mine, theirs = wanted.get(part, {}), found.get(part, {})
+        if not isinstance(mine, dict) or not isinstance(theirs, dict):
+            if mine != theirs:
+                out.append(f"{part} ({mine!r} here, {theirs!r} measured)")
+            continue
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                out.append(f"{part}.{key} ({mine.get(key)!r} here, {theirs.get(key)!r} measured)")
+    return out

@@ -125,3 +125,26 @@ def _tests(settings):
         tests[image] = (common.to_model_order(c, settings), common.to_model_order(n, settings))
     return tests, [{"image": "01", "point": list(p), "label": f"01 {explain.point_label(p)}"}
                    for p in settings.ffdnet.attribution.points]
+
+
+def test_question_ranks_by_method3_and_quotes_the_measured_lds(tmp_path, two_test_images, two_train_images):
+    """With the attributable preset the one-step answer ranks by Method 3 through the window and quotes
+    the LDS ldsTest measured for exactly these settings; with another pixel window it does not, and
+    names the key; with the report's recipe it says no answer has been measured and how to measure one."""
+    from ffdnet_test import ldsTest, run_pipeline
+    settings = small_window_settings(tmp_path, two_train_images, two_test_images, methods=["m3"], top_k=0)
+    settings = opt.with_values(settings, {"ffdnet": {"attribution": {"points": [[40, 40]]}}})
+    ldsTest.main(settings)
+    answer = run_pipeline.main(settings)
+    assert answer["ranking"].startswith("Method 3 through the final window (3 steps)")
+    pixel = answer["trust"][0]
+    assert "pixel windows: single-model LDS" in pixel and "ldsTest in this output folder" in pixel, pixel
+    record = opt.read_json(answer["files"]["01"], "run_pipeline")
+    assert len(record["entries"]["point 40,40"]["influence"]) == 24
+    other = run_pipeline.main(opt.with_values(settings, {"ffdnet": {"method2": {"window": 2}}}))
+    assert "not measured for these settings" in other["trust"][0] and "pixel_window (2 here, 1 measured)" in other["trust"][0]
+    report = opt.with_values(settings, {"ffdnet": {"window": {"epochs": 0.0}, "activation": "relu",
+                                                   "question": {"best_solver": "ekfac"}}})
+    plain = run_pipeline.main(report)
+    assert "no method's answer has been measured for this recipe" in plain["trust"][0]
+    assert 'ffdnet.recipe = "attributable"' in plain["trust"][0] and "ffdnet_test/ldsTest.py" in plain["trust"][0]
