@@ -1,7 +1,7 @@
 """Which final window makes the denoiser attributable? The measured scan behind ffdnet.recipe "attributable".
 
 Each candidate is the quick profile's training (Train400, sigma 0-75, patch 32 stride 16, batch 32,
-8 epochs, lr 1e-3 / 10 at epoch 6, residual) on the first --patches patches, with the report's
+residual, BN recalibrated; lr 1e-3, / 10 at --decay) for --epochs epochs on the first --patches patches, with the report's
 layers and an activation (relu, or softplus in every layer, training included), followed by a final
 window (ffdnet.window: BatchNorm frozen, a fresh optimiser, the learning rate decaying linearly to
 0) of an optimiser (adam lr 1e-4; adam with eps_root 1e-6; sgd lr 0.02 momentum 0.9) and a length
@@ -17,7 +17,7 @@ window (ffdnet.window: BatchNorm frozen, a fresh optimiser, the learning rate de
 Prints a Markdown table; writes results/bench/ffdnet_attributable_p{patches}_s{seed}.json (one row per
 candidate, resumable: a candidate in the file is not run again).
 
-Usage: python3 bench/ffdnet_attributable.py [--patches 2000] [--seed 1] [--subsets 16] [--directions 4]
+Usage: python3 bench/ffdnet_attributable.py [--patches 1000] [--epochs 32] [--decay 24] [--seed 1] [--subsets 16] [--directions 4]
        [--candidates adam-1-relu,adam-1-softplus,...] [--threads 2]
 Candidate names: {adam|adamer|sgd}-{window epochs}-{relu|softplus}.
 """
@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import utils_option as opt  # noqa: E402
-from ffdnet_test import attribution, common, datasets, explain, ldsTest, window  # noqa: E402
+from ffdnet_test import FFDNet_Train, attribution, common, datasets, explain, ldsTest, window  # noqa: E402
 from ffdnet_test.training import validate  # noqa: E402
 
 OPTIMISERS = {"adam": {"optimizer": "adam", "learning_rate": 1e-4, "eps_root": 0.0},
@@ -43,11 +43,17 @@ DEFAULT = ",".join(f"{o}-1-{a}" for a in ("relu", "softplus") for o in OPTIMISER
 def candidate_settings(name: str, args, output_dir: str) -> opt.Settings:
     optimiser, epochs, activation = name.split("-")
     values = {"recipe": "attributable", "activation": activation, "seed": args.seed, "max_patches": args.patches,
+              "epoch": args.epochs, "lr_decay_epochs": args.decay,
               "window": {**OPTIMISERS[optimiser], "epochs": float(epochs), "lr_schedule": "linear", "batch_size": 32},
               "method1": {"record": False},
               "method3": {"smoothness_directions": args.directions},
               "lds": {"num_subsets": args.subsets, "methods": ["m3"], "top_k": 0, "test_images": 2}}
     return opt.load_settings(args.opt, profile="quick", overrides={"output_dir": output_dir, "ffdnet": values})
+
+
+def plain(settings: opt.Settings) -> opt.Settings:
+    """The same training without the window (the report's recipe when the activation is relu)."""
+    return opt.with_values(settings, {"ffdnet": {"window": {"epochs": 0.0}}})
 
 
 def psnr(settings: opt.Settings, model) -> float:
@@ -58,7 +64,8 @@ def psnr(settings: opt.Settings, model) -> float:
 def study(name: str, args, output_dir: str) -> dict:
     settings = candidate_settings(name, args, output_dir)
     cfg = settings.ffdnet
-    with opt.quiet_console():
+    with opt.quiet_console():  # the training before the window, once per activation (FFDNet_Train reuses it)
+        opt.run_stage(FFDNet_Train, [common.model_file(plain(settings))], plain(settings))
         result = ldsTest.main(settings)
     trained, _ = common.load_model(settings, torch.device("cpu"))
     start = window.load_start(settings, torch.device("cpu"))
@@ -84,8 +91,10 @@ def study(name: str, args, output_dir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-opt", default=os.path.join(opt.REPO_ROOT, "settings/shared.json"))
-    parser.add_argument("--patches", type=int, default=2000)
+    parser.add_argument("--patches", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=32, help="training epochs before the window (ffdnet.epoch)")
+    parser.add_argument("--decay", type=int, nargs="*", default=[24], help="ffdnet.lr_decay_epochs")
     parser.add_argument("--subsets", type=int, default=16)
     parser.add_argument("--directions", type=int, default=4)
     parser.add_argument("--candidates", default=DEFAULT)
@@ -94,7 +103,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     output_dir = os.path.join(opt.REPO_ROOT, "results", "bench", "ffdnet_attributable")
     path = os.path.join(opt.REPO_ROOT, "results", "bench",
-                        f"ffdnet_attributable_p{args.patches}_s{args.seed}_m{args.subsets}_d{args.directions}.json")
+                        f"ffdnet_attributable_p{args.patches}e{args.epochs}_s{args.seed}_m{args.subsets}_d{args.directions}.json")
     done = {r["candidate"]: r for r in (opt.read_json(path, "bench/ffdnet_attributable.py")["results"]
                                         if os.path.isfile(path) else [])}
     for name in args.candidates.split(","):

@@ -48,10 +48,20 @@ def main(settings: opt.Settings) -> dict:
             opt.save_torch(common.model_file(settings, epoch), {"model": checkpoint_state(net)}, logger)
 
     to_model = lambda x: common.to_model_order(x, settings)  # noqa: E731
+    # the phase before a final window is the same training as the model without it (same settings, same seed):
+    # reuse that model when it exists and nothing is recorded along the way
+    plain = common.model_file(opt.with_values(settings, {"ffdnet": {"window": {"epochs": 0.0}}}))
     with opt.Timer() as timer:
-        model, norms, history = train_ffdnet(
-            model, patches, cfg, device, common.patch_noise(settings, patches),
-            m1.grad_mode if layers else None, layers, val_images, to_model, checkpoint)
+        if window.has_window(cfg) and not layers and os.path.isfile(plain):
+            saved = opt.load_torch(plain, "ffdnet_test/FFDNet_Train.py", weights_only=False)
+            model.load_state_dict({k: v for k, v in saved["model"].items() if not k.endswith("_flag")})
+            model.eval()
+            norms, history = None, list(saved["history"])
+            logger.info(f"the training before the window is {plain}'s (the same settings without the window): reused")
+        else:
+            model, norms, history = train_ffdnet(
+                model, patches, cfg, device, common.patch_noise(settings, patches),
+                m1.grad_mode if layers else None, layers, val_images, to_model, checkpoint)
     result = {"history": history, "seconds": timer.seconds}
     if window.has_window(cfg):  # the final window: its start is saved, where Method 3 and ldsTest begin
         opt.save_torch(common.window_start_file(settings), {"model": checkpoint_state(model)}, logger)

@@ -148,3 +148,50 @@ def test_question_ranks_by_method3_and_quotes_the_measured_lds(tmp_path, two_tes
     plain = run_pipeline.main(report)
     assert "no method's answer has been measured for this recipe" in plain["trust"][0]
     assert 'ffdnet.recipe = "attributable"' in plain["trust"][0] and "ffdnet_test/ldsTest.py" in plain["trust"][0]
+
+
+def test_window_reruns_are_the_window_and_nothing_else(tmp_path, two_test_images, two_train_images):
+    """The ground truth reruns the window, not the training: a half-epoch window reaches 12 of 24
+    patches; every subset removes only those; removing patches the window never reaches leaves every
+    target's loss unchanged to the bit; all weights 1 is the trained run to the bit; and the window's
+    rerun starts from the saved start, so it reproduces the trained model (the control)."""
+    from ffdnet_test import FFDNet_Train, common
+    settings = small_window_settings(tmp_path, two_train_images, two_test_images)
+    settings = opt.with_values(settings, {"ffdnet": {"window": {"epochs": 0.5}}})
+    FFDNet_Train.main(settings)
+    cfg = settings.ffdnet
+    reached = window.patches_reached(cfg, 24)
+    assert len(reached) == 16
+    jobs = lds.plan(settings, 24, str(tmp_path / "plan"))
+    assert all(set(j["removed"].tolist()) <= set(reached.tolist()) for j in jobs)
+    assert {len(j["removed"]) for j in jobs if j["fraction"] == 0.05} == {1}  # 5% of 16 patches, at least one
+    start = window.load_start(settings, "cpu")
+    noisy, clean, sigma, _ = attribution.training_triples(settings, "cpu")
+    trained, _ = common.load_model(settings, "cpu")
+    control = window.rerun(start, noisy, clean, sigma, cfg, None)
+    ones = window.train_window(copy.deepcopy(start), noisy, clean, sigma, cfg, weights=torch.ones(24))
+    for a, b, c in zip(trained.state_dict().values(), control.state_dict().values(), ones.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    unreached = torch.tensor(sorted(set(range(24)) - set(reached.tolist())))
+    away = window.rerun(start, noisy, clean, sigma, cfg, unreached[:5])
+    assert all(torch.equal(a, b) for a, b in zip(away.state_dict().values(), trained.state_dict().values()))
+    one = window.rerun(start, noisy, clean, sigma, cfg, reached[:1])
+    assert not all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), trained.state_dict().values()))
+    # and the window's start is not the trained model: the reruns do not begin at the end
+    assert not all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), trained.state_dict().values()))
+
+
+def test_attributable_preset_keeps_your_values_and_names_the_window(tmp_path):
+    """ffdnet.recipe "attributable" sets the activation and the window, keeps a value you set and says so;
+    the model file names the window (results with other settings never overwrite each other)."""
+    from ffdnet_test import common
+    settings = opt.load_settings(overrides={"output_dir": str(tmp_path), "ffdnet": {"recipe": "attributable",
+                                                                                     "window": {"epochs": 2}}})
+    preset = opt.preset_values("attributable", "ffdnet")
+    assert settings.ffdnet.activation == preset["ffdnet.activation"]
+    assert settings.ffdnet.window.epochs == 2 and any(k.startswith("ffdnet.window.epochs = 2") for k in
+                                                     settings.source.recipe_kept)
+    report = opt.load_settings(overrides={"output_dir": str(tmp_path)})
+    assert report.ffdnet.window.epochs == 0 and report.ffdnet.activation == "relu"
+    assert common.model_file(settings) != common.model_file(report)
+    assert common.window_part(settings.ffdnet.window) in common.model_file(settings)
