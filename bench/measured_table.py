@@ -14,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils_option as opt  # noqa: E402
+from ffdnet_test import question as ffdnet_question  # noqa: E402
 from mnist_test import lds, lds_study, question  # noqa: E402
 
 ABOUT = ("The project's own measured LDS (Spearman over retrained models; 1 = predicts them exactly, 0 = no better "
@@ -52,6 +53,12 @@ ENTRIES = [
 ]
 
 
+# the denoiser's single-model LDS (ffdnet_test/ldsTest.py, removals in the training's final window): per drop,
+# {"{method} {target kind}": (mean over the targets of that kind, the smallest)}; keys from ffdnet_test.question.lds_key
+FFDNET_ATTRIBUTABLE = "docs/results.md#an-attributable-denoiser-the-final-window"
+FFDNET_ENTRIES: list = []
+
+
 def row_key(settings: dict, row: str) -> dict:
     """The trust key of one ldsTest row, as ldsTest makes that row's settings."""
     ids = [0]
@@ -70,6 +77,13 @@ def main() -> None:
         settings = opt.load_settings(os.path.join(opt.REPO_ROOT, path))
         entries.append({"name": name, "settings_file": path, "setting": setting, "drop": drop, "source": source,
                         "rows": {row: {"lds": value, "key": row_key(settings, row)} for row, value in values.items()}})
+    for name, path, drop, source, values in FFDNET_ENTRIES:
+        settings = opt.load_settings(os.path.join(opt.REPO_ROOT, path))
+        entries.append({"name": name, "network": "ffdnet", "settings_file": path, "setting": "single_model",
+                        "drop": drop, "source": source,
+                        "rows": {row: {"lds": mean, "min": smallest,
+                                       "key": ffdnet_question.lds_key(settings.ffdnet, row.split(" ", 1)[0])}
+                                 for row, (mean, smallest) in values.items()}})
     out = opt.write_json(os.path.join(opt.REPO_ROOT, "docs", "measured_lds.json"), {"about": ABOUT, "entries": entries})
     print(f"written: {out} ({sum(len(e['rows']) for e in entries)} rows in {len(entries)} entries)")
 

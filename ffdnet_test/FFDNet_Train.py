@@ -49,10 +49,10 @@ def main(settings: opt.Settings) -> dict:
 
     to_model = lambda x: common.to_model_order(x, settings)  # noqa: E731
     # the phase before a final window is the same training as the model without it (same settings, same seed):
-    # reuse that model when it exists and nothing is recorded along the way
+    # reuse that model when it exists, with its Method-1 norms when they are recorded (one file for both)
     plain = common.model_file(opt.with_values(settings, {"ffdnet": {"window": {"epochs": 0.0}}}))
     with opt.Timer() as timer:
-        if window.has_window(cfg) and not layers and os.path.isfile(plain):
+        if window.has_window(cfg) and os.path.isfile(plain) and (not layers or os.path.isfile(common.grad_norm_file(settings))):
             saved = opt.load_torch(plain, "ffdnet_test/FFDNet_Train.py", weights_only=False)
             model.load_state_dict({k: v for k, v in saved["model"].items() if not k.endswith("_flag")})
             model.eval()
@@ -82,6 +82,8 @@ def main(settings: opt.Settings) -> dict:
     logger.info(f"trained in {timer.seconds + result.get('seconds_window', 0):.0f} s; final val PSNR "
                 f"{history[-1].get('val_psnr', 0):.2f} dB")
     result["model"] = path
+    if norms is None and layers:
+        result["grad_norm"] = common.grad_norm_file(settings)  # reused with the training before the window
     if norms:
         table = [[os.path.basename(patches.files[int(k)]), int(r), int(c)]
                  for k, (r, c) in zip(patches.image_index, patches.position.tolist())]

@@ -62,9 +62,11 @@ def model_file(settings: opt.Settings, epoch: int | None = None) -> str:
 
 
 def grad_norm_file(settings: opt.Settings) -> str:
+    """Method 1's gradient norms, recorded over the training before any final window: one file for the
+    model with and without the window (the window records nothing)."""
     m1 = settings.ffdnet.method1
-    return opt.output_path(settings, "grad_norm", "ffdnet",
-                           f"{run_tag(settings)}_{m1.grad_mode}.json")
+    before_window = opt.with_values(settings, {"ffdnet": {"window": {"epochs": 0.0}}})
+    return opt.output_path(settings, "grad_norm", "ffdnet", f"{run_tag(before_window)}_{m1.grad_mode}.json")
 
 
 M1_MODES = ("raw", "normalized", "remove_out")  # every m1_Test file holds all three
