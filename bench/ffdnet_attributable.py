@@ -18,10 +18,11 @@ Prints a Markdown table; writes results/bench/ffdnet_attributable_p{patches}_s{s
 candidate, resumable: a candidate in the file is not run again).
 
 Usage: python3 bench/ffdnet_attributable.py [--patches 1000] [--epochs 32] [--decay 24] [--seed 1] [--subsets 16] [--directions 4]
-       [--candidates adam-1-relu,adam-1-softplus,...] [--threads 2]
-Candidate names: {adam|adamer|sgd}-{window epochs}-{relu|softplus}.
+       [--candidates adam-1-relu,adam-1-softplus,...] [--part a]   (two processes with --part a / b on 2 cores)
+Candidate names: {adam|adamer|sgd}-{window epochs}-{relu|softplus}[-{first learning rate}].
 """
 import argparse
+import glob
 import os
 import sys
 
@@ -41,14 +42,17 @@ DEFAULT = ",".join(f"{o}-1-{a}" for a in ("relu", "softplus") for o in OPTIMISER
 
 
 def candidate_settings(name: str, args, output_dir: str) -> opt.Settings:
-    optimiser, epochs, activation = name.split("-")
+    optimiser, epochs, activation, *lr = name.split("-", 3)
+    window_values = {**OPTIMISERS[optimiser], "epochs": float(epochs), "lr_schedule": "linear", "batch_size": 32}
+    if lr:
+        window_values["learning_rate"] = float(lr[0])
     values = {"recipe": "attributable", "activation": activation, "seed": args.seed, "max_patches": args.patches,
               "epoch": args.epochs, "lr_decay_epochs": args.decay,
-              "window": {**OPTIMISERS[optimiser], "epochs": float(epochs), "lr_schedule": "linear", "batch_size": 32},
-              "method1": {"record": False},
+              "window": window_values,
               "method3": {"smoothness_directions": args.directions},
               "lds": {"num_subsets": args.subsets, "methods": ["m3"], "top_k": 0, "test_images": 2}}
-    return opt.load_settings(args.opt, profile="quick", overrides={"output_dir": output_dir, "ffdnet": values})
+    return opt.load_settings(args.opt, profile="quick", overrides={"output_dir": output_dir, "threads": 1,
+                                                                   "ffdnet": values})
 
 
 def plain(settings: opt.Settings) -> opt.Settings:
@@ -98,12 +102,14 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=16)
     parser.add_argument("--directions", type=int, default=4)
     parser.add_argument("--candidates", default=DEFAULT)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--part", default="", help="this process's share of the candidates (two processes of 1 "
+                        "thread each on 2 cores: the reruns must use the training's thread count to be bitwise)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     output_dir = os.path.join(opt.REPO_ROOT, "results", "bench", "ffdnet_attributable")
-    path = os.path.join(opt.REPO_ROOT, "results", "bench",
-                        f"ffdnet_attributable_p{args.patches}e{args.epochs}_s{args.seed}_m{args.subsets}_d{args.directions}.json")
+    stem = os.path.join(opt.REPO_ROOT, "results", "bench",
+                        f"ffdnet_attributable_p{args.patches}e{args.epochs}_s{args.seed}_m{args.subsets}_d{args.directions}")
+    path = f"{stem}{'_' + args.part if args.part else ''}.json"
     done = {r["candidate"]: r for r in (opt.read_json(path, "bench/ffdnet_attributable.py")["results"]
                                         if os.path.isfile(path) else [])}
     for name in args.candidates.split(","):
@@ -111,6 +117,9 @@ def main() -> None:
             done[name] = study(name, args, output_dir)
             opt.write_json(path, {"args": vars(args), "results": list(done.values())})
             print(f"{name}: done", flush=True)
+    for other in sorted(glob.glob(f"{stem}*.json")):  # the other processes' shares, for the table
+        for r in opt.read_json(other, "bench/ffdnet_attributable.py")["results"]:
+            done.setdefault(r["candidate"], r)
     header = ["candidate", "S_hat [interval]", "LDS 1% pixel mean / min", "LDS 1% whole min",
               "LDS 5% pixel mean / min", "LDS 5% whole min", "PSNR (start)", "window s", "replay s"]
     rows = []

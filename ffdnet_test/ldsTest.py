@@ -20,8 +20,11 @@ Resumable (every rerun is one small JSON; finished ones are skipped) and splitta
 torchrun --nproc_per_node=K ffdnet_test/ldsTest.py shares the reruns across K processes.
 
 Writes: lds/ffdnet/{study}/*.json (one per rerun), lds/ffdnet/{study}/m3_influence.json;
-        test/ffdnet_ldsTest_{study}.{json,md}; fig/ffdnet_ldsTest_{study}.png
+        test/ffdnet_ldsTest_{study}_r{hash}.{json,md}; fig/ffdnet_ldsTest_{study}_r{hash}.png ({hash}: the
+        methods' settings, so that a table of other rows never replaces this one)
 """
+import hashlib
+import json
 import os
 import sys
 
@@ -136,14 +139,17 @@ def report(settings, jobs, images, labels, target_list, tests, folder, window_da
     control = records[0]["losses"]
     if any(control[label] != expected[label] for label in labels):
         raise opt.SettingsError(f"the window's rerun with every patch kept does not reproduce {model_path} (stale "
-                                f"reruns in {folder}, or a model trained with other settings): delete the folder "
+                                f"reruns in {folder}, or a model trained with other settings or another number of torch "
+                                f"threads, which changes the last bits): delete the folder "
                                 f"or train again (ffdnet_test/FFDNet_Train.py)")
     table, m3_info = predictions(settings, images, folder, device, logger)
     rows = lds.score(table, records, labels, n, cfg.lds.bootstrap)
     top = top_k_view(settings, table["m3"], target_list, images, tests, window_data, folder) if "m3" in table else []
-    name = os.path.basename(folder)
+    keys = {method: question.lds_key(cfg, method) for method in cfg.lds.methods}
+    choices = json.dumps({"keys": keys, "top_k": cfg.lds.top_k, "bootstrap": cfg.lds.bootstrap}, sort_keys=True)
+    name = f"{os.path.basename(folder)}_r{hashlib.sha1(choices.encode()).hexdigest()[:6]}"  # other rows: another file
     meta = {"settings": opt.as_dict(cfg), "model_file": model_path, "n_train": n, "labels": labels,
-            "keys": {method: question.lds_key(cfg, method) for method in cfg.lds.methods}, "method3": m3_info,
+            "keys": keys, "method3": m3_info,
             "seconds_reruns": round(sum(r["seconds"] for r in records), 1),
             "question": f"removing patches in the training's final window ({window.window_run(cfg, n).num_steps} "
                         f"steps), this very model (single-model setting)"}
