@@ -56,7 +56,18 @@ ENTRIES = [
 # the denoiser's single-model LDS (ffdnet_test/ldsTest.py, removals in the training's final window): per drop,
 # {"{method} {target kind}": (mean over the targets of that kind, the smallest)}; keys from ffdnet_test.question.lds_key
 FFDNET_ATTRIBUTABLE = "docs/results.md#an-attributable-denoiser-the-final-window"
-FFDNET_ENTRIES: list = []
+FFDNET_NAME = ("the denoiser's attributable preset (ffdnet.recipe \"attributable\"), 1,000 Train400 patches, "
+               "removals in its final window")
+FFDNET_ENTRIES: list = [
+    (FFDNET_NAME, "settings/ffdnet_attributable.json", 0.01, FFDNET_ATTRIBUTABLE,
+     {"m3 pixel window": (0.996, 0.991), "m3 whole image": (0.999, 0.997), "ekfac pixel window": (0.309, 0.085),
+      "ekfac whole image": (0.409, 0.256), "lissa pixel window": (0.26, 0.165), "lissa whole image": (0.435, 0.379),
+      "m1 pixel window": (0.005, -0.112)}),
+    (FFDNET_NAME, "settings/ffdnet_attributable.json", 0.05, FFDNET_ATTRIBUTABLE,
+     {"m3 pixel window": (0.991, 0.968), "m3 whole image": (0.996, 0.994), "ekfac pixel window": (-0.006, -0.265),
+      "ekfac whole image": (0.212, 0.088), "lissa pixel window": (0.006, -0.259), "lissa whole image": (0.165, 0.141),
+      "m1 pixel window": (-0.006, -0.141)}),
+]
 
 
 def row_key(settings: dict, row: str) -> dict:

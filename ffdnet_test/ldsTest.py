@@ -161,7 +161,7 @@ def report(settings, jobs, images, labels, target_list, tests, folder, window_da
                                           f"[{r['low']:.2f}, {r['high']:.2f}]"] for r in rows if "min" not in r])
     if top:
         text += "\n\n" + opt.markdown_table(["target", "k", "measured", "predicted", "measured / predicted",
-                                             "random", "over random"],
+                                             "random", "measured / |random|"],
                                             [[r["target"], r["k"], r["measured"], r["predicted"], r["ratio"],
                                               r["random"], r["over_random"]] for r in top])
     path = opt.write_json(opt.output_path(settings, "test", f"ffdnet_ldsTest_{name}.json"),
@@ -213,7 +213,7 @@ def top_k_view(settings, influence: dict, target_list, images, tests, window_dat
         chance = random["losses"][label] - control[label]
         rows.append({"target": label, "k": k, "measured": measured, "predicted": predicted,
                      "ratio": measured / predicted if predicted else float("nan"), "random": chance,
-                     "over_random": measured / chance if chance else float("nan")})
+                     "over_random": measured / abs(chance) if chance else float("nan")})  # random's sign is chance
     return rows
 
 

@@ -144,8 +144,8 @@ _NOT_PRESET = ("seed", "train_subset")
 FFDNET_PRESETS: dict[str, dict[str, Any]] = {
     "report": {"ffdnet.activation": "relu", "ffdnet.window.epochs": 0.0},
     "attributable": {"ffdnet.activation": "softplus", "ffdnet.window.epochs": 1.0,
-                     "ffdnet.window.optimizer": "adam", "ffdnet.window.learning_rate": 0.0001,
-                     "ffdnet.window.eps_root": 0.0, "ffdnet.window.lr_schedule": "linear",
+                     "ffdnet.window.optimizer": "adam", "ffdnet.window.learning_rate": 1e-05,
+                     "ffdnet.window.eps_root": 1e-06, "ffdnet.window.lr_schedule": "linear",
                      "ffdnet.window.batch_size": 32},
 }
 
