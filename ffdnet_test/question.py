@@ -104,7 +104,7 @@ def measured_lines(settings: opt.Settings, method: str, title: str, table: str =
             drops = {}
             for r in mine:
                 drops.setdefault(r["drop"], r)
-            text = ", ".join(f"{drops[d]['lds']:+.2f} (smallest {drops[d]['min']:+.2f}) at a {100 * d:g}% drop"
+            text = ", ".join(f"{drops[d]['lds']:+.3f} (smallest {drops[d]['min']:+.3f}) at a {100 * d:g}% drop"
                              for d in sorted(drops))
             lines.append(f"{title}, {kind}s: single-model LDS {text}, removals in the training's final window "
                          f"({source})")
