@@ -2,9 +2,9 @@
 
 For a trained model with a final window (-opt, e.g. settings/ffdnet_attributable.json; trained first
 when missing), times the window's training (a rerun from its saved start) and Method 3 through it
-(window.method3: the forward replay, checked against the trained model, then the walk back) for 1
-target (the whole image of the first test image) and for 5 targets vmapped (its whole image and the
-4 pixel windows of ffdnet.attribution.points). Medians of --repeats runs, 1 thread unless -set threads.
+(the forward replay, checked against the trained model, then the walk back) for 1 target (the whole
+image of the first test image) and for 5 targets vmapped (its whole image and the 4 pixel windows
+of ffdnet.attribution.points). Medians of --repeats runs, 1 thread unless -set threads.
 
 Usage: python3 bench/ffdnet_window_replay.py -opt settings/ffdnet_attributable.json [--repeats 3]
 """
@@ -17,8 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+import utils_if  # noqa: E402
 import utils_option as opt  # noqa: E402
-from ffdnet_test import FFDNet_Train, attribution, common, window  # noqa: E402
+from ffdnet_test import FFDNet_Train, attribution, common, explain, window  # noqa: E402
 
 
 def main() -> None:
@@ -41,15 +42,21 @@ def main() -> None:
             window.rerun(start, noisy, clean, sigma, cfg, None)
         train.append(timer.seconds)
     seconds_train = statistics.median(train)
-    for points in ([], cfg.attribution.points):
-        chosen = opt.with_values(settings, {"ffdnet": {"attribution": {"points": points}}})
+    trained, _ = common.load_model(settings, torch.device("cpu"))
+    run = window.window_run(cfg, len(clean))
+    for k in (1, 5):  # the first k targets of the image: its whole image, then the pixel windows
         forward, backward = [], []
         for _ in range(args.repeats):
-            _, targets, info = window.method3(chosen, [image], torch.device("cpu"))
-            forward.append(info["seconds_forward"])
-            backward.append(info["seconds_backward"])
+            replay = explain.method3_replay(start, run, noisy, sigma, clean)
+            _, _, seconds_forward = utils_if.forward_checked(replay, trained, cfg.method3.checkpoint_interval,
+                                                             cfg.method3.replay_tolerance)
+            grads, _ = window.target_gradients(settings, trained, replay.names, [image], torch.device("cpu"))
+            with opt.Timer() as timer:
+                replay.metagradient(grads[:k])
+            forward.append(seconds_forward)
+            backward.append(timer.seconds)
         total = statistics.median(forward) + statistics.median(backward)
-        rows.append([len(targets), f"{seconds_train:.1f}", f"{statistics.median(forward):.1f}",
+        rows.append([k, f"{seconds_train:.1f}", f"{statistics.median(forward):.1f}",
                      f"{statistics.median(backward):.1f}", f"{total / seconds_train:.1f}x"])
     print(f"{common.run_tag(settings)}: window {window.window_run(cfg, len(clean)).num_steps} steps, {threads} thread(s), "
           f"medians of {args.repeats}")
