@@ -49,3 +49,14 @@ def negative_margin_sample_loss(output: torch.Tensor, target: torch.Tensor) -> t
     correct = output.gather(1, target.reshape(-1, 1).long()).squeeze(1)
     others = output.scatter(1, target.reshape(-1, 1).long(), -torch.inf)
     return others.max(1).values - correct
+
+
+def gauss_newton_loss(sample_loss: SampleLoss) -> SampleLoss:
+    """The loss whose output Hessian the Gauss-Newton product uses. NLL is linear in the
+    log-probabilities, so its own output Hessian is 0 and G would vanish; the curvature sits in the
+    log-softmax. Since log_softmax(o) = o for log-probabilities o, NLL(log_softmax(o)) is the same loss
+    with the Hessian diag(p) - p p^T: G is then J_z^T (diag(p) - p p^T) J_z at the logits z (the
+    log-softmax's Jacobian I - 1 p^T drops out against it). Any other loss is used as it is."""
+    if sample_loss is nll_sample_loss:
+        return lambda output, target: nll_sample_loss(torch.log_softmax(output, dim=-1), target)
+    return sample_loss

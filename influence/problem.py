@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from influence.layers import capturable_owners, module_sample_grads
-from influence.losses import SampleLoss
+from influence.losses import SampleLoss, gauss_newton_loss
 
 
 SIGN_CONVENTION = ("influence[t][i] = grad L(test t)^T H^-1 grad L(train i); positive = training "
@@ -171,6 +171,41 @@ class InfluenceProblem:
         for s in range(0, n, chunk_size):
             xb, yb = x[s:s + chunk_size], y[s:s + chunk_size]
             total += self.hvp(xb, yb, vectors, batched=batched) * (len(xb) / n)
+        return total  # l2_reg*v is added in every chunk; the weights sum to 1, so it counts once
+
+    def ggnvp(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """Exact G v of the training objective on batch (x, y) for (k, p) detached vectors, G the
+        Gauss-Newton matrix (1/B) sum_i J_i^T H_i J_i (J_i the Jacobian of sample i's output in the
+        parameters, H_i the Hessian of its loss in that output; for NLL on log-probabilities, at the
+        logits: ``losses.gauss_newton_loss``): positive semi-definite for a convex loss, so CG on it
+        never meets negative curvature. Per vector: a forward-mode J v, the loss's
+        output Hessian on it, and one backward (J^T). The L2 term adds l2_reg * v."""
+        from torch.func import jvp, vjp
+        vectors = vectors.detach()
+        names = self.param_names
+        primal = {n: self.params[n] for n in names}
+
+        def f(params):
+            return self.output(params, x)
+
+        out, pullback = vjp(f, primal)
+        output_loss = gauss_newton_loss(self.sample_loss)  # NLL: the curvature of its log-softmax
+        mean_loss = grad(lambda o: output_loss(o, y).mean())
+        rows = []
+        for v in vectors:
+            _, jv = jvp(f, (primal,), (self.unflatten(v),))
+            _, hjv = jvp(mean_loss, (out.detach(),), (jv,))
+            rows.append(self.flatten(pullback(hjv)[0]))
+        gv = torch.stack(rows)
+        return gv.add_(vectors, alpha=self.l2_reg) if self.l2_reg else gv
+
+    def ggnvp_full(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
+                   chunk_size: int = 10000) -> torch.Tensor:
+        """G v over all of (x, y), in chunks (bounded memory), exact."""
+        total = torch.zeros_like(vectors)
+        n = len(x)
+        for s in range(0, n, chunk_size):
+            total += self.ggnvp(x[s:s + chunk_size], y[s:s + chunk_size], vectors) * (min(chunk_size, n - s) / n)
         return total  # l2_reg*v is added in every chunk; the weights sum to 1, so it counts once
 
     def dense_hessian(self, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 10000,
