@@ -18,6 +18,18 @@ SIGN_CONVENTION = ("influence[t][i] = grad L(test t)^T H^-1 grad L(train i); pos
                    "predicted change of the test loss when point i is removed")
 
 
+def _over_chunks(product, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """A per-batch mean-loss product over all of (x, y): the chunks' products weighted by their
+    share of the points (bounded memory, exact). A per-chunk l2_reg * v counts once, the weights
+    summing to 1."""
+    total = torch.zeros_like(vectors)
+    n = len(x)
+    for s in range(0, n, chunk_size):
+        xb, yb = x[s:s + chunk_size], y[s:s + chunk_size]
+        total += product(xb, yb) * (len(xb) / n)
+    return total
+
+
 def select_parameters(model: nn.Module, prefixes: Iterable[str] = ()) -> list[str]:
     """Names of the trainable parameters starting with one of ``prefixes`` (empty = all)."""
     prefixes = list(prefixes)
@@ -166,12 +178,7 @@ class InfluenceProblem:
     def hvp_full(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
                  chunk_size: int = 10000, batched: bool | None = None) -> torch.Tensor:
         """H v of the objective over all of (x, y), in chunks (bounded memory), exact."""
-        total = torch.zeros_like(vectors)
-        n = len(x)
-        for s in range(0, n, chunk_size):
-            xb, yb = x[s:s + chunk_size], y[s:s + chunk_size]
-            total += self.hvp(xb, yb, vectors, batched=batched) * (len(xb) / n)
-        return total  # l2_reg*v is added in every chunk; the weights sum to 1, so it counts once
+        return _over_chunks(lambda xb, yb: self.hvp(xb, yb, vectors, batched=batched), x, y, vectors, chunk_size)
 
     def ggnvp(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """Exact G v of the training objective on batch (x, y) for (k, p) detached vectors, G the
@@ -202,11 +209,7 @@ class InfluenceProblem:
     def ggnvp_full(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
                    chunk_size: int = 10000) -> torch.Tensor:
         """G v over all of (x, y), in chunks (bounded memory), exact."""
-        total = torch.zeros_like(vectors)
-        n = len(x)
-        for s in range(0, n, chunk_size):
-            total += self.ggnvp(x[s:s + chunk_size], y[s:s + chunk_size], vectors) * (min(chunk_size, n - s) / n)
-        return total  # l2_reg*v is added in every chunk; the weights sum to 1, so it counts once
+        return _over_chunks(lambda xb, yb: self.ggnvp(xb, yb, vectors), x, y, vectors, chunk_size)
 
     def dense_hessian(self, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 10000,
                       basis_chunk: int = 256) -> torch.Tensor:

@@ -211,15 +211,21 @@ class ConjugateGradient(HessianSolver):
     def file_part(self, cfg):
         return f"lam{cfg.damp:g}tol{cfg.cg_tol:g}it{cfg.cg_max_iter}h{cfg.hessian_points}"
 
+    label = "CG"
+    hint = "negative curvature of a non-convex net: raise damp, or cg_max_iter"
+
+    def product(self, problem, x, y, d: torch.Tensor, cfg) -> torch.Tensor:
+        """The curvature CG solves with, on (k, p) vectors: here the exact Hessian over (x, y)."""
+        return problem.hvp_full(x, y, d, cfg.chunk_size)
+
     def solve(self, problem, vectors, x, y, cfg, info):
         def apply_a(d: torch.Tensor) -> torch.Tensor:
-            return problem.hvp_full(x, y, d, cfg.chunk_size) + cfg.damp * d
+            return self.product(problem, x, y, d, cfg) + cfg.damp * d
         s, iters, residual = conjugate_gradient(apply_a, vectors.detach(), cfg.cg_tol, cfg.cg_max_iter)
         info.update(cg_iterations=iters, cg_relative_residual=residual, converged=residual <= cfg.cg_tol)
         if residual > cfg.cg_tol:
-            info["warning"] = (f"CG did not converge: relative residual {residual:.3g} > cg_tol "
-                               f"{cfg.cg_tol:g} after {iters} iterations (negative curvature of a "
-                               f"non-convex net: raise damp, or cg_max_iter)")
+            info["warning"] = (f"{self.label} did not converge: relative residual {residual:.3g} > cg_tol "
+                               f"{cfg.cg_tol:g} after {iters} iterations ({self.hint})")
         return s
 
 
@@ -232,16 +238,11 @@ class GaussNewtonCG(ConjugateGradient):
     name = "ggn_cg"
     summary = "conjugate gradient on exact Gauss-Newton products, (G + damp I)^-1"
     lds_row = True
+    label = "GGN-CG"
+    hint = "raise cg_max_iter, or damp"
 
-    def solve(self, problem, vectors, x, y, cfg, info):
-        def apply_a(d: torch.Tensor) -> torch.Tensor:
-            return problem.ggnvp_full(x, y, d, cfg.chunk_size) + cfg.damp * d
-        s, iters, residual = conjugate_gradient(apply_a, vectors.detach(), cfg.cg_tol, cfg.cg_max_iter)
-        info.update(cg_iterations=iters, cg_relative_residual=residual, converged=residual <= cfg.cg_tol)
-        if residual > cfg.cg_tol:
-            info["warning"] = (f"GGN-CG did not converge: relative residual {residual:.3g} > cg_tol {cfg.cg_tol:g} "
-                               f"after {iters} iterations (raise cg_max_iter, or damp)")
-        return s
+    def product(self, problem, x, y, d, cfg):
+        return problem.ggnvp_full(x, y, d, cfg.chunk_size)
 
 
 @register
