@@ -47,10 +47,7 @@ def main() -> None:
     noisy, clean, sigma, _ = attribution.training_triples(settings, cpu)
     n = len(clean)
     influence = explain.method3_influence(settings, targets, n)
-    tests = {}
-    for image in dict.fromkeys(t["image"] for t in targets):
-        _, _, test_clean, test_noisy = attribution.test_image(settings, image)
-        tests[image] = (common.to_model_order(test_clean, settings), common.to_model_order(test_noisy, settings))
+    tests = attribution.model_order_pairs(settings, list(dict.fromkeys(t["image"] for t in targets)))
     window, sigma01 = cfg.method2.window, cfg.test.noise_level_img / 255.0
     ft = cfg.explain.finetune
 

@@ -124,10 +124,7 @@ def main() -> None:
     base, model_path = common.load_model(settings, torch.device("cpu"))
     noisy, clean, sigma, _ = attribution.training_triples(settings, torch.device("cpu"))
     targets = explain.targets(settings, lambda _: None)[:4]
-    tests = {}
-    for image in dict.fromkeys(t["image"] for t in targets):
-        _, _, test_clean, test_noisy = attribution.test_image(settings, image)
-        tests[image] = (common.to_model_order(test_clean, settings), common.to_model_order(test_noisy, settings))
+    tests = attribution.model_order_pairs(settings, list(dict.fromkeys(t["image"] for t in targets)))
     path = opt.output_path(settings, "bench", f"ffdnet_variants_p{args.patches}e{args.train_epochs}"
                                               f"ft{args.ft_epochs:g}_k{'-'.join(map(str, args.ks))}_a{args.alpha:g}"
                                               f"_s{args.seed}_h{utils_if.SMOOTHNESS_STEP:g}.json")

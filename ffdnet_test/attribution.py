@@ -27,6 +27,16 @@ def test_image(settings: opt.Settings, name: str) -> tuple[int, str, torch.Tenso
     return k, paths[k], clean, noisy
 
 
+def model_order_pairs(settings: opt.Settings, images: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{image: (clean, noisy)} of the test images in the model's channel order: what the studies'
+    reruns are measured on (explain.evaluate)."""
+    pairs = {}
+    for image in images:
+        _, _, clean, noisy = test_image(settings, image)
+        pairs[image] = (common.to_model_order(clean, settings), common.to_model_order(noisy, settings))
+    return pairs
+
+
 def image_names(settings: opt.Settings, log=print) -> list[str]:
     """The test images to explain: ffdnet.attribution.images when the test folder has them. When
     it has none of them (e.g. the defaults "01", "02" of Set12 with the scikit-image photographs),

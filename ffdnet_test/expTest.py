@@ -69,10 +69,7 @@ def main(settings: opt.Settings) -> dict:
     noisy, clean, sigma, patches = attribution.training_triples(settings, device)
     ranked = explain.read_rankings(settings, target_list, len(patches))
     base, model_path = common.load_model(settings, device, logger)
-    tests = {}
-    for image in images:
-        _, _, test_clean, test_noisy = attribution.test_image(settings, image)
-        tests[image] = (common.to_model_order(test_clean, settings), common.to_model_order(test_noisy, settings))
+    tests = attribution.model_order_pairs(settings, list(images))
     tag = explain_study.study_tag(settings)
     folder = opt.output_folder(settings, "test", "ffdnet_expTest", tag)
     jobs = explain.plan(settings, target_list, folder)

@@ -55,7 +55,11 @@ def point_label(point: list[int]) -> str:
 def targets(settings: opt.Settings, log=print) -> list[dict]:
     """The configured points of the first explain.test_images test images: {image, point, label}."""
     images = attribution.image_names(settings, log)[:settings.ffdnet.explain.test_images]
-    points = settings.ffdnet.attribution.points
+    return point_targets(images, settings.ffdnet.attribution.points)
+
+
+def point_targets(images: list[str], points: list[list[int]]) -> list[dict]:
+    """{image, point, label "image r,c"} for every point of every image, in that order."""
     return [{"image": image, "point": list(p), "label": f"{image} {point_label(p)}"}
             for image in images for p in points]
 

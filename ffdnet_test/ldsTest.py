@@ -99,12 +99,8 @@ def main(settings: opt.Settings) -> dict:
     start = window.load_start(settings, device)
     noisy, clean, sigma, patches = attribution.training_triples(settings, device)
     n = len(patches)
-    tests = {}
-    for image in images:
-        _, _, test_clean, test_noisy = attribution.test_image(settings, image)
-        tests[image] = (common.to_model_order(test_clean, settings), common.to_model_order(test_noisy, settings))
-    target_list = [{"image": image, "point": list(p), "label": f"{image} {explain.point_label(p)}"}
-                   for image in images for p in cfg.attribution.points]
+    tests = attribution.model_order_pairs(settings, list(images))
+    target_list = explain.point_targets(images, cfg.attribution.points)
     labels = lds.target_labels(images, cfg.attribution.points)
     folder = lds.study_folder(settings)
     jobs = lds.plan(settings, n, folder)

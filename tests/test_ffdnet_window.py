@@ -98,14 +98,13 @@ def test_ldstest_small(tmp_path, two_test_images, two_train_images):
     assert len(result["top_k"]) == 3 and all(np.isfinite(r["measured"]) for r in result["top_k"])
     # the trained model ends where its window's replay ends, and Method 3 saw every target
     assert result["meta"]["method3"]["replay_relative_error"] < 1e-4 and result["meta"]["method3"]["targets"] == 3
-    # Method 3 ranks these removals: on 24 patches, a 4-step window, it should predict them closely
+    # Method 3 ranks these removals: on 24 patches, a 3-step window, it should predict them closely
     m3 = [r["lds"] for r in rows if r["method"] == "m3" and "low" in r]
     assert np.mean(m3) > 0.5, m3
     again = ldsTest.main(settings)
     assert again["runs"] == 0 and again["rows"] == rows
     # every rerun started from the same saved state: the 1% subsets (one patch each) and a rerun of the
     # control made by hand from the window start give the recorded losses to the bit
-    cfg = settings.ffdnet
     start = window.load_start(settings, "cpu")
     data = attribution.training_triples(settings, "cpu")[:3]
     folder = lds.study_folder(settings)
@@ -117,14 +116,8 @@ def test_ldstest_small(tmp_path, two_test_images, two_train_images):
 
 
 def _tests(settings):
-    from ffdnet_test import common
-    images = ["01"]
-    tests = {}
-    for image in images:
-        _, _, c, n = attribution.test_image(settings, image)
-        tests[image] = (common.to_model_order(c, settings), common.to_model_order(n, settings))
-    return tests, [{"image": "01", "point": list(p), "label": f"01 {explain.point_label(p)}"}
-                   for p in settings.ffdnet.attribution.points]
+    return (attribution.model_order_pairs(settings, ["01"]),
+            explain.point_targets(["01"], settings.ffdnet.attribution.points))
 
 
 def test_question_ranks_by_method3_and_quotes_the_measured_lds(tmp_path, two_test_images, two_train_images):
